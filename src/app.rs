@@ -1,0 +1,174 @@
+//! Wiring: builds every stage from [`Settings`], runs them, and stops them in order.
+//!
+//! Shutdown order: stop polling (jobs finish the batch in hand), let the pipeline drain its
+//! queue and commit, close the store, and only then stop serving, so the last scrape during a
+//! shutdown still sees every committed count.
+
+use std::net::SocketAddr;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::pipeline::Pipeline;
+use crate::server::{AppState, router};
+use crate::sinks::metrics::Metrics;
+use crate::source::client::{Client, ClientConfig, TokenSource};
+use crate::source::poller::{Poller, PollerConfig};
+use crate::state::StateStore;
+
+/// How long in-flight polling may take to wind down before it is abandoned (nothing is lost:
+/// cursors only move on commit).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounded queue between pollers and the pipeline.
+const PIPELINE_QUEUE: usize = 64;
+
+/// A started exporter.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub metrics: Metrics,
+    pub ready: watch::Receiver<bool>,
+    poll_cancel: CancellationToken,
+    server_cancel: CancellationToken,
+    poller: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    pipeline: std::thread::JoinHandle<StateStore>,
+}
+
+/// Opens the state, binds the listener and starts polling. Errors here are bootstrap errors.
+pub async fn start(settings: Settings) -> anyhow::Result<Running> {
+    let Some(pat) = settings.pat.clone() else {
+        anyhow::bail!(
+            "no Qoder token: set QODER_PAT (or QODER_PERSONAL_ACCESS_TOKEN), or pass --qoder.pat-file; \
+             to try the exporter without an account run `qoder-exporter demo`"
+        );
+    };
+    let metrics = Metrics::new().context("metrics registry")?;
+    let store = StateStore::open(&settings.state_path)?;
+    tracing::info!(path = %settings.state_path.display(), "state store open");
+    let (pipeline, stored) = Pipeline::new(store, metrics.clone(), false, None)?;
+    let (handle, pipeline_thread) = pipeline.spawn(PIPELINE_QUEUE).context("pipeline thread")?;
+
+    let poll_cancel = CancellationToken::new();
+    let client = Client::new(
+        ClientConfig {
+            base_url: settings.api_url.clone(),
+            timeout: settings.request_timeout,
+            max_body_bytes: settings.max_response_bytes,
+            max_requests_per_second: settings.max_requests_per_second,
+            ..ClientConfig::default()
+        },
+        TokenSource::new(pat),
+        metrics.process.clone(),
+        poll_cancel.clone(),
+    )?;
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let poller = Poller::new(
+        client,
+        handle,
+        PollerConfig {
+            poll_interval: settings.poll_interval,
+            idle_interval: settings.idle_poll_interval.max(settings.poll_interval),
+            discovery_interval: settings.discovery_interval,
+            sessions: settings.sessions.clone(),
+            concurrency: settings.concurrency,
+            pat_file: settings.pat_file.clone(),
+            ..PollerConfig::default()
+        },
+        metrics.process.clone(),
+        &stored,
+        ready_tx,
+    );
+
+    let listener = tokio::net::TcpListener::bind(settings.listen_address)
+        .await
+        .with_context(|| format!("--web.listen-address {}", settings.listen_address))?;
+    let addr = listener.local_addr()?;
+    let server_cancel = CancellationToken::new();
+    let app = router(AppState {
+        metrics: metrics.clone(),
+        ready: ready_rx.clone(),
+        telemetry_path: settings.telemetry_path.clone(),
+        api_url: settings.api_url.clone(),
+    });
+    let sc = server_cancel.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(sc.cancelled_owned())
+            .await
+    });
+    tracing::info!(%addr, path = %settings.telemetry_path, api = %settings.api_url,
+        sessions = if settings.sessions.is_empty() { "all (discovery)".to_owned() } else { settings.sessions.join(",") },
+        "serving metrics");
+    let pc = poll_cancel.clone();
+    let poller = tokio::spawn(poller.run(pc));
+    Ok(Running {
+        addr,
+        metrics,
+        ready: ready_rx,
+        poll_cancel,
+        server_cancel,
+        poller,
+        server,
+        pipeline: pipeline_thread,
+    })
+}
+
+impl Running {
+    /// Stops in order and waits; the state file is closed when this returns.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.poll_cancel.cancel();
+        let mut poller = self.poller;
+        if tokio::time::timeout(DRAIN_TIMEOUT, &mut poller).await.is_err() {
+            tracing::warn!("polling did not wind down in {DRAIN_TIMEOUT:?}; abandoning in-flight pages (they are read again next start)");
+            poller.abort();
+        }
+        // The poller held the last pipeline handles; the pipeline now drains and returns.
+        let store = tokio::task::spawn_blocking(move || self.pipeline.join())
+            .await
+            .context("joining the pipeline")?
+            .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
+        drop(store);
+        tracing::info!("state committed and closed");
+        self.server_cancel.cancel();
+        self.server.await.context("server task")?.context("server")?;
+        Ok(())
+    }
+}
+
+/// Runs until `shutdown` resolves, then stops gracefully.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let running = start(settings).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    running.stop().await
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+
+

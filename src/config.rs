@@ -1,0 +1,385 @@
+//! Command line, environment and config file, resolved into one [`Settings`].
+//!
+//! Flags follow the Prometheus exporter habit (dotted namespaces). Every flag has an
+//! environment variable and a key in the TOML file named by `--config.file` (the flag's
+//! namespace is the table, the rest the key: `--web.listen-address` is `[web] listen-address`).
+//! Precedence: flag, then environment, then file, then the default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::secret::Pat;
+
+pub const DEFAULT_API_URL: &str = "https://api.qoder.com/api/v1/cloud";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9874";
+pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qoder-exporter",
+    version,
+    about = "Prometheus metrics and OpenTelemetry traces from Qoder Cloud Agents sessions",
+    long_about = "Polls the Qoder Cloud Agents API for the event logs of your sessions and serves \
+        exact Prometheus metrics (tokens, credits, turns, model requests, tool calls, errors) on \
+        /metrics. Counts survive restarts through an embedded state file.\n\n\
+        The token is read from QODER_PAT (or QODER_PERSONAL_ACCESS_TOKEN) or from --qoder.pat-file. \
+        Try it without an account: `qoder-exporter demo`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run against a built-in simulated Qoder API (no account needed).
+    Demo(DemoFlags),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoFlags {
+    /// Sessions the simulator starts with; more arrive while it runs.
+    #[arg(long = "demo.sessions", default_value_t = 12)]
+    pub sessions: usize,
+    /// Seed for the simulated sessions (same seed, same event log).
+    #[arg(long = "demo.seed", default_value_t = 42)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct Flags {
+    /// Qoder API base URL (CN: https://api.qoder.com.cn/api/v1/cloud) [default: https://api.qoder.com/api/v1/cloud]
+    #[arg(long = "qoder.api-url", env = "QODER_API_URL", global = true)]
+    pub api_url: Option<String>,
+    /// File holding the personal access token; re-read when it changes.
+    #[arg(long = "qoder.pat-file", env = "QODER_PAT_FILE", global = true)]
+    pub pat_file: Option<PathBuf>,
+    /// Follow only this session (repeatable); without it, every session the token can see.
+    #[arg(long = "qoder.session", env = "QODER_SESSIONS", value_delimiter = ',', global = true)]
+    pub sessions: Vec<String>,
+    /// How often a running session is polled [default: 2s]
+    #[arg(long = "qoder.poll-interval", env = "QODER_POLL_INTERVAL", value_parser = parse_duration, global = true)]
+    pub poll_interval: Option<Duration>,
+    /// How often an idle session is polled [default: 15s]
+    #[arg(long = "qoder.idle-poll-interval", env = "QODER_IDLE_POLL_INTERVAL", value_parser = parse_duration, global = true)]
+    pub idle_poll_interval: Option<Duration>,
+    /// How often the session list is checked for new sessions [default: 10s]
+    #[arg(long = "qoder.discovery-interval", env = "QODER_DISCOVERY_INTERVAL", value_parser = parse_duration, global = true)]
+    pub discovery_interval: Option<Duration>,
+    /// Timeout of one API request, body included [default: 30s]
+    #[arg(long = "qoder.request-timeout", env = "QODER_REQUEST_TIMEOUT", value_parser = parse_duration, global = true)]
+    pub request_timeout: Option<Duration>,
+    /// Request budget for the whole exporter; 0 turns the limiter off [default: 50]
+    #[arg(long = "qoder.max-requests-per-second", env = "QODER_MAX_REQUESTS_PER_SECOND", global = true)]
+    pub max_requests_per_second: Option<u32>,
+    /// Sessions read at the same time [default: 8]
+    #[arg(long = "qoder.concurrency", env = "QODER_CONCURRENCY", global = true)]
+    pub concurrency: Option<usize>,
+    /// Largest API response accepted, in bytes [default: 33554432]
+    #[arg(long = "qoder.max-response-bytes", env = "QODER_MAX_RESPONSE_BYTES", global = true)]
+    pub max_response_bytes: Option<usize>,
+    /// Address to serve /metrics, /, /healthz and /readyz on [default: 0.0.0.0:9874]
+    #[arg(long = "web.listen-address", env = "QODER_EXPORTER_WEB_LISTEN_ADDRESS", global = true)]
+    pub listen_address: Option<String>,
+    /// Path of the metrics endpoint [default: /metrics]
+    #[arg(long = "web.telemetry-path", env = "QODER_EXPORTER_WEB_TELEMETRY_PATH", global = true)]
+    pub telemetry_path: Option<String>,
+    /// The state file (SQLite) that keeps counts exact across restarts [default: qoder-exporter.db]
+    #[arg(long = "state.path", env = "QODER_EXPORTER_STATE_PATH", global = true)]
+    pub state_path: Option<PathBuf>,
+    /// TOML file with the same settings (flags and environment win over it).
+    #[arg(long = "config.file", env = "QODER_EXPORTER_CONFIG_FILE", global = true)]
+    pub config_file: Option<PathBuf>,
+    /// Log filter, as RUST_LOG (e.g. `info`, `qoder_exporter=debug`) [default: info]
+    #[arg(long = "log.level", env = "QODER_EXPORTER_LOG_LEVEL", global = true)]
+    pub log_level: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 2s, 1m)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(d)
+}
+
+/// The config file: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub qoder: QoderSection,
+    #[serde(default)]
+    pub web: WebSection,
+    #[serde(default)]
+    pub state: StateSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct QoderSection {
+    pub api_url: Option<String>,
+    pub pat_file: Option<PathBuf>,
+    #[serde(default)]
+    pub sessions: Vec<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub poll_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub idle_poll_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub discovery_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub request_timeout: Option<Duration>,
+    pub max_requests_per_second: Option<u32>,
+    pub concurrency: Option<usize>,
+    pub max_response_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WebSection {
+    pub listen_address: Option<String>,
+    pub telemetry_path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StateSection {
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LogSection {
+    pub level: Option<String>,
+}
+
+/// Durations in the file are humantime strings, as on the command line.
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| super::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Everything the exporter needs, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub api_url: String,
+    pub pat: Option<Pat>,
+    pub pat_file: Option<PathBuf>,
+    pub sessions: Vec<String>,
+    pub poll_interval: Duration,
+    pub idle_poll_interval: Duration,
+    pub discovery_interval: Duration,
+    pub request_timeout: Duration,
+    pub max_requests_per_second: Option<u32>,
+    pub concurrency: usize,
+    pub max_response_bytes: usize,
+    pub listen_address: SocketAddr,
+    pub telemetry_path: String,
+    pub state_path: PathBuf,
+    pub log_level: String,
+}
+
+impl Settings {
+    /// Resolves flags (with their environment variables) over the config file over defaults.
+    pub fn resolve(flags: Flags) -> anyhow::Result<Settings> {
+        let file = match &flags.config_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--config.file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("--config.file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let q = file.qoder;
+        let pat_file = flags.pat_file.or(q.pat_file);
+        let pat = match &pat_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--qoder.pat-file {}", path.display()))?;
+                Some(Pat::new(&text).with_context(|| {
+                    format!("--qoder.pat-file {}: the file is empty", path.display())
+                })?)
+            }
+            None => std::env::var("QODER_PAT")
+                .ok()
+                .or_else(|| std::env::var("QODER_PERSONAL_ACCESS_TOKEN").ok())
+                .and_then(|t| Pat::new(&t)),
+        };
+        let listen = flags
+            .listen_address
+            .or(file.web.listen_address)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen_address = parse_listen(&listen)?;
+        let telemetry_path = flags
+            .telemetry_path
+            .or(file.web.telemetry_path)
+            .unwrap_or_else(|| "/metrics".to_owned());
+        if !telemetry_path.starts_with('/') || telemetry_path.len() < 2 {
+            bail!("--web.telemetry-path {telemetry_path:?}: must start with '/' and name a path other than '/'");
+        }
+        if ["/healthz", "/readyz"].contains(&telemetry_path.as_str()) {
+            bail!("--web.telemetry-path {telemetry_path:?}: that path is taken by a probe endpoint");
+        }
+        let api_url = flags
+            .api_url
+            .or(q.api_url)
+            .unwrap_or_else(|| DEFAULT_API_URL.to_owned());
+        if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
+            bail!("--qoder.api-url {api_url:?}: must be an http:// or https:// URL");
+        }
+        let mut sessions: Vec<String> = if flags.sessions.is_empty() { q.sessions } else { flags.sessions };
+        sessions.retain(|s| !s.trim().is_empty());
+        for s in &mut sessions {
+            *s = s.trim().to_owned();
+        }
+        sessions.sort();
+        sessions.dedup();
+        let concurrency = flags.concurrency.or(q.concurrency).unwrap_or(8);
+        if concurrency == 0 {
+            bail!("--qoder.concurrency: must be at least 1");
+        }
+        let max_response_bytes = flags
+            .max_response_bytes
+            .or(q.max_response_bytes)
+            .unwrap_or(32 * 1024 * 1024);
+        if max_response_bytes < 1024 {
+            bail!("--qoder.max-response-bytes: must be at least 1024");
+        }
+        Ok(Settings {
+            api_url,
+            pat,
+            pat_file,
+            sessions,
+            poll_interval: flags.poll_interval.or(q.poll_interval).unwrap_or(Duration::from_secs(2)),
+            idle_poll_interval: flags
+                .idle_poll_interval
+                .or(q.idle_poll_interval)
+                .unwrap_or(Duration::from_secs(15)),
+            discovery_interval: flags
+                .discovery_interval
+                .or(q.discovery_interval)
+                .unwrap_or(Duration::from_secs(10)),
+            request_timeout: flags
+                .request_timeout
+                .or(q.request_timeout)
+                .unwrap_or(Duration::from_secs(30)),
+            max_requests_per_second: match flags.max_requests_per_second.or(q.max_requests_per_second) {
+                Some(0) => None,
+                Some(n) => Some(n),
+                None => Some(50),
+            },
+            concurrency,
+            max_response_bytes,
+            listen_address,
+            telemetry_path,
+            state_path: flags
+                .state_path
+                .or(file.state.path)
+                .unwrap_or_else(|| PathBuf::from("qoder-exporter.db")),
+            log_level: flags
+                .log_level
+                .or(file.log.level)
+                .unwrap_or_else(|| "info".to_owned()),
+        })
+    }
+}
+
+/// `host:port`, `:port` (all interfaces, as Prometheus exporters accept) or `[v6]:port`.
+fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
+    let full = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_owned() };
+    if let Ok(a) = full.parse() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    full.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .with_context(|| format!("--web.listen-address {s:?}: expected host:port, e.g. 0.0.0.0:9874 or :9874"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        let mut all = vec!["qoder-exporter"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("parses").flags
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let s = Settings::resolve(Flags::default()).expect("resolves");
+        assert_eq!(s.api_url, DEFAULT_API_URL);
+        assert_eq!(s.poll_interval, Duration::from_secs(2));
+        assert_eq!(s.telemetry_path, "/metrics");
+        assert_eq!(s.max_requests_per_second, Some(50));
+        assert_eq!(s.listen_address.port(), 9874);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[qoder]\npoll-interval = \"5s\"\nsessions = [\"sess_a\"]\n[web]\nlisten-address = \":9999\"\ntelemetry-path = \"/m\"\n",
+        )
+        .expect("write");
+        let p = path.to_str().expect("utf8");
+        let s = Settings::resolve(flags(&["--config.file", p, "--qoder.poll-interval", "500ms"])).expect("ok");
+        assert_eq!(s.poll_interval, Duration::from_millis(500));
+        assert_eq!(s.sessions, ["sess_a"]);
+        assert_eq!(s.listen_address.port(), 9999);
+        assert_eq!(s.telemetry_path, "/m");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let err = Cli::try_parse_from(["q", "--qoder.poll-interval", "soon"]).expect_err("bad");
+        assert!(err.to_string().contains("--qoder.poll-interval"), "{err}");
+        let err = Settings::resolve(flags(&["--web.listen-address", "nope"])).expect_err("bad");
+        assert!(err.to_string().contains("--web.listen-address"), "{err}");
+        let err = Settings::resolve(flags(&["--web.telemetry-path", "metrics"])).expect_err("bad");
+        assert!(err.to_string().contains("--web.telemetry-path"), "{err}");
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[qoder]\npoll-intervall = \"5s\"\n").expect("write");
+        let err = Settings::resolve(flags(&["--config.file", path.to_str().expect("utf8")])).expect_err("typo");
+        assert!(format!("{err:#}").contains("poll-intervall"), "{err:#}");
+    }
+
+    #[test]
+    fn sessions_are_a_comma_list_or_repeated() {
+        let s = Settings::resolve(flags(&["--qoder.session", "b,a", "--qoder.session", "a"])).expect("ok");
+        assert_eq!(s.sessions, ["a", "b"]);
+    }
+
+    #[test]
+    fn pat_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("pat");
+        std::fs::write(&path, "pt-abc\n").expect("write");
+        let s = Settings::resolve(flags(&["--qoder.pat-file", path.to_str().expect("utf8")])).expect("ok");
+        assert_eq!(s.pat.as_ref().map(Pat::expose), Some("pt-abc"));
+        std::fs::write(&path, "\n").expect("write");
+        assert!(Settings::resolve(flags(&["--qoder.pat-file", path.to_str().expect("utf8")])).is_err());
+    }
+}

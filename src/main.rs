@@ -1,0 +1,121 @@
+//! The binary: parse the command line, resolve settings, start logging, run.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use qoder_exporter::config::{Cli, Command, DemoFlags, Settings};
+use qoder_exporter::secret::Pat;
+use qoder_exporter::sim::{ScenarioConfig, Sim, SimConfig};
+use qoder_exporter::{app, config};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let demo = matches!(cli.command, Some(Command::Demo(_)));
+    let mut flags = cli.flags;
+    if demo {
+        // The demo's state is throw-away and its listener local unless told otherwise.
+        flags.listen_address.get_or_insert_with(|| "127.0.0.1:9874".to_owned());
+        flags.poll_interval.get_or_insert(Duration::from_millis(500));
+        flags.discovery_interval.get_or_insert(Duration::from_secs(2));
+    }
+    let settings = match Settings::resolve(flags) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("qoder-exporter: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(&settings.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "could not start the runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Some(Command::Demo(d)) => demo_run(settings, d).await,
+            None => app::run(settings, app::shutdown_signal()).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Starts the simulated API and the exporter against it.
+async fn demo_run(mut settings: Settings, d: DemoFlags) -> anyhow::Result<()> {
+    let sim = Sim::start(
+        SimConfig {
+            scenario: ScenarioConfig {
+                seed: d.seed,
+                // A few sessions at once, then one arriving every 20 s, for about an hour.
+                sessions: d.sessions.max(1) * 15,
+                max_turns: 5,
+                stagger: 20,
+                hostile: false,
+            },
+            step_interval: Some(Duration::from_secs(1)),
+            ..SimConfig::default()
+        },
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await
+    .context("starting the simulated Qoder API")?;
+    // Let the first sessions be under way already.
+    sim.set_clock(20 * d.sessions.max(1) as u64 / 3);
+    settings.api_url = sim.base_url();
+    settings.pat = Pat::new(&sim.token());
+    settings.pat_file = None;
+    let _tmp;
+    if settings.state_path == std::path::Path::new("qoder-exporter.db") {
+        let dir = tempfile_dir()?;
+        settings.state_path = dir.join("state.db");
+        _tmp = TempDir(dir);
+    }
+    let running = app::start(settings).await?;
+    let addr = running.addr;
+    tracing::info!(api = %sim.base_url(), "simulated Qoder API running");
+    eprintln!(
+        "\nqoder-exporter demo\n  metrics:   http://{addr}{metrics}\n  overview:  http://{addr}/\n  simulated Qoder API: {api} (token {token})\nPress Ctrl-C to stop.\n",
+        metrics = config::DEFAULT_TELEMETRY_PATH,
+        api = sim.base_url(),
+        token = sim.token(),
+    );
+    app::shutdown_signal().await;
+    running.stop().await?;
+    sim.stop();
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("qoder-exporter-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Removes the demo's state directory on the way out.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

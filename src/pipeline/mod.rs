@@ -1,0 +1,308 @@
+//! The pipeline: the single writer that applies batches of events to session state, stages the
+//! metric changes, commits both to the state store in one transaction, and only then publishes
+//! the new values.
+//!
+//! It runs on its own thread (SQLite is synchronous) and is fed by a bounded channel: when it
+//! falls behind, pollers wait on `send`, so a slow disk slows the polling instead of growing
+//! memory. Each batch is acknowledged, and a poller only moves its cursor on a successful ack,
+//! so a failed commit means the same page is read again, never skipped.
+
+pub mod tracker;
+
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::Event;
+use crate::sinks::metrics::{Delta, Metrics};
+use crate::source::wire::InvalidReason;
+use crate::state::{BatchWrite, StateError, StateStore, StoredSession};
+use tracker::{Applied, ClosedTurn, SessionState};
+
+/// One entry of a page: a readable event, or the reason it could not be read.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Event(Event),
+    Invalid(InvalidReason),
+}
+
+/// A page's worth of one session's events, with the cursor that follows them.
+#[derive(Debug)]
+pub struct Batch {
+    pub session_id: String,
+    pub items: Vec<Item>,
+    pub cursor: Option<String>,
+    /// Fields dropped for having the wrong shape (the events themselves were kept).
+    pub bad_fields: u32,
+}
+
+/// What the poller learns from a session object.
+#[derive(Debug, Clone, Default)]
+pub struct SessionMeta {
+    pub agent_name: Option<String>,
+    pub agent_id: Option<String>,
+    pub model: Option<String>,
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchOutcome {
+    /// Events consumed from the session's log so far (the re-read position).
+    pub consumed: u64,
+    /// Session status after the batch.
+    pub status: String,
+}
+
+pub type Ack<T> = oneshot::Sender<Result<T, StateError>>;
+
+#[derive(Debug)]
+pub enum Command {
+    Batch(Batch, Ack<BatchOutcome>),
+    Meta(String, SessionMeta, Ack<()>),
+    /// The session is done (drained after termination, or gone): never read again.
+    Finish(String, Ack<()>),
+}
+
+/// Cloneable handle the pollers use to talk to the pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineHandle {
+    tx: mpsc::Sender<Command>,
+    metrics: Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("pipeline stopped")]
+    Stopped,
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl PipelineHandle {
+    async fn call<T>(&self, make: impl FnOnce(Ack<T>) -> Command) -> Result<T, SendError> {
+        let (ack, rx) = oneshot::channel();
+        self.tx.send(make(ack)).await.map_err(|_| SendError::Stopped)?;
+        self.metrics
+            .process
+            .queue_depth
+            .set(i64::try_from(self.tx.max_capacity() - self.tx.capacity()).unwrap_or(0));
+        Ok(rx.await.map_err(|_| SendError::Stopped)??)
+    }
+
+    pub async fn batch(&self, batch: Batch) -> Result<BatchOutcome, SendError> {
+        self.call(|ack| Command::Batch(batch, ack)).await
+    }
+
+    pub async fn meta(&self, id: String, meta: SessionMeta) -> Result<(), SendError> {
+        self.call(|ack| Command::Meta(id, meta, ack)).await
+    }
+
+    pub async fn finish(&self, id: String) -> Result<(), SendError> {
+        self.call(|ack| Command::Finish(id, ack)).await
+    }
+}
+
+/// The pipeline stage and its state.
+#[derive(Debug)]
+pub struct Pipeline {
+    store: StateStore,
+    sessions: HashMap<String, SessionState>,
+    finished: std::collections::HashSet<String>,
+    metrics: Metrics,
+    /// Record closed turns in the outbox (traces on).
+    keep_turns: bool,
+    /// Woken after a commit that added turns to the outbox.
+    outbox_notify: Option<std::sync::Arc<tokio::sync::Notify>>,
+}
+
+impl Pipeline {
+    /// Loads stored sessions and series; the metrics show the stored values from here on.
+    pub fn new(
+        store: StateStore,
+        metrics: Metrics,
+        keep_turns: bool,
+        outbox_notify: Option<std::sync::Arc<tokio::sync::Notify>>,
+    ) -> Result<(Pipeline, Vec<StoredSession>), StateError> {
+        metrics.durable.restore(store.load_series()?);
+        let stored = store.load_sessions()?;
+        let mut sessions = HashMap::new();
+        let mut finished = std::collections::HashSet::new();
+        for s in &stored {
+            if s.finished {
+                finished.insert(s.id.clone());
+            } else {
+                metrics
+                    .process
+                    .sessions
+                    .with_label_values(&[&s.state.status])
+                    .inc();
+                sessions.insert(s.id.clone(), s.state.clone());
+            }
+        }
+        Ok((
+            Pipeline {
+                store,
+                sessions,
+                finished,
+                metrics,
+                keep_turns,
+                outbox_notify,
+            },
+            stored,
+        ))
+    }
+
+    /// Starts the pipeline thread. It ends when every handle is dropped and the queue drained.
+    pub fn spawn(
+        self,
+        capacity: usize,
+    ) -> std::io::Result<(PipelineHandle, std::thread::JoinHandle<StateStore>)> {
+        let (tx, rx) = mpsc::channel(capacity);
+        let handle = PipelineHandle {
+            tx,
+            metrics: self.metrics.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("pipeline".to_owned())
+            .spawn(move || self.run(rx))?;
+        Ok((handle, thread))
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) -> StateStore {
+        while let Some(cmd) = rx.blocking_recv() {
+            self.metrics
+                .process
+                .queue_depth
+                .set(i64::try_from(rx.len()).unwrap_or(0));
+            match cmd {
+                Command::Batch(batch, ack) => {
+                    let _ = ack.send(self.apply_batch(batch));
+                }
+                Command::Meta(id, meta, ack) => {
+                    let _ = ack.send(self.apply_meta(&id, meta));
+                }
+                Command::Finish(id, ack) => {
+                    let _ = ack.send(self.finish(&id));
+                }
+            }
+        }
+        self.store
+    }
+
+    fn set_status(&self, old: &str, new: &str) {
+        if old != new {
+            let g = &self.metrics.process.sessions;
+            g.with_label_values(&[old]).dec();
+            g.with_label_values(&[new]).inc();
+        }
+    }
+
+    fn state_of(&mut self, id: &str) -> SessionState {
+        if let Some(s) = self.sessions.get(id) {
+            return s.clone();
+        }
+        let s = SessionState::new("unknown".to_owned());
+        self.metrics
+            .process
+            .sessions
+            .with_label_values(&[&s.status])
+            .inc();
+        self.sessions.insert(id.to_owned(), s.clone());
+        s
+    }
+
+    fn apply_meta(&mut self, id: &str, meta: SessionMeta) -> Result<(), StateError> {
+        let mut state = self.state_of(id);
+        let old_status = state.status.clone();
+        // The `agent` label: the agent's name, else its id, else `unknown`.
+        if let Some(agent) = meta.agent_name.clone().or(meta.agent_id.clone()) {
+            state.agent = agent;
+        }
+        if meta.agent_id.is_some() {
+            state.agent_id = meta.agent_id;
+        }
+        if meta.model.is_some() {
+            state.model = meta.model;
+        }
+        if let Some(s) = meta.status {
+            state.status = s;
+        }
+        self.store.upsert_session(id, &state, false)?;
+        self.set_status(&old_status, &state.status);
+        self.sessions.insert(id.to_owned(), state);
+        Ok(())
+    }
+
+    fn finish(&mut self, id: &str) -> Result<(), StateError> {
+        let state = self.sessions.get(id).cloned().unwrap_or_default();
+        self.store.upsert_session(id, &state, true)?;
+        if self.sessions.remove(id).is_some() {
+            self.metrics
+                .process
+                .sessions
+                .with_label_values(&[&state.status])
+                .dec();
+        }
+        self.finished.insert(id.to_owned());
+        Ok(())
+    }
+
+    fn apply_batch(&mut self, batch: Batch) -> Result<BatchOutcome, StateError> {
+        let started = std::time::Instant::now();
+        let mut state = self.state_of(&batch.session_id);
+        let old_status = state.status.clone();
+        let mut delta = Delta::default();
+        let mut closed: Vec<ClosedTurn> = Vec::new();
+        let mut invalid: HashMap<&'static str, u64> = HashMap::new();
+        let mut duplicates = 0;
+        for item in &batch.items {
+            match item {
+                Item::Event(e) => {
+                    if state.apply(&batch.session_id, e, &mut delta, &mut closed) == Applied::Duplicate {
+                        duplicates += 1;
+                    }
+                }
+                Item::Invalid(reason) => {
+                    state.consumed += 1;
+                    *invalid.entry(reason.as_label()).or_default() += 1;
+                }
+            }
+        }
+        let staged = self.metrics.durable.stage(&delta);
+        let turns: &[ClosedTurn] = if self.keep_turns { &closed } else { &[] };
+        let result = self.store.commit(&BatchWrite {
+            session_id: &batch.session_id,
+            cursor: batch.cursor.as_deref(),
+            finished: false,
+            state: &state,
+            series: &staged.values,
+            closed_turns: turns,
+        });
+        let p = &self.metrics.process;
+        if let Err(e) = result {
+            p.state_commit_failures.inc();
+            return Err(e);
+        }
+        // Committed: now, and only now, the batch becomes visible.
+        self.metrics.durable.publish(staged);
+        p.state_commits.inc();
+        p.state_commit_duration.observe(started.elapsed().as_secs_f64());
+        for (reason, n) in invalid {
+            p.events_invalid.with_label_values(&[reason]).inc_by(n);
+        }
+        p.fields_dropped.inc_by(u64::from(batch.bad_fields));
+        p.events_duplicate.inc_by(duplicates);
+        self.set_status(&old_status, &state.status);
+        if !turns.is_empty()
+            && let Some(n) = &self.outbox_notify
+        {
+            n.notify_one();
+        }
+        let outcome = BatchOutcome {
+            consumed: state.consumed,
+            status: state.status.clone(),
+        };
+        self.sessions.insert(batch.session_id, state);
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,663 @@
+//! The per-session state machine: turns, model requests paired start→end, tool calls paired
+//! use→result, and what each event adds to the metrics.
+//!
+//! [`SessionState::apply`] is a pure function of the state and one event: it writes metric
+//! increments into a [`Delta`] and hands closed turns (with their child spans) to the caller.
+//! The state is plain data, serialised into the state store with the batch that produced it,
+//! so a restart resumes a half-finished turn exactly where it was.
+//!
+//! Turn rules (the API does not document them; see README "How turns and tokens are counted"):
+//! - With G1 `turn_id`, a turn is the events sharing it; a new id closes the previous turn.
+//! - Without it, `user.message`, `session.status_running` or `session.status_rescheduled` opens
+//!   a turn when none is open, and so does any model, tool or agent-output event.
+//! - `session.status_idle` closes the turn and is what `qoder_turns_total` counts.
+//! - A `session.error` whose retry status is `exhausted` or `terminal` marks the turn failed;
+//!   it ends there if the next event opens a new turn instead of idling.
+//! - Termination (`terminated`, `session.status_terminated`, `session.deleted`) closes
+//!   everything still open as incomplete.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Event, EventKind, RetryStatus, ToolKind, Tokens};
+use crate::sinks::metrics::{Delta, Family};
+
+/// How many recent event ids a session remembers to skip an event the API returns twice.
+const RECENT_IDS: usize = 32;
+/// Bounds on open state: a session that never closes what it opens cannot grow without limit.
+const MAX_OPEN_REQUESTS: usize = 256;
+const MAX_OPEN_TOOLS: usize = 256;
+const MAX_CHILDREN: usize = 1000;
+const MAX_SPAN_EVENTS: usize = 100;
+
+/// Everything the exporter keeps about one session between batches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionState {
+    /// The `agent` label: the agent's name, else its id, else `unknown`.
+    pub agent: String,
+    pub agent_id: Option<String>,
+    /// The model of the session's agent snapshot, the fallback `model` label.
+    pub model: Option<String>,
+    /// Last known status, from the session object or from status events.
+    pub status: String,
+    pub turn: Option<Turn>,
+    /// Turns opened so far; names turns that have no `turn_id`.
+    pub turn_seq: u64,
+    pub requests: VecDeque<OpenRequest>,
+    pub tools: VecDeque<OpenTool>,
+    pub recent: VecDeque<String>,
+    /// Events consumed from the log, readable or not: where a re-read resumes.
+    pub consumed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    /// `turn_id` when the API gives one, else `seq-N`.
+    pub key: String,
+    pub has_turn_id: bool,
+    pub first_event_id: String,
+    pub start_ns: Option<i64>,
+    pub last_ns: Option<i64>,
+    /// Tokens came from model requests; the idle usage must not count them again.
+    pub tokens_from_requests: bool,
+    pub tokens: Tokens,
+    pub credits: f64,
+    pub last_model: Option<String>,
+    /// Set by an error that ends the turn: `(error_type, time)`.
+    pub failed: Option<(String, Option<i64>)>,
+    pub children: Vec<ChildSpan>,
+    pub children_dropped: u32,
+    pub span_events: Vec<SpanEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenRequest {
+    pub start_id: String,
+    pub span_id: Option<String>,
+    pub model: Option<String>,
+    pub start_ns: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenTool {
+    pub kind: ToolKind,
+    pub use_id: String,
+    pub event_id: String,
+    pub name: String,
+    pub start_ns: Option<i64>,
+    /// Its span went out with a turn that closed before the result came.
+    pub span_emitted: bool,
+}
+
+/// A model request or tool call inside a turn, ready to become a child span.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChildSpan {
+    /// The event id the span id derives from (the start, or the end when no start was seen).
+    pub id: String,
+    pub detail: ChildDetail,
+    pub start_ns: Option<i64>,
+    pub end_ns: Option<i64>,
+    pub is_error: bool,
+    /// Never finished: the turn or the session ended first.
+    pub incomplete: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ChildDetail {
+    Chat {
+        model: String,
+        tokens: Option<Tokens>,
+        credits: Option<f64>,
+    },
+    Tool {
+        name: String,
+        call_id: String,
+        kind: ToolKind,
+    },
+}
+
+/// A `session.error` (or captured message) to attach to the turn span as a span event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpanEvent {
+    pub name: String,
+    pub time_ns: Option<i64>,
+    pub attributes: Vec<(String, String)>,
+}
+
+/// Why a turn ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TurnEnd {
+    Idle { stop_reason: String },
+    Failed { error_type: String },
+    Terminated,
+    /// A later turn started without this one idling (G1 `turn_id` change).
+    Superseded,
+}
+
+/// A turn that closed, with everything needed to build its trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClosedTurn {
+    pub session_id: String,
+    pub agent: String,
+    pub agent_id: Option<String>,
+    pub model: String,
+    pub turn: Turn,
+    pub end_ns: Option<i64>,
+    pub end: TurnEnd,
+}
+
+/// What applying one event did, beyond the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Counted,
+    /// The id was among the last ones applied: the API returned it twice.
+    Duplicate,
+}
+
+impl SessionState {
+    pub fn new(agent: String) -> SessionState {
+        SessionState {
+            agent,
+            status: "unknown".to_owned(),
+            ..SessionState::default()
+        }
+    }
+
+    fn model_or_unknown(&self) -> String {
+        self.model.clone().unwrap_or_else(|| "unknown".to_owned())
+    }
+
+    /// Applies one readable event.
+    pub fn apply(
+        &mut self,
+        session_id: &str,
+        ev: &Event,
+        delta: &mut Delta,
+        closed: &mut Vec<ClosedTurn>,
+    ) -> Applied {
+        if self.recent.iter().any(|id| id == &ev.id) {
+            return Applied::Duplicate;
+        }
+        if self.recent.len() == RECENT_IDS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(ev.id.clone());
+        self.consumed += 1;
+
+        let agent = self.agent.clone();
+        delta.inc(Family::Events, &[&ev.type_name, &agent], 1.0);
+
+        // G1: a new turn_id closes a turn that never idled.
+        if let (Some(tid), Some(turn)) = (&ev.turn_id, &self.turn)
+            && turn.has_turn_id
+            && &turn.key != tid
+        {
+            let end = turn.last_ns;
+            self.close_turn(session_id, end, TurnEnd::Superseded, delta, closed);
+        }
+
+        match &ev.kind {
+            EventKind::UserMessage | EventKind::TurnRunning => {
+                if let Some(turn) = &self.turn
+                    && let Some((error_type, at)) = turn.failed.clone()
+                {
+                    let end = at.or(turn.last_ns);
+                    self.close_turn(session_id, end, TurnEnd::Failed { error_type }, delta, closed);
+                }
+                self.status = "running".to_owned();
+                self.ensure_turn(ev);
+            }
+            EventKind::Idle { stop_reason, tokens } => {
+                let stop = stop_reason.clone().unwrap_or_else(|| "unknown".to_owned());
+                delta.inc(Family::Turns, &[&stop, &agent], 1.0);
+                let from_requests = self.turn.as_ref().is_some_and(|t| t.tokens_from_requests);
+                if let Some(tokens) = tokens
+                    && !from_requests
+                {
+                    let model = self
+                        .turn
+                        .as_ref()
+                        .and_then(|t| t.last_model.clone())
+                        .unwrap_or_else(|| self.model_or_unknown());
+                    count_tokens(delta, tokens, &agent, &model);
+                    if let Some(turn) = &mut self.turn {
+                        turn.tokens.add(tokens);
+                    }
+                }
+                self.status = "idle".to_owned();
+                if self.turn.is_some() {
+                    self.close_turn(session_id, ev.time_ns, TurnEnd::Idle { stop_reason: stop }, delta, closed);
+                }
+            }
+            EventKind::Terminated { .. } => {
+                self.status = "terminated".to_owned();
+                if let Some(turn) = &self.turn {
+                    let end = match &turn.failed {
+                        Some((error_type, _)) => TurnEnd::Failed { error_type: error_type.clone() },
+                        None => TurnEnd::Terminated,
+                    };
+                    self.close_turn(session_id, ev.time_ns.or(turn.last_ns), end, delta, closed);
+                }
+                self.requests.clear();
+                self.tools.clear();
+            }
+            EventKind::Error { error_type, retry_status, message } => {
+                delta.inc(
+                    Family::SessionErrors,
+                    &[error_type, retry_status.as_label(), &agent],
+                    1.0,
+                );
+                if let Some(turn) = &mut self.turn {
+                    if turn.span_events.len() < MAX_SPAN_EVENTS {
+                        let mut attributes = vec![
+                            ("error.type".to_owned(), error_type.clone()),
+                            ("qoder.retry_status".to_owned(), retry_status.as_label().to_owned()),
+                        ];
+                        if let Some(m) = message {
+                            attributes.push(("exception.message".to_owned(), m.clone()));
+                        }
+                        turn.span_events.push(SpanEvent {
+                            name: "session.error".to_owned(),
+                            time_ns: ev.time_ns,
+                            attributes,
+                        });
+                    }
+                    if retry_status.ends_turn() {
+                        turn.failed = Some((error_type.clone(), ev.time_ns));
+                    }
+                }
+                if *retry_status == RetryStatus::Terminal {
+                    self.status = "terminating".to_owned();
+                }
+            }
+            EventKind::ModelRequestStart { model, span_id } => {
+                self.ensure_turn(ev);
+                if self.requests.len() == MAX_OPEN_REQUESTS {
+                    self.requests.pop_front();
+                }
+                self.requests.push_back(OpenRequest {
+                    start_id: ev.id.clone(),
+                    span_id: span_id.clone(),
+                    model: model.clone(),
+                    start_ns: ev.time_ns,
+                });
+            }
+            EventKind::ModelRequestEnd { start_id, span_id, is_error, tokens, credits } => {
+                self.ensure_turn(ev);
+                let open = self.take_request(start_id.as_deref(), span_id.as_deref());
+                let model = open
+                    .as_ref()
+                    .and_then(|r| r.model.clone())
+                    .unwrap_or_else(|| self.model_or_unknown());
+                delta.inc(Family::ModelRequests, &[&agent, &model], 1.0);
+                if *is_error {
+                    delta.inc(Family::ModelRequestErrors, &[&agent, &model], 1.0);
+                }
+                let start_ns = open.as_ref().and_then(|r| r.start_ns);
+                if let (Some(s), Some(e)) = (start_ns, ev.time_ns) {
+                    delta.observe(Family::ModelRequestDuration, &[&agent, &model], secs(e - s));
+                }
+                if let Some(t) = tokens {
+                    count_tokens(delta, t, &agent, &model);
+                }
+                if let Some(c) = credits {
+                    delta.inc(Family::Credits, &[&agent, &model], *c);
+                }
+                if let Some(turn) = &mut self.turn {
+                    if let Some(t) = tokens {
+                        turn.tokens_from_requests = true;
+                        turn.tokens.add(t);
+                    }
+                    turn.credits += credits.unwrap_or(0.0);
+                    turn.last_model = Some(model.clone());
+                    push_child(turn, ChildSpan {
+                        id: open.map_or_else(|| ev.id.clone(), |r| r.start_id),
+                        detail: ChildDetail::Chat { model, tokens: *tokens, credits: *credits },
+                        start_ns: start_ns.or(ev.time_ns),
+                        end_ns: ev.time_ns,
+                        is_error: *is_error,
+                        incomplete: false,
+                    });
+                }
+            }
+            EventKind::ToolUse { kind, use_id, name, .. } => {
+                self.ensure_turn(ev);
+                delta.inc(Family::ToolCalls, &[name, &agent], 1.0);
+                if self.tools.len() == MAX_OPEN_TOOLS {
+                    self.tools.pop_front();
+                }
+                self.tools.push_back(OpenTool {
+                    kind: *kind,
+                    use_id: use_id.clone(),
+                    event_id: ev.id.clone(),
+                    name: name.clone(),
+                    start_ns: ev.time_ns,
+                    span_emitted: false,
+                });
+            }
+            EventKind::ToolResult { kind, use_id, is_error } => {
+                let open = use_id.as_deref().and_then(|u| self.take_tool(*kind, u));
+                let name = open.as_ref().map_or("unknown", |t| t.name.as_str()).to_owned();
+                if *is_error {
+                    delta.inc(Family::ToolCallErrors, &[&name, &agent], 1.0);
+                }
+                if let (Some(turn), Some(tool)) = (&mut self.turn, open)
+                    && !tool.span_emitted
+                {
+                    push_child(turn, ChildSpan {
+                        id: tool.event_id,
+                        detail: ChildDetail::Tool { name, call_id: tool.use_id, kind: tool.kind },
+                        start_ns: tool.start_ns,
+                        end_ns: ev.time_ns,
+                        is_error: *is_error,
+                        incomplete: false,
+                    });
+                }
+            }
+            EventKind::AgentOutput => self.ensure_turn(ev),
+            EventKind::Other => {}
+        }
+        if let Some(turn) = &mut self.turn
+            && ev.time_ns.is_some()
+        {
+            turn.last_ns = ev.time_ns;
+        }
+        Applied::Counted
+    }
+
+    fn ensure_turn(&mut self, ev: &Event) {
+        if self.turn.is_some() {
+            return;
+        }
+        self.turn_seq += 1;
+        let (key, has_turn_id) = match &ev.turn_id {
+            Some(t) => (t.clone(), true),
+            None => (format!("seq-{}", self.turn_seq), false),
+        };
+        self.turn = Some(Turn {
+            key,
+            has_turn_id,
+            first_event_id: ev.id.clone(),
+            start_ns: ev.time_ns,
+            last_ns: ev.time_ns,
+            tokens_from_requests: false,
+            tokens: Tokens::default(),
+            credits: 0.0,
+            last_model: None,
+            failed: None,
+            children: Vec::new(),
+            children_dropped: 0,
+            span_events: Vec::new(),
+        });
+    }
+
+    /// Pairs an end with its start: by `model_request_start_id` (G3), by `span_id` (G1), else
+    /// the oldest open start.
+    fn take_request(&mut self, start_id: Option<&str>, span_id: Option<&str>) -> Option<OpenRequest> {
+        let pos = match (start_id, span_id) {
+            (Some(s), _) if self.requests.iter().any(|r| r.start_id == s) => {
+                self.requests.iter().position(|r| r.start_id == s)
+            }
+            (_, Some(sp)) if self.requests.iter().any(|r| r.span_id.as_deref() == Some(sp)) => {
+                self.requests.iter().position(|r| r.span_id.as_deref() == Some(sp))
+            }
+            (None, None) => (!self.requests.is_empty()).then_some(0),
+            // An explicit id that matches nothing: an end whose start we never saw.
+            _ => None,
+        };
+        pos.and_then(|p| self.requests.remove(p))
+    }
+
+    fn take_tool(&mut self, kind: ToolKind, use_id: &str) -> Option<OpenTool> {
+        let pos = self
+            .tools
+            .iter()
+            .position(|t| t.kind == kind && t.use_id == use_id)
+            .or_else(|| self.tools.iter().position(|t| t.use_id == use_id))?;
+        self.tools.remove(pos)
+    }
+
+    fn close_turn(
+        &mut self,
+        session_id: &str,
+        end_ns: Option<i64>,
+        end: TurnEnd,
+        delta: &mut Delta,
+        closed: &mut Vec<ClosedTurn>,
+    ) {
+        let Some(mut turn) = self.turn.take() else { return };
+        if let (Some(s), Some(e)) = (turn.start_ns, end_ns) {
+            delta.observe(Family::TurnDuration, &[&self.agent], secs(e - s));
+        }
+        // What is still open ends with the turn, marked incomplete. Requests are done with;
+        // tools stay open so a late result still counts against the right tool.
+        for r in self.requests.drain(..) {
+            let model = r.model.unwrap_or_else(|| self.model.clone().unwrap_or_else(|| "unknown".to_owned()));
+            push_child(&mut turn, ChildSpan {
+                id: r.start_id,
+                detail: ChildDetail::Chat { model, tokens: None, credits: None },
+                start_ns: r.start_ns,
+                end_ns,
+                is_error: false,
+                incomplete: true,
+            });
+        }
+        for t in self.tools.iter_mut().filter(|t| !t.span_emitted) {
+            t.span_emitted = true;
+            let child = ChildSpan {
+                id: t.event_id.clone(),
+                detail: ChildDetail::Tool { name: t.name.clone(), call_id: t.use_id.clone(), kind: t.kind },
+                start_ns: t.start_ns,
+                end_ns,
+                is_error: false,
+                incomplete: true,
+            };
+            push_child(&mut turn, child);
+        }
+        let model = turn
+            .last_model
+            .clone()
+            .unwrap_or_else(|| self.model.clone().unwrap_or_else(|| "unknown".to_owned()));
+        closed.push(ClosedTurn {
+            session_id: session_id.to_owned(),
+            agent: self.agent.clone(),
+            agent_id: self.agent_id.clone(),
+            model,
+            turn,
+            end_ns,
+            end,
+        });
+    }
+}
+
+fn push_child(turn: &mut Turn, child: ChildSpan) {
+    if turn.children.len() < MAX_CHILDREN {
+        turn.children.push(child);
+    } else {
+        turn.children_dropped += 1;
+    }
+}
+
+fn count_tokens(delta: &mut Delta, tokens: &Tokens, agent: &str, model: &str) {
+    for (token_type, v) in tokens.by_type() {
+        delta.inc(Family::Tokens, &[token_type, agent, model], v);
+    }
+}
+
+#[allow(clippy::cast_precision_loss, reason = "durations in ns fit f64's 53 bits for 104 days")]
+fn secs(ns: i64) -> f64 {
+    ns.max(0) as f64 / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::metrics::DurableMetrics;
+    use crate::source::wire::decode_event;
+
+    fn run(state: &mut SessionState, events: &[&str]) -> (DurableMetrics, Vec<ClosedTurn>) {
+        let m = DurableMetrics::new();
+        let mut delta = Delta::default();
+        let mut closed = Vec::new();
+        for raw in events {
+            let e = Event::from_wire(decode_event(raw).expect("valid").event);
+            state.apply("sess_1", &e, &mut delta, &mut closed);
+        }
+        m.publish(m.stage(&delta));
+        (m, closed)
+    }
+
+    const G1_TURN: &[&str] = &[
+        r#"{"id":"e1","type":"user.message","content":"hi","turn_id":"turn_1","processed_at":"2026-05-18T03:40:48Z"}"#,
+        r#"{"id":"e2","type":"session.status_rescheduled","turn_id":"turn_1","processed_at":"2026-05-18T03:40:49Z"}"#,
+        r#"{"id":"e3","type":"span.model_request_start","model":"qwen","span_id":"sp1","turn_id":"turn_1","processed_at":"2026-05-18T03:40:50Z"}"#,
+        r#"{"id":"e4","type":"agent.message","content":[{"type":"text","text":"yo"}],"turn_id":"turn_1","processed_at":"2026-05-18T03:40:51Z"}"#,
+        r#"{"id":"e5","type":"span.model_request_end","span_id":"sp1","turn_id":"turn_1","processed_at":"2026-05-18T03:40:52.5Z"}"#,
+        r#"{"id":"e6","type":"session.status_idle","turn_id":"turn_1","usage":{"input_tokens":150,"output_tokens":42,"cache_read_input_tokens":10,"cache_creation_input_tokens":0},"stop_reason":{"type":"end_turn"},"processed_at":"2026-05-18T03:40:53Z"}"#,
+    ];
+
+    #[test]
+    fn g1_turn_counts_idle_tokens_once() {
+        let mut s = SessionState::new("coder".into());
+        let (m, closed) = run(&mut s, G1_TURN);
+        assert_eq!(m.total(Family::Events), 6.0);
+        assert_eq!(m.counter(Family::Turns, &["end_turn", "coder"]), 1.0);
+        assert_eq!(m.counter(Family::Tokens, &["input", "coder", "qwen"]), 150.0);
+        assert_eq!(m.counter(Family::Tokens, &["cache_read", "coder", "qwen"]), 10.0);
+        assert_eq!(m.counter(Family::ModelRequests, &["coder", "qwen"]), 1.0);
+        assert_eq!(m.total(Family::ModelRequestDuration), 1.0);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].turn.key, "turn_1");
+        assert_eq!(closed[0].end_ns.zip(closed[0].turn.start_ns).map(|(e, s)| e - s), Some(5_000_000_000));
+        assert!(s.turn.is_none());
+    }
+
+    #[test]
+    fn request_tokens_win_over_idle_usage() {
+        let mut s = SessionState::new("a".into());
+        s.model = Some("m".into());
+        let (m, _) = run(&mut s, &[
+            r#"{"id":"1","type":"session.status_running"}"#,
+            r#"{"id":"2","type":"span.model_request_start"}"#,
+            r#"{"id":"3","type":"span.model_request_end","model_request_start_id":"2","model_usage":{"input_tokens":5,"output_tokens":1}}"#,
+            r#"{"id":"4","type":"session.status_idle","usage":{"input_tokens":5,"output_tokens":1},"stop_reason":{"type":"end_turn"}}"#,
+        ]);
+        assert_eq!(m.counter(Family::Tokens, &["input", "a", "m"]), 5.0);
+        assert_eq!(m.counter(Family::Tokens, &["output", "a", "m"]), 1.0);
+    }
+
+    #[test]
+    fn g3_credits_only_requests_leave_idle_tokens_counted() {
+        let mut s = SessionState::new("a".into());
+        let (m, _) = run(&mut s, &[
+            r#"{"id":"1","type":"span.model_request_start"}"#,
+            r#"{"id":"2","type":"span.model_request_end","model_request_start_id":"1","is_error":true,"model_usage":{"credits":0.5}}"#,
+            r#"{"id":"3","type":"session.status_idle","usage":{"input_tokens":7}}"#,
+        ]);
+        assert_eq!(m.counter(Family::Credits, &["a", "unknown"]), 0.5);
+        assert_eq!(m.counter(Family::ModelRequestErrors, &["a", "unknown"]), 1.0);
+        assert_eq!(m.counter(Family::Tokens, &["input", "a", "unknown"]), 7.0);
+        assert_eq!(m.counter(Family::Turns, &["unknown", "a"]), 1.0);
+    }
+
+    #[test]
+    fn tools_pair_and_errors_name_the_tool() {
+        let mut s = SessionState::new("a".into());
+        let (m, closed) = run(&mut s, &[
+            r#"{"id":"u1","type":"agent.tool_use","name":"Bash"}"#,
+            r#"{"id":"u2","type":"agent.mcp_tool_use","name":"search","mcp_server_name":"docs"}"#,
+            r#"{"id":"r2","type":"agent.mcp_tool_result","mcp_tool_use_id":"u2","is_error":true}"#,
+            r#"{"id":"r1","type":"agent.tool_result","tool_use_id":"u1","is_error":false}"#,
+            r#"{"id":"r9","type":"agent.tool_result","tool_use_id":"nope","is_error":true}"#,
+            r#"{"id":"i","type":"session.status_idle","stop_reason":"end_turn"}"#,
+        ]);
+        assert_eq!(m.counter(Family::ToolCalls, &["Bash", "a"]), 1.0);
+        assert_eq!(m.counter(Family::ToolCalls, &["search", "a"]), 1.0);
+        assert_eq!(m.counter(Family::ToolCallErrors, &["search", "a"]), 1.0);
+        assert_eq!(m.counter(Family::ToolCallErrors, &["unknown", "a"]), 1.0);
+        assert_eq!(closed[0].turn.children.len(), 2);
+        assert!(closed[0].turn.children.iter().any(|c| c.is_error && c.id == "u2"));
+    }
+
+    #[test]
+    fn duplicate_ids_are_skipped() {
+        let mut s = SessionState::new("a".into());
+        let (m, _) = run(&mut s, &[
+            r#"{"id":"1","type":"user.message"}"#,
+            r#"{"id":"1","type":"user.message"}"#,
+        ]);
+        assert_eq!(m.total(Family::Events), 1.0);
+        assert_eq!(s.consumed, 1);
+    }
+
+    #[test]
+    fn exhausted_error_fails_the_turn_and_next_turn_closes_it() {
+        let mut s = SessionState::new("a".into());
+        let (m, closed) = run(&mut s, &[
+            r#"{"id":"1","type":"user.message","processed_at":"2026-01-01T00:00:00Z"}"#,
+            r#"{"id":"2","type":"session.error","error":{"type":"model_overloaded_error"},"retry_status":{"type":"retrying"}}"#,
+            r#"{"id":"3","type":"session.error","error":{"type":"model_overloaded_error","retry_status":{"type":"exhausted"}},"processed_at":"2026-01-01T00:00:09Z"}"#,
+            r#"{"id":"4","type":"user.message","processed_at":"2026-01-01T00:01:00Z"}"#,
+        ]);
+        assert_eq!(m.counter(Family::SessionErrors, &["model_overloaded_error", "retrying", "a"]), 1.0);
+        assert_eq!(m.counter(Family::SessionErrors, &["model_overloaded_error", "exhausted", "a"]), 1.0);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].end, TurnEnd::Failed { error_type: "model_overloaded_error".into() });
+        assert_eq!(closed[0].turn.span_events.len(), 2);
+        assert!(s.turn.is_some(), "the second turn is open");
+    }
+
+    #[test]
+    fn termination_closes_open_work_as_incomplete() {
+        let mut s = SessionState::new("a".into());
+        let (_, closed) = run(&mut s, &[
+            r#"{"id":"1","type":"span.model_request_start","processed_at":"2026-01-01T00:00:00Z"}"#,
+            r#"{"id":"2","type":"agent.tool_use","name":"Read"}"#,
+            r#"{"id":"3","type":"terminated","reason":"timeout","processed_at":"2026-01-01T00:00:05Z"}"#,
+        ]);
+        assert_eq!(closed[0].end, TurnEnd::Terminated);
+        assert_eq!(closed[0].turn.children.iter().filter(|c| c.incomplete).count(), 2);
+        assert_eq!(s.status, "terminated");
+        assert!(s.requests.is_empty() && s.tools.is_empty());
+    }
+
+    #[test]
+    fn g1_new_turn_id_supersedes_an_open_turn() {
+        let mut s = SessionState::new("a".into());
+        let (m, closed) = run(&mut s, &[
+            r#"{"id":"1","type":"user.message","turn_id":"t1"}"#,
+            r#"{"id":"2","type":"user.message","turn_id":"t2"}"#,
+            r#"{"id":"3","type":"session.status_idle","turn_id":"t2"}"#,
+        ]);
+        assert_eq!(closed.iter().map(|c| c.turn.key.as_str()).collect::<Vec<_>>(), ["t1", "t2"]);
+        assert_eq!(closed[0].end, TurnEnd::Superseded);
+        assert_eq!(m.total(Family::Turns), 1.0);
+    }
+
+    #[test]
+    fn fifo_pairing_without_ids() {
+        let mut s = SessionState::new("a".into());
+        let (_, closed) = run(&mut s, &[
+            r#"{"id":"1","type":"span.model_request_start","model":"m1"}"#,
+            r#"{"id":"2","type":"span.model_request_start","model":"m2"}"#,
+            r#"{"id":"3","type":"span.model_request_end"}"#,
+            r#"{"id":"4","type":"span.model_request_end"}"#,
+            r#"{"id":"5","type":"session.status_idle"}"#,
+        ]);
+        let models: Vec<_> = closed[0].turn.children.iter().map(|c| match &c.detail {
+            ChildDetail::Chat { model, .. } => model.clone(),
+            ChildDetail::Tool { name, .. } => name.clone(),
+        }).collect();
+        assert_eq!(models, ["m1", "m2"]);
+    }
+
+    #[test]
+    fn state_survives_serialisation() {
+        let mut s = SessionState::new("a".into());
+        run(&mut s, &G1_TURN[..3]);
+        let json = serde_json::to_string(&s).expect("ser");
+        let back: SessionState = serde_json::from_str(&json).expect("de");
+        assert_eq!(back, s);
+    }
+}

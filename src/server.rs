@@ -1,0 +1,184 @@
+//! The HTTP side: `/metrics` (or `--web.telemetry-path`), a landing page at `/`, `/healthz`
+//! and `/readyz`. It reads the metrics registry and the readiness flag and nothing else: it
+//! never reaches into the poller.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use prometheus::core::Collector;
+use tokio::sync::watch;
+
+use crate::sinks::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub metrics: Metrics,
+    pub ready: watch::Receiver<bool>,
+    pub telemetry_path: String,
+    /// Where the API is, shown on the landing page (no secrets in it).
+    pub api_url: String,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(&state.telemetry_path.clone(), get(metrics))
+        .route("/", get(landing))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+async fn security_headers(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    resp
+}
+
+/// The scraper asks for protobuf with `application/vnd.google.protobuf;
+/// proto=io.prometheus.client.MetricFamily; encoding=delimited`; anything else gets text 0.0.4.
+fn wants_protobuf(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| {
+            v.contains("application/vnd.google.protobuf")
+                && v.contains("io.prometheus.client.MetricFamily")
+                && !v.contains("q=0;")
+                && !v.trim_end().ends_with("q=0")
+        })
+}
+
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let protobuf = wants_protobuf(&headers);
+    let m = state.metrics.clone();
+    let rendered = tokio::task::spawn_blocking(move || m.render(protobuf)).await;
+    match rendered {
+        Ok((body, content_type)) => {
+            ([(header::CONTENT_TYPE, content_type)], body).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("render failed: {e}\n")).into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if *state.ready.borrow() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: first polling round not done\n").into_response()
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+async fn landing(State(state): State<AppState>) -> Html<String> {
+    let p = &state.metrics.process;
+    let followed: f64 = p
+        .sessions
+        .collect()
+        .first()
+        .map(|f| f.get_metric().iter().map(|m| m.get_gauge().value()).sum())
+        .unwrap_or(0.0);
+    let last = p.last_poll.get();
+    let last_poll = if last > 0.0 {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(last);
+        humantime::format_rfc3339_seconds(t).to_string()
+    } else {
+        "never".to_owned()
+    };
+    let up = if p.up.get() == 1 { "yes" } else { "no" };
+    let ready = if *state.ready.borrow() { "yes" } else { "not yet" };
+    let path = escape(&state.telemetry_path);
+    Html(format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Qoder Exporter</title></head>\n<body>\n\
+<h1>Qoder Exporter</h1>\n<p>Version {version} ({revision})</p>\n\
+<table>\n<tr><td>Qoder API</td><td>{api}</td></tr>\n<tr><td>API reachable, token accepted</td><td>{up}</td></tr>\n\
+<tr><td>Sessions followed</td><td>{followed}</td></tr>\n<tr><td>Last successful poll</td><td>{last_poll}</td></tr>\n\
+<tr><td>Ready</td><td>{ready}</td></tr>\n</table>\n\
+<ul>\n<li><a href=\"{path}\">Metrics</a></li>\n<li><a href=\"/healthz\">Health</a></li>\n<li><a href=\"/readyz\">Readiness</a></li>\n</ul>\n\
+</body></html>\n",
+        version = env!("CARGO_PKG_VERSION"),
+        revision = crate::REVISION,
+        api = escape(&state.api_url),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+    fn app(ready: bool) -> (Router, watch::Sender<bool>) {
+        let (tx, rx) = watch::channel(ready);
+        let state = AppState {
+            metrics: Metrics::new().expect("metrics"),
+            ready: rx,
+            telemetry_path: "/metrics".into(),
+            api_url: "http://127.0.0.1:1/api/v1/cloud".into(),
+        };
+        (router(state), tx)
+    }
+
+    async fn get(app: &Router, uri: &str, accept: Option<&str>) -> (StatusCode, HeaderMap, String) {
+        let mut req = Request::builder().uri(uri);
+        if let Some(a) = accept {
+            req = req.header(header::ACCEPT, a);
+        }
+        let resp = app.clone().oneshot(req.body(Body::empty()).expect("req")).await.expect("resp");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn routes_answer() {
+        let (app, ready) = app(false);
+        let (s, h, body) = get(&app, "/metrics", None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(h[header::CONTENT_TYPE].to_str().expect("ct").starts_with("text/plain; version=0.0.4"));
+        assert!(body.contains("qoder_up 0"));
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(get(&app, "/healthz", None).await.0, StatusCode::OK);
+        assert_eq!(get(&app, "/readyz", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+        ready.send(true).expect("send");
+        assert_eq!(get(&app, "/readyz", None).await.0, StatusCode::OK);
+        let (s, _, page) = get(&app, "/", None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(page.contains("href=\"/metrics\"") && page.contains("Sessions followed"));
+        assert_eq!(get(&app, "/nope", None).await.0, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn protobuf_when_asked() {
+        let (app, _) = app(true);
+        let accept = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3";
+        let (_, h, _) = get(&app, "/metrics", Some(accept)).await;
+        assert!(h[header::CONTENT_TYPE].to_str().expect("ct").starts_with("application/vnd.google.protobuf"));
+    }
+
+    #[test]
+    fn sessions_gauge_is_collectable() {
+        let m = Metrics::new().expect("m");
+        m.process.sessions.with_label_values(&["idle"]).set(2);
+        assert_eq!(m.process.sessions.collect()[0].get_metric().len(), 1);
+    }
+}

@@ -1,0 +1,482 @@
+//! A simulated Qoder Cloud Agents API on loopback, for `qoder-exporter demo` and the tests.
+//!
+//! It follows the documented pagination exactly (events oldest first, sessions newest first,
+//! `limit` default 20 and at most 100, `after_id`/`before_id`/`page` mutually exclusive, 400 on
+//! an unknown cursor, `{data, first_id, last_id, has_more}`), checks the bearer token like the
+//! real API (401 with the error envelope) and can inject every fault the exporter must survive.
+//! Events become visible as a clock advances, so a log can grow while it is read.
+
+pub mod scenario;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub use scenario::{Generation, ScenarioConfig, SimSession, Totals, generate};
+
+/// The faults the simulator can inject, each on a share of requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Status500,
+    Status502,
+    Status503,
+    Status504,
+    /// 429 with `Retry-After: 1`.
+    RateLimitedSeconds,
+    /// 429 with `Retry-After` as an HTTP date one second ahead.
+    RateLimitedDate,
+    /// 429 without any hint.
+    RateLimitedBare,
+    /// 200 whose body stops half-way.
+    Truncated,
+    /// 200 with an HTML body.
+    NotJson,
+    /// 200 with JSON of the wrong shape.
+    WrongShape,
+    /// 200 with an empty body.
+    Empty,
+    /// Answers after `slow_delay` (past the client's timeout in the tests).
+    Slow,
+    /// Sends part of the body, then drops the connection.
+    Reset,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 13] = [
+        Fault::Status500,
+        Fault::Status502,
+        Fault::Status503,
+        Fault::Status504,
+        Fault::RateLimitedSeconds,
+        Fault::RateLimitedDate,
+        Fault::RateLimitedBare,
+        Fault::Truncated,
+        Fault::NotJson,
+        Fault::WrongShape,
+        Fault::Empty,
+        Fault::Slow,
+        Fault::Reset,
+    ];
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub scenario: ScenarioConfig,
+    /// The token the API accepts.
+    pub token: String,
+    /// Share of requests (0..=1) that get a fault.
+    pub fault_rate: f64,
+    pub faults: Vec<Fault>,
+    pub fault_seed: u64,
+    pub slow_delay: Duration,
+    /// Advance the clock one step per this interval (live mode); `None`: tests drive it.
+    pub step_interval: Option<Duration>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            scenario: ScenarioConfig::default(),
+            token: "pt-sim-token".to_owned(),
+            fault_rate: 0.0,
+            faults: Fault::ALL.to_vec(),
+            fault_seed: 1,
+            slow_delay: Duration::from_secs(3),
+            step_interval: None,
+        }
+    }
+}
+
+/// Request counts the tests check the exporter's manners by.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub sessions_requests: AtomicU64,
+    pub session_requests: AtomicU64,
+    pub events_requests: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub faults: AtomicU64,
+    /// Requests that asked for an SSE stream from the list endpoint.
+    pub accept_violations: AtomicU64,
+    /// Requests with more than one cursor, or a limit over 100.
+    pub param_violations: AtomicU64,
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+}
+
+impl Stats {
+    pub fn total(&self) -> u64 {
+        self.sessions_requests.load(Ordering::Relaxed)
+            + self.session_requests.load(Ordering::Relaxed)
+            + self.events_requests.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+struct SimState {
+    sessions: Vec<SimSession>,
+    index: HashMap<String, usize>,
+    token: Mutex<String>,
+    clock: AtomicU64,
+    faults_on: AtomicBool,
+    fault_rate: f64,
+    faults: Vec<Fault>,
+    rng: Mutex<fastrand::Rng>,
+    slow_delay: Duration,
+    refuse_next_cursor: AtomicBool,
+    stats: Stats,
+}
+
+/// A running simulator.
+#[derive(Debug, Clone)]
+pub struct Sim {
+    state: Arc<SimState>,
+    pub addr: SocketAddr,
+    pub totals: Arc<Totals>,
+    cancel: CancellationToken,
+}
+
+impl Sim {
+    /// Generates the scenario and serves it on `addr` (use port 0 for any free port).
+    pub async fn start(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<Sim> {
+        let (sessions, totals) = generate(&cfg.scenario);
+        let index = sessions.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
+        let state = Arc::new(SimState {
+            sessions,
+            index,
+            token: Mutex::new(cfg.token),
+            clock: AtomicU64::new(0),
+            faults_on: AtomicBool::new(cfg.fault_rate > 0.0),
+            fault_rate: cfg.fault_rate,
+            faults: cfg.faults,
+            rng: Mutex::new(fastrand::Rng::with_seed(cfg.fault_seed)),
+            slow_delay: cfg.slow_delay,
+            refuse_next_cursor: AtomicBool::new(false),
+            stats: Stats::default(),
+        });
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let cancel = CancellationToken::new();
+        let app = router(state.clone());
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(c.cancelled_owned()).await;
+        });
+        if let Some(every) = cfg.step_interval {
+            let st = state.clone();
+            let c = cancel.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { st.clock.fetch_add(1, Ordering::Relaxed); }
+                        () = c.cancelled() => break,
+                    }
+                }
+            });
+        }
+        Ok(Sim {
+            state,
+            addr,
+            totals: Arc::new(totals),
+            cancel,
+        })
+    }
+
+    /// The API base URL to give the exporter.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/api/v1/cloud", self.addr)
+    }
+
+    pub fn token(&self) -> String {
+        self.state.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes the accepted token (a rotation).
+    pub fn set_token(&self, token: &str) {
+        *self.state.token.lock().unwrap_or_else(|e| e.into_inner()) = token.to_owned();
+    }
+
+    pub fn sessions(&self) -> &[SimSession] {
+        &self.state.sessions
+    }
+
+    /// Makes every event visible.
+    pub fn release_all(&self) {
+        self.state.clock.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    /// Makes events up to `step` visible.
+    pub fn set_clock(&self, step: u64) {
+        self.state.clock.store(step, Ordering::Relaxed);
+    }
+
+    pub fn clock(&self) -> u64 {
+        self.state.clock.load(Ordering::Relaxed)
+    }
+
+    /// The step at which the last event appears.
+    pub fn last_step(&self) -> u64 {
+        self.state.sessions.iter().flat_map(|s| s.events.last()).map(|e| e.step).max().unwrap_or(0)
+    }
+
+    pub fn set_faults(&self, on: bool) {
+        self.state.faults_on.store(on, Ordering::Relaxed);
+    }
+
+    /// The next events request with a cursor gets 400 (a cursor the API no longer knows).
+    pub fn refuse_next_cursor(&self) {
+        self.state.refuse_next_cursor.store(true, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.state.stats
+    }
+
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+fn router(state: Arc<SimState>) -> Router {
+    Router::new()
+        .route("/api/v1/cloud/sessions", get(list_sessions))
+        .route("/api/v1/cloud/sessions/{id}", get(get_session))
+        .route("/api/v1/cloud/sessions/{id}/events", get(list_events))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = json!({"type": "error", "request_id": "req_sim", "error": {"type": kind, "message": message}});
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// Counts and checks a request; `Err` is the response to send instead of the real one.
+async fn admit<'a>(st: &'a SimState, headers: &HeaderMap, counter: &AtomicU64) -> Result<InFlight<'a>, Response> {
+    counter.fetch_add(1, Ordering::Relaxed);
+    let guard = InFlight::new(&st.stats);
+    let token = st.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if auth != Some(&format!("Bearer {token}")) {
+        st.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+        return Err(error(StatusCode::UNAUTHORIZED, "authentication_error", "Invalid API key or token."));
+    }
+    if let Some(fault) = pick_fault(st) {
+        st.stats.faults.fetch_add(1, Ordering::Relaxed);
+        return Err(fault_response(st, fault).await);
+    }
+    Ok(guard)
+}
+
+struct InFlight<'a>(&'a Stats);
+
+impl<'a> InFlight<'a> {
+    fn new(stats: &'a Stats) -> InFlight<'a> {
+        let n = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.max_in_flight.fetch_max(n, Ordering::Relaxed);
+        InFlight(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn pick_fault(st: &SimState) -> Option<Fault> {
+    if !st.faults_on.load(Ordering::Relaxed) || st.faults.is_empty() {
+        return None;
+    }
+    let mut rng = st.rng.lock().unwrap_or_else(|e| e.into_inner());
+    (rng.f64() < st.fault_rate).then(|| st.faults[rng.usize(0..st.faults.len())])
+}
+
+async fn fault_response(st: &SimState, fault: Fault) -> Response {
+    let json_ct = [(header::CONTENT_TYPE, "application/json")];
+    match fault {
+        Fault::Status500 => error(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal error"),
+        Fault::Status502 => (StatusCode::BAD_GATEWAY, "bad gateway").into_response(),
+        Fault::Status503 => error(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", "try later"),
+        Fault::Status504 => (StatusCode::GATEWAY_TIMEOUT, "").into_response(),
+        Fault::RateLimitedSeconds => (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "1")], "").into_response(),
+        Fault::RateLimitedDate => {
+            let at = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(1));
+            (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, at)], "").into_response()
+        }
+        Fault::RateLimitedBare => (StatusCode::TOO_MANY_REQUESTS, "").into_response(),
+        Fault::Truncated => (StatusCode::OK, json_ct, r#"{"data":[{"id":"evt_x","type":"user.mess"#).into_response(),
+        Fault::NotJson => (StatusCode::OK, [(header::CONTENT_TYPE, "text/html")], "<html>gateway</html>").into_response(),
+        Fault::WrongShape => (StatusCode::OK, json_ct, r#"{"data":"nope","has_more":"maybe"}"#).into_response(),
+        Fault::Empty => (StatusCode::OK, json_ct, "").into_response(),
+        Fault::Slow => {
+            tokio::time::sleep(st.slow_delay).await;
+            error(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", "slow")
+        }
+        Fault::Reset => {
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+                Ok(br#"{"data":[{"id":"evt_partial","#.to_vec()),
+                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")),
+            ];
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_LENGTH, "4096")
+                .body(Body::from_stream(futures_util::stream::iter(chunks)))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+    }
+}
+
+/// `limit` (default 20, at most 100) and the one cursor allowed.
+fn paging(st: &SimState, q: &HashMap<String, String>) -> Result<(usize, Option<String>, Option<String>), Response> {
+    let limit = match q.get("limit") {
+        None => 20,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => {
+                st.stats.param_violations.fetch_add(1, Ordering::Relaxed);
+                return Err(error(StatusCode::BAD_REQUEST, "invalid_request_error", "limit must be 1..100"));
+            }
+        },
+    };
+    let cursors = ["after_id", "before_id", "page"].iter().filter(|c| q.contains_key(**c)).count();
+    if cursors > 1 {
+        st.stats.param_violations.fetch_add(1, Ordering::Relaxed);
+        return Err(error(StatusCode::BAD_REQUEST, "invalid_request_error", "page, after_id and before_id are mutually exclusive"));
+    }
+    Ok((limit, q.get("after_id").cloned(), q.get("before_id").cloned()))
+}
+
+fn status_of(s: &SimSession, clock: u64) -> &'static str {
+    let visible = s.events.iter().filter(|e| e.step <= clock).count();
+    if visible == s.events.len() {
+        return if s.terminal { "terminated" } else { "idle" };
+    }
+    let last = s.events[..visible].last().map_or(0, |e| e.step);
+    if s.idle_steps.contains(&last) || visible == 0 {
+        "idle"
+    } else {
+        "running"
+    }
+}
+
+fn session_object(s: &SimSession, clock: u64) -> Value {
+    let mut o = s.object.clone();
+    let status = status_of(s, clock);
+    let status = match (s.generation, status) {
+        (Generation::G1 | Generation::G2, "running") => "processing",
+        (_, st) => st,
+    };
+    o.insert("status".into(), json!(status));
+    Value::Object(o)
+}
+
+fn page(items: Vec<String>, ids: &[&str], has_more: bool) -> Response {
+    let first = ids.first().map_or(Value::Null, |i| json!(i));
+    let last = ids.last().map_or(Value::Null, |i| json!(i));
+    let body = format!(
+        r#"{{"data":[{}],"first_id":{first},"last_id":{last},"has_more":{has_more}}}"#,
+        items.join(",")
+    );
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn list_sessions(State(st): State<Arc<SimState>>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
+    let _g = match admit(&st, &headers, &st.stats.sessions_requests).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let (limit, after, before) = match paging(&st, &q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let clock = st.clock.load(Ordering::Relaxed);
+    // Newest first.
+    let visible: Vec<&SimSession> = st.sessions.iter().rev().filter(|s| s.created_step <= clock).collect();
+    let start = match (&after, &before) {
+        (Some(a), _) => match visible.iter().position(|s| &s.id == a) {
+            Some(p) => p + 1,
+            None => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "unknown after_id"),
+        },
+        (_, Some(b)) => match visible.iter().position(|s| &s.id == b) {
+            Some(p) => p.saturating_sub(limit),
+            None => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "unknown before_id"),
+        },
+        _ => 0,
+    };
+    let end = (start + limit).min(visible.len());
+    let slice = &visible[start.min(end)..end];
+    let items = slice.iter().map(|s| session_object(s, clock).to_string()).collect();
+    let ids: Vec<&str> = slice.iter().map(|s| s.id.as_str()).collect();
+    page(items, &ids, end < visible.len())
+}
+
+async fn get_session(State(st): State<Arc<SimState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let _g = match admit(&st, &headers, &st.stats.session_requests).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let clock = st.clock.load(Ordering::Relaxed);
+    match st.index.get(&id).map(|i| &st.sessions[*i]).filter(|s| s.created_step <= clock) {
+        Some(s) => ([(header::CONTENT_TYPE, "application/json")], session_object(s, clock).to_string()).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found_error", "session not found"),
+    }
+}
+
+async fn list_events(
+    State(st): State<Arc<SimState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"))
+    {
+        st.stats.accept_violations.fetch_add(1, Ordering::Relaxed);
+    }
+    let _g = match admit(&st, &headers, &st.stats.events_requests).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let (limit, after, before) = match paging(&st, &q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let clock = st.clock.load(Ordering::Relaxed);
+    let Some(s) = st.index.get(&id).map(|i| &st.sessions[*i]).filter(|s| s.created_step <= clock) else {
+        return error(StatusCode::NOT_FOUND, "not_found_error", "session not found");
+    };
+    if after.is_some() && st.refuse_next_cursor.swap(false, Ordering::Relaxed) {
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "after_id is not a known event");
+    }
+    let visible: Vec<_> = s.events.iter().filter(|e| e.step <= clock).collect();
+    let start = match (&after, &before) {
+        (Some(a), _) => match visible.iter().position(|e| &e.id == a) {
+            Some(p) => p + 1,
+            None => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "after_id is not a known event"),
+        },
+        (_, Some(b)) => match visible.iter().position(|e| &e.id == b) {
+            Some(p) => p.saturating_sub(limit),
+            None => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "before_id is not a known event"),
+        },
+        _ => 0,
+    };
+    let end = (start + limit).min(visible.len());
+    let slice = &visible[start.min(end)..end];
+    let items = slice.iter().map(|e| e.json.clone()).collect();
+    let ids: Vec<&str> = slice.iter().map(|e| e.id.as_str()).collect();
+    page(items, &ids, end < visible.len())
+}

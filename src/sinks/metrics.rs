@@ -1,0 +1,705 @@
+//! Prometheus metrics: the event-derived families, which are durable, and the process-derived
+//! ones, which start afresh with the process.
+//!
+//! Event-derived series cannot use the `prometheus` crate's own counters and histograms: a
+//! histogram cannot be restored from stored buckets, and the values must move in step with the
+//! state store's transactions. So they live in [`DurableMetrics`], a map from series to value
+//! that the pipeline changes in two steps: [`DurableMetrics::stage`] turns a batch's [`Delta`]
+//! into new absolute values (which the state store writes in the batch's transaction), and
+//! [`DurableMetrics::publish`] makes them visible once that transaction has committed. It is a
+//! `prometheus` [`Collector`] and is rendered by the same encoder as everything else.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, RwLock};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricType};
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
+use serde::{Deserialize, Serialize};
+
+/// The event-derived families of the telemetry contract (`shared/conventions.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Family {
+    Events,
+    Tokens,
+    Credits,
+    Turns,
+    TurnDuration,
+    ModelRequests,
+    ModelRequestErrors,
+    ModelRequestDuration,
+    ToolCalls,
+    ToolCallErrors,
+    SessionErrors,
+}
+
+/// Buckets for turns: agent turns run from seconds to an hour.
+const TURN_BUCKETS: &[f64] = &[
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+/// Buckets for model requests: sub-second to several minutes.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+impl Family {
+    pub const ALL: [Family; 11] = [
+        Family::Events,
+        Family::Tokens,
+        Family::Credits,
+        Family::Turns,
+        Family::TurnDuration,
+        Family::ModelRequests,
+        Family::ModelRequestErrors,
+        Family::ModelRequestDuration,
+        Family::ToolCalls,
+        Family::ToolCallErrors,
+        Family::SessionErrors,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Events => "qoder_events_total",
+            Family::Tokens => "qoder_tokens_total",
+            Family::Credits => "qoder_credits_total",
+            Family::Turns => "qoder_turns_total",
+            Family::TurnDuration => "qoder_turn_duration_seconds",
+            Family::ModelRequests => "qoder_model_requests_total",
+            Family::ModelRequestErrors => "qoder_model_request_errors_total",
+            Family::ModelRequestDuration => "qoder_model_request_duration_seconds",
+            Family::ToolCalls => "qoder_tool_calls_total",
+            Family::ToolCallErrors => "qoder_tool_call_errors_total",
+            Family::SessionErrors => "qoder_session_errors_total",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            Family::Events => "Events read from the Qoder session event log, by wire type.",
+            Family::Tokens => {
+                "Tokens used by model requests, by type (input excludes cache reads and writes)."
+            }
+            Family::Credits => "Qoder credits billed for model requests.",
+            Family::Turns => "Agent turns that ended (session.status_idle), by stop reason.",
+            Family::TurnDuration => "Time from a turn's first event to the event that ends it.",
+            Family::ModelRequests => "Model requests that finished (span.model_request_end).",
+            Family::ModelRequestErrors => "Model requests that finished with is_error.",
+            Family::ModelRequestDuration => "Model request time from start to end event.",
+            Family::ToolCalls => "Tool calls made by agents (built-in, MCP and custom tools).",
+            Family::ToolCallErrors => "Tool calls whose result was an error.",
+            Family::SessionErrors => {
+                "session.error events, by error type and retry status (exhausted = retries exhausted)."
+            }
+        }
+    }
+
+    pub fn label_names(self) -> &'static [&'static str] {
+        match self {
+            Family::Events => &["event_type", "agent"],
+            Family::Tokens => &["token_type", "agent", "model"],
+            Family::Credits
+            | Family::ModelRequests
+            | Family::ModelRequestErrors
+            | Family::ModelRequestDuration => &["agent", "model"],
+            Family::Turns => &["stop_reason", "agent"],
+            Family::TurnDuration => &["agent"],
+            Family::ToolCalls | Family::ToolCallErrors => &["tool", "agent"],
+            Family::SessionErrors => &["error_type", "retry_status", "agent"],
+        }
+    }
+
+    /// Histogram bucket bounds; `None` for counters.
+    pub fn buckets(self) -> Option<&'static [f64]> {
+        match self {
+            Family::TurnDuration => Some(TURN_BUCKETS),
+            Family::ModelRequestDuration => Some(REQUEST_BUCKETS),
+            _ => None,
+        }
+    }
+
+    /// How many distinct values a label may take before new ones become `other`. Values that
+    /// come from the wire are unbounded in principle; a label set must not be.
+    fn label_cap(label: &str) -> usize {
+        match label {
+            "event_type" => 64,
+            "tool" => 200,
+            "model" | "error_type" | "stop_reason" => 64,
+            "agent" => 500,
+            _ => usize::MAX,
+        }
+    }
+
+    /// The stable key used in the state store.
+    pub fn from_name(name: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// The value of one series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SeriesValue {
+    Counter(f64),
+    /// Per-bucket (not cumulative) counts, one per bound plus the `+Inf` bucket.
+    Histogram {
+        counts: Vec<u64>,
+        sum: f64,
+    },
+}
+
+pub type SeriesKey = (Family, Vec<String>);
+
+/// What one batch of events adds to the event-derived families.
+#[derive(Debug, Default)]
+pub struct Delta {
+    counters: HashMap<SeriesKey, f64>,
+    observations: HashMap<SeriesKey, Vec<f64>>,
+}
+
+impl Delta {
+    pub fn inc(&mut self, family: Family, labels: &[&str], by: f64) {
+        debug_assert_eq!(labels.len(), family.label_names().len());
+        if by <= 0.0 || !by.is_finite() {
+            return;
+        }
+        let key = (family, labels.iter().map(|s| (*s).to_owned()).collect());
+        *self.counters.entry(key).or_insert(0.0) += by;
+    }
+
+    pub fn observe(&mut self, family: Family, labels: &[&str], value: f64) {
+        debug_assert!(family.buckets().is_some());
+        let key = (family, labels.iter().map(|s| (*s).to_owned()).collect());
+        self.observations
+            .entry(key)
+            .or_default()
+            .push(value.max(0.0));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty() && self.observations.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    series: BTreeMap<SeriesKey, SeriesValue>,
+    /// Distinct values seen per (family, label position), for the label caps.
+    seen: HashMap<(Family, usize), HashSet<String>>,
+}
+
+impl Inner {
+    fn capped_key(&self, staged: &Inner, (family, labels): &SeriesKey) -> SeriesKey {
+        let mut out = Vec::with_capacity(labels.len());
+        for (i, (value, name)) in labels.iter().zip(family.label_names()).enumerate() {
+            let cap = Family::label_cap(name);
+            let known = |inner: &Inner| {
+                inner
+                    .seen
+                    .get(&(*family, i))
+                    .is_some_and(|s| s.contains(value))
+            };
+            let count = |inner: &Inner| inner.seen.get(&(*family, i)).map_or(0, HashSet::len);
+            if known(self) || known(staged) || count(self) + count(staged) < cap {
+                out.push(value.clone());
+            } else {
+                out.push("other".to_owned());
+            }
+        }
+        (*family, out)
+    }
+
+    fn remember(&mut self, (family, labels): &SeriesKey) {
+        for (i, v) in labels.iter().enumerate() {
+            self.seen.entry((*family, i)).or_default().insert(v.clone());
+        }
+    }
+}
+
+/// New absolute values for the series a batch touched, ready to be stored and published.
+#[derive(Debug, Default)]
+pub struct Staged {
+    pub values: Vec<(SeriesKey, SeriesValue)>,
+    new_labels: Inner,
+}
+
+/// The event-derived series, held in memory and rendered as a Prometheus collector.
+#[derive(Debug)]
+pub struct DurableMetrics {
+    inner: RwLock<Inner>,
+    descs: Vec<Desc>,
+}
+
+impl Default for DurableMetrics {
+    fn default() -> Self {
+        DurableMetrics::new()
+    }
+}
+
+impl DurableMetrics {
+    pub fn new() -> DurableMetrics {
+        let descs = Family::ALL
+            .into_iter()
+            .filter_map(|f| {
+                Desc::new(
+                    f.name().to_owned(),
+                    f.help().to_owned(),
+                    f.label_names().iter().map(|s| (*s).to_owned()).collect(),
+                    HashMap::new(),
+                )
+                .ok()
+            })
+            .collect();
+        DurableMetrics {
+            inner: RwLock::new(Inner::default()),
+            descs,
+        }
+    }
+
+    /// Loads values read from the state store at startup.
+    pub fn restore(&self, values: impl IntoIterator<Item = (SeriesKey, SeriesValue)>) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        for (key, value) in values {
+            inner.remember(&key);
+            inner.series.insert(key, value);
+        }
+    }
+
+    /// Computes the new values of the series `delta` touches, without publishing them.
+    pub fn stage(&self, delta: &Delta) -> Staged {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let mut staged = Staged::default();
+        let mut values: BTreeMap<SeriesKey, SeriesValue> = BTreeMap::new();
+        // Label capping depends on order; sort so a batch caps the same way every time.
+        let mut counters: Vec<_> = delta.counters.iter().collect();
+        counters.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, by) in counters {
+            let key = inner.capped_key(&staged.new_labels, key);
+            staged.new_labels.remember(&key);
+            let current = values
+                .get(&key)
+                .or_else(|| inner.series.get(&key))
+                .cloned()
+                .unwrap_or(SeriesValue::Counter(0.0));
+            if let SeriesValue::Counter(v) = current {
+                values.insert(key, SeriesValue::Counter(v + by));
+            }
+        }
+        let mut observations: Vec<_> = delta.observations.iter().collect();
+        observations.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, samples) in observations {
+            let bounds = key.0.buckets().unwrap_or(&[]);
+            let key = inner.capped_key(&staged.new_labels, key);
+            staged.new_labels.remember(&key);
+            let current = values
+                .get(&key)
+                .or_else(|| inner.series.get(&key))
+                .cloned()
+                .unwrap_or_else(|| SeriesValue::Histogram {
+                    counts: vec![0; bounds.len() + 1],
+                    sum: 0.0,
+                });
+            if let SeriesValue::Histogram {
+                mut counts,
+                mut sum,
+            } = current
+            {
+                counts.resize(bounds.len() + 1, 0);
+                for &s in samples {
+                    let i = bounds.partition_point(|b| *b < s);
+                    counts[i] += 1;
+                    sum += s;
+                }
+                values.insert(key, SeriesValue::Histogram { counts, sum });
+            }
+        }
+        staged.values = values.into_iter().collect();
+        staged
+    }
+
+    /// Makes staged values visible; call only after they are committed to the state store.
+    pub fn publish(&self, staged: Staged) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        for (key, value) in staged.values {
+            inner.remember(&key);
+            inner.series.insert(key, value);
+        }
+    }
+
+    /// The current value of a counter series, for tests and summaries.
+    pub fn counter(&self, family: Family, labels: &[&str]) -> f64 {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let key = (family, labels.iter().map(|s| (*s).to_owned()).collect());
+        match inner.series.get(&key) {
+            Some(SeriesValue::Counter(v)) => *v,
+            _ => 0.0,
+        }
+    }
+
+    /// Sums a family over all its series (counters: values; histograms: sample counts).
+    pub fn total(&self, family: Family) -> f64 {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .series
+            .range((family, Vec::new())..)
+            .take_while(|((f, _), _)| *f == family)
+            .map(|(_, v)| match v {
+                SeriesValue::Counter(c) => *c,
+                SeriesValue::Histogram { counts, .. } => counts.iter().sum::<u64>() as f64,
+            })
+            .sum()
+    }
+}
+
+impl Collector for DurableMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<proto::MetricFamily> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let mut families: BTreeMap<Family, Vec<proto::Metric>> = BTreeMap::new();
+        for ((family, labels), value) in &inner.series {
+            let mut m = proto::Metric::default();
+            let mut pairs: Vec<proto::LabelPair> = family
+                .label_names()
+                .iter()
+                .zip(labels)
+                .map(|(n, v)| {
+                    let mut p = proto::LabelPair::default();
+                    p.set_name((*n).to_owned());
+                    p.set_value(v.clone());
+                    p
+                })
+                .collect();
+            pairs.sort_by(|a, b| a.name().cmp(b.name()));
+            m.set_label(pairs);
+            match value {
+                SeriesValue::Counter(v) => {
+                    let mut c = proto::Counter::default();
+                    c.set_value(*v);
+                    m.set_counter(c);
+                }
+                SeriesValue::Histogram { counts, sum } => {
+                    let bounds = family.buckets().unwrap_or(&[]);
+                    let mut h = proto::Histogram::default();
+                    let mut cumulative = 0;
+                    let buckets = bounds
+                        .iter()
+                        .zip(counts)
+                        .map(|(bound, n)| {
+                            cumulative += n;
+                            let mut b = proto::Bucket::default();
+                            b.set_upper_bound(*bound);
+                            b.set_cumulative_count(cumulative);
+                            b
+                        })
+                        .collect();
+                    h.set_bucket(buckets);
+                    h.set_sample_count(counts.iter().sum());
+                    h.set_sample_sum(*sum);
+                    m.set_histogram(h);
+                }
+            }
+            families.entry(*family).or_default().push(m);
+        }
+        families
+            .into_iter()
+            .map(|(family, metrics)| {
+                let mut mf = proto::MetricFamily::default();
+                mf.set_name(family.name().to_owned());
+                mf.set_help(family.help().to_owned());
+                mf.set_field_type(if family.buckets().is_some() {
+                    MetricType::HISTOGRAM
+                } else {
+                    MetricType::COUNTER
+                });
+                mf.set_metric(metrics);
+                mf
+            })
+            .collect()
+    }
+}
+
+/// Process-derived series: this process's view of the API, the queue and the sinks.
+#[derive(Debug, Clone)]
+pub struct ProcessMetrics {
+    pub up: IntGauge,
+    pub sessions: IntGaugeVec,
+    pub api_requests: IntCounterVec,
+    pub api_failures: IntCounterVec,
+    pub api_duration: HistogramVec,
+    pub last_poll: Gauge,
+    pub events_invalid: IntCounterVec,
+    pub fields_dropped: IntCounter,
+    pub events_duplicate: IntCounter,
+    pub cursor_resets: IntCounter,
+    pub spans_exported: IntCounter,
+    pub spans_dropped: IntCounterVec,
+    pub state_commits: IntCounter,
+    pub state_commit_failures: IntCounter,
+    pub state_commit_duration: Histogram,
+    pub queue_depth: IntGauge,
+    pub build_info: GaugeVec,
+}
+
+/// The API endpoints, as the `endpoint` label names them.
+pub const ENDPOINTS: [&str; 3] = ["sessions", "session", "events"];
+
+impl ProcessMetrics {
+    /// Creates the process metrics and registers them in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<ProcessMetrics> {
+        let m = ProcessMetrics {
+            up: IntGauge::new(
+                "qoder_up",
+                "1 when the last round of Qoder API requests succeeded (reachable, token accepted), else 0.",
+            )?,
+            sessions: IntGaugeVec::new(
+                Opts::new("qoder_sessions", "Sessions being followed, by last known status."),
+                &["status"],
+            )?,
+            api_requests: IntCounterVec::new(
+                Opts::new("qoder_exporter_api_requests_total", "Qoder API requests made."),
+                &["endpoint"],
+            )?,
+            api_failures: IntCounterVec::new(
+                Opts::new(
+                    "qoder_exporter_api_request_failures_total",
+                    "Qoder API requests that failed, by reason.",
+                ),
+                &["endpoint", "reason"],
+            )?,
+            api_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "qoder_exporter_api_request_duration_seconds",
+                    "Qoder API request latency.",
+                )
+                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                &["endpoint"],
+            )?,
+            last_poll: Gauge::new(
+                "qoder_exporter_last_successful_poll_timestamp_seconds",
+                "Unix time of the last poll round that succeeded; tells how fresh the data is.",
+            )?,
+            events_invalid: IntCounterVec::new(
+                Opts::new(
+                    "qoder_exporter_events_invalid_total",
+                    "Events that could not be read (not an object, no id, no type) and were skipped.",
+                ),
+                &["reason"],
+            )?,
+            fields_dropped: IntCounter::new(
+                "qoder_exporter_event_fields_dropped_total",
+                "Fields of otherwise readable events that had the wrong shape and were ignored.",
+            )?,
+            events_duplicate: IntCounter::new(
+                "qoder_exporter_events_duplicate_total",
+                "Events the API returned again after they were counted; skipped.",
+            )?,
+            cursor_resets: IntCounter::new(
+                "qoder_exporter_cursor_resets_total",
+                "Times a session's event cursor was refused and the log re-read from the start.",
+            )?,
+            spans_exported: IntCounter::new(
+                "qoder_exporter_spans_exported_total",
+                "Spans accepted by the OTLP endpoint.",
+            )?,
+            spans_dropped: IntCounterVec::new(
+                Opts::new(
+                    "qoder_exporter_spans_dropped_total",
+                    "Spans given up on, by reason.",
+                ),
+                &["reason"],
+            )?,
+            state_commits: IntCounter::new(
+                "qoder_exporter_state_commits_total",
+                "Batches committed to the state store.",
+            )?,
+            state_commit_failures: IntCounter::new(
+                "qoder_exporter_state_commit_failures_total",
+                "Batches whose commit failed; the batch is read again.",
+            )?,
+            state_commit_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "qoder_exporter_state_commit_duration_seconds",
+                    "Time to apply and commit one batch.",
+                )
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+            )?,
+            queue_depth: IntGauge::new(
+                "qoder_exporter_pipeline_queue_depth",
+                "Batches waiting for the pipeline (bounded; a full queue slows the poller).",
+            )?,
+            build_info: GaugeVec::new(
+                Opts::new(
+                    "qoder_exporter_build_info",
+                    "Build information; always 1.",
+                ),
+                &["version", "revision"],
+            )?,
+        };
+        registry.register(Box::new(m.up.clone()))?;
+        registry.register(Box::new(m.sessions.clone()))?;
+        registry.register(Box::new(m.api_requests.clone()))?;
+        registry.register(Box::new(m.api_failures.clone()))?;
+        registry.register(Box::new(m.api_duration.clone()))?;
+        registry.register(Box::new(m.last_poll.clone()))?;
+        registry.register(Box::new(m.events_invalid.clone()))?;
+        registry.register(Box::new(m.fields_dropped.clone()))?;
+        registry.register(Box::new(m.events_duplicate.clone()))?;
+        registry.register(Box::new(m.cursor_resets.clone()))?;
+        registry.register(Box::new(m.spans_exported.clone()))?;
+        registry.register(Box::new(m.spans_dropped.clone()))?;
+        registry.register(Box::new(m.state_commits.clone()))?;
+        registry.register(Box::new(m.state_commit_failures.clone()))?;
+        registry.register(Box::new(m.state_commit_duration.clone()))?;
+        registry.register(Box::new(m.queue_depth.clone()))?;
+        registry.register(Box::new(m.build_info.clone()))?;
+        // Series that alerts rate() over exist from the start, at zero.
+        for e in ENDPOINTS {
+            m.api_requests.with_label_values(&[e]);
+        }
+        for r in ["not_object", "missing_id", "missing_type"] {
+            m.events_invalid.with_label_values(&[r]);
+        }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::REVISION])
+            .set(1.0);
+        Ok(m)
+    }
+}
+
+/// A registry with both kinds of metrics in it.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub durable: std::sync::Arc<DurableMetrics>,
+    pub process: ProcessMetrics,
+    /// Serialises renders: the encoder's buffers are reused (see `render`).
+    render_lock: std::sync::Arc<Mutex<()>>,
+}
+
+/// Content type of the classic text format, version 0.0.4.
+pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let process = ProcessMetrics::register(&registry)?;
+        let durable = std::sync::Arc::new(DurableMetrics::new());
+        registry.register(Box::new(DurableCollector(durable.clone())))?;
+        Ok(Metrics {
+            registry,
+            durable,
+            process,
+            render_lock: std::sync::Arc::new(Mutex::new(())),
+        })
+    }
+
+    /// Renders every family. `protobuf` selects the delimited protobuf exposition format.
+    pub fn render(&self, protobuf: bool) -> (Vec<u8>, String) {
+        use prometheus::Encoder;
+        let _guard = self.render_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let families = self.registry.gather();
+        let mut buf = Vec::with_capacity(16 * 1024);
+        if protobuf {
+            let enc = prometheus::ProtobufEncoder::new();
+            if enc.encode(&families, &mut buf).is_ok() {
+                return (buf, enc.format_type().to_owned());
+            }
+            buf.clear();
+        }
+        let enc = prometheus::TextEncoder::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = enc.encode(&families, &mut buf);
+        (buf, TEXT_FORMAT.to_owned())
+    }
+}
+
+/// Registers the shared [`DurableMetrics`] in a registry.
+#[derive(Debug)]
+struct DurableCollector(std::sync::Arc<DurableMetrics>);
+
+impl Collector for DurableCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+    fn collect(&self) -> Vec<proto::MetricFamily> {
+        self.0.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_histograms_stage_then_publish() {
+        let m = DurableMetrics::new();
+        let mut d = Delta::default();
+        d.inc(Family::Events, &["user.message", "a"], 1.0);
+        d.inc(Family::Events, &["user.message", "a"], 2.0);
+        d.observe(Family::TurnDuration, &["a"], 3.0);
+        d.observe(Family::TurnDuration, &["a"], 0.5);
+        d.observe(Family::TurnDuration, &["a"], 99_999.0);
+        let staged = m.stage(&d);
+        assert_eq!(m.counter(Family::Events, &["user.message", "a"]), 0.0, "not yet published");
+        m.publish(staged);
+        assert_eq!(m.counter(Family::Events, &["user.message", "a"]), 3.0);
+        let fam = m.collect();
+        let hist = fam.iter().find(|f| f.name() == "qoder_turn_duration_seconds").expect("hist");
+        let h = hist.get_metric()[0].get_histogram();
+        assert_eq!(h.get_sample_count(), 3);
+        assert_eq!(h.get_sample_sum(), 100_002.5);
+        // 0.5 ≤ 1, 3 ≤ 5; the huge one only in +Inf.
+        let cum: Vec<u64> = h.get_bucket().iter().map(|b| b.cumulative_count()).collect();
+        assert_eq!(cum, vec![1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn staging_adds_to_restored_values() {
+        let m = DurableMetrics::new();
+        m.restore([((Family::Credits, vec!["a".into(), "m".into()]), SeriesValue::Counter(1.5))]);
+        let mut d = Delta::default();
+        d.inc(Family::Credits, &["a", "m"], 0.25);
+        let staged = m.stage(&d);
+        assert_eq!(staged.values, vec![((Family::Credits, vec!["a".into(), "m".into()]), SeriesValue::Counter(1.75))]);
+    }
+
+    #[test]
+    fn event_type_label_is_capped_at_64() {
+        let m = DurableMetrics::new();
+        let mut d = Delta::default();
+        for i in 0..70 {
+            d.inc(Family::Events, &[&format!("t{i:02}"), "a"], 1.0);
+        }
+        m.publish(m.stage(&d));
+        assert_eq!(m.counter(Family::Events, &["other", "a"]), 6.0);
+        assert_eq!(m.total(Family::Events), 70.0);
+        // A value seen before the cap keeps its own series.
+        let mut d = Delta::default();
+        d.inc(Family::Events, &["t00", "a"], 1.0);
+        d.inc(Family::Events, &["new", "a"], 1.0);
+        m.publish(m.stage(&d));
+        assert_eq!(m.counter(Family::Events, &["t00", "a"]), 2.0);
+        assert_eq!(m.counter(Family::Events, &["other", "a"]), 7.0);
+    }
+
+    #[test]
+    fn text_render_has_help_and_types() {
+        let metrics = Metrics::new().expect("metrics");
+        let mut d = Delta::default();
+        d.inc(Family::Tokens, &["input", "a", "m"], 10.0);
+        metrics.durable.publish(metrics.durable.stage(&d));
+        let (body, ct) = metrics.render(false);
+        let text = String::from_utf8(body).expect("utf8");
+        assert!(ct.starts_with("text/plain; version=0.0.4"));
+        assert!(text.contains("# HELP qoder_tokens_total "));
+        assert!(text.contains("# TYPE qoder_tokens_total counter"));
+        assert!(text.contains(r#"qoder_tokens_total{agent="a",model="m",token_type="input"} 10"#));
+        assert!(text.contains("qoder_exporter_build_info{"));
+        let (_, ct) = metrics.render(true);
+        assert!(ct.contains("application/vnd.google.protobuf"));
+    }
+}

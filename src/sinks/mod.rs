@@ -1,0 +1,3 @@
+//! Where the pipeline's results go: Prometheus metrics.
+
+pub mod metrics;

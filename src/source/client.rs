@@ -1,0 +1,495 @@
+//! The Qoder API client: one method per endpoint the exporter reads, each bounded in time and
+//! size, retried when the failure is transient, and counted.
+//!
+//! Retry policy (after the official SDK's): connection errors, timeouts, 408, 429 and 5xx are
+//! retried up to [`ClientConfig::retries`] times with `min(0.5 s · 2^n, 8 s)` and 0–25 % jitter,
+//! or as long as `Retry-After` / `retry-after-ms` says when that is at most 60 s. Longer waits
+//! are handed back to the caller ([`ApiError::retry_after`]) so the poller can park the session
+//! instead of holding a worker. Every attempt passes the global rate limiter first.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+use tokio_util::sync::CancellationToken;
+
+use crate::secret::Pat;
+use crate::sinks::metrics::ProcessMetrics;
+
+/// The endpoints, as the `endpoint` label names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Sessions,
+    Session,
+    Events,
+}
+
+impl Endpoint {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Endpoint::Sessions => "sessions",
+            Endpoint::Session => "session",
+            Endpoint::Events => "events",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request timed out")]
+    Timeout,
+    #[error("could not connect: {0}")]
+    Connect(#[source] reqwest::Error),
+    #[error("token rejected (HTTP 401{})", fmt_type(.error_type))]
+    Unauthorized { error_type: Option<String> },
+    #[error("HTTP {status}{}{}", fmt_type(.error_type), fmt_message(.message))]
+    Status {
+        status: u16,
+        error_type: Option<String>,
+        message: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    #[error("response body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("connection lost while reading the body: {0}")]
+    Body(#[source] reqwest::Error),
+    #[error("malformed response: {0}")]
+    Decode(String),
+    #[error("request failed: {0}")]
+    Transport(#[source] reqwest::Error),
+    #[error("shutting down")]
+    Cancelled,
+}
+
+fn fmt_type(t: &Option<String>) -> String {
+    t.as_ref().map(|t| format!(" {t}")).unwrap_or_default()
+}
+
+fn fmt_message(m: &Option<String>) -> String {
+    m.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
+}
+
+impl ApiError {
+    /// The `reason` label of `qoder_exporter_api_request_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::Timeout => "timeout",
+            ApiError::Connect(_) => "connect",
+            ApiError::Unauthorized { .. } => "status_401",
+            ApiError::Status { status, .. } => match status {
+                400 => "status_400",
+                403 => "status_403",
+                404 => "status_404",
+                429 => "status_429",
+                500..=599 => "status_5xx",
+                _ => "status_4xx",
+            },
+            ApiError::TooLarge { .. } => "too_large",
+            ApiError::Body(_) => "body",
+            ApiError::Decode(_) => "decode",
+            ApiError::Transport(_) => "transport",
+            ApiError::Cancelled => "cancelled",
+        }
+    }
+
+    /// Worth trying again soon: the server or the network may do better next time.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Timeout
+            | ApiError::Connect(_)
+            | ApiError::Body(_)
+            | ApiError::Transport(_)
+            | ApiError::Decode(_) => true,
+            ApiError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            _ => false,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Unauthorized { .. } => Some(401),
+            ApiError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// A server-requested wait too long to sit out inside the client.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Base URL, e.g. `https://api.qoder.com/api/v1/cloud`.
+    pub base_url: String,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub retries: u32,
+    pub max_body_bytes: usize,
+    /// Global request budget; `None` turns the limiter off (benchmarks).
+    pub max_requests_per_second: Option<u32>,
+    /// First retry delay; doubles per retry up to `max_backoff`.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            base_url: crate::config::DEFAULT_API_URL.to_owned(),
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            retries: 3,
+            max_body_bytes: 32 * 1024 * 1024,
+            max_requests_per_second: Some(50),
+            base_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(8),
+        }
+    }
+}
+
+/// A token that can be replaced while requests are in flight (a rotated `--qoder.pat-file`).
+#[derive(Debug, Clone)]
+pub struct TokenSource(Arc<RwLock<Pat>>);
+
+impl TokenSource {
+    pub fn new(pat: Pat) -> TokenSource {
+        TokenSource(Arc::new(RwLock::new(pat)))
+    }
+    pub fn get(&self) -> Pat {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    /// Replaces the token; `true` when it changed.
+    pub fn set(&self, pat: Pat) -> bool {
+        let mut cur = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let changed = *cur != pat;
+        *cur = pat;
+        changed
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    token: TokenSource,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    metrics: ProcessMetrics,
+    config: ClientConfig,
+    cancel: CancellationToken,
+}
+
+impl Client {
+    pub fn new(
+        config: ClientConfig,
+        token: TokenSource,
+        metrics: ProcessMetrics,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Client> {
+        let mut base = Url::parse(config.base_url.trim_end_matches('/'))
+            .map_err(|e| anyhow::anyhow!("--qoder.api-url {:?}: {e}", config.base_url))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            anyhow::bail!("--qoder.api-url {:?}: scheme must be http or https", config.base_url);
+        }
+        // Path joins below append segments; the base must end without a slash.
+        let trimmed = base.path().trim_end_matches('/').to_owned();
+        base.set_path(&trimmed);
+        let mut headers = HeaderMap::new();
+        // The events URL answers as an SSE stream to `text/event-stream` (since 2026-08-24).
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(concat!("qoder-exporter/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()?;
+        let limiter = config.max_requests_per_second.and_then(|n| {
+            std::num::NonZeroU32::new(n).map(|n| Arc::new(RateLimiter::direct(Quota::per_second(n))))
+        });
+        Ok(Client {
+            http,
+            base,
+            token,
+            limiter,
+            metrics,
+            config,
+            cancel,
+        })
+    }
+
+    /// Counts a failure found after the transfer (a body that does not decode).
+    pub fn count_failure(&self, endpoint: &str, reason: &str) {
+        self.metrics
+            .api_failures
+            .with_label_values(&[endpoint, reason])
+            .inc();
+    }
+
+    pub fn token(&self) -> &TokenSource {
+        &self.token
+    }
+
+    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.extend(segments);
+        }
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        url
+    }
+
+    /// `GET /sessions?limit=100[&after_id=…]` (newest first).
+    pub async fn list_sessions(&self, after_id: Option<&str>) -> Result<Bytes, ApiError> {
+        let mut q = vec![("limit", "100")];
+        if let Some(a) = after_id {
+            q.push(("after_id", a));
+        }
+        self.get(Endpoint::Sessions, self.url(&["sessions"], &q)).await
+    }
+
+    /// `GET /sessions/{id}`.
+    pub async fn get_session(&self, id: &str) -> Result<Bytes, ApiError> {
+        self.get(Endpoint::Session, self.url(&["sessions", id], &[])).await
+    }
+
+    /// `GET /sessions/{id}/events?limit=100[&after_id=…]` (oldest first). Never more than one
+    /// cursor: the API answers 400 to a combination.
+    pub async fn list_events(&self, id: &str, after_id: Option<&str>) -> Result<Bytes, ApiError> {
+        let mut q = vec![("limit", "100")];
+        if let Some(a) = after_id {
+            q.push(("after_id", a));
+        }
+        self.get(Endpoint::Events, self.url(&["sessions", id, "events"], &q)).await
+    }
+
+    async fn get(&self, endpoint: Endpoint, url: Url) -> Result<Bytes, ApiError> {
+        let mut attempt = 0;
+        loop {
+            let result = self.attempt(endpoint, &url).await;
+            let err = match result {
+                Ok(body) => return Ok(body),
+                Err(e) => e,
+            };
+            let wait = match err.retry_after() {
+                Some(w) if w > Duration::from_secs(60) => return Err(err),
+                Some(w) => w,
+                None => backoff(self.config.base_backoff, self.config.max_backoff, attempt),
+            };
+            if !err.is_transient() || attempt >= self.config.retries {
+                return Err(err);
+            }
+            attempt += 1;
+            tracing::debug!(endpoint = endpoint.as_label(), attempt, ?wait, error = %err, "retrying");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.cancel.cancelled() => return Err(ApiError::Cancelled),
+            }
+        }
+    }
+
+    async fn attempt(&self, endpoint: Endpoint, url: &Url) -> Result<Bytes, ApiError> {
+        if let Some(l) = &self.limiter {
+            tokio::select! {
+                () = l.until_ready() => {}
+                () = self.cancel.cancelled() => return Err(ApiError::Cancelled),
+            }
+        }
+        let label = endpoint.as_label();
+        self.metrics.api_requests.with_label_values(&[label]).inc();
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = self.send(url) => r,
+            () = self.cancel.cancelled() => Err(ApiError::Cancelled),
+        };
+        self.metrics
+            .api_duration
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result
+            && !matches!(e, ApiError::Cancelled)
+        {
+            self.metrics
+                .api_failures
+                .with_label_values(&[label, e.reason()])
+                .inc();
+        }
+        result
+    }
+
+    async fn send(&self, url: &Url) -> Result<Bytes, ApiError> {
+        let mut auth = HeaderValue::try_from(format!("Bearer {}", self.token.get().expose()))
+            .map_err(|_| ApiError::Unauthorized {
+                error_type: Some("token_not_a_header_value".to_owned()),
+            })?;
+        auth.set_sensitive(true);
+        let resp = self
+            .http
+            .get(url.clone())
+            .header(AUTHORIZATION, auth)
+            .send()
+            .await
+            .map_err(classify)?;
+        let status = resp.status();
+        let retry_after = retry_after(resp.headers());
+        let body = self.read_body(resp).await?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        let (error_type, message) = error_envelope(&body);
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(ApiError::Unauthorized { error_type });
+        }
+        Err(ApiError::Status {
+            status: status.as_u16(),
+            error_type,
+            message,
+            retry_after,
+        })
+    }
+
+    async fn read_body(&self, mut resp: reqwest::Response) -> Result<Bytes, ApiError> {
+        let limit = self.config.max_body_bytes;
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::TooLarge { limit });
+        }
+        let mut buf = BytesMut::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if buf.len() + chunk.len() > limit {
+                        return Err(ApiError::TooLarge { limit });
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(buf.freeze()),
+                Err(e) if e.is_timeout() => return Err(ApiError::Timeout),
+                Err(e) => return Err(ApiError::Body(e)),
+            }
+        }
+    }
+}
+
+fn classify(e: reqwest::Error) -> ApiError {
+    if e.is_timeout() {
+        ApiError::Timeout
+    } else if e.is_connect() {
+        ApiError::Connect(e)
+    } else {
+        ApiError::Transport(e)
+    }
+}
+
+/// `{"type":"error","error":{"type":…,"message":…}}`, when the body is one.
+fn error_envelope(body: &[u8]) -> (Option<String>, Option<String>) {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        error: Option<Inner>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        message: Option<String>,
+    }
+    match serde_json::from_slice::<Envelope>(body) {
+        Ok(Envelope { error: Some(i) }) => (i.kind, i.message.map(|m| truncate(&m, 200))),
+        _ => (None, None),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// `retry-after-ms`, else `Retry-After` in seconds or as an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// `min(base · 2^attempt, max)` with 0–25 % jitter subtracted, so retries of many sessions
+/// spread out instead of arriving together.
+pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(2u32.saturating_pow(attempt.min(16)));
+    let capped = exp.min(max);
+    capped.mul_f64(1.0 - fastrand::f64() * 0.25)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps_with_jitter() {
+        let b = Duration::from_millis(500);
+        let m = Duration::from_secs(8);
+        for attempt in 0..10 {
+            let d = backoff(b, m, attempt);
+            let full = (b * 2u32.pow(attempt)).min(m);
+            assert!(d <= full && d >= full.mul_f64(0.75), "{attempt}: {d:?} vs {full:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_in_all_forms() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(30);
+        h.insert(RETRY_AFTER, HeaderValue::try_from(httpdate::fmt_http_date(later)).expect("hv"));
+        let d = retry_after(&h).expect("date");
+        assert!(d <= Duration::from_secs(30) && d >= Duration::from_secs(28), "{d:?}");
+        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&h), Some(Duration::ZERO), "a date in the past means now");
+        h.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+        h.clear();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn error_envelope_is_read_and_bounded() {
+        let (t, m) = error_envelope(br#"{"type":"error","error":{"type":"not_found_error","message":"no such session"}}"#);
+        assert_eq!((t.as_deref(), m.as_deref()), (Some("not_found_error"), Some("no such session")));
+        assert_eq!(error_envelope(b"<html>"), (None, None));
+        let long = "x".repeat(500);
+        let body = format!(r#"{{"error":{{"message":"{long}"}}}}"#);
+        assert_eq!(error_envelope(body.as_bytes()).1.map(|m| m.chars().count()), Some(201));
+    }
+
+    #[test]
+    fn reasons_are_a_small_fixed_set() {
+        let s = |status| ApiError::Status { status, error_type: None, message: None, retry_after: None };
+        assert_eq!(s(503).reason(), "status_5xx");
+        assert_eq!(s(429).reason(), "status_429");
+        assert_eq!(s(418).reason(), "status_4xx");
+        assert!(s(429).is_transient() && s(502).is_transient() && !s(404).is_transient());
+        assert!(!ApiError::Unauthorized { error_type: None }.is_transient());
+    }
+}

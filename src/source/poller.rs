@@ -1,0 +1,814 @@
+//! The poller: finds sessions, decides when each is read next, reads their event logs page by
+//! page from the committed cursor, and hands the pages to the pipeline.
+//!
+//! Design notes:
+//! - One scheduler loop owns every session's cursor and timing; reading is done by at most
+//!   `concurrency` jobs at a time, each reading at most `max_pages_per_job` pages before the
+//!   session goes back in line, so one busy session cannot starve the others.
+//! - A cursor moves only when the pipeline acknowledges the batch as committed. A page that
+//!   fails is fetched again from the same cursor.
+//! - Running sessions are read every `poll_interval`, idle ones every `idle_interval`,
+//!   terminated ones until drained and then never again (the store remembers them).
+//! - Discovery lists sessions newest first and pages only until it reaches a page with no
+//!   session it did not know ("known ground").
+//! - A rejected token (401) stops all reading; one probe is sent at a growing interval (15 s up
+//!   to 5 min) until the token is accepted again or replaced (`--qoder.pat-file` is re-read).
+//! - A cursor the API refuses (400) is recovered by re-reading the log from the start and
+//!   skipping the events already consumed (the store counts them), so nothing is lost or
+//!   counted twice.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::Event;
+use crate::pipeline::{Batch, Item, PipelineHandle, SendError, SessionMeta};
+use crate::secret::Pat;
+use crate::sinks::metrics::ProcessMetrics;
+use crate::source::client::{ApiError, Client, backoff};
+use crate::source::wire::{self, Page, WireAgent, WireModel, WireSession};
+use crate::state::StoredSession;
+
+#[derive(Debug, Clone)]
+pub struct PollerConfig {
+    pub poll_interval: Duration,
+    pub idle_interval: Duration,
+    pub discovery_interval: Duration,
+    /// Follow only these sessions; empty means discover every session the token can see.
+    pub sessions: Vec<String>,
+    pub concurrency: usize,
+    pub max_pages_per_job: usize,
+    /// The API asks for at least 100 ms between pages of one listing.
+    pub page_gap: Duration,
+    pub pat_file: Option<PathBuf>,
+}
+
+impl Default for PollerConfig {
+    fn default() -> Self {
+        PollerConfig {
+            poll_interval: Duration::from_secs(2),
+            idle_interval: Duration::from_secs(15),
+            discovery_interval: Duration::from_secs(10),
+            sessions: Vec::new(),
+            concurrency: 8,
+            max_pages_per_job: 10,
+            page_gap: Duration::from_millis(100),
+            pat_file: None,
+        }
+    }
+}
+
+/// Statuses after which a session produces no more events.
+fn is_terminal(status: &str) -> bool {
+    matches!(status, "terminated" | "archived" | "deleted")
+}
+
+fn is_running(status: &str) -> bool {
+    matches!(
+        status,
+        "running" | "processing" | "rescheduling" | "rescheduled" | "canceling" | "terminating" | "unknown"
+    )
+}
+
+#[derive(Debug)]
+struct Tracked {
+    cursor: Option<String>,
+    consumed: u64,
+    status: String,
+    /// Agent and model known (from discovery or `GET /sessions/{id}`).
+    meta: Option<SessionMeta>,
+    meta_sent: bool,
+    failures: u32,
+    in_flight: bool,
+    finished: bool,
+    due: Instant,
+}
+
+/// What a job was asked to do.
+#[derive(Debug)]
+struct JobInput {
+    id: String,
+    cursor: Option<String>,
+    consumed: u64,
+    meta: Option<SessionMeta>,
+    need_meta: bool,
+}
+
+#[derive(Debug)]
+struct JobOutput {
+    id: String,
+    cursor: Option<String>,
+    consumed: u64,
+    status: Option<String>,
+    meta_sent: bool,
+    new_events: usize,
+    more: bool,
+    gone: bool,
+    error: Option<ApiError>,
+    stopped: bool,
+}
+
+#[derive(Debug)]
+enum Done {
+    Session(JobOutput),
+    Discovery(Result<Vec<WireSession>, ApiError>),
+}
+
+/// Tells the operator about failures without a line per request: the first of each kind is
+/// logged at once, repeats at most once a minute with a count.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    last: HashMap<String, (Instant, u64)>,
+}
+
+impl LogLimiter {
+    fn warn(&mut self, kind: &str, msg: &str) {
+        let now = Instant::now();
+        let entry = self.last.entry(kind.to_owned()).or_insert((now - Duration::from_secs(3600), 0));
+        entry.1 += 1;
+        if now.duration_since(entry.0) >= Duration::from_secs(60) {
+            let repeats = entry.1 - 1;
+            if repeats > 0 {
+                tracing::warn!(kind, repeats_since_last_log = repeats, "{msg}");
+            } else {
+                tracing::warn!(kind, "{msg}");
+            }
+            *entry = (now, 0);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Poller {
+    client: Client,
+    pipeline: PipelineHandle,
+    cfg: PollerConfig,
+    metrics: ProcessMetrics,
+    sessions: HashMap<String, Tracked>,
+    queue: BTreeSet<(Instant, String)>,
+    ready: watch::Sender<bool>,
+    /// Sessions that must be read once before the exporter calls itself ready.
+    initial: Option<HashSet<String>>,
+    discovered_once: bool,
+    auth: AuthState,
+    logs: LogLimiter,
+    pat_file_stamp: Option<SystemTime>,
+}
+
+#[derive(Debug, Default)]
+struct AuthState {
+    failing: bool,
+    failures: u32,
+    probe_at: Option<Instant>,
+}
+
+const AUTH_BACKOFF_BASE: Duration = Duration::from_secs(15);
+const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(300);
+const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Discovery stops after this many pages in one round even without reaching known ground.
+const MAX_DISCOVERY_PAGES: usize = 10_000;
+
+impl Poller {
+    pub fn new(
+        client: Client,
+        pipeline: PipelineHandle,
+        cfg: PollerConfig,
+        metrics: ProcessMetrics,
+        stored: &[StoredSession],
+        ready: watch::Sender<bool>,
+    ) -> Poller {
+        let now = Instant::now();
+        let mut poller = Poller {
+            client,
+            pipeline,
+            metrics,
+            sessions: HashMap::new(),
+            queue: BTreeSet::new(),
+            ready,
+            initial: None,
+            discovered_once: false,
+            auth: AuthState::default(),
+            logs: LogLimiter::default(),
+            pat_file_stamp: None,
+            cfg,
+        };
+        poller.pat_file_stamp = poller.pat_file_mtime();
+        for s in stored {
+            poller.sessions.insert(
+                s.id.clone(),
+                Tracked {
+                    cursor: s.cursor.clone(),
+                    consumed: s.state.consumed,
+                    status: s.state.status.clone(),
+                    meta: None,
+                    // Stored sessions already carry their agent and model.
+                    meta_sent: s.state.agent != "unknown" || s.state.model.is_some(),
+                    failures: 0,
+                    in_flight: false,
+                    finished: s.finished,
+                    due: now,
+                },
+            );
+        }
+        let explicit = poller.cfg.sessions.clone();
+        for id in explicit {
+            poller.add(&id, None, now);
+        }
+        let due: Vec<String> = poller
+            .sessions
+            .iter()
+            .filter(|(_, t)| !t.finished && !t.in_flight)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &due {
+            poller.queue.insert((now, id.clone()));
+        }
+        if !poller.cfg.sessions.is_empty() {
+            // Explicit mode: ready once each named session has been read (or failed) once.
+            poller.initial = Some(
+                poller
+                    .cfg
+                    .sessions
+                    .iter()
+                    .filter(|id| poller.sessions.get(*id).is_some_and(|t| !t.finished))
+                    .cloned()
+                    .collect(),
+            );
+        }
+        poller
+    }
+
+    fn discovery_mode(&self) -> bool {
+        self.cfg.sessions.is_empty()
+    }
+
+    /// Starts following a session not seen before.
+    fn add(&mut self, id: &str, meta: Option<SessionMeta>, now: Instant) -> bool {
+        if self.sessions.contains_key(id) {
+            return false;
+        }
+        let status = meta
+            .as_ref()
+            .and_then(|m| m.status.clone())
+            .unwrap_or_else(|| "unknown".to_owned());
+        self.sessions.insert(
+            id.to_owned(),
+            Tracked {
+                cursor: None,
+                consumed: 0,
+                status,
+                meta,
+                meta_sent: false,
+                failures: 0,
+                in_flight: false,
+                finished: false,
+                due: now,
+            },
+        );
+        self.queue.insert((now, id.to_owned()));
+        true
+    }
+
+    fn schedule(&mut self, id: &str, due: Instant) {
+        if let Some(t) = self.sessions.get_mut(id) {
+            self.queue.remove(&(t.due, id.to_owned()));
+            t.due = due;
+            if !t.finished && !t.in_flight {
+                self.queue.insert((due, id.to_owned()));
+            }
+        }
+    }
+
+    fn check_ready(&mut self) {
+        let done = match &self.initial {
+            Some(pending) => pending.is_empty() && (self.discovered_once || !self.discovery_mode()),
+            None => false,
+        };
+        if done && !*self.ready.borrow() {
+            tracing::info!(sessions = self.sessions.values().filter(|t| !t.finished).count(), "first polling round done; ready");
+            let _ = self.ready.send(true);
+        }
+    }
+
+    fn pat_file_mtime(&self) -> Option<SystemTime> {
+        let path = self.cfg.pat_file.as_ref()?;
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    }
+
+    /// Re-reads `--qoder.pat-file` when it changed, so a rotated token needs no restart.
+    fn reload_pat_file(&mut self) {
+        let Some(path) = self.cfg.pat_file.clone() else { return };
+        let stamp = self.pat_file_mtime();
+        if stamp == self.pat_file_stamp {
+            return;
+        }
+        self.pat_file_stamp = stamp;
+        match std::fs::read_to_string(&path).ok().as_deref().and_then(Pat::new) {
+            Some(pat) => {
+                if self.client.token().set(pat) {
+                    tracing::info!(path = %path.display(), "token file changed; using the new token");
+                    if self.auth.failing {
+                        self.auth.probe_at = Some(Instant::now());
+                    }
+                }
+            }
+            None => self.logs.warn("pat_file", &format!("token file {} is unreadable or empty; keeping the current token", path.display())),
+        }
+    }
+
+    /// Runs until `cancel`; in-flight jobs finish their batch before it returns.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut jobs: JoinSet<Done> = JoinSet::new();
+        let mut next_discovery = Instant::now();
+        let mut discovery_running = false;
+        loop {
+            let now = Instant::now();
+            if now >= next_discovery {
+                self.reload_pat_file();
+            }
+            // What may be started now.
+            let probe_only = self.auth.failing;
+            let may_probe = !probe_only || (self.auth.probe_at.is_none_or(|t| now >= t) && jobs.is_empty());
+            if self.discovery_mode() && !discovery_running && now >= next_discovery && may_probe {
+                discovery_running = true;
+                if probe_only {
+                    self.auth.probe_at = Some(now + self.auth_backoff());
+                }
+                let client = self.client.clone();
+                let known: HashSet<String> = self.sessions.keys().cloned().collect();
+                let gap = self.cfg.page_gap;
+                jobs.spawn(async move { Done::Discovery(discover(&client, &known, gap).await) });
+            }
+            let limit = if probe_only { 1 } else { self.cfg.concurrency };
+            while jobs.len() < limit && (!probe_only || (may_probe && !discovery_running)) {
+                let Some((due, id)) = self.queue.first().cloned() else { break };
+                if due > now {
+                    break;
+                }
+                self.queue.remove(&(due, id.clone()));
+                let Some(t) = self.sessions.get_mut(&id) else { continue };
+                t.in_flight = true;
+                let input = JobInput {
+                    id: id.clone(),
+                    cursor: t.cursor.clone(),
+                    consumed: t.consumed,
+                    meta: t.meta.clone(),
+                    need_meta: !t.meta_sent,
+                };
+                if probe_only {
+                    self.auth.probe_at = Some(now + self.auth_backoff());
+                }
+                let client = self.client.clone();
+                let pipeline = self.pipeline.clone();
+                let max_pages = self.cfg.max_pages_per_job;
+                let gap = self.cfg.page_gap;
+                let metrics = self.metrics.clone();
+                let cancel = cancel.clone();
+                jobs.spawn(async move {
+                    Done::Session(read_session(&client, &pipeline, &metrics, input, max_pages, gap, &cancel).await)
+                });
+                if probe_only {
+                    break;
+                }
+            }
+            // Sleep until something finishes, something falls due, or we are told to stop.
+            let mut wake = self.queue.first().map_or(now + Duration::from_secs(60), |(d, _)| *d);
+            if self.discovery_mode() && !discovery_running {
+                wake = wake.min(next_discovery);
+            }
+            if let Some(p) = self.auth.probe_at.filter(|_| self.auth.failing) {
+                wake = wake.max(p);
+            }
+            tokio::select! {
+                Some(done) = jobs.join_next() => match done {
+                    Ok(Done::Session(out)) => self.on_session(out),
+                    Ok(Done::Discovery(result)) => {
+                        discovery_running = false;
+                        next_discovery = Instant::now() + self.cfg.discovery_interval;
+                        self.on_discovery(result);
+                    }
+                    Err(e) => tracing::error!(error = %e, "poll job failed"),
+                },
+                () = tokio::time::sleep_until(wake.into()) => {}
+                () = cancel.cancelled() => break,
+            }
+            self.check_ready();
+        }
+        // Let jobs finish the batch they hold: their cursor only moves on commit, so a job
+        // stopped half-way loses nothing, but one that finishes saves a re-read.
+        while let Some(done) = jobs.join_next().await {
+            if let Ok(Done::Session(out)) = done {
+                self.on_session(out);
+            }
+        }
+    }
+
+    fn auth_backoff(&self) -> Duration {
+        AUTH_BACKOFF_BASE
+            .saturating_mul(2u32.saturating_pow(self.auth.failures.saturating_sub(1).min(10)))
+            .min(AUTH_BACKOFF_MAX)
+    }
+
+    fn on_success(&mut self) {
+        self.metrics.up.set(1);
+        let unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.metrics.last_poll.set(unix);
+        if self.auth.failing {
+            tracing::info!("Qoder API accepts the token again; resuming");
+            self.auth = AuthState::default();
+        }
+    }
+
+    /// Handles a failed request; `true` when it was the token.
+    fn on_error(&mut self, what: &str, e: &ApiError) -> bool {
+        if matches!(e, ApiError::Cancelled) {
+            return false;
+        }
+        self.metrics.up.set(0);
+        if let ApiError::Unauthorized { .. } = e {
+            self.auth.failures += 1;
+            if !self.auth.failing {
+                self.auth.failing = true;
+                tracing::error!(
+                    error = %e,
+                    retry_in = ?self.auth_backoff(),
+                    "Qoder API rejected the token (HTTP 401): check QODER_PAT, QODER_PERSONAL_ACCESS_TOKEN or --qoder.pat-file; polling paused, probing with one request at a growing interval"
+                );
+            }
+            self.auth.probe_at = Some(Instant::now() + self.auth_backoff());
+            return true;
+        }
+        self.logs.warn(e.reason(), &format!("{what}: {e}"));
+        false
+    }
+
+    fn on_discovery(&mut self, result: Result<Vec<WireSession>, ApiError>) {
+        let found = match result {
+            Ok(found) => found,
+            Err(e) => {
+                self.on_error("listing sessions", &e);
+                if !self.discovered_once && !matches!(e, ApiError::Cancelled) {
+                    // A failed first round still ends the first round: readiness must not
+                    // hang on an unreachable API (qoder_up says what is wrong).
+                    self.discovered_once = true;
+                    self.initial.get_or_insert_with(HashSet::new);
+                }
+                return;
+            }
+        };
+        self.on_success();
+        let now = Instant::now();
+        let mut new = 0;
+        let mut initial = Vec::new();
+        for s in found {
+            let Some(id) = s.id.clone() else { continue };
+            let meta = meta_of(&s);
+            if self.add(&id, Some(meta.clone()), now) {
+                new += 1;
+                initial.push(id);
+                continue;
+            }
+            // Known: take the newer status; a session that started running is read now.
+            let Some(t) = self.sessions.get_mut(&id) else { continue };
+            if t.finished {
+                continue;
+            }
+            if let Some(status) = meta.status {
+                let woke = is_running(&status) && !is_running(&t.status);
+                let ended = is_terminal(&status) && !is_terminal(&t.status);
+                t.status = status;
+                if (woke || ended) && !t.in_flight {
+                    self.schedule(&id, now);
+                }
+            }
+        }
+        if new > 0 {
+            tracing::info!(new, followed = self.sessions.values().filter(|t| !t.finished).count(), "discovered sessions");
+        }
+        if !self.discovered_once {
+            self.discovered_once = true;
+            let mut pending: HashSet<String> = initial.into_iter().collect();
+            pending.extend(
+                self.sessions
+                    .iter()
+                    .filter(|(_, t)| !t.finished)
+                    .map(|(id, _)| id.clone()),
+            );
+            self.initial = Some(pending);
+        }
+    }
+
+    fn on_session(&mut self, out: JobOutput) {
+        let now = Instant::now();
+        let id = out.id.clone();
+        if let Some(pending) = &mut self.initial
+            && (out.error.is_none() || out.gone || !matches!(out.error, Some(ApiError::Cancelled)))
+        {
+            pending.remove(&id);
+        }
+        let mut auth_failed = false;
+        if let Some(e) = &out.error {
+            auth_failed = self.on_error(&format!("session {id}"), e);
+        } else if !out.stopped {
+            self.on_success();
+        }
+        let poll = self.cfg.poll_interval;
+        let idle = self.cfg.idle_interval;
+        let probe_at = self.auth.probe_at;
+        let Some(t) = self.sessions.get_mut(&id) else { return };
+        t.in_flight = false;
+        t.cursor = out.cursor;
+        t.consumed = out.consumed;
+        t.meta_sent |= out.meta_sent;
+        if let Some(s) = out.status {
+            t.status = s;
+        }
+        if out.gone {
+            t.finished = true;
+            tracing::info!(session = %id, "session is gone (404); no longer followed");
+            self.spawn_finish(id);
+            return;
+        }
+        if out.stopped {
+            return;
+        }
+        let due = if let Some(e) = &out.error {
+            t.failures += 1;
+            if auth_failed {
+                probe_at.unwrap_or(now + AUTH_BACKOFF_BASE)
+            } else {
+                let wait = e
+                    .retry_after()
+                    .unwrap_or_else(|| backoff(poll.max(Duration::from_secs(1)), FAILURE_BACKOFF_MAX, t.failures));
+                now + wait
+            }
+        } else {
+            t.failures = 0;
+            if is_terminal(&t.status) && !out.more {
+                t.finished = true;
+                tracing::info!(session = %id, events = t.consumed, "session ended and is drained; no longer followed");
+                self.spawn_finish(id);
+                return;
+            }
+            if out.more {
+                now
+            } else if out.new_events > 0 || is_running(&t.status) {
+                now + poll
+            } else {
+                now + idle
+            }
+        };
+        self.schedule(&id, due);
+    }
+
+    fn spawn_finish(&self, id: String) {
+        let pipeline = self.pipeline.clone();
+        tokio::spawn(async move {
+            if let Err(e) = pipeline.finish(id.clone()).await {
+                tracing::warn!(session = %id, error = %e, "could not record the session as finished; it will be drained again after a restart");
+            }
+        });
+    }
+}
+
+fn meta_of(s: &WireSession) -> SessionMeta {
+    let (agent_name, agent_id, model) = match &s.agent {
+        Some(WireAgent::Obj { id, name, model }) => (
+            name.clone().filter(|n| !n.is_empty()),
+            id.clone(),
+            model.clone().and_then(WireModel::name),
+        ),
+        Some(WireAgent::Id(id)) => (None, Some(id.clone()), None),
+        None => (None, None, None),
+    };
+    let status = if s.archived_at.as_deref().is_some_and(|a| !a.is_empty()) {
+        Some("archived".to_owned())
+    } else {
+        s.status.clone()
+    };
+    SessionMeta {
+        agent_name,
+        agent_id: agent_id.or_else(|| s.agent_id.clone()),
+        model,
+        status,
+    }
+}
+
+/// Lists sessions newest first until a page holds no session not already known.
+async fn discover(client: &Client, known: &HashSet<String>, gap: Duration) -> Result<Vec<WireSession>, ApiError> {
+    let mut found = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page_no in 0..MAX_DISCOVERY_PAGES {
+        if page_no > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        let body = client.list_sessions(cursor.as_deref()).await?;
+        let page: Page<'_> = serde_json::from_slice(&body).map_err(|e| decode_failure(client, "sessions", &e))?;
+        let mut any_new = false;
+        let mut last = None;
+        for raw in &page.data {
+            let Some(s) = wire::decode_session(raw.get()) else { continue };
+            if let Some(id) = &s.id {
+                any_new |= !known.contains(id);
+                last = Some(id.clone());
+            }
+            found.push(s);
+        }
+        let next = page.last_id.clone().or(last);
+        if !page.has_more.unwrap_or(false) || !any_new || page.data.is_empty() || next.is_none() || next == cursor {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(found)
+}
+
+fn decode_failure(client: &Client, endpoint: &str, e: &serde_json::Error) -> ApiError {
+    client.count_failure(endpoint, "decode");
+    ApiError::Decode(e.to_string())
+}
+
+/// Reads one session: its metadata when not known yet, then up to `max_pages` pages of events.
+async fn read_session(
+    client: &Client,
+    pipeline: &PipelineHandle,
+    metrics: &ProcessMetrics,
+    input: JobInput,
+    max_pages: usize,
+    gap: Duration,
+    cancel: &CancellationToken,
+) -> JobOutput {
+    let mut out = JobOutput {
+        id: input.id.clone(),
+        cursor: input.cursor.clone(),
+        consumed: input.consumed,
+        status: None,
+        meta_sent: false,
+        new_events: 0,
+        more: false,
+        gone: false,
+        error: None,
+        stopped: false,
+    };
+    let id = input.id.as_str();
+    if input.need_meta {
+        let meta = match input.meta {
+            Some(m) if m.agent_name.is_some() || m.agent_id.is_some() => m,
+            _ => match client.get_session(id).await {
+                Ok(body) => match wire::decode_session(&String::from_utf8_lossy(&body)) {
+                    Some(s) => meta_of(&s),
+                    None => {
+                        client.count_failure("session", "decode");
+                        out.error = Some(ApiError::Decode("session object without an id".to_owned()));
+                        return out;
+                    }
+                },
+                Err(e) => {
+                    out.gone = e.status() == Some(404);
+                    out.error = (!out.gone).then_some(e);
+                    return out;
+                }
+            },
+        };
+        out.status = meta.status.clone();
+        if let Err(e) = pipeline.meta(id.to_owned(), meta).await {
+            return stopped_or_failed(out, e);
+        }
+        out.meta_sent = true;
+    }
+    // Events to skip when the log is being re-read after a refused cursor.
+    let mut skip: u64 = 0;
+    let mut reset_done = false;
+    let mut pages = 0;
+    loop {
+        if cancel.is_cancelled() {
+            out.stopped = true;
+            return out;
+        }
+        let body = match client.list_events(id, out.cursor.as_deref()).await {
+            Ok(b) => b,
+            Err(e) if e.status() == Some(400) && out.cursor.is_some() && !reset_done => {
+                tracing::warn!(session = id, error = %e, skip = out.consumed, "event cursor refused; re-reading the log from the start and skipping what was counted");
+                metrics.cursor_resets.inc();
+                reset_done = true;
+                skip = out.consumed;
+                out.cursor = None;
+                continue;
+            }
+            Err(e) => {
+                out.gone = e.status() == Some(404);
+                out.error = (!out.gone).then_some(e);
+                return out;
+            }
+        };
+        let page: Page<'_> = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                out.error = Some(decode_failure(client, "events", &e));
+                return out;
+            }
+        };
+        let mut items = Vec::with_capacity(page.data.len());
+        let mut bad_fields = 0;
+        let mut last_id = None;
+        for raw in &page.data {
+            match wire::decode_event(raw.get()) {
+                Ok(d) => {
+                    bad_fields += d.bad_fields;
+                    let e = Event::from_wire(d.event);
+                    last_id = Some(e.id.clone());
+                    items.push(Item::Event(e));
+                }
+                Err(reason) => items.push(Item::Invalid(reason)),
+            }
+        }
+        if skip > 0 {
+            let n = usize::try_from(skip).unwrap_or(usize::MAX).min(items.len());
+            items.drain(..n);
+            skip -= n as u64;
+        }
+        let next_cursor = page.last_id.clone().or(last_id).or(out.cursor.clone());
+        let advanced = next_cursor != out.cursor;
+        if !items.is_empty() || advanced {
+            let n = items.len();
+            let batch = Batch {
+                session_id: id.to_owned(),
+                items,
+                cursor: next_cursor.clone(),
+                bad_fields,
+            };
+            match pipeline.batch(batch).await {
+                Ok(outcome) => {
+                    out.consumed = outcome.consumed;
+                    out.status = Some(outcome.status);
+                    out.cursor = next_cursor;
+                    out.new_events += n;
+                }
+                Err(e) => return stopped_or_failed(out, e),
+            }
+        }
+        let has_more = page.has_more.unwrap_or(false) && !page.data.is_empty() && advanced;
+        pages += 1;
+        if !has_more {
+            out.more = false;
+            return out;
+        }
+        if pages >= max_pages {
+            out.more = true;
+            return out;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(gap) => {}
+            () = cancel.cancelled() => {
+                out.more = true;
+                out.stopped = true;
+                return out;
+            }
+        }
+    }
+}
+
+fn stopped_or_failed(mut out: JobOutput, e: SendError) -> JobOutput {
+    match e {
+        SendError::Stopped => out.stopped = true,
+        SendError::State(e) => {
+            tracing::error!(session = %out.id, error = %e, "state store commit failed; the page will be read again");
+            out.error = Some(ApiError::Decode(format!("state store: {e}")));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_prefers_name_then_id() {
+        let s = wire::decode_session(r#"{"id":"s","status":"idle","agent":{"id":"agent_1","name":"","model":"qwen"}}"#).expect("s");
+        let m = meta_of(&s);
+        assert_eq!((m.agent_name, m.agent_id.as_deref(), m.model.as_deref()), (None, Some("agent_1"), Some("qwen")));
+        let g1 = wire::decode_session(r#"{"id":"s","agent_id":"ag_9","archived_at":"2026-06-01T00:00:00Z","status":"idle"}"#).expect("s");
+        let m = meta_of(&g1);
+        assert_eq!((m.agent_id.as_deref(), m.status.as_deref()), (Some("ag_9"), Some("archived")));
+    }
+
+    #[test]
+    fn statuses_of_all_generations_are_classified() {
+        for s in ["running", "processing", "rescheduling", "canceling"] {
+            assert!(is_running(s), "{s}");
+        }
+        for s in ["idle", "cancelled"] {
+            assert!(!is_running(s) && !is_terminal(s), "{s}");
+        }
+        for s in ["terminated", "archived", "deleted"] {
+            assert!(is_terminal(s), "{s}");
+        }
+    }
+}

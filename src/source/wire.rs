@@ -1,0 +1,401 @@
+//! Wire types: the Qoder API's JSON as it is, in all three generations of its shape.
+//!
+//! Every field but an event's `id` and `type` is optional, and fields whose shape changed
+//! between generations (a string in one, an object in another) are untagged enums. A page is
+//! decoded in two steps: the envelope with its events as raw JSON slices (no copy), then each
+//! event on its own, so one bad event costs that event and not the page. An event whose typed
+//! decoding fails is decoded again field by field, dropping only the fields of the wrong shape
+//! (see [`decode_event`]).
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// One page of a list endpoint: `{data, first_id, last_id, has_more, next_page}`.
+#[derive(Debug, Deserialize)]
+pub struct Page<'a> {
+    #[serde(borrow)]
+    pub data: Vec<&'a RawValue>,
+    #[serde(default)]
+    pub first_id: Option<String>,
+    #[serde(default)]
+    pub last_id: Option<String>,
+    #[serde(default)]
+    pub has_more: Option<bool>,
+    #[serde(default)]
+    pub next_page: Option<String>,
+}
+
+/// A string, or a number written where a string was documented (G1 `code`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum StrOrNum {
+    Str(String),
+    Num(serde_json::Number),
+}
+
+impl StrOrNum {
+    pub fn into_string(self) -> String {
+        match self {
+            StrOrNum::Str(s) => s,
+            StrOrNum::Num(n) => n.to_string(),
+        }
+    }
+}
+
+/// `{ "type": "end_turn" }` (G1, G3) or a bare `"end_turn"`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Typed {
+    Obj {
+        #[serde(default, rename = "type")]
+        kind: Option<String>,
+    },
+    Str(String),
+}
+
+impl Typed {
+    pub fn kind(self) -> Option<String> {
+        match self {
+            Typed::Obj { kind } => kind,
+            Typed::Str(s) => Some(s),
+        }
+    }
+}
+
+/// `session.error`'s `error`: an object (G3, seed page) or a message string (G1 `{error, code}`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum WireError {
+    Obj {
+        #[serde(default, rename = "type")]
+        kind: Option<String>,
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default)]
+        retry_status: Option<Typed>,
+    },
+    Str(String),
+}
+
+/// A model named by a string (`"qwen3-coder"`) or an object (`{"id": "...", "speed": ...}`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum WireModel {
+    Str(String),
+    Obj {
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
+    },
+}
+
+impl WireModel {
+    pub fn name(self) -> Option<String> {
+        match self {
+            WireModel::Str(s) => Some(s),
+            WireModel::Obj { id, name } => id.or(name),
+        }
+    }
+}
+
+/// Token and credit usage: G1/G2 `usage` (tokens), G3 `model_usage` (credits),
+/// Anthropic-shaped `model_usage` (tokens). Numbers are read as floats so `12.0` is accepted.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct WireUsage {
+    #[serde(default)]
+    pub input_tokens: Option<f64>,
+    #[serde(default)]
+    pub output_tokens: Option<f64>,
+    #[serde(default)]
+    pub cache_read_input_tokens: Option<f64>,
+    #[serde(default)]
+    pub cache_creation_input_tokens: Option<f64>,
+    #[serde(default)]
+    pub credits: Option<f64>,
+}
+
+/// Message content: a string (G1 list output) or content blocks (G2, G3).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum WireContent {
+    Str(String),
+    Blocks(Vec<WireBlock>),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct WireBlock {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+impl WireContent {
+    /// The text of the content, blocks joined by newlines; non-text blocks are left out.
+    pub fn text(&self) -> String {
+        match self {
+            WireContent::Str(s) => s.clone(),
+            WireContent::Blocks(blocks) => blocks
+                .iter()
+                .filter_map(|b| b.text.as_deref())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+}
+
+/// One event as it arrives. Unknown fields are ignored; every known spelling is a field.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct WireEvent {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub turn_id: Option<String>,
+    #[serde(default)]
+    pub processed_at: Option<String>,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    // session.status_idle
+    #[serde(default)]
+    pub stop_reason: Option<Typed>,
+    #[serde(default)]
+    pub usage: Option<WireUsage>,
+    // session.error
+    #[serde(default)]
+    pub error: Option<WireError>,
+    #[serde(default)]
+    pub code: Option<StrOrNum>,
+    #[serde(default)]
+    pub retry_status: Option<Typed>,
+    // terminated (G1)
+    #[serde(default)]
+    pub reason: Option<StrOrNum>,
+    // span.model_request_*
+    #[serde(default)]
+    pub model: Option<WireModel>,
+    #[serde(default)]
+    pub span_id: Option<String>,
+    #[serde(default)]
+    pub model_request_start_id: Option<String>,
+    #[serde(default)]
+    pub is_error: Option<bool>,
+    #[serde(default)]
+    pub model_usage: Option<WireUsage>,
+    // tools
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub tool_name: Option<String>,
+    #[serde(default)]
+    pub tool_use_id: Option<String>,
+    #[serde(default)]
+    pub mcp_tool_use_id: Option<String>,
+    #[serde(default)]
+    pub custom_tool_use_id: Option<String>,
+    #[serde(default)]
+    pub mcp_server_name: Option<String>,
+    // messages
+    #[serde(default)]
+    pub content: Option<WireContent>,
+    #[serde(default)]
+    pub thinking: Option<String>,
+}
+
+/// Why an event could not be read at all. The label values of
+/// `qoder_exporter_events_invalid_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidReason {
+    NotObject,
+    MissingId,
+    MissingType,
+}
+
+impl InvalidReason {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            InvalidReason::NotObject => "not_object",
+            InvalidReason::MissingId => "missing_id",
+            InvalidReason::MissingType => "missing_type",
+        }
+    }
+}
+
+/// A decoded event, with the number of fields dropped for having the wrong shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    pub event: WireEvent,
+    pub bad_fields: u32,
+}
+
+/// Decodes one event. The fast path is one typed parse; when it fails the event is read as a
+/// JSON object and every field that does not fit its type is dropped and counted.
+pub fn decode_event(raw: &str) -> Result<Decoded, InvalidReason> {
+    let (event, bad_fields) = match serde_json::from_str::<WireEvent>(raw) {
+        Ok(event) => (event, 0),
+        Err(_) => decode_leniently(raw).ok_or(InvalidReason::NotObject)?,
+    };
+    match (&event.id, &event.kind) {
+        (None, _) => Err(InvalidReason::MissingId),
+        (Some(id), _) if id.is_empty() => Err(InvalidReason::MissingId),
+        (_, None) => Err(InvalidReason::MissingType),
+        (_, Some(kind)) if kind.is_empty() => Err(InvalidReason::MissingType),
+        _ => Ok(Decoded { event, bad_fields }),
+    }
+}
+
+/// Parses `raw` as a JSON object into `T`, keeping every field that fits `T` on its own and
+/// counting those that do not. `None` when `raw` is not a JSON object.
+fn decode_leniently<T: serde::de::DeserializeOwned>(raw: &str) -> Option<(T, u32)> {
+    let serde_json::Value::Object(map) = serde_json::from_str(raw).ok()? else {
+        return None;
+    };
+    let mut kept = serde_json::Map::new();
+    let mut bad = 0;
+    for (key, field) in map {
+        let single = serde_json::Value::Object(serde_json::Map::from_iter([(key, field)]));
+        if serde_json::from_value::<T>(single.clone()).is_ok() {
+            if let serde_json::Value::Object(mut m) = single {
+                kept.append(&mut m);
+            }
+        } else {
+            bad += 1;
+        }
+    }
+    let value = serde_json::from_value::<T>(serde_json::Value::Object(kept)).ok()?;
+    Some((value, bad))
+}
+
+/// An agent as a session carries it: an id string, or a snapshot object.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum WireAgent {
+    Id(String),
+    Obj {
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        model: Option<WireModel>,
+    },
+}
+
+/// A session object (list item or `GET /sessions/{id}`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct WireSession {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub agent: Option<WireAgent>,
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub archived_at: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+/// Decodes a session leniently (same two-step rule as events); `None` without an id.
+pub fn decode_session(raw: &str) -> Option<WireSession> {
+    let session = match serde_json::from_str::<WireSession>(raw) {
+        Ok(s) => s,
+        Err(_) => decode_leniently::<WireSession>(raw)?.0,
+    };
+    session.id.as_ref().filter(|id| !id.is_empty())?;
+    Some(session)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_page_events_decode() {
+        let raw = r#"{"id":"evt_1","type":"user.message","content":"hi","session_id":"sess_1",
+            "turn_id":"turn_1","schema_version":"1.0","created_at":"2026-05-18T03:40:48.888851795Z",
+            "processed_at":"2026-05-18T03:40:48.888851795Z"}"#;
+        let d = decode_event(raw).expect("decodes");
+        assert_eq!(d.bad_fields, 0);
+        assert_eq!(d.event.turn_id.as_deref(), Some("turn_1"));
+        assert_eq!(d.event.content, Some(WireContent::Str("hi".into())));
+    }
+
+    #[test]
+    fn error_in_both_shapes() {
+        let g1 = decode_event(r#"{"id":"e","type":"session.error","error":"boom","code":503}"#)
+            .expect("g1");
+        assert_eq!(g1.event.error, Some(WireError::Str("boom".into())));
+        assert_eq!(g1.event.code.map(StrOrNum::into_string), Some("503".into()));
+        let g3 = decode_event(
+            r#"{"id":"e","type":"session.error","error":{"type":"model_overloaded_error",
+            "message":"m","retry_status":{"type":"retrying"}}}"#,
+        )
+        .expect("g3");
+        let Some(WireError::Obj { kind, retry_status, .. }) = g3.event.error else {
+            panic!("object error expected");
+        };
+        assert_eq!(kind.as_deref(), Some("model_overloaded_error"));
+        assert_eq!(retry_status.and_then(Typed::kind).as_deref(), Some("retrying"));
+    }
+
+    #[test]
+    fn wrong_shaped_field_is_dropped_not_the_event() {
+        let d = decode_event(
+            r#"{"id":"e","type":"session.status_idle","usage":"lots","stop_reason":{"type":"end_turn"}}"#,
+        )
+        .expect("still an event");
+        assert_eq!(d.bad_fields, 1);
+        assert_eq!(d.event.usage, None);
+        assert_eq!(d.event.stop_reason.and_then(Typed::kind).as_deref(), Some("end_turn"));
+    }
+
+    #[test]
+    fn unreadable_events_say_why() {
+        assert_eq!(decode_event("[1,2]"), Err(InvalidReason::NotObject));
+        assert_eq!(decode_event("42"), Err(InvalidReason::NotObject));
+        assert_eq!(decode_event(r#"{"type":"x"}"#), Err(InvalidReason::MissingId));
+        assert_eq!(decode_event(r#"{"id":7,"type":"x"}"#), Err(InvalidReason::MissingId));
+        assert_eq!(decode_event(r#"{"id":"a"}"#), Err(InvalidReason::MissingType));
+        assert_eq!(decode_event(r#"{"id":"a","type":""}"#), Err(InvalidReason::MissingType));
+    }
+
+    #[test]
+    fn content_blocks_join_text() {
+        let d = decode_event(
+            r#"{"id":"e","type":"agent.message","content":[{"type":"text","text":"a"},{"type":"image"},{"type":"text","text":"b"}]}"#,
+        )
+        .expect("decodes");
+        assert_eq!(d.event.content.map(|c| c.text()).as_deref(), Some("a\nb"));
+    }
+
+    #[test]
+    fn page_envelope_borrows_events() {
+        let body = r#"{"data":[{"id":"a","type":"x"},{"id":"b","type":"y"}],"first_id":"a","last_id":"b","has_more":false}"#;
+        let page: Page<'_> = serde_json::from_str(body).expect("page");
+        assert_eq!(page.data.len(), 2);
+        assert_eq!(page.last_id.as_deref(), Some("b"));
+        assert_eq!(page.has_more, Some(false));
+    }
+
+    #[test]
+    fn sessions_in_every_shape() {
+        let s = decode_session(
+            r#"{"id":"sess_1","status":"running","agent":{"id":"agent_1","name":"coder","model":{"id":"qwen"}}}"#,
+        )
+        .expect("session");
+        let Some(WireAgent::Obj { name, model, .. }) = s.agent else { panic!("obj") };
+        assert_eq!(name.as_deref(), Some("coder"));
+        assert_eq!(model.and_then(WireModel::name).as_deref(), Some("qwen"));
+        let g1 = decode_session(r#"{"id":"sess_2","agent":"agent_9","status":7}"#).expect("g1");
+        assert_eq!(g1.agent, Some(WireAgent::Id("agent_9".into())));
+        assert_eq!(g1.status, None);
+        assert!(decode_session(r#"{"status":"idle"}"#).is_none());
+    }
+}

@@ -1,0 +1,464 @@
+//! The state store: an embedded SQLite database that makes the counts exact across crashes.
+//!
+//! One transaction per batch holds everything the batch changed: the session's cursor and
+//! tracker state, the new values of the series it touched, and the turns it closed (the span
+//! outbox). Either all of it is on disk or none of it is, so after `kill -9` the exporter
+//! re-reads from the committed cursor and arrives at the same numbers an uninterrupted run shows.
+//!
+//! The file is marked with an application id; a file that is not SQLite, or is another
+//! program's database, is a startup error and is never overwritten. A lock on `<path>.lock`
+//! keeps a second exporter off the same file.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::pipeline::tracker::{ClosedTurn, SessionState};
+use crate::sinks::metrics::{Family, SeriesKey, SeriesValue};
+
+/// `QODX` in ASCII: marks the file as ours.
+const APPLICATION_ID: i32 = 0x514F_4458;
+const SCHEMA_VERSION: i32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state file {path} is not a qoder-exporter state file (application id {found:#x}); refusing to touch it")]
+    Foreign { path: PathBuf, found: i32 },
+    #[error("state file {path} is corrupt or not an SQLite database: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("state file {path} has schema version {found}, newer than this exporter's {SCHEMA_VERSION}")]
+    TooNew { path: PathBuf, found: i32 },
+    #[error("state file {path} is in use by another qoder-exporter (lock {lock} is held)")]
+    Locked { path: PathBuf, lock: PathBuf },
+    #[error("state file lock {lock}: {source}")]
+    Lock {
+        lock: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state store: bad stored value: {0}")]
+    Value(#[from] serde_json::Error),
+}
+
+/// A session as the store remembers it.
+#[derive(Debug, Clone)]
+pub struct StoredSession {
+    pub id: String,
+    pub cursor: Option<String>,
+    /// Drained after termination, or gone (404): never read again.
+    pub finished: bool,
+    pub state: SessionState,
+}
+
+/// One batch's writes, committed together.
+#[derive(Debug)]
+pub struct BatchWrite<'a> {
+    pub session_id: &'a str,
+    pub cursor: Option<&'a str>,
+    pub finished: bool,
+    pub state: &'a SessionState,
+    pub series: &'a [(SeriesKey, SeriesValue)],
+    pub closed_turns: &'a [ClosedTurn],
+}
+
+#[derive(Debug)]
+pub struct StateStore {
+    conn: Connection,
+    path: PathBuf,
+    /// Held for the life of the store; dropping it releases the lock.
+    _lock: Option<File>,
+}
+
+impl StateStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<StateStore, StateError> {
+        let lock_path = lock_path(path);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StateError::Lock {
+                lock: lock_path.clone(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Locked {
+                    path: path.to_owned(),
+                    lock: lock_path,
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StateError::Lock {
+                    lock: lock_path,
+                    source,
+                });
+            }
+        }
+        let conn = Connection::open(path).map_err(|source| StateError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut store = StateStore {
+            conn,
+            path: path.to_owned(),
+            _lock: Some(lock),
+        };
+        store.init()?;
+        Ok(store)
+    }
+
+    fn corrupt(&self, e: &rusqlite::Error) -> StateError {
+        StateError::Corrupt {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn init(&mut self) -> Result<(), StateError> {
+        // The first read of the header tells a non-database from a database.
+        let app_id: i32 = self
+            .conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(|e| self.corrupt(&e))?;
+        let tables: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(|e| self.corrupt(&e))?;
+        if app_id != APPLICATION_ID && (app_id != 0 || tables > 0) {
+            return Err(StateError::Foreign {
+                path: self.path.clone(),
+                found: app_id,
+            });
+        }
+        let version: i32 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StateError::TooNew {
+                path: self.path.clone(),
+                found: version,
+            });
+        }
+        let check: String = self
+            .conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| self.corrupt(&e))?;
+        if check != "ok" {
+            return Err(StateError::Corrupt {
+                path: self.path.clone(),
+                detail: check,
+            });
+        }
+        // WAL with synchronous=FULL: a commit is on disk when it returns, and readers of the
+        // file never block the writer.
+        self.conn
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| self.corrupt(&e))?;
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        let tx = self.conn.transaction()?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS sessions (
+                id       TEXT PRIMARY KEY,
+                cursor   TEXT,
+                finished INTEGER NOT NULL DEFAULT 0,
+                state    TEXT NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS series (
+                family TEXT NOT NULL,
+                labels TEXT NOT NULL,
+                value  TEXT NOT NULL,
+                PRIMARY KEY (family, labels)
+            );
+            CREATE TABLE IF NOT EXISTS outbox (
+                seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+                turn TEXT NOT NULL
+            );",
+        )?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn load_sessions(&self) -> Result<Vec<StoredSession>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, cursor, finished, state FROM sessions ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, cursor, finished, state) = row?;
+            out.push(StoredSession {
+                id,
+                cursor,
+                finished,
+                state: serde_json::from_str(&state)?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn load_series(&self) -> Result<Vec<(SeriesKey, SeriesValue)>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT family, labels, value FROM series")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (family, labels, value) = row?;
+            // A family this version does not know (written by a newer one) is left alone.
+            let Some(family) = Family::from_name(&family) else {
+                continue;
+            };
+            out.push(((family, serde_json::from_str(&labels)?), serde_json::from_str(&value)?));
+        }
+        Ok(out)
+    }
+
+    /// Records a session before its first batch (its agent and model), or updates them.
+    pub fn upsert_session(
+        &mut self,
+        id: &str,
+        state: &SessionState,
+        finished: bool,
+    ) -> Result<(), StateError> {
+        self.conn.execute(
+            "INSERT INTO sessions (id, cursor, finished, state) VALUES (?1, NULL, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET finished = excluded.finished, state = excluded.state",
+            params![id, finished, serde_json::to_string(state)?],
+        )?;
+        Ok(())
+    }
+
+    /// Commits one batch atomically.
+    pub fn commit(&mut self, w: &BatchWrite<'_>) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO sessions (id, cursor, finished, state) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET cursor = excluded.cursor,
+                 finished = excluded.finished, state = excluded.state",
+            params![
+                w.session_id,
+                w.cursor,
+                w.finished,
+                serde_json::to_string(w.state)?
+            ],
+        )?;
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT INTO series (family, labels, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(family, labels) DO UPDATE SET value = excluded.value",
+            )?;
+            for ((family, labels), value) in w.series {
+                put.execute(params![
+                    family.name(),
+                    serde_json::to_string(labels)?,
+                    serde_json::to_string(value)?
+                ])?;
+            }
+            let mut outbox = tx.prepare_cached("INSERT INTO outbox (turn) VALUES (?1)")?;
+            for t in w.closed_turns {
+                outbox.execute(params![serde_json::to_string(t)?])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The oldest `limit` turns waiting to be exported, with their outbox sequence numbers.
+    pub fn outbox_peek(&self, limit: usize) -> Result<Vec<(i64, ClosedTurn)>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, turn FROM outbox ORDER BY seq LIMIT ?1")?;
+        let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, turn) = row?;
+            out.push((seq, serde_json::from_str(&turn)?));
+        }
+        Ok(out)
+    }
+
+    /// Removes exported (or given-up) turns up to and including `seq`.
+    pub fn outbox_remove_through(&mut self, seq: i64) -> Result<usize, StateError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM outbox WHERE seq <= ?1", [seq])?)
+    }
+
+    pub fn outbox_len(&self) -> Result<u64, StateError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Drops the oldest entries beyond `max`; returns how many spans' worth of turns went.
+    pub fn outbox_trim(&mut self, max: u64) -> Result<Vec<ClosedTurn>, StateError> {
+        let len = self.outbox_len()?;
+        if len <= max {
+            return Ok(Vec::new());
+        }
+        let excess = len - max;
+        let dropped = self.outbox_peek(usize::try_from(excess).unwrap_or(usize::MAX))?;
+        if let Some((last, _)) = dropped.last() {
+            self.outbox_remove_through(*last)?;
+        }
+        Ok(dropped.into_iter().map(|(_, t)| t).collect())
+    }
+
+    /// The stored cursor of one session (tests and tools).
+    pub fn cursor(&self, id: &str) -> Result<Option<String>, StateError> {
+        Ok(self
+            .conn
+            .query_row("SELECT cursor FROM sessions WHERE id = ?1", [id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()?
+            .flatten())
+    }
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_then_reopen_reads_everything_back() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("s.db");
+        let mut state = SessionState::new("agent".into());
+        state.consumed = 7;
+        {
+            let mut store = StateStore::open(&path).expect("open");
+            store
+                .commit(&BatchWrite {
+                    session_id: "sess_1",
+                    cursor: Some("evt_7"),
+                    finished: false,
+                    state: &state,
+                    series: &[(
+                        (Family::Events, vec!["user.message".into(), "agent".into()]),
+                        SeriesValue::Counter(7.0),
+                    )],
+                    closed_turns: &[],
+                })
+                .expect("commit");
+        }
+        let store = StateStore::open(&path).expect("reopen");
+        let sessions = store.load_sessions().expect("sessions");
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].cursor.as_deref(), Some("evt_7"));
+        assert_eq!(sessions[0].state, state);
+        assert_eq!(store.load_series().expect("series").len(), 1);
+    }
+
+    #[test]
+    fn a_second_opener_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("s.db");
+        let _first = StateStore::open(&path).expect("open");
+        let err = StateStore::open(&path).expect_err("locked");
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("in use by another qoder-exporter"));
+    }
+
+    #[test]
+    fn foreign_and_corrupt_files_are_refused_untouched() {
+        let dir = tempfile::tempdir().expect("dir");
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, b"this is not a database at all, not even close........").expect("write");
+        let before = std::fs::read(&garbage).expect("read");
+        let err = StateStore::open(&garbage).expect_err("corrupt");
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+        assert_eq!(std::fs::read(&garbage).expect("read"), before, "left untouched");
+
+        let foreign = dir.path().join("foreign.db");
+        Connection::open(&foreign)
+            .and_then(|c| c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);"))
+            .expect("foreign db");
+        let err = StateStore::open(&foreign).expect_err("foreign");
+        assert!(matches!(err, StateError::Foreign { .. }), "{err}");
+    }
+
+    #[test]
+    fn outbox_trims_oldest_first() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = StateStore::open(&dir.path().join("s.db")).expect("open");
+        let state = SessionState::new("a".into());
+        let turn = |key: &str| ClosedTurn {
+            session_id: "s".into(),
+            agent: "a".into(),
+            agent_id: None,
+            model: "m".into(),
+            turn: crate::pipeline::tracker::Turn {
+                key: key.into(),
+                has_turn_id: false,
+                first_event_id: key.into(),
+                start_ns: None,
+                last_ns: None,
+                tokens_from_requests: false,
+                tokens: crate::event::Tokens::default(),
+                credits: 0.0,
+                last_model: None,
+                failed: None,
+                children: vec![],
+                children_dropped: 0,
+                span_events: vec![],
+            },
+            end_ns: None,
+            end: crate::pipeline::tracker::TurnEnd::Terminated,
+        };
+        let turns: Vec<_> = ["1", "2", "3"].iter().map(|k| turn(k)).collect();
+        store
+            .commit(&BatchWrite {
+                session_id: "s",
+                cursor: None,
+                finished: false,
+                state: &state,
+                series: &[],
+                closed_turns: &turns,
+            })
+            .expect("commit");
+        let dropped = store.outbox_trim(1).expect("trim");
+        assert_eq!(dropped.iter().map(|t| t.turn.key.as_str()).collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(store.outbox_peek(10).expect("peek")[0].1.turn.key, "3");
+    }
+}
