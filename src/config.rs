@@ -46,10 +46,10 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct DemoFlags {
     /// Sessions the simulator starts with; more arrive while it runs.
-    #[arg(long = "demo.sessions", default_value_t = 12)]
+    #[arg(id = "demo_sessions", long = "demo.sessions", default_value_t = 12)]
     pub sessions: usize,
     /// Seed for the simulated sessions (same seed, same event log).
-    #[arg(long = "demo.seed", default_value_t = 42)]
+    #[arg(id = "demo_seed", long = "demo.seed", default_value_t = 42)]
     pub seed: u64,
 }
 
@@ -322,6 +322,15 @@ mod tests {
         let mut all = vec!["qoder-exporter"];
         all.extend_from_slice(args);
         Cli::try_parse_from(all).expect("parses").flags
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["q", "demo", "--demo.sessions", "3", "--qoder.session", "s"]).expect("demo");
+        assert!(matches!(cli.command, Some(Command::Demo(DemoFlags { sessions: 3, .. }))));
+        assert_eq!(cli.flags.sessions, ["s"]);
     }
 
     #[test]
