@@ -376,7 +376,7 @@ mod tests {
                     state: &state,
                     series: &[(
                         (Family::Events, vec!["user.message".into(), "agent".into()]),
-                        SeriesValue::Counter(7.0),
+                        SeriesValue::Counter(7_000_000),
                     )],
                     closed_turns: &[],
                 })

@@ -296,7 +296,7 @@ impl SessionState {
                 }
                 let start_ns = open.as_ref().and_then(|r| r.start_ns);
                 if let (Some(s), Some(e)) = (start_ns, ev.time_ns) {
-                    delta.observe(Family::ModelRequestDuration, &[&agent, &model], secs(e - s));
+                    delta.observe_ns(Family::ModelRequestDuration, &[&agent, &model], e - s);
                 }
                 if let Some(t) = tokens {
                     count_tokens(delta, t, &agent, &model);
@@ -428,7 +428,7 @@ impl SessionState {
     ) {
         let Some(mut turn) = self.turn.take() else { return };
         if let (Some(s), Some(e)) = (turn.start_ns, end_ns) {
-            delta.observe(Family::TurnDuration, &[&self.agent], secs(e - s));
+            delta.observe_ns(Family::TurnDuration, &[&self.agent], e - s);
         }
         // What is still open ends with the turn, marked incomplete. Requests are done with;
         // tools stay open so a late result still counts against the right tool.
@@ -485,10 +485,6 @@ fn count_tokens(delta: &mut Delta, tokens: &Tokens, agent: &str, model: &str) {
     }
 }
 
-#[allow(clippy::cast_precision_loss, reason = "durations in ns fit f64's 53 bits for 104 days")]
-fn secs(ns: i64) -> f64 {
-    ns.max(0) as f64 / 1e9
-}
 
 #[cfg(test)]
 mod tests {

@@ -138,15 +138,30 @@ impl Family {
     }
 }
 
+/// Counters are kept in millionths, so that sums of fractional values (credits) come out the
+/// same whatever order the batches of different sessions commit in: integer addition is
+/// associative, float addition is not, and a replay must reproduce the numbers exactly.
+pub const COUNTER_SCALE: f64 = 1e6;
+
 /// The value of one series.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SeriesValue {
-    Counter(f64),
-    /// Per-bucket (not cumulative) counts, one per bound plus the `+Inf` bucket.
-    Histogram {
-        counts: Vec<u64>,
-        sum: f64,
-    },
+    /// In millionths of the counted unit.
+    Counter(u64),
+    /// Per-bucket (not cumulative) counts, one per bound plus the `+Inf` bucket, and the sum
+    /// of observations in microseconds (integer, for the same reason as counters).
+    Histogram { counts: Vec<u64>, sum_us: u64 },
+}
+
+fn to_micros(v: f64) -> u64 {
+    // Saturating conversion: negative and non-finite values were filtered out before.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "saturating float to int")]
+    let m = (v * COUNTER_SCALE).round() as u64;
+    m
+}
+
+fn from_micros(m: u64) -> f64 {
+    m as f64 / COUNTER_SCALE
 }
 
 pub type SeriesKey = (Family, Vec<String>);
@@ -154,8 +169,9 @@ pub type SeriesKey = (Family, Vec<String>);
 /// What one batch of events adds to the event-derived families.
 #[derive(Debug, Default)]
 pub struct Delta {
-    counters: HashMap<SeriesKey, f64>,
-    observations: HashMap<SeriesKey, Vec<f64>>,
+    counters: HashMap<SeriesKey, u64>,
+    /// Observed durations in nanoseconds.
+    observations: HashMap<SeriesKey, Vec<i64>>,
 }
 
 impl Delta {
@@ -165,16 +181,15 @@ impl Delta {
             return;
         }
         let key = (family, labels.iter().map(|s| (*s).to_owned()).collect());
-        *self.counters.entry(key).or_insert(0.0) += by;
+        let c = self.counters.entry(key).or_insert(0);
+        *c = c.saturating_add(to_micros(by));
     }
 
-    pub fn observe(&mut self, family: Family, labels: &[&str], value: f64) {
+    /// Records a duration given in nanoseconds (negative ones, clock skew, count as zero).
+    pub fn observe_ns(&mut self, family: Family, labels: &[&str], ns: i64) {
         debug_assert!(family.buckets().is_some());
         let key = (family, labels.iter().map(|s| (*s).to_owned()).collect());
-        self.observations
-            .entry(key)
-            .or_default()
-            .push(value.max(0.0));
+        self.observations.entry(key).or_default().push(ns.max(0));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -281,9 +296,9 @@ impl DurableMetrics {
                 .get(&key)
                 .or_else(|| inner.series.get(&key))
                 .cloned()
-                .unwrap_or(SeriesValue::Counter(0.0));
+                .unwrap_or(SeriesValue::Counter(0));
             if let SeriesValue::Counter(v) = current {
-                values.insert(key, SeriesValue::Counter(v + by));
+                values.insert(key, SeriesValue::Counter(v.saturating_add(*by)));
             }
         }
         let mut observations: Vec<_> = delta.observations.iter().collect();
@@ -298,20 +313,21 @@ impl DurableMetrics {
                 .cloned()
                 .unwrap_or_else(|| SeriesValue::Histogram {
                     counts: vec![0; bounds.len() + 1],
-                    sum: 0.0,
+                    sum_us: 0,
                 });
             if let SeriesValue::Histogram {
                 mut counts,
-                mut sum,
+                mut sum_us,
             } = current
             {
                 counts.resize(bounds.len() + 1, 0);
-                for &s in samples {
-                    let i = bounds.partition_point(|b| *b < s);
+                for &ns in samples {
+                    let secs = ns as f64 / 1e9;
+                    let i = bounds.partition_point(|b| *b < secs);
                     counts[i] += 1;
-                    sum += s;
+                    sum_us = sum_us.saturating_add(u64::try_from(ns / 1000).unwrap_or(0));
                 }
-                values.insert(key, SeriesValue::Histogram { counts, sum });
+                values.insert(key, SeriesValue::Histogram { counts, sum_us });
             }
         }
         staged.values = values.into_iter().collect();
@@ -332,7 +348,7 @@ impl DurableMetrics {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let key = (family, labels.iter().map(|s| (*s).to_owned()).collect());
         match inner.series.get(&key) {
-            Some(SeriesValue::Counter(v)) => *v,
+            Some(SeriesValue::Counter(v)) => from_micros(*v),
             _ => 0.0,
         }
     }
@@ -345,7 +361,7 @@ impl DurableMetrics {
             .range((family, Vec::new())..)
             .take_while(|((f, _), _)| *f == family)
             .map(|(_, v)| match v {
-                SeriesValue::Counter(c) => *c,
+                SeriesValue::Counter(c) => from_micros(*c),
                 SeriesValue::Histogram { counts, .. } => counts.iter().sum::<u64>() as f64,
             })
             .sum()
@@ -378,10 +394,10 @@ impl Collector for DurableMetrics {
             match value {
                 SeriesValue::Counter(v) => {
                     let mut c = proto::Counter::default();
-                    c.set_value(*v);
+                    c.set_value(from_micros(*v));
                     m.set_counter(c);
                 }
-                SeriesValue::Histogram { counts, sum } => {
+                SeriesValue::Histogram { counts, sum_us } => {
                     let bounds = family.buckets().unwrap_or(&[]);
                     let mut h = proto::Histogram::default();
                     let mut cumulative = 0;
@@ -398,7 +414,7 @@ impl Collector for DurableMetrics {
                         .collect();
                     h.set_bucket(buckets);
                     h.set_sample_count(counts.iter().sum());
-                    h.set_sample_sum(*sum);
+                    h.set_sample_sum(from_micros(*sum_us));
                     m.set_histogram(h);
                 }
             }
@@ -640,9 +656,9 @@ mod tests {
         let mut d = Delta::default();
         d.inc(Family::Events, &["user.message", "a"], 1.0);
         d.inc(Family::Events, &["user.message", "a"], 2.0);
-        d.observe(Family::TurnDuration, &["a"], 3.0);
-        d.observe(Family::TurnDuration, &["a"], 0.5);
-        d.observe(Family::TurnDuration, &["a"], 99_999.0);
+        d.observe_ns(Family::TurnDuration, &["a"], 3_000_000_000);
+        d.observe_ns(Family::TurnDuration, &["a"], 500_000_000);
+        d.observe_ns(Family::TurnDuration, &["a"], 99_999_000_000_000);
         let staged = m.stage(&d);
         assert_eq!(m.counter(Family::Events, &["user.message", "a"]), 0.0, "not yet published");
         m.publish(staged);
@@ -652,7 +668,7 @@ mod tests {
         let h = hist.get_metric()[0].get_histogram();
         assert_eq!(h.get_sample_count(), 3);
         assert_eq!(h.get_sample_sum(), 100_002.5);
-        // 0.5 ≤ 1, 3 ≤ 5; the huge one only in +Inf.
+        // 0.5 ≤ 1, 3 ≤ 5; the huge one only in +Inf. The sum is kept in microseconds.
         let cum: Vec<u64> = h.get_bucket().iter().map(|b| b.cumulative_count()).collect();
         assert_eq!(cum, vec![1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
     }
@@ -660,11 +676,30 @@ mod tests {
     #[test]
     fn staging_adds_to_restored_values() {
         let m = DurableMetrics::new();
-        m.restore([((Family::Credits, vec!["a".into(), "m".into()]), SeriesValue::Counter(1.5))]);
+        m.restore([((Family::Credits, vec!["a".into(), "m".into()]), SeriesValue::Counter(1_500_000))]);
         let mut d = Delta::default();
         d.inc(Family::Credits, &["a", "m"], 0.25);
         let staged = m.stage(&d);
-        assert_eq!(staged.values, vec![((Family::Credits, vec!["a".into(), "m".into()]), SeriesValue::Counter(1.75))]);
+        assert_eq!(staged.values, vec![((Family::Credits, vec!["a".into(), "m".into()]), SeriesValue::Counter(1_750_000))]);
+    }
+
+    #[test]
+    fn fractional_sums_do_not_depend_on_order() {
+        let values = [0.1, 0.29, 1.37, 0.07, 2.99, 0.01, 0.33];
+        let sum_in = |order: &[usize]| {
+            let m = DurableMetrics::new();
+            for &i in order {
+                let mut d = Delta::default();
+                d.inc(Family::Credits, &["a", "m"], values[i]);
+                d.observe_ns(Family::TurnDuration, &["a"], 1_000_000_001 * (i as i64 + 1) / 7);
+                m.publish(m.stage(&d));
+            }
+            let fam = m.collect();
+            let h = fam.iter().find(|f| f.name() == "qoder_turn_duration_seconds").expect("h");
+            (m.counter(Family::Credits, &["a", "m"]).to_bits(), h.get_metric()[0].get_histogram().get_sample_sum().to_bits())
+        };
+        assert_eq!(sum_in(&[0, 1, 2, 3, 4, 5, 6]), sum_in(&[6, 4, 2, 0, 5, 3, 1]));
+        assert_eq!(f64::from_bits(sum_in(&[0, 1, 2, 3, 4, 5, 6]).0), 5.16);
     }
 
     #[test]

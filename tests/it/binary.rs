@@ -1,0 +1,248 @@
+//! The real binary, run as a user runs it: `kill -9` at random moments, SIGTERM, `promtool
+//! check metrics`, the golden `/metrics`, and the errors that stop it at startup.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use qoder_exporter::sim::{ScenarioConfig, Sim};
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_qoder-exporter");
+
+/// A running exporter process with its stderr collected.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+fn spawn(sim: &Sim, state: &Path, extra: &[&str]) -> Proc {
+    let mut child = Command::new(BIN)
+        .args([
+            "--qoder.api-url",
+            &sim.base_url(),
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--state.path",
+            state.to_str().expect("utf8 path"),
+            "--qoder.poll-interval",
+            "100ms",
+            "--qoder.idle-poll-interval",
+            "300ms",
+            "--qoder.discovery-interval",
+            "300ms",
+            "--qoder.max-requests-per-second",
+            "0",
+        ])
+        .args(extra)
+        .env("QODER_PAT", sim.token())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                let _ = tx.send(addr);
+            }
+            l.lock().expect("log").push(line);
+        }
+    });
+    let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(a) => a.parse().expect("addr"),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("exporter did not start: {:?}", log.lock().expect("log"));
+        }
+    };
+    Proc { child, addr, log }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
+    let sim = sim(ScenarioConfig { seed: 21, sessions: 15, stagger: 3, max_turns: 5, ..ScenarioConfig::default() }).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("state.db");
+    // The log grows while it is read and while the exporter dies.
+    let last = sim.last_step();
+    let grower = {
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            let mut step = 0;
+            while step < last {
+                step = (step + 2).min(last);
+                sim.set_clock(step);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    let mut rng = fastrand::Rng::with_seed(5);
+    for round in 0..4 {
+        let mut p = spawn(&sim, &state, &[]);
+        tokio::time::sleep(Duration::from_millis(rng.u64(200..900))).await;
+        let counted = get(&parse(&scrape(p.addr).await), "qoder_events_total");
+        p.child.kill().expect("kill -9");
+        p.child.wait().expect("reaped");
+        eprintln!("round {round}: killed with {counted} events counted");
+    }
+    grower.await.expect("grower");
+    sim.release_all();
+    let mut p = spawn(&sim, &state, &[]);
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    p.child.kill().expect("kill");
+    let _ = p.child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_commits_and_exits_promptly() {
+    let sim = sim(ScenarioConfig { seed: 22, sessions: 6, ..ScenarioConfig::default() }).await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("state.db");
+    let mut p = spawn(&sim, &state, &[]);
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    let started = Instant::now();
+    let status = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let exit = loop {
+        if let Some(s) = p.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "still running 15 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "exit status {exit:?}; log: {:?}", p.log.lock().expect("log"));
+    let log = p.log.lock().expect("log").join("\n");
+    assert!(log.contains("state committed and closed"), "{log}");
+    // The lock is released: a new run on the same file starts and shows the same totals.
+    let mut again = spawn(&sim, &state, &[]);
+    wait_exact(again.addr, &sim.totals, Duration::from_secs(30)).await;
+    again.child.kill().expect("kill");
+    let _ = again.child.wait();
+}
+
+/// The exposition passes `promtool check metrics` (Prometheus' own linter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool() {
+    let sim = sim(ScenarioConfig { seed: 23, sessions: 9, hostile: true, ..ScenarioConfig::default() }).await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let mut p = spawn(&sim, &dir.path().join("state.db"), &[]);
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    let text = scrape(p.addr).await;
+    p.child.kill().expect("kill");
+    let _ = p.child.wait();
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (.ci/run installs Debian's prometheus package)");
+    use std::io::Write;
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The event-derived part of `/metrics` for a fixed scenario, against
+/// `tests/golden/metrics.txt`. Refresh with `UPDATE_GOLDEN=1 cargo nextest run golden`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_metrics() {
+    let sim = sim(ScenarioConfig { seed: 2026, sessions: 6, max_turns: 3, ..ScenarioConfig::default() }).await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let mut p = spawn(&sim, &dir.path().join("state.db"), &[]);
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    let text = scrape(p.addr).await;
+    p.child.kill().expect("kill");
+    let _ = p.child.wait();
+    // Only what the event log decides: process series (latencies, timestamps) vary by run.
+    let mut golden = String::new();
+    let mut keep = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split_whitespace().next().unwrap_or("");
+            keep = name.starts_with("qoder_") && !name.starts_with("qoder_exporter_") && !matches!(name, "qoder_up" | "qoder_sessions");
+        }
+        if keep {
+            golden.push_str(line);
+            golden.push('\n');
+        }
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/metrics.txt");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &golden).expect("write golden");
+        return;
+    }
+    let want = std::fs::read_to_string(&path).expect("golden file (create it with UPDATE_GOLDEN=1)");
+    if want != golden {
+        let diff: Vec<String> = want
+            .lines()
+            .zip(golden.lines())
+            .filter(|(a, b)| a != b)
+            .take(10)
+            .map(|(a, b)| format!("- {a}\n+ {b}"))
+            .collect();
+        panic!("/metrics differs from tests/golden/metrics.txt (UPDATE_GOLDEN=1 to accept):\n{}", diff.join("\n"));
+    }
+}
+
+fn run_to_exit(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("QODER_PAT").env_remove("QODER_PERSONAL_ACCESS_TOKEN");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn startup_errors_are_clear_and_touch_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (code, err) = run_to_exit(&["--qoder.poll-interval", "fast"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--qoder.poll-interval"), "{err}");
+
+    let state = dir.path().join("state.db");
+    let s = state.to_str().expect("utf8");
+    let (code, err) = run_to_exit(&["--state.path", s, "--web.listen-address", "127.0.0.1:0"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("QODER_PAT") && err.contains("demo"), "{err}");
+
+    std::fs::write(&state, b"definitely not sqlite, just some bytes that fill a header page").expect("write");
+    let before = std::fs::read(&state).expect("read");
+    let (code, err) = run_to_exit(
+        &["--state.path", s, "--web.listen-address", "127.0.0.1:0"],
+        &[("QODER_PAT", "pt-x")],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("corrupt or not an SQLite database"), "{err}");
+    assert_eq!(std::fs::read(&state).expect("read"), before, "a bad state file is never overwritten");
+}
+
+#[test]
+fn help_reads_well() {
+    let out = Command::new(BIN).arg("--help").output().expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--qoder.api-url", "--qoder.pat-file", "--qoder.session", "--qoder.poll-interval", "--web.listen-address", "--web.telemetry-path", "--state.path", "--config.file", "demo"] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+}

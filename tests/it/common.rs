@@ -1,0 +1,174 @@
+//! Shared helpers: starting the simulator and the exporter, reading `/metrics`, comparing it
+//! with the totals the simulator wrote.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use qoder_exporter::config::Settings;
+use qoder_exporter::secret::Pat;
+use qoder_exporter::sim::{ScenarioConfig, Sim, SimConfig, Totals};
+
+pub type Series = BTreeMap<(String, Vec<(String, String)>), f64>;
+
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+pub async fn sim(scenario: ScenarioConfig) -> Sim {
+    sim_with(SimConfig { scenario, ..SimConfig::default() }).await
+}
+
+pub async fn sim_with(cfg: SimConfig) -> Sim {
+    Sim::start(cfg, loopback()).await.expect("sim starts")
+}
+
+/// Settings for an in-process exporter against `sim`, fast timings, state at `state`.
+pub fn settings(sim: &Sim, state: &Path) -> Settings {
+    Settings {
+        api_url: sim.base_url(),
+        pat: Pat::new(&sim.token()),
+        pat_file: None,
+        sessions: Vec::new(),
+        poll_interval: Duration::from_millis(100),
+        idle_poll_interval: Duration::from_millis(300),
+        discovery_interval: Duration::from_millis(300),
+        request_timeout: Duration::from_secs(5),
+        max_requests_per_second: None,
+        concurrency: 8,
+        max_response_bytes: 32 * 1024 * 1024,
+        listen_address: loopback(),
+        telemetry_path: "/metrics".into(),
+        state_path: state.to_owned(),
+        log_level: "warn".into(),
+    }
+}
+
+pub async fn scrape(addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body")
+}
+
+/// Parses the text format into `(name, sorted labels) -> value`.
+pub fn parse(text: &str) -> Series {
+    let mut out = Series::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (head, value) = line.rsplit_once(' ').expect("sample line");
+        let value: f64 = value.parse().expect("sample value");
+        let (name, labels) = match head.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (head, ""),
+        };
+        let mut pairs = Vec::new();
+        for part in split_labels(labels) {
+            let (k, v) = part.split_once('=').expect("label pair");
+            pairs.push((k.to_owned(), v.trim_matches('"').replace("\\\"", "\"").replace("\\\\", "\\")));
+        }
+        pairs.sort();
+        out.insert((name.to_owned(), pairs), value);
+    }
+    out
+}
+
+fn split_labels(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut in_quotes, mut escaped) = (0, false, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            '\\' if in_quotes && !escaped => {
+                escaped = true;
+                continue;
+            }
+            '"' if !escaped => in_quotes = !in_quotes,
+            ',' if !in_quotes => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        escaped = false;
+    }
+    if start < s.len() {
+        parts.push(&s[start..]);
+    }
+    parts
+}
+
+pub fn get(series: &Series, name: &str) -> f64 {
+    series.iter().filter(|((n, _), _)| n == name).map(|(_, v)| v).sum()
+}
+
+/// The event-derived families whose every series must match the totals.
+const EVENT_FAMILIES: [&str; 11] = [
+    "qoder_events_total",
+    "qoder_tokens_total",
+    "qoder_credits_total",
+    "qoder_turns_total",
+    "qoder_turn_duration_seconds_count",
+    "qoder_model_requests_total",
+    "qoder_model_request_errors_total",
+    "qoder_model_request_duration_seconds_count",
+    "qoder_tool_calls_total",
+    "qoder_tool_call_errors_total",
+    "qoder_session_errors_total",
+];
+
+/// Every event-derived series equals the totals, and there is no series the totals lack.
+pub fn mismatches(series: &Series, totals: &Totals) -> Vec<String> {
+    let mut expected: Series = Series::new();
+    for (name, labels, v) in totals.series() {
+        expected.insert((name, labels), v);
+    }
+    let mut problems = Vec::new();
+    for (key, want) in &expected {
+        let got = series.get(key).copied().unwrap_or(0.0);
+        if (got - want).abs() > 1e-6 * want.abs().max(1.0) {
+            problems.push(format!("{} {:?}: exporter {got}, log {want}", key.0, key.1));
+        }
+    }
+    for (key, got) in series {
+        if EVENT_FAMILIES.contains(&key.0.as_str()) && !expected.contains_key(key) && *got != 0.0 {
+            problems.push(format!("{} {:?}: exporter {got}, not in the log", key.0, key.1));
+        }
+    }
+    problems
+}
+
+/// Scrapes until the events counted reach the log's total (or `timeout`), then compares.
+pub async fn wait_exact(addr: SocketAddr, totals: &Totals, timeout: Duration) -> Series {
+    let deadline = Instant::now() + timeout;
+    let want = totals.event_count();
+    loop {
+        let series = parse(&scrape(addr).await);
+        let got = get(&series, "qoder_events_total");
+        if got >= want || Instant::now() > deadline {
+            // A moment more, in case a batch over the total is in flight (it must not be).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let series = parse(&scrape(addr).await);
+            let problems = mismatches(&series, totals);
+            assert!(problems.is_empty(), "{} mismatches:\n{}", problems.len(), problems.join("\n"));
+            return series;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `f` until true or the timeout.
+pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
