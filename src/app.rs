@@ -123,8 +123,13 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.poll_cancel.cancel();
         let mut poller = self.poller;
-        if tokio::time::timeout(DRAIN_TIMEOUT, &mut poller).await.is_err() {
-            tracing::warn!("polling did not wind down in {DRAIN_TIMEOUT:?}; abandoning in-flight pages (they are read again next start)");
+        if tokio::time::timeout(DRAIN_TIMEOUT, &mut poller)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "polling did not wind down in {DRAIN_TIMEOUT:?}; abandoning in-flight pages (they are read again next start)"
+            );
             poller.abort();
         }
         // The poller held the last pipeline handles; the pipeline now drains and returns.
@@ -135,7 +140,10 @@ impl Running {
         drop(store);
         tracing::info!("state committed and closed");
         self.server_cancel.cancel();
-        self.server.await.context("server task")?.context("server")?;
+        self.server
+            .await
+            .context("server task")?
+            .context("server")?;
         Ok(())
     }
 }
@@ -169,6 +177,3 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
 }
-
-
-

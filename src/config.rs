@@ -62,7 +62,12 @@ pub struct Flags {
     #[arg(long = "qoder.pat-file", env = "QODER_PAT_FILE", global = true)]
     pub pat_file: Option<PathBuf>,
     /// Follow only this session (repeatable); without it, every session the token can see.
-    #[arg(long = "qoder.session", env = "QODER_SESSIONS", value_delimiter = ',', global = true)]
+    #[arg(
+        long = "qoder.session",
+        env = "QODER_SESSIONS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub sessions: Vec<String>,
     /// How often a running session is polled [default: 2s]
     #[arg(long = "qoder.poll-interval", env = "QODER_POLL_INTERVAL", value_parser = parse_duration, global = true)]
@@ -77,25 +82,45 @@ pub struct Flags {
     #[arg(long = "qoder.request-timeout", env = "QODER_REQUEST_TIMEOUT", value_parser = parse_duration, global = true)]
     pub request_timeout: Option<Duration>,
     /// Request budget for the whole exporter; 0 turns the limiter off [default: 50]
-    #[arg(long = "qoder.max-requests-per-second", env = "QODER_MAX_REQUESTS_PER_SECOND", global = true)]
+    #[arg(
+        long = "qoder.max-requests-per-second",
+        env = "QODER_MAX_REQUESTS_PER_SECOND",
+        global = true
+    )]
     pub max_requests_per_second: Option<u32>,
     /// Sessions read at the same time [default: 8]
     #[arg(long = "qoder.concurrency", env = "QODER_CONCURRENCY", global = true)]
     pub concurrency: Option<usize>,
     /// Largest API response accepted, in bytes [default: 33554432]
-    #[arg(long = "qoder.max-response-bytes", env = "QODER_MAX_RESPONSE_BYTES", global = true)]
+    #[arg(
+        long = "qoder.max-response-bytes",
+        env = "QODER_MAX_RESPONSE_BYTES",
+        global = true
+    )]
     pub max_response_bytes: Option<usize>,
     /// Address to serve /metrics, /, /healthz and /readyz on [default: 0.0.0.0:9874]
-    #[arg(long = "web.listen-address", env = "QODER_EXPORTER_WEB_LISTEN_ADDRESS", global = true)]
+    #[arg(
+        long = "web.listen-address",
+        env = "QODER_EXPORTER_WEB_LISTEN_ADDRESS",
+        global = true
+    )]
     pub listen_address: Option<String>,
     /// Path of the metrics endpoint [default: /metrics]
-    #[arg(long = "web.telemetry-path", env = "QODER_EXPORTER_WEB_TELEMETRY_PATH", global = true)]
+    #[arg(
+        long = "web.telemetry-path",
+        env = "QODER_EXPORTER_WEB_TELEMETRY_PATH",
+        global = true
+    )]
     pub telemetry_path: Option<String>,
     /// The state file (SQLite) that keeps counts exact across restarts [default: qoder-exporter.db]
     #[arg(long = "state.path", env = "QODER_EXPORTER_STATE_PATH", global = true)]
     pub state_path: Option<PathBuf>,
     /// TOML file with the same settings (flags and environment win over it).
-    #[arg(long = "config.file", env = "QODER_EXPORTER_CONFIG_FILE", global = true)]
+    #[arg(
+        long = "config.file",
+        env = "QODER_EXPORTER_CONFIG_FILE",
+        global = true
+    )]
     pub config_file: Option<PathBuf>,
     /// Log filter, as RUST_LOG (e.g. `info`, `qoder_exporter=debug`) [default: info]
     #[arg(long = "log.level", env = "QODER_EXPORTER_LOG_LEVEL", global = true)]
@@ -232,10 +257,14 @@ impl Settings {
             .or(file.web.telemetry_path)
             .unwrap_or_else(|| "/metrics".to_owned());
         if !telemetry_path.starts_with('/') || telemetry_path.len() < 2 {
-            bail!("--web.telemetry-path {telemetry_path:?}: must start with '/' and name a path other than '/'");
+            bail!(
+                "--web.telemetry-path {telemetry_path:?}: must start with '/' and name a path other than '/'"
+            );
         }
         if ["/healthz", "/readyz"].contains(&telemetry_path.as_str()) {
-            bail!("--web.telemetry-path {telemetry_path:?}: that path is taken by a probe endpoint");
+            bail!(
+                "--web.telemetry-path {telemetry_path:?}: that path is taken by a probe endpoint"
+            );
         }
         let api_url = flags
             .api_url
@@ -244,7 +273,11 @@ impl Settings {
         if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
             bail!("--qoder.api-url {api_url:?}: must be an http:// or https:// URL");
         }
-        let mut sessions: Vec<String> = if flags.sessions.is_empty() { q.sessions } else { flags.sessions };
+        let mut sessions: Vec<String> = if flags.sessions.is_empty() {
+            q.sessions
+        } else {
+            flags.sessions
+        };
         sessions.retain(|s| !s.trim().is_empty());
         for s in &mut sessions {
             *s = s.trim().to_owned();
@@ -267,7 +300,10 @@ impl Settings {
             pat,
             pat_file,
             sessions,
-            poll_interval: flags.poll_interval.or(q.poll_interval).unwrap_or(Duration::from_secs(2)),
+            poll_interval: flags
+                .poll_interval
+                .or(q.poll_interval)
+                .unwrap_or(Duration::from_secs(2)),
             idle_poll_interval: flags
                 .idle_poll_interval
                 .or(q.idle_poll_interval)
@@ -280,7 +316,10 @@ impl Settings {
                 .request_timeout
                 .or(q.request_timeout)
                 .unwrap_or(Duration::from_secs(30)),
-            max_requests_per_second: match flags.max_requests_per_second.or(q.max_requests_per_second) {
+            max_requests_per_second: match flags
+                .max_requests_per_second
+                .or(q.max_requests_per_second)
+            {
                 Some(0) => None,
                 Some(n) => Some(n),
                 None => Some(50),
@@ -303,7 +342,11 @@ impl Settings {
 
 /// `host:port`, `:port` (all interfaces, as Prometheus exporters accept) or `[v6]:port`.
 fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
-    let full = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_owned() };
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_owned()
+    };
     if let Ok(a) = full.parse() {
         return Ok(a);
     }
@@ -311,7 +354,9 @@ fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
     full.to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
-        .with_context(|| format!("--web.listen-address {s:?}: expected host:port, e.g. 0.0.0.0:9874 or :9874"))
+        .with_context(|| {
+            format!("--web.listen-address {s:?}: expected host:port, e.g. 0.0.0.0:9874 or :9874")
+        })
 }
 
 #[cfg(test)]
@@ -328,8 +373,13 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
-        let cli = Cli::try_parse_from(["q", "demo", "--demo.sessions", "3", "--qoder.session", "s"]).expect("demo");
-        assert!(matches!(cli.command, Some(Command::Demo(DemoFlags { sessions: 3, .. }))));
+        let cli =
+            Cli::try_parse_from(["q", "demo", "--demo.sessions", "3", "--qoder.session", "s"])
+                .expect("demo");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Demo(DemoFlags { sessions: 3, .. }))
+        ));
         assert_eq!(cli.flags.sessions, ["s"]);
     }
 
@@ -353,7 +403,13 @@ mod tests {
         )
         .expect("write");
         let p = path.to_str().expect("utf8");
-        let s = Settings::resolve(flags(&["--config.file", p, "--qoder.poll-interval", "500ms"])).expect("ok");
+        let s = Settings::resolve(flags(&[
+            "--config.file",
+            p,
+            "--qoder.poll-interval",
+            "500ms",
+        ]))
+        .expect("ok");
         assert_eq!(s.poll_interval, Duration::from_millis(500));
         assert_eq!(s.sessions, ["sess_a"]);
         assert_eq!(s.listen_address.port(), 9999);
@@ -371,13 +427,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[qoder]\npoll-intervall = \"5s\"\n").expect("write");
-        let err = Settings::resolve(flags(&["--config.file", path.to_str().expect("utf8")])).expect_err("typo");
+        let err = Settings::resolve(flags(&["--config.file", path.to_str().expect("utf8")]))
+            .expect_err("typo");
         assert!(format!("{err:#}").contains("poll-intervall"), "{err:#}");
     }
 
     #[test]
     fn sessions_are_a_comma_list_or_repeated() {
-        let s = Settings::resolve(flags(&["--qoder.session", "b,a", "--qoder.session", "a"])).expect("ok");
+        let s = Settings::resolve(flags(&["--qoder.session", "b,a", "--qoder.session", "a"]))
+            .expect("ok");
         assert_eq!(s.sessions, ["a", "b"]);
     }
 
@@ -386,9 +444,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("pat");
         std::fs::write(&path, "pt-abc\n").expect("write");
-        let s = Settings::resolve(flags(&["--qoder.pat-file", path.to_str().expect("utf8")])).expect("ok");
+        let s = Settings::resolve(flags(&["--qoder.pat-file", path.to_str().expect("utf8")]))
+            .expect("ok");
         assert_eq!(s.pat.as_ref().map(Pat::expose), Some("pt-abc"));
         std::fs::write(&path, "\n").expect("write");
-        assert!(Settings::resolve(flags(&["--qoder.pat-file", path.to_str().expect("utf8")])).is_err());
+        assert!(
+            Settings::resolve(flags(&["--qoder.pat-file", path.to_str().expect("utf8")])).is_err()
+        );
     }
 }

@@ -168,8 +168,8 @@ pub struct Event {
 impl Event {
     /// Converts a decoded wire event. The caller has checked that `id` and `type` exist.
     pub fn from_wire(mut w: WireEvent) -> Event {
-        let time_ns = parse_time(w.processed_at.as_deref())
-            .or_else(|| parse_time(w.created_at.as_deref()));
+        let time_ns =
+            parse_time(w.processed_at.as_deref()).or_else(|| parse_time(w.created_at.as_deref()));
         let id = w.id.take().unwrap_or_default();
         let type_name = w.kind.take().unwrap_or_default();
         let turn_id = w.turn_id.take().filter(|t| !t.is_empty());
@@ -194,7 +194,10 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
         "user.message" => EventKind::UserMessage,
         "session.status_running" | "session.status_rescheduled" => EventKind::TurnRunning,
         "session.status_idle" => EventKind::Idle {
-            stop_reason: w.stop_reason.and_then(Typed::kind).filter(|s| !s.is_empty()),
+            stop_reason: w
+                .stop_reason
+                .and_then(Typed::kind)
+                .filter(|s| !s.is_empty()),
             tokens: w.usage.as_ref().and_then(Tokens::from_wire),
         },
         "terminated" | "session.status_terminated" | "session.deleted" => EventKind::Terminated {
@@ -237,9 +240,11 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
             }
         }
         "agent.tool_result" => tool_result(ToolKind::Builtin, w.tool_use_id, w.is_error),
-        "agent.mcp_tool_result" => {
-            tool_result(ToolKind::Mcp, w.mcp_tool_use_id.or(w.tool_use_id), w.is_error)
-        }
+        "agent.mcp_tool_result" => tool_result(
+            ToolKind::Mcp,
+            w.mcp_tool_use_id.or(w.tool_use_id),
+            w.is_error,
+        ),
         "user.custom_tool_result" => tool_result(
             ToolKind::Custom,
             w.custom_tool_use_id.or(w.tool_use_id),
@@ -309,35 +314,53 @@ mod tests {
         assert_eq!(ms % 1_000_000_000, 321_000_000);
         let off = parse_time(Some("2026-05-18T11:40:50.321+08:00")).expect("offset");
         assert_eq!(off, ms);
-        assert_eq!(parse_time(Some("2026-05-18T03:40:50Z")), Some(ms - 321_000_000));
+        assert_eq!(
+            parse_time(Some("2026-05-18T03:40:50Z")),
+            Some(ms - 321_000_000)
+        );
         assert_eq!(parse_time(Some("yesterday")), None);
         assert_eq!(parse_time(Some("")), None);
     }
 
     #[test]
     fn processed_at_wins_over_created_at() {
-        let e = ev(r#"{"id":"a","type":"x","created_at":"2026-01-01T00:00:00Z","processed_at":"2026-01-01T00:00:01Z"}"#);
-        let c = ev(r#"{"id":"a","type":"x","created_at":"2026-01-01T00:00:00Z","processed_at":null}"#);
-        assert_eq!(e.time_ns.map(|t| t - c.time_ns.unwrap_or(0)), Some(1_000_000_000));
+        let e = ev(
+            r#"{"id":"a","type":"x","created_at":"2026-01-01T00:00:00Z","processed_at":"2026-01-01T00:00:01Z"}"#,
+        );
+        let c =
+            ev(r#"{"id":"a","type":"x","created_at":"2026-01-01T00:00:00Z","processed_at":null}"#);
+        assert_eq!(
+            e.time_ns.map(|t| t - c.time_ns.unwrap_or(0)),
+            Some(1_000_000_000)
+        );
     }
 
     #[test]
     fn idle_with_seed_usage() {
-        let e = ev(r#"{"id":"a","type":"session.status_idle","status":"idle","usage":{"input_tokens":150,
-            "output_tokens":42,"cache_read_input_tokens":0,"cache_creation_input_tokens":0},"stop_reason":{"type":"end_turn"}}"#);
+        let e = ev(
+            r#"{"id":"a","type":"session.status_idle","status":"idle","usage":{"input_tokens":150,
+            "output_tokens":42,"cache_read_input_tokens":0,"cache_creation_input_tokens":0},"stop_reason":{"type":"end_turn"}}"#,
+        );
         assert_eq!(
             e.kind,
             EventKind::Idle {
                 stop_reason: Some("end_turn".into()),
-                tokens: Some(Tokens { input: 150.0, output: 42.0, cache_read: 0.0, cache_creation: 0.0 }),
+                tokens: Some(Tokens {
+                    input: 150.0,
+                    output: 42.0,
+                    cache_read: 0.0,
+                    cache_creation: 0.0
+                }),
             }
         );
     }
 
     #[test]
     fn seed_error_with_top_level_retry_status() {
-        let e = ev(r#"{"id":"a","type":"session.error","error":{"message":"m","type":"unknown_error"},
-            "details":{"message":"m","name":"TimeoutError"},"retry_status":{"type":"exhausted"}}"#);
+        let e = ev(
+            r#"{"id":"a","type":"session.error","error":{"message":"m","type":"unknown_error"},
+            "details":{"message":"m","name":"TimeoutError"},"retry_status":{"type":"exhausted"}}"#,
+        );
         assert_eq!(
             e.kind,
             EventKind::Error {
@@ -350,7 +373,8 @@ mod tests {
 
     #[test]
     fn g1_error_code_is_the_type() {
-        let e = ev(r#"{"id":"a","type":"session.error","error":"model timed out","code":"timeout"}"#);
+        let e =
+            ev(r#"{"id":"a","type":"session.error","error":"model timed out","code":"timeout"}"#);
         assert_eq!(
             e.kind,
             EventKind::Error {
@@ -363,41 +387,102 @@ mod tests {
 
     #[test]
     fn model_request_end_in_three_generations() {
-        let g1 = ev(r#"{"id":"a","type":"span.model_request_end","span_id":"s1","usage":{"input_tokens":5,"output_tokens":2}}"#);
-        let g3 = ev(r#"{"id":"b","type":"span.model_request_end","model_request_start_id":"x","is_error":true,"model_usage":{"credits":0.25}}"#);
-        let anthropic = ev(r#"{"id":"c","type":"span.model_request_end","model_usage":{"input_tokens":1,"output_tokens":1,"cache_read_input_tokens":7,"cache_creation_input_tokens":3}}"#);
-        let EventKind::ModelRequestEnd { span_id, tokens, credits, .. } = g1.kind else { panic!() };
+        let g1 = ev(
+            r#"{"id":"a","type":"span.model_request_end","span_id":"s1","usage":{"input_tokens":5,"output_tokens":2}}"#,
+        );
+        let g3 = ev(
+            r#"{"id":"b","type":"span.model_request_end","model_request_start_id":"x","is_error":true,"model_usage":{"credits":0.25}}"#,
+        );
+        let anthropic = ev(
+            r#"{"id":"c","type":"span.model_request_end","model_usage":{"input_tokens":1,"output_tokens":1,"cache_read_input_tokens":7,"cache_creation_input_tokens":3}}"#,
+        );
+        let EventKind::ModelRequestEnd {
+            span_id,
+            tokens,
+            credits,
+            ..
+        } = g1.kind
+        else {
+            panic!()
+        };
         assert_eq!(span_id.as_deref(), Some("s1"));
         assert_eq!(tokens.map(|t| t.input + t.output), Some(7.0));
         assert_eq!(credits, None);
-        let EventKind::ModelRequestEnd { start_id, is_error, tokens, credits, .. } = g3.kind else { panic!() };
-        assert_eq!((start_id.as_deref(), is_error, tokens, credits), (Some("x"), true, None, Some(0.25)));
-        let EventKind::ModelRequestEnd { tokens, .. } = anthropic.kind else { panic!() };
-        assert_eq!(tokens.map(|t| (t.cache_read, t.cache_creation)), Some((7.0, 3.0)));
+        let EventKind::ModelRequestEnd {
+            start_id,
+            is_error,
+            tokens,
+            credits,
+            ..
+        } = g3.kind
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (start_id.as_deref(), is_error, tokens, credits),
+            (Some("x"), true, None, Some(0.25))
+        );
+        let EventKind::ModelRequestEnd { tokens, .. } = anthropic.kind else {
+            panic!()
+        };
+        assert_eq!(
+            tokens.map(|t| (t.cache_read, t.cache_creation)),
+            Some((7.0, 3.0))
+        );
     }
 
     #[test]
     fn tool_events_pair_by_their_generation_ids() {
         let g3 = ev(r#"{"id":"evt_9","type":"agent.tool_use","name":"Bash","input":{}}"#);
-        assert!(matches!(g3.kind, EventKind::ToolUse { ref use_id, ref name, .. } if use_id == "evt_9" && name == "Bash"));
-        let g2 = ev(r#"{"id":"evt_9","type":"agent.tool_use","tool_name":"Read","tool_use_id":"tu_1"}"#);
-        assert!(matches!(g2.kind, EventKind::ToolUse { ref use_id, ref name, .. } if use_id == "tu_1" && name == "Read"));
-        let mcp = ev(r#"{"id":"r","type":"agent.mcp_tool_result","mcp_tool_use_id":"m1","is_error":true}"#);
-        assert_eq!(mcp.kind, EventKind::ToolResult { kind: ToolKind::Mcp, use_id: Some("m1".into()), is_error: true });
+        assert!(
+            matches!(g3.kind, EventKind::ToolUse { ref use_id, ref name, .. } if use_id == "evt_9" && name == "Bash")
+        );
+        let g2 =
+            ev(r#"{"id":"evt_9","type":"agent.tool_use","tool_name":"Read","tool_use_id":"tu_1"}"#);
+        assert!(
+            matches!(g2.kind, EventKind::ToolUse { ref use_id, ref name, .. } if use_id == "tu_1" && name == "Read")
+        );
+        let mcp = ev(
+            r#"{"id":"r","type":"agent.mcp_tool_result","mcp_tool_use_id":"m1","is_error":true}"#,
+        );
+        assert_eq!(
+            mcp.kind,
+            EventKind::ToolResult {
+                kind: ToolKind::Mcp,
+                use_id: Some("m1".into()),
+                is_error: true
+            }
+        );
     }
 
     #[test]
     fn terminations_and_unknowns() {
-        assert!(matches!(ev(r#"{"id":"a","type":"terminated","reason":"timeout"}"#).kind, EventKind::Terminated { .. }));
-        assert!(matches!(ev(r#"{"id":"a","type":"session.status_terminated"}"#).kind, EventKind::Terminated { .. }));
-        assert_eq!(ev(r#"{"id":"a","type":"agent.artifact_delivered"}"#).kind, EventKind::Other);
-        assert_eq!(ev(r#"{"id":"a","type":"brand.new_type"}"#).type_name, "brand.new_type");
+        assert!(matches!(
+            ev(r#"{"id":"a","type":"terminated","reason":"timeout"}"#).kind,
+            EventKind::Terminated { .. }
+        ));
+        assert!(matches!(
+            ev(r#"{"id":"a","type":"session.status_terminated"}"#).kind,
+            EventKind::Terminated { .. }
+        ));
+        assert_eq!(
+            ev(r#"{"id":"a","type":"agent.artifact_delivered"}"#).kind,
+            EventKind::Other
+        );
+        assert_eq!(
+            ev(r#"{"id":"a","type":"brand.new_type"}"#).type_name,
+            "brand.new_type"
+        );
     }
 
     #[test]
     fn negative_or_nonsense_numbers_count_as_zero() {
-        let e = ev(r#"{"id":"a","type":"session.status_idle","usage":{"input_tokens":-5,"output_tokens":3}}"#);
-        let EventKind::Idle { tokens, .. } = e.kind else { panic!() };
+        let e = ev(
+            r#"{"id":"a","type":"session.status_idle","usage":{"input_tokens":-5,"output_tokens":3}}"#,
+        );
+        let EventKind::Idle { tokens, .. } = e.kind else {
+            panic!()
+        };
         assert_eq!(tokens.map(|t| (t.input, t.output)), Some((0.0, 3.0)));
     }
 }

@@ -16,9 +16,15 @@ fn main() -> std::process::ExitCode {
     let mut flags = cli.flags;
     if demo {
         // The demo's state is throw-away and its listener local unless told otherwise.
-        flags.listen_address.get_or_insert_with(|| "127.0.0.1:9874".to_owned());
-        flags.poll_interval.get_or_insert(Duration::from_millis(500));
-        flags.discovery_interval.get_or_insert(Duration::from_secs(2));
+        flags
+            .listen_address
+            .get_or_insert_with(|| "127.0.0.1:9874".to_owned());
+        flags
+            .poll_interval
+            .get_or_insert(Duration::from_millis(500));
+        flags
+            .discovery_interval
+            .get_or_insert(Duration::from_secs(2));
     }
     let settings = match Settings::resolve(flags) {
         Ok(s) => s,
@@ -28,7 +34,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     init_logging(&settings.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "could not start the runtime");

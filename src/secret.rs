@@ -42,7 +42,10 @@ mod tests {
     fn never_prints_itself() {
         let p = Pat::new(" pt-secret-value\n").expect("token");
         assert_eq!(p.expose(), "pt-secret-value");
-        assert_eq!(format!("{p} {p:?} {:?}", Some(&p)), "*** Pat(***) Some(Pat(***))");
+        assert_eq!(
+            format!("{p} {p:?} {:?}", Some(&p)),
+            "*** Pat(***) Some(Pat(***))"
+        );
         assert!(Pat::new(" \n").is_none());
     }
 }

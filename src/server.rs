@@ -33,7 +33,10 @@ pub fn router(state: AppState) -> Router {
 
 async fn security_headers(mut resp: Response) -> Response {
     let h = resp.headers_mut();
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert(
         "content-security-policy",
@@ -64,10 +67,12 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
     let m = state.metrics.clone();
     let rendered = tokio::task::spawn_blocking(move || m.render(protobuf)).await;
     match rendered {
-        Ok((body, content_type)) => {
-            ([(header::CONTENT_TYPE, content_type)], body).into_response()
-        }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("render failed: {e}\n")).into_response(),
+        Ok((body, content_type)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("render failed: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -75,7 +80,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if *state.ready.borrow() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: first polling round not done\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: first polling round not done\n",
+        )
+            .into_response()
     }
 }
 
@@ -102,7 +111,11 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
         "never".to_owned()
     };
     let up = if p.up.get() == 1 { "yes" } else { "no" };
-    let ready = if *state.ready.borrow() { "yes" } else { "not yet" };
+    let ready = if *state.ready.borrow() {
+        "yes"
+    } else {
+        "not yet"
+    };
     let path = escape(&state.telemetry_path);
     Html(format!(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Qoder Exporter</title></head>\n<body>\n\
@@ -124,7 +137,7 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use http_body_util::BodyExt;
-        use tower::ServiceExt;
+    use tower::ServiceExt;
 
     fn app(ready: bool) -> (Router, watch::Sender<bool>) {
         let (tx, rx) = watch::channel(ready);
@@ -142,7 +155,11 @@ mod tests {
         if let Some(a) = accept {
             req = req.header(header::ACCEPT, a);
         }
-        let resp = app.clone().oneshot(req.body(Body::empty()).expect("req")).await.expect("resp");
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::empty()).expect("req"))
+            .await
+            .expect("resp");
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.expect("body").to_bytes();
@@ -154,11 +171,19 @@ mod tests {
         let (app, ready) = app(false);
         let (s, h, body) = get(&app, "/metrics", None).await;
         assert_eq!(s, StatusCode::OK);
-        assert!(h[header::CONTENT_TYPE].to_str().expect("ct").starts_with("text/plain; version=0.0.4"));
+        assert!(
+            h[header::CONTENT_TYPE]
+                .to_str()
+                .expect("ct")
+                .starts_with("text/plain; version=0.0.4")
+        );
         assert!(body.contains("qoder_up 0"));
         assert_eq!(h["x-content-type-options"], "nosniff");
         assert_eq!(get(&app, "/healthz", None).await.0, StatusCode::OK);
-        assert_eq!(get(&app, "/readyz", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            get(&app, "/readyz", None).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         ready.send(true).expect("send");
         assert_eq!(get(&app, "/readyz", None).await.0, StatusCode::OK);
         let (s, _, page) = get(&app, "/", None).await;
@@ -172,7 +197,12 @@ mod tests {
         let (app, _) = app(true);
         let accept = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3";
         let (_, h, _) = get(&app, "/metrics", Some(accept)).await;
-        assert!(h[header::CONTENT_TYPE].to_str().expect("ct").starts_with("application/vnd.google.protobuf"));
+        assert!(
+            h[header::CONTENT_TYPE]
+                .to_str()
+                .expect("ct")
+                .starts_with("application/vnd.google.protobuf")
+        );
     }
 
     #[test]

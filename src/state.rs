@@ -29,11 +29,15 @@ pub enum StateError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("state file {path} is not a qoder-exporter state file (application id {found:#x}); refusing to touch it")]
+    #[error(
+        "state file {path} is not a qoder-exporter state file (application id {found:#x}); refusing to touch it"
+    )]
     Foreign { path: PathBuf, found: i32 },
     #[error("state file {path} is corrupt or not an SQLite database: {detail}")]
     Corrupt { path: PathBuf, detail: String },
-    #[error("state file {path} has schema version {found}, newer than this exporter's {SCHEMA_VERSION}")]
+    #[error(
+        "state file {path} has schema version {found}, newer than this exporter's {SCHEMA_VERSION}"
+    )]
     TooNew { path: PathBuf, found: i32 },
     #[error("state file {path} is in use by another qoder-exporter (lock {lock} is held)")]
     Locked { path: PathBuf, lock: PathBuf },
@@ -239,7 +243,10 @@ impl StateStore {
             let Some(family) = Family::from_name(&family) else {
                 continue;
             };
-            out.push(((family, serde_json::from_str(&labels)?), serde_json::from_str(&value)?));
+            out.push((
+                (family, serde_json::from_str(&labels)?),
+                serde_json::from_str(&value)?,
+            ));
         }
         Ok(out)
     }
@@ -351,7 +358,10 @@ impl StateStore {
 }
 
 fn lock_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".lock");
     path.with_file_name(name)
 }
@@ -404,11 +414,19 @@ mod tests {
     fn foreign_and_corrupt_files_are_refused_untouched() {
         let dir = tempfile::tempdir().expect("dir");
         let garbage = dir.path().join("garbage.db");
-        std::fs::write(&garbage, b"this is not a database at all, not even close........").expect("write");
+        std::fs::write(
+            &garbage,
+            b"this is not a database at all, not even close........",
+        )
+        .expect("write");
         let before = std::fs::read(&garbage).expect("read");
         let err = StateStore::open(&garbage).expect_err("corrupt");
         assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
-        assert_eq!(std::fs::read(&garbage).expect("read"), before, "left untouched");
+        assert_eq!(
+            std::fs::read(&garbage).expect("read"),
+            before,
+            "left untouched"
+        );
 
         let foreign = dir.path().join("foreign.db");
         Connection::open(&foreign)
@@ -458,7 +476,13 @@ mod tests {
             })
             .expect("commit");
         let dropped = store.outbox_trim(1).expect("trim");
-        assert_eq!(dropped.iter().map(|t| t.turn.key.as_str()).collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(
+            dropped
+                .iter()
+                .map(|t| t.turn.key.as_str())
+                .collect::<Vec<_>>(),
+            ["1", "2"]
+        );
         assert_eq!(store.outbox_peek(10).expect("peek")[0].1.turn.key, "3");
     }
 }

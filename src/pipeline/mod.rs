@@ -21,6 +21,10 @@ use tracker::{Applied, ClosedTurn, SessionState};
 
 /// One entry of a page: a readable event, or the reason it could not be read.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "nearly every item is an event; a box would cost an allocation each"
+)]
 pub enum Item {
     Event(Event),
     Invalid(InvalidReason),
@@ -81,7 +85,10 @@ pub enum SendError {
 impl PipelineHandle {
     async fn call<T>(&self, make: impl FnOnce(Ack<T>) -> Command) -> Result<T, SendError> {
         let (ack, rx) = oneshot::channel();
-        self.tx.send(make(ack)).await.map_err(|_| SendError::Stopped)?;
+        self.tx
+            .send(make(ack))
+            .await
+            .map_err(|_| SendError::Stopped)?;
         self.metrics
             .process
             .queue_depth
@@ -258,7 +265,9 @@ impl Pipeline {
         for item in &batch.items {
             match item {
                 Item::Event(e) => {
-                    if state.apply(&batch.session_id, e, &mut delta, &mut closed) == Applied::Duplicate {
+                    if state.apply(&batch.session_id, e, &mut delta, &mut closed)
+                        == Applied::Duplicate
+                    {
                         duplicates += 1;
                     }
                 }
@@ -286,7 +295,8 @@ impl Pipeline {
         // Committed: now, and only now, the batch becomes visible.
         self.metrics.durable.publish(staged);
         p.state_commits.inc();
-        p.state_commit_duration.observe(started.elapsed().as_secs_f64());
+        p.state_commit_duration
+            .observe(started.elapsed().as_secs_f64());
         for (reason, n) in invalid {
             p.events_invalid.with_label_values(&[reason]).inc_by(n);
         }

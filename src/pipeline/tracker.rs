@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, EventKind, RetryStatus, ToolKind, Tokens};
+use crate::event::{Event, EventKind, RetryStatus, Tokens, ToolKind};
 use crate::sinks::metrics::{Delta, Family};
 
 /// How many recent event ids a session remembers to skip an event the API returns twice.
@@ -128,8 +128,12 @@ pub struct SpanEvent {
 /// Why a turn ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TurnEnd {
-    Idle { stop_reason: String },
-    Failed { error_type: String },
+    Idle {
+        stop_reason: String,
+    },
+    Failed {
+        error_type: String,
+    },
     Terminated,
     /// A later turn started without this one idling (G1 `turn_id` change).
     Superseded,
@@ -203,12 +207,21 @@ impl SessionState {
                     && let Some((error_type, at)) = turn.failed.clone()
                 {
                     let end = at.or(turn.last_ns);
-                    self.close_turn(session_id, end, TurnEnd::Failed { error_type }, delta, closed);
+                    self.close_turn(
+                        session_id,
+                        end,
+                        TurnEnd::Failed { error_type },
+                        delta,
+                        closed,
+                    );
                 }
                 self.status = "running".to_owned();
                 self.ensure_turn(ev);
             }
-            EventKind::Idle { stop_reason, tokens } => {
+            EventKind::Idle {
+                stop_reason,
+                tokens,
+            } => {
                 let stop = stop_reason.clone().unwrap_or_else(|| "unknown".to_owned());
                 delta.inc(Family::Turns, &[&stop, &agent], 1.0);
                 let from_requests = self.turn.as_ref().is_some_and(|t| t.tokens_from_requests);
@@ -227,14 +240,22 @@ impl SessionState {
                 }
                 self.status = "idle".to_owned();
                 if self.turn.is_some() {
-                    self.close_turn(session_id, ev.time_ns, TurnEnd::Idle { stop_reason: stop }, delta, closed);
+                    self.close_turn(
+                        session_id,
+                        ev.time_ns,
+                        TurnEnd::Idle { stop_reason: stop },
+                        delta,
+                        closed,
+                    );
                 }
             }
             EventKind::Terminated { .. } => {
                 self.status = "terminated".to_owned();
                 if let Some(turn) = &self.turn {
                     let end = match &turn.failed {
-                        Some((error_type, _)) => TurnEnd::Failed { error_type: error_type.clone() },
+                        Some((error_type, _)) => TurnEnd::Failed {
+                            error_type: error_type.clone(),
+                        },
                         None => TurnEnd::Terminated,
                     };
                     self.close_turn(session_id, ev.time_ns.or(turn.last_ns), end, delta, closed);
@@ -242,7 +263,11 @@ impl SessionState {
                 self.requests.clear();
                 self.tools.clear();
             }
-            EventKind::Error { error_type, retry_status, message } => {
+            EventKind::Error {
+                error_type,
+                retry_status,
+                message,
+            } => {
                 delta.inc(
                     Family::SessionErrors,
                     &[error_type, retry_status.as_label(), &agent],
@@ -252,7 +277,10 @@ impl SessionState {
                     if turn.span_events.len() < MAX_SPAN_EVENTS {
                         let mut attributes = vec![
                             ("error.type".to_owned(), error_type.clone()),
-                            ("qoder.retry_status".to_owned(), retry_status.as_label().to_owned()),
+                            (
+                                "qoder.retry_status".to_owned(),
+                                retry_status.as_label().to_owned(),
+                            ),
                         ];
                         if let Some(m) = message {
                             attributes.push(("exception.message".to_owned(), m.clone()));
@@ -283,7 +311,13 @@ impl SessionState {
                     start_ns: ev.time_ns,
                 });
             }
-            EventKind::ModelRequestEnd { start_id, span_id, is_error, tokens, credits } => {
+            EventKind::ModelRequestEnd {
+                start_id,
+                span_id,
+                is_error,
+                tokens,
+                credits,
+            } => {
                 self.ensure_turn(ev);
                 let open = self.take_request(start_id.as_deref(), span_id.as_deref());
                 let model = open
@@ -311,17 +345,26 @@ impl SessionState {
                     }
                     turn.credits += credits.unwrap_or(0.0);
                     turn.last_model = Some(model.clone());
-                    push_child(turn, ChildSpan {
-                        id: open.map_or_else(|| ev.id.clone(), |r| r.start_id),
-                        detail: ChildDetail::Chat { model, tokens: *tokens, credits: *credits },
-                        start_ns: start_ns.or(ev.time_ns),
-                        end_ns: ev.time_ns,
-                        is_error: *is_error,
-                        incomplete: false,
-                    });
+                    push_child(
+                        turn,
+                        ChildSpan {
+                            id: open.map_or_else(|| ev.id.clone(), |r| r.start_id),
+                            detail: ChildDetail::Chat {
+                                model,
+                                tokens: *tokens,
+                                credits: *credits,
+                            },
+                            start_ns: start_ns.or(ev.time_ns),
+                            end_ns: ev.time_ns,
+                            is_error: *is_error,
+                            incomplete: false,
+                        },
+                    );
                 }
             }
-            EventKind::ToolUse { kind, use_id, name, .. } => {
+            EventKind::ToolUse {
+                kind, use_id, name, ..
+            } => {
                 self.ensure_turn(ev);
                 delta.inc(Family::ToolCalls, &[name, &agent], 1.0);
                 if self.tools.len() == MAX_OPEN_TOOLS {
@@ -336,23 +379,37 @@ impl SessionState {
                     span_emitted: false,
                 });
             }
-            EventKind::ToolResult { kind, use_id, is_error } => {
+            EventKind::ToolResult {
+                kind,
+                use_id,
+                is_error,
+            } => {
                 let open = use_id.as_deref().and_then(|u| self.take_tool(*kind, u));
-                let name = open.as_ref().map_or("unknown", |t| t.name.as_str()).to_owned();
+                let name = open
+                    .as_ref()
+                    .map_or("unknown", |t| t.name.as_str())
+                    .to_owned();
                 if *is_error {
                     delta.inc(Family::ToolCallErrors, &[&name, &agent], 1.0);
                 }
                 if let (Some(turn), Some(tool)) = (&mut self.turn, open)
                     && !tool.span_emitted
                 {
-                    push_child(turn, ChildSpan {
-                        id: tool.event_id,
-                        detail: ChildDetail::Tool { name, call_id: tool.use_id, kind: tool.kind },
-                        start_ns: tool.start_ns,
-                        end_ns: ev.time_ns,
-                        is_error: *is_error,
-                        incomplete: false,
-                    });
+                    push_child(
+                        turn,
+                        ChildSpan {
+                            id: tool.event_id,
+                            detail: ChildDetail::Tool {
+                                name,
+                                call_id: tool.use_id,
+                                kind: tool.kind,
+                            },
+                            start_ns: tool.start_ns,
+                            end_ns: ev.time_ns,
+                            is_error: *is_error,
+                            incomplete: false,
+                        },
+                    );
                 }
             }
             EventKind::AgentOutput => self.ensure_turn(ev),
@@ -394,13 +451,24 @@ impl SessionState {
 
     /// Pairs an end with its start: by `model_request_start_id` (G3), by `span_id` (G1), else
     /// the oldest open start.
-    fn take_request(&mut self, start_id: Option<&str>, span_id: Option<&str>) -> Option<OpenRequest> {
+    fn take_request(
+        &mut self,
+        start_id: Option<&str>,
+        span_id: Option<&str>,
+    ) -> Option<OpenRequest> {
         let pos = match (start_id, span_id) {
             (Some(s), _) if self.requests.iter().any(|r| r.start_id == s) => {
                 self.requests.iter().position(|r| r.start_id == s)
             }
-            (_, Some(sp)) if self.requests.iter().any(|r| r.span_id.as_deref() == Some(sp)) => {
-                self.requests.iter().position(|r| r.span_id.as_deref() == Some(sp))
+            (_, Some(sp))
+                if self
+                    .requests
+                    .iter()
+                    .any(|r| r.span_id.as_deref() == Some(sp)) =>
+            {
+                self.requests
+                    .iter()
+                    .position(|r| r.span_id.as_deref() == Some(sp))
             }
             (None, None) => (!self.requests.is_empty()).then_some(0),
             // An explicit id that matches nothing: an end whose start we never saw.
@@ -426,28 +494,43 @@ impl SessionState {
         delta: &mut Delta,
         closed: &mut Vec<ClosedTurn>,
     ) {
-        let Some(mut turn) = self.turn.take() else { return };
+        let Some(mut turn) = self.turn.take() else {
+            return;
+        };
         if let (Some(s), Some(e)) = (turn.start_ns, end_ns) {
             delta.observe_ns(Family::TurnDuration, &[&self.agent], e - s);
         }
         // What is still open ends with the turn, marked incomplete. Requests are done with;
         // tools stay open so a late result still counts against the right tool.
         for r in self.requests.drain(..) {
-            let model = r.model.unwrap_or_else(|| self.model.clone().unwrap_or_else(|| "unknown".to_owned()));
-            push_child(&mut turn, ChildSpan {
-                id: r.start_id,
-                detail: ChildDetail::Chat { model, tokens: None, credits: None },
-                start_ns: r.start_ns,
-                end_ns,
-                is_error: false,
-                incomplete: true,
-            });
+            let model = r
+                .model
+                .unwrap_or_else(|| self.model.clone().unwrap_or_else(|| "unknown".to_owned()));
+            push_child(
+                &mut turn,
+                ChildSpan {
+                    id: r.start_id,
+                    detail: ChildDetail::Chat {
+                        model,
+                        tokens: None,
+                        credits: None,
+                    },
+                    start_ns: r.start_ns,
+                    end_ns,
+                    is_error: false,
+                    incomplete: true,
+                },
+            );
         }
         for t in self.tools.iter_mut().filter(|t| !t.span_emitted) {
             t.span_emitted = true;
             let child = ChildSpan {
                 id: t.event_id.clone(),
-                detail: ChildDetail::Tool { name: t.name.clone(), call_id: t.use_id.clone(), kind: t.kind },
+                detail: ChildDetail::Tool {
+                    name: t.name.clone(),
+                    call_id: t.use_id.clone(),
+                    kind: t.kind,
+                },
                 start_ns: t.start_ns,
                 end_ns,
                 is_error: false,
@@ -485,7 +568,6 @@ fn count_tokens(delta: &mut Delta, tokens: &Tokens, agent: &str, model: &str) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,13 +601,25 @@ mod tests {
         let (m, closed) = run(&mut s, G1_TURN);
         assert_eq!(m.total(Family::Events), 6.0);
         assert_eq!(m.counter(Family::Turns, &["end_turn", "coder"]), 1.0);
-        assert_eq!(m.counter(Family::Tokens, &["input", "coder", "qwen"]), 150.0);
-        assert_eq!(m.counter(Family::Tokens, &["cache_read", "coder", "qwen"]), 10.0);
+        assert_eq!(
+            m.counter(Family::Tokens, &["input", "coder", "qwen"]),
+            150.0
+        );
+        assert_eq!(
+            m.counter(Family::Tokens, &["cache_read", "coder", "qwen"]),
+            10.0
+        );
         assert_eq!(m.counter(Family::ModelRequests, &["coder", "qwen"]), 1.0);
         assert_eq!(m.total(Family::ModelRequestDuration), 1.0);
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].turn.key, "turn_1");
-        assert_eq!(closed[0].end_ns.zip(closed[0].turn.start_ns).map(|(e, s)| e - s), Some(5_000_000_000));
+        assert_eq!(
+            closed[0]
+                .end_ns
+                .zip(closed[0].turn.start_ns)
+                .map(|(e, s)| e - s),
+            Some(5_000_000_000)
+        );
         assert!(s.turn.is_none());
     }
 
@@ -533,12 +627,15 @@ mod tests {
     fn request_tokens_win_over_idle_usage() {
         let mut s = SessionState::new("a".into());
         s.model = Some("m".into());
-        let (m, _) = run(&mut s, &[
-            r#"{"id":"1","type":"session.status_running"}"#,
-            r#"{"id":"2","type":"span.model_request_start"}"#,
-            r#"{"id":"3","type":"span.model_request_end","model_request_start_id":"2","model_usage":{"input_tokens":5,"output_tokens":1}}"#,
-            r#"{"id":"4","type":"session.status_idle","usage":{"input_tokens":5,"output_tokens":1},"stop_reason":{"type":"end_turn"}}"#,
-        ]);
+        let (m, _) = run(
+            &mut s,
+            &[
+                r#"{"id":"1","type":"session.status_running"}"#,
+                r#"{"id":"2","type":"span.model_request_start"}"#,
+                r#"{"id":"3","type":"span.model_request_end","model_request_start_id":"2","model_usage":{"input_tokens":5,"output_tokens":1}}"#,
+                r#"{"id":"4","type":"session.status_idle","usage":{"input_tokens":5,"output_tokens":1},"stop_reason":{"type":"end_turn"}}"#,
+            ],
+        );
         assert_eq!(m.counter(Family::Tokens, &["input", "a", "m"]), 5.0);
         assert_eq!(m.counter(Family::Tokens, &["output", "a", "m"]), 1.0);
     }
@@ -546,13 +643,19 @@ mod tests {
     #[test]
     fn g3_credits_only_requests_leave_idle_tokens_counted() {
         let mut s = SessionState::new("a".into());
-        let (m, _) = run(&mut s, &[
-            r#"{"id":"1","type":"span.model_request_start"}"#,
-            r#"{"id":"2","type":"span.model_request_end","model_request_start_id":"1","is_error":true,"model_usage":{"credits":0.5}}"#,
-            r#"{"id":"3","type":"session.status_idle","usage":{"input_tokens":7}}"#,
-        ]);
+        let (m, _) = run(
+            &mut s,
+            &[
+                r#"{"id":"1","type":"span.model_request_start"}"#,
+                r#"{"id":"2","type":"span.model_request_end","model_request_start_id":"1","is_error":true,"model_usage":{"credits":0.5}}"#,
+                r#"{"id":"3","type":"session.status_idle","usage":{"input_tokens":7}}"#,
+            ],
+        );
         assert_eq!(m.counter(Family::Credits, &["a", "unknown"]), 0.5);
-        assert_eq!(m.counter(Family::ModelRequestErrors, &["a", "unknown"]), 1.0);
+        assert_eq!(
+            m.counter(Family::ModelRequestErrors, &["a", "unknown"]),
+            1.0
+        );
         assert_eq!(m.counter(Family::Tokens, &["input", "a", "unknown"]), 7.0);
         assert_eq!(m.counter(Family::Turns, &["unknown", "a"]), 1.0);
     }
@@ -560,29 +663,41 @@ mod tests {
     #[test]
     fn tools_pair_and_errors_name_the_tool() {
         let mut s = SessionState::new("a".into());
-        let (m, closed) = run(&mut s, &[
-            r#"{"id":"u1","type":"agent.tool_use","name":"Bash"}"#,
-            r#"{"id":"u2","type":"agent.mcp_tool_use","name":"search","mcp_server_name":"docs"}"#,
-            r#"{"id":"r2","type":"agent.mcp_tool_result","mcp_tool_use_id":"u2","is_error":true}"#,
-            r#"{"id":"r1","type":"agent.tool_result","tool_use_id":"u1","is_error":false}"#,
-            r#"{"id":"r9","type":"agent.tool_result","tool_use_id":"nope","is_error":true}"#,
-            r#"{"id":"i","type":"session.status_idle","stop_reason":"end_turn"}"#,
-        ]);
+        let (m, closed) = run(
+            &mut s,
+            &[
+                r#"{"id":"u1","type":"agent.tool_use","name":"Bash"}"#,
+                r#"{"id":"u2","type":"agent.mcp_tool_use","name":"search","mcp_server_name":"docs"}"#,
+                r#"{"id":"r2","type":"agent.mcp_tool_result","mcp_tool_use_id":"u2","is_error":true}"#,
+                r#"{"id":"r1","type":"agent.tool_result","tool_use_id":"u1","is_error":false}"#,
+                r#"{"id":"r9","type":"agent.tool_result","tool_use_id":"nope","is_error":true}"#,
+                r#"{"id":"i","type":"session.status_idle","stop_reason":"end_turn"}"#,
+            ],
+        );
         assert_eq!(m.counter(Family::ToolCalls, &["Bash", "a"]), 1.0);
         assert_eq!(m.counter(Family::ToolCalls, &["search", "a"]), 1.0);
         assert_eq!(m.counter(Family::ToolCallErrors, &["search", "a"]), 1.0);
         assert_eq!(m.counter(Family::ToolCallErrors, &["unknown", "a"]), 1.0);
         assert_eq!(closed[0].turn.children.len(), 2);
-        assert!(closed[0].turn.children.iter().any(|c| c.is_error && c.id == "u2"));
+        assert!(
+            closed[0]
+                .turn
+                .children
+                .iter()
+                .any(|c| c.is_error && c.id == "u2")
+        );
     }
 
     #[test]
     fn duplicate_ids_are_skipped() {
         let mut s = SessionState::new("a".into());
-        let (m, _) = run(&mut s, &[
-            r#"{"id":"1","type":"user.message"}"#,
-            r#"{"id":"1","type":"user.message"}"#,
-        ]);
+        let (m, _) = run(
+            &mut s,
+            &[
+                r#"{"id":"1","type":"user.message"}"#,
+                r#"{"id":"1","type":"user.message"}"#,
+            ],
+        );
         assert_eq!(m.total(Family::Events), 1.0);
         assert_eq!(s.consumed, 1);
     }
@@ -590,16 +705,36 @@ mod tests {
     #[test]
     fn exhausted_error_fails_the_turn_and_next_turn_closes_it() {
         let mut s = SessionState::new("a".into());
-        let (m, closed) = run(&mut s, &[
-            r#"{"id":"1","type":"user.message","processed_at":"2026-01-01T00:00:00Z"}"#,
-            r#"{"id":"2","type":"session.error","error":{"type":"model_overloaded_error"},"retry_status":{"type":"retrying"}}"#,
-            r#"{"id":"3","type":"session.error","error":{"type":"model_overloaded_error","retry_status":{"type":"exhausted"}},"processed_at":"2026-01-01T00:00:09Z"}"#,
-            r#"{"id":"4","type":"user.message","processed_at":"2026-01-01T00:01:00Z"}"#,
-        ]);
-        assert_eq!(m.counter(Family::SessionErrors, &["model_overloaded_error", "retrying", "a"]), 1.0);
-        assert_eq!(m.counter(Family::SessionErrors, &["model_overloaded_error", "exhausted", "a"]), 1.0);
+        let (m, closed) = run(
+            &mut s,
+            &[
+                r#"{"id":"1","type":"user.message","processed_at":"2026-01-01T00:00:00Z"}"#,
+                r#"{"id":"2","type":"session.error","error":{"type":"model_overloaded_error"},"retry_status":{"type":"retrying"}}"#,
+                r#"{"id":"3","type":"session.error","error":{"type":"model_overloaded_error","retry_status":{"type":"exhausted"}},"processed_at":"2026-01-01T00:00:09Z"}"#,
+                r#"{"id":"4","type":"user.message","processed_at":"2026-01-01T00:01:00Z"}"#,
+            ],
+        );
+        assert_eq!(
+            m.counter(
+                Family::SessionErrors,
+                &["model_overloaded_error", "retrying", "a"]
+            ),
+            1.0
+        );
+        assert_eq!(
+            m.counter(
+                Family::SessionErrors,
+                &["model_overloaded_error", "exhausted", "a"]
+            ),
+            1.0
+        );
         assert_eq!(closed.len(), 1);
-        assert_eq!(closed[0].end, TurnEnd::Failed { error_type: "model_overloaded_error".into() });
+        assert_eq!(
+            closed[0].end,
+            TurnEnd::Failed {
+                error_type: "model_overloaded_error".into()
+            }
+        );
         assert_eq!(closed[0].turn.span_events.len(), 2);
         assert!(s.turn.is_some(), "the second turn is open");
     }
@@ -607,13 +742,24 @@ mod tests {
     #[test]
     fn termination_closes_open_work_as_incomplete() {
         let mut s = SessionState::new("a".into());
-        let (_, closed) = run(&mut s, &[
-            r#"{"id":"1","type":"span.model_request_start","processed_at":"2026-01-01T00:00:00Z"}"#,
-            r#"{"id":"2","type":"agent.tool_use","name":"Read"}"#,
-            r#"{"id":"3","type":"terminated","reason":"timeout","processed_at":"2026-01-01T00:00:05Z"}"#,
-        ]);
+        let (_, closed) = run(
+            &mut s,
+            &[
+                r#"{"id":"1","type":"span.model_request_start","processed_at":"2026-01-01T00:00:00Z"}"#,
+                r#"{"id":"2","type":"agent.tool_use","name":"Read"}"#,
+                r#"{"id":"3","type":"terminated","reason":"timeout","processed_at":"2026-01-01T00:00:05Z"}"#,
+            ],
+        );
         assert_eq!(closed[0].end, TurnEnd::Terminated);
-        assert_eq!(closed[0].turn.children.iter().filter(|c| c.incomplete).count(), 2);
+        assert_eq!(
+            closed[0]
+                .turn
+                .children
+                .iter()
+                .filter(|c| c.incomplete)
+                .count(),
+            2
+        );
         assert_eq!(s.status, "terminated");
         assert!(s.requests.is_empty() && s.tools.is_empty());
     }
@@ -621,12 +767,21 @@ mod tests {
     #[test]
     fn g1_new_turn_id_supersedes_an_open_turn() {
         let mut s = SessionState::new("a".into());
-        let (m, closed) = run(&mut s, &[
-            r#"{"id":"1","type":"user.message","turn_id":"t1"}"#,
-            r#"{"id":"2","type":"user.message","turn_id":"t2"}"#,
-            r#"{"id":"3","type":"session.status_idle","turn_id":"t2"}"#,
-        ]);
-        assert_eq!(closed.iter().map(|c| c.turn.key.as_str()).collect::<Vec<_>>(), ["t1", "t2"]);
+        let (m, closed) = run(
+            &mut s,
+            &[
+                r#"{"id":"1","type":"user.message","turn_id":"t1"}"#,
+                r#"{"id":"2","type":"user.message","turn_id":"t2"}"#,
+                r#"{"id":"3","type":"session.status_idle","turn_id":"t2"}"#,
+            ],
+        );
+        assert_eq!(
+            closed
+                .iter()
+                .map(|c| c.turn.key.as_str())
+                .collect::<Vec<_>>(),
+            ["t1", "t2"]
+        );
         assert_eq!(closed[0].end, TurnEnd::Superseded);
         assert_eq!(m.total(Family::Turns), 1.0);
     }
@@ -634,17 +789,25 @@ mod tests {
     #[test]
     fn fifo_pairing_without_ids() {
         let mut s = SessionState::new("a".into());
-        let (_, closed) = run(&mut s, &[
-            r#"{"id":"1","type":"span.model_request_start","model":"m1"}"#,
-            r#"{"id":"2","type":"span.model_request_start","model":"m2"}"#,
-            r#"{"id":"3","type":"span.model_request_end"}"#,
-            r#"{"id":"4","type":"span.model_request_end"}"#,
-            r#"{"id":"5","type":"session.status_idle"}"#,
-        ]);
-        let models: Vec<_> = closed[0].turn.children.iter().map(|c| match &c.detail {
-            ChildDetail::Chat { model, .. } => model.clone(),
-            ChildDetail::Tool { name, .. } => name.clone(),
-        }).collect();
+        let (_, closed) = run(
+            &mut s,
+            &[
+                r#"{"id":"1","type":"span.model_request_start","model":"m1"}"#,
+                r#"{"id":"2","type":"span.model_request_start","model":"m2"}"#,
+                r#"{"id":"3","type":"span.model_request_end"}"#,
+                r#"{"id":"4","type":"span.model_request_end"}"#,
+                r#"{"id":"5","type":"session.status_idle"}"#,
+            ],
+        );
+        let models: Vec<_> = closed[0]
+            .turn
+            .children
+            .iter()
+            .map(|c| match &c.detail {
+                ChildDetail::Chat { model, .. } => model.clone(),
+                ChildDetail::Tool { name, .. } => name.clone(),
+            })
+            .collect();
         assert_eq!(models, ["m1", "m2"]);
     }
 

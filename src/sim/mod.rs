@@ -150,7 +150,11 @@ impl Sim {
     /// Generates the scenario and serves it on `addr` (use port 0 for any free port).
     pub async fn start(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<Sim> {
         let (sessions, totals) = generate(&cfg.scenario);
-        let index = sessions.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
+        let index = sessions
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.clone(), i))
+            .collect();
         let state = Arc::new(SimState {
             sessions,
             index,
@@ -170,7 +174,9 @@ impl Sim {
         let app = router(state.clone());
         let c = cancel.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(c.cancelled_owned()).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(c.cancelled_owned())
+                .await;
         });
         if let Some(every) = cfg.step_interval {
             let st = state.clone();
@@ -199,7 +205,11 @@ impl Sim {
     }
 
     pub fn token(&self) -> String {
-        self.state.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.state
+            .token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Changes the accepted token (a rotation).
@@ -227,7 +237,13 @@ impl Sim {
 
     /// The step at which the last event appears.
     pub fn last_step(&self) -> u64 {
-        self.state.sessions.iter().flat_map(|s| s.events.last()).map(|e| e.step).max().unwrap_or(0)
+        self.state
+            .sessions
+            .iter()
+            .flat_map(|s| s.events.last())
+            .map(|e| e.step)
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn set_faults(&self, on: bool) {
@@ -258,18 +274,33 @@ fn router(state: Arc<SimState>) -> Router {
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response {
     let body = json!({"type": "error", "request_id": "req_sim", "error": {"type": kind, "message": message}});
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// Counts and checks a request; `Err` is the response to send instead of the real one.
-async fn admit<'a>(st: &'a SimState, headers: &HeaderMap, counter: &AtomicU64) -> Result<InFlight<'a>, Response> {
+async fn admit<'a>(
+    st: &'a SimState,
+    headers: &HeaderMap,
+    counter: &AtomicU64,
+) -> Result<InFlight<'a>, Response> {
     counter.fetch_add(1, Ordering::Relaxed);
     let guard = InFlight::new(&st.stats);
     let token = st.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     if auth != Some(&format!("Bearer {token}")) {
         st.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-        return Err(error(StatusCode::UNAUTHORIZED, "authentication_error", "Invalid API key or token."));
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "Invalid API key or token.",
+        ));
     }
     if let Some(fault) = pick_fault(st) {
         st.stats.faults.fetch_add(1, Ordering::Relaxed);
@@ -305,19 +336,52 @@ fn pick_fault(st: &SimState) -> Option<Fault> {
 async fn fault_response(st: &SimState, fault: Fault) -> Response {
     let json_ct = [(header::CONTENT_TYPE, "application/json")];
     match fault {
-        Fault::Status500 => error(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal error"),
+        Fault::Status500 => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "internal error",
+        ),
         Fault::Status502 => (StatusCode::BAD_GATEWAY, "bad gateway").into_response(),
-        Fault::Status503 => error(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", "try later"),
+        Fault::Status503 => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded_error",
+            "try later",
+        ),
         Fault::Status504 => (StatusCode::GATEWAY_TIMEOUT, "").into_response(),
-        Fault::RateLimitedSeconds => (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "1")], "").into_response(),
+        Fault::RateLimitedSeconds => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            "",
+        )
+            .into_response(),
         Fault::RateLimitedDate => {
             let at = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(1));
-            (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, at)], "").into_response()
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, at)],
+                "",
+            )
+                .into_response()
         }
         Fault::RateLimitedBare => (StatusCode::TOO_MANY_REQUESTS, "").into_response(),
-        Fault::Truncated => (StatusCode::OK, json_ct, r#"{"data":[{"id":"evt_x","type":"user.mess"#).into_response(),
-        Fault::NotJson => (StatusCode::OK, [(header::CONTENT_TYPE, "text/html")], "<html>gateway</html>").into_response(),
-        Fault::WrongShape => (StatusCode::OK, json_ct, r#"{"data":"nope","has_more":"maybe"}"#).into_response(),
+        Fault::Truncated => (
+            StatusCode::OK,
+            json_ct,
+            r#"{"data":[{"id":"evt_x","type":"user.mess"#,
+        )
+            .into_response(),
+        Fault::NotJson => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html")],
+            "<html>gateway</html>",
+        )
+            .into_response(),
+        Fault::WrongShape => (
+            StatusCode::OK,
+            json_ct,
+            r#"{"data":"nope","has_more":"maybe"}"#,
+        )
+            .into_response(),
         Fault::Empty => (StatusCode::OK, json_ct, "").into_response(),
         Fault::Slow => {
             tokio::time::sleep(st.slow_delay).await;
@@ -326,7 +390,10 @@ async fn fault_response(st: &SimState, fault: Fault) -> Response {
         Fault::Reset => {
             let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
                 Ok(br#"{"data":[{"id":"evt_partial","#.to_vec()),
-                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "reset",
+                )),
             ];
             Response::builder()
                 .status(StatusCode::OK)
@@ -339,23 +406,45 @@ async fn fault_response(st: &SimState, fault: Fault) -> Response {
 }
 
 /// `limit` (default 20, at most 100) and the one cursor allowed.
-fn paging(st: &SimState, q: &HashMap<String, String>) -> Result<(usize, Option<String>, Option<String>), Response> {
+#[allow(
+    clippy::result_large_err,
+    reason = "the error is the response itself, built once per request"
+)]
+fn paging(
+    st: &SimState,
+    q: &HashMap<String, String>,
+) -> Result<(usize, Option<String>, Option<String>), Response> {
     let limit = match q.get("limit") {
         None => 20,
         Some(l) => match l.parse::<usize>() {
             Ok(n) if (1..=100).contains(&n) => n,
             _ => {
                 st.stats.param_violations.fetch_add(1, Ordering::Relaxed);
-                return Err(error(StatusCode::BAD_REQUEST, "invalid_request_error", "limit must be 1..100"));
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "limit must be 1..100",
+                ));
             }
         },
     };
-    let cursors = ["after_id", "before_id", "page"].iter().filter(|c| q.contains_key(**c)).count();
+    let cursors = ["after_id", "before_id", "page"]
+        .iter()
+        .filter(|c| q.contains_key(**c))
+        .count();
     if cursors > 1 {
         st.stats.param_violations.fetch_add(1, Ordering::Relaxed);
-        return Err(error(StatusCode::BAD_REQUEST, "invalid_request_error", "page, after_id and before_id are mutually exclusive"));
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "page, after_id and before_id are mutually exclusive",
+        ));
     }
-    Ok((limit, q.get("after_id").cloned(), q.get("before_id").cloned()))
+    Ok((
+        limit,
+        q.get("after_id").cloned(),
+        q.get("before_id").cloned(),
+    ))
 }
 
 fn status_of(s: &SimSession, clock: u64) -> &'static str {
@@ -392,7 +481,11 @@ fn page(items: Vec<String>, ids: &[&str], has_more: bool) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn list_sessions(State(st): State<Arc<SimState>>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn list_sessions(
+    State(st): State<Arc<SimState>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let _g = match admit(&st, &headers, &st.stats.sessions_requests).await {
         Ok(g) => g,
         Err(r) => return r,
@@ -403,34 +496,71 @@ async fn list_sessions(State(st): State<Arc<SimState>>, headers: HeaderMap, Quer
     };
     let clock = st.clock.load(Ordering::Relaxed);
     // Newest first.
-    let visible: Vec<&SimSession> = st.sessions.iter().rev().filter(|s| s.created_step <= clock).collect();
+    let visible: Vec<&SimSession> = st
+        .sessions
+        .iter()
+        .rev()
+        .filter(|s| s.created_step <= clock)
+        .collect();
     let start = match (&after, &before) {
         (Some(a), _) => match visible.iter().position(|s| &s.id == a) {
             Some(p) => p + 1,
-            None => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "unknown after_id"),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "unknown after_id",
+                );
+            }
         },
         (_, Some(b)) => match visible.iter().position(|s| &s.id == b) {
             Some(p) => p.saturating_sub(limit),
-            None => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "unknown before_id"),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "unknown before_id",
+                );
+            }
         },
         _ => 0,
     };
     let end = (start + limit).min(visible.len());
     let slice = &visible[start.min(end)..end];
-    let items = slice.iter().map(|s| session_object(s, clock).to_string()).collect();
+    let items = slice
+        .iter()
+        .map(|s| session_object(s, clock).to_string())
+        .collect();
     let ids: Vec<&str> = slice.iter().map(|s| s.id.as_str()).collect();
     page(items, &ids, end < visible.len())
 }
 
-async fn get_session(State(st): State<Arc<SimState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn get_session(
+    State(st): State<Arc<SimState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     let _g = match admit(&st, &headers, &st.stats.session_requests).await {
         Ok(g) => g,
         Err(r) => return r,
     };
     let clock = st.clock.load(Ordering::Relaxed);
-    match st.index.get(&id).map(|i| &st.sessions[*i]).filter(|s| s.created_step <= clock) {
-        Some(s) => ([(header::CONTENT_TYPE, "application/json")], session_object(s, clock).to_string()).into_response(),
-        None => error(StatusCode::NOT_FOUND, "not_found_error", "session not found"),
+    match st
+        .index
+        .get(&id)
+        .map(|i| &st.sessions[*i])
+        .filter(|s| s.created_step <= clock)
+    {
+        Some(s) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            session_object(s, clock).to_string(),
+        )
+            .into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "session not found",
+        ),
     }
 }
 
@@ -456,21 +586,46 @@ async fn list_events(
         Err(r) => return r,
     };
     let clock = st.clock.load(Ordering::Relaxed);
-    let Some(s) = st.index.get(&id).map(|i| &st.sessions[*i]).filter(|s| s.created_step <= clock) else {
-        return error(StatusCode::NOT_FOUND, "not_found_error", "session not found");
+    let Some(s) = st
+        .index
+        .get(&id)
+        .map(|i| &st.sessions[*i])
+        .filter(|s| s.created_step <= clock)
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "session not found",
+        );
     };
     if after.is_some() && st.refuse_next_cursor.swap(false, Ordering::Relaxed) {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "after_id is not a known event");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "after_id is not a known event",
+        );
     }
     let visible: Vec<_> = s.events.iter().filter(|e| e.step <= clock).collect();
     let start = match (&after, &before) {
         (Some(a), _) => match visible.iter().position(|e| &e.id == a) {
             Some(p) => p + 1,
-            None => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "after_id is not a known event"),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "after_id is not a known event",
+                );
+            }
         },
         (_, Some(b)) => match visible.iter().position(|e| &e.id == b) {
             Some(p) => p.saturating_sub(limit),
-            None => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "before_id is not a known event"),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "before_id is not a known event",
+                );
+            }
         },
         _ => 0,
     };

@@ -40,6 +40,9 @@ pub struct SimSession {
     pub idle_steps: Vec<u64>,
 }
 
+/// One expected series: metric name, label pairs sorted by name, value.
+pub type SeriesRow = (String, Vec<(String, String)>, f64);
+
 /// Totals by label values, in the contract's label order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Totals {
@@ -64,45 +67,92 @@ fn bump<K: Ord>(m: &mut BTreeMap<K, f64>, k: K, by: f64) {
 
 impl Totals {
     /// Every series as `(metric name, [(label, value)], value)`, histograms as `_count`.
-    pub fn series(&self) -> Vec<(String, Vec<(String, String)>, f64)> {
+    pub fn series(&self) -> Vec<SeriesRow> {
         let mut out = Vec::new();
         let l = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-            let mut v: Vec<_> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            let mut v: Vec<_> = pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
             v.sort();
             v
         };
         for ((t, a), v) in &self.events {
-            out.push(("qoder_events_total".into(), l(&[("event_type", t), ("agent", a)]), *v));
+            out.push((
+                "qoder_events_total".into(),
+                l(&[("event_type", t), ("agent", a)]),
+                *v,
+            ));
         }
         for ((t, a, m), v) in &self.tokens {
-            out.push(("qoder_tokens_total".into(), l(&[("token_type", t), ("agent", a), ("model", m)]), *v));
+            out.push((
+                "qoder_tokens_total".into(),
+                l(&[("token_type", t), ("agent", a), ("model", m)]),
+                *v,
+            ));
         }
         for ((a, m), v) in &self.credits {
-            out.push(("qoder_credits_total".into(), l(&[("agent", a), ("model", m)]), *v));
+            out.push((
+                "qoder_credits_total".into(),
+                l(&[("agent", a), ("model", m)]),
+                *v,
+            ));
         }
         for ((s, a), v) in &self.turns {
-            out.push(("qoder_turns_total".into(), l(&[("stop_reason", s), ("agent", a)]), *v));
+            out.push((
+                "qoder_turns_total".into(),
+                l(&[("stop_reason", s), ("agent", a)]),
+                *v,
+            ));
         }
         for (a, v) in &self.turn_durations {
-            out.push(("qoder_turn_duration_seconds_count".into(), l(&[("agent", a)]), *v));
+            out.push((
+                "qoder_turn_duration_seconds_count".into(),
+                l(&[("agent", a)]),
+                *v,
+            ));
         }
         for ((a, m), v) in &self.model_requests {
-            out.push(("qoder_model_requests_total".into(), l(&[("agent", a), ("model", m)]), *v));
+            out.push((
+                "qoder_model_requests_total".into(),
+                l(&[("agent", a), ("model", m)]),
+                *v,
+            ));
         }
         for ((a, m), v) in &self.model_request_errors {
-            out.push(("qoder_model_request_errors_total".into(), l(&[("agent", a), ("model", m)]), *v));
+            out.push((
+                "qoder_model_request_errors_total".into(),
+                l(&[("agent", a), ("model", m)]),
+                *v,
+            ));
         }
         for ((a, m), v) in &self.request_durations {
-            out.push(("qoder_model_request_duration_seconds_count".into(), l(&[("agent", a), ("model", m)]), *v));
+            out.push((
+                "qoder_model_request_duration_seconds_count".into(),
+                l(&[("agent", a), ("model", m)]),
+                *v,
+            ));
         }
         for ((t, a), v) in &self.tool_calls {
-            out.push(("qoder_tool_calls_total".into(), l(&[("tool", t), ("agent", a)]), *v));
+            out.push((
+                "qoder_tool_calls_total".into(),
+                l(&[("tool", t), ("agent", a)]),
+                *v,
+            ));
         }
         for ((t, a), v) in &self.tool_errors {
-            out.push(("qoder_tool_call_errors_total".into(), l(&[("tool", t), ("agent", a)]), *v));
+            out.push((
+                "qoder_tool_call_errors_total".into(),
+                l(&[("tool", t), ("agent", a)]),
+                *v,
+            ));
         }
         for ((e, r, a), v) in &self.session_errors {
-            out.push(("qoder_session_errors_total".into(), l(&[("error_type", e), ("retry_status", r), ("agent", a)]), *v));
+            out.push((
+                "qoder_session_errors_total".into(),
+                l(&[("error_type", e), ("retry_status", r), ("agent", a)]),
+                *v,
+            ));
         }
         out
     }
@@ -119,9 +169,21 @@ struct Agent {
 }
 
 const AGENTS: [Agent; 3] = [
-    Agent { id: "agent_01coder", name: "coder", model: "qwen3-coder-plus" },
-    Agent { id: "agent_02review", name: "reviewer", model: "qoder-ultimate" },
-    Agent { id: "agent_03triage", name: "triage", model: "auto" },
+    Agent {
+        id: "agent_01coder",
+        name: "coder",
+        model: "qwen3-coder-plus",
+    },
+    Agent {
+        id: "agent_02review",
+        name: "reviewer",
+        model: "qoder-ultimate",
+    },
+    Agent {
+        id: "agent_03triage",
+        name: "triage",
+        model: "auto",
+    },
 ];
 const TOOLS: [&str; 6] = ["Bash", "Read", "Edit", "Grep", "WebFetch", "Write"];
 const MCP_TOOLS: [&str; 2] = ["search_docs", "create_ticket"];
@@ -152,7 +214,9 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     fn hex(&mut self, n: usize) -> String {
-        (0..n).map(|_| char::from_digit(self.rng.u32(0..16), 16).unwrap_or('0')).collect()
+        (0..n)
+            .map(|_| char::from_digit(self.rng.u32(0..16), 16).unwrap_or('0'))
+            .collect()
     }
 
     fn time(&self) -> String {
@@ -181,7 +245,8 @@ impl Writer<'_> {
 
     /// Appends an event of `kind` with `fields`; returns its id.
     fn emit(&mut self, kind: &str, fields: Value, turn_id: Option<&str>) -> String {
-        self.time_ns += i64::from(self.rng.u32(150..4000)) * 1_000_000 + i64::from(self.rng.u32(0..1000));
+        self.time_ns +=
+            i64::from(self.rng.u32(150..4000)) * 1_000_000 + i64::from(self.rng.u32(0..1000));
         self.step += 1;
         let id = format!("evt_{}", self.hex(24));
         let mut m = Map::new();
@@ -209,7 +274,11 @@ impl Writer<'_> {
                 m.insert("processed_at".into(), json!(t));
             }
         }
-        bump(&mut self.totals.events, (kind.to_owned(), self.agent_label.clone()), 1.0);
+        bump(
+            &mut self.totals.events,
+            (kind.to_owned(), self.agent_label.clone()),
+            1.0,
+        );
         self.events.push(SimEvent {
             id: id.clone(),
             step: self.step,
@@ -247,9 +316,18 @@ impl Writer<'_> {
     }
 
     fn count_tokens(&mut self, model: &str, t: (f64, f64, f64, f64)) {
-        for (kind, v) in [("input", t.0), ("output", t.1), ("cache_read", t.2), ("cache_creation", t.3)] {
+        for (kind, v) in [
+            ("input", t.0),
+            ("output", t.1),
+            ("cache_read", t.2),
+            ("cache_creation", t.3),
+        ] {
             if v > 0.0 {
-                bump(&mut self.totals.tokens, (kind.into(), self.agent_label.clone(), model.into()), v);
+                bump(
+                    &mut self.totals.tokens,
+                    (kind.into(), self.agent_label.clone(), model.into()),
+                    v,
+                );
             }
         }
     }
@@ -284,7 +362,11 @@ impl Writer<'_> {
             Generation::G1 => {
                 let c = self.content("Fix the failing test in parser.rs");
                 self.emit("user.message", json!({"content": c}), tid);
-                self.emit("session.status_rescheduled", json!({"status": "rescheduled"}), tid);
+                self.emit(
+                    "session.status_rescheduled",
+                    json!({"status": "rescheduled"}),
+                    tid,
+                );
             }
             Generation::G2 => {
                 self.emit("session.status_running", json!({"status": "running"}), tid);
@@ -293,7 +375,11 @@ impl Writer<'_> {
             }
             Generation::G3 => {
                 self.emit("session.status_running", json!({}), tid);
-                self.emit("session.thread_status_running", json!({"session_thread_id": "sthr_main", "agent_name": self.agent_label}), tid);
+                self.emit(
+                    "session.thread_status_running",
+                    json!({"session_thread_id": "sthr_main", "agent_name": self.agent_label}),
+                    tid,
+                );
                 let c = self.content("Triage the new issues");
                 self.emit("user.message", json!({"content": c}), tid);
             }
@@ -355,7 +441,11 @@ impl Writer<'_> {
                         request_tokens = true;
                     }
                     if credits > 0.0 {
-                        bump(&mut self.totals.credits, (self.agent_label.clone(), model.clone()), credits);
+                        bump(
+                            &mut self.totals.credits,
+                            (self.agent_label.clone(), model.clone()),
+                            credits,
+                        );
                     }
                     json!({"model_request_start_id": start_id, "is_error": is_error, "model_usage": usage})
                 }
@@ -370,7 +460,11 @@ impl Writer<'_> {
             last_model = model;
         }
         if self.rng.u32(0..6) == 0 {
-            let kind = if self.rng.bool() { "agent.artifact_delivered" } else { "session.usage_snapshot_v9" };
+            let kind = if self.rng.bool() {
+                "agent.artifact_delivered"
+            } else {
+                "session.usage_snapshot_v9"
+            };
             self.emit(kind, json!({"file_id": "file_1", "size": 10}), tid);
         }
         let failed = self.rng.u32(0..7) == 0;
@@ -383,7 +477,11 @@ impl Writer<'_> {
             "end_turn"
         };
         if g == Generation::G3 {
-            self.emit("session.thread_status_idle", json!({"session_thread_id": "sthr_main"}), tid);
+            self.emit(
+                "session.thread_status_idle",
+                json!({"session_thread_id": "sthr_main"}),
+                tid,
+            );
         }
         let mut idle = json!({"status": "idle", "stop_reason": {"type": stop}});
         if g != Generation::G3 || anthropic_tokens {
@@ -396,8 +494,16 @@ impl Writer<'_> {
         }
         self.emit("session.status_idle", idle, tid);
         self.idle_steps.push(self.step);
-        bump(&mut self.totals.turns, (stop.into(), self.agent_label.clone()), 1.0);
-        bump(&mut self.totals.turn_durations, self.agent_label.clone(), 1.0);
+        bump(
+            &mut self.totals.turns,
+            (stop.into(), self.agent_label.clone()),
+            1.0,
+        );
+        bump(
+            &mut self.totals.turn_durations,
+            self.agent_label.clone(),
+            1.0,
+        );
     }
 
     fn tool_call(&mut self, tid: Option<&str>) {
@@ -410,19 +516,47 @@ impl Writer<'_> {
             TOOLS[self.rng.usize(0..TOOLS.len())]
         };
         if mcp {
-            let use_id = self.emit("agent.mcp_tool_use", json!({"name": name, "mcp_server_name": "docs", "input": {}}), tid);
-            self.emit("agent.mcp_tool_result", json!({"mcp_tool_use_id": use_id, "is_error": is_error, "content": []}), tid);
+            let use_id = self.emit(
+                "agent.mcp_tool_use",
+                json!({"name": name, "mcp_server_name": "docs", "input": {}}),
+                tid,
+            );
+            self.emit(
+                "agent.mcp_tool_result",
+                json!({"mcp_tool_use_id": use_id, "is_error": is_error, "content": []}),
+                tid,
+            );
         } else if g == Generation::G2 {
             let tu = format!("toolu_{}", self.hex(12));
-            self.emit("agent.tool_use", json!({"tool_name": name, "tool_use_id": tu, "tool_input": {}}), tid);
+            self.emit(
+                "agent.tool_use",
+                json!({"tool_name": name, "tool_use_id": tu, "tool_input": {}}),
+                tid,
+            );
             self.emit("agent.tool_result", json!({"tool_use_id": tu, "is_error": is_error, "content": [{"type": "text", "text": "ok"}]}), tid);
         } else {
-            let use_id = self.emit("agent.tool_use", json!({"name": name, "input": {"command": "ls"}}), tid);
-            self.emit("agent.tool_result", json!({"tool_use_id": use_id, "is_error": is_error}), tid);
+            let use_id = self.emit(
+                "agent.tool_use",
+                json!({"name": name, "input": {"command": "ls"}}),
+                tid,
+            );
+            self.emit(
+                "agent.tool_result",
+                json!({"tool_use_id": use_id, "is_error": is_error}),
+                tid,
+            );
         }
-        bump(&mut self.totals.tool_calls, (name.into(), self.agent_label.clone()), 1.0);
+        bump(
+            &mut self.totals.tool_calls,
+            (name.into(), self.agent_label.clone()),
+            1.0,
+        );
         if is_error {
-            bump(&mut self.totals.tool_errors, (name.into(), self.agent_label.clone()), 1.0);
+            bump(
+                &mut self.totals.tool_errors,
+                (name.into(), self.agent_label.clone()),
+                1.0,
+            );
         }
     }
 }
@@ -460,10 +594,20 @@ pub fn generate(cfg: &ScenarioConfig) -> (Vec<SimSession>, Totals) {
     for i in 0..cfg.sessions {
         let generation = [Generation::G1, Generation::G2, Generation::G3][i % 3];
         let agent = &AGENTS[rng.usize(0..AGENTS.len())];
-        let session_id = format!("sess_{:04}{}", i, (0..20).map(|_| char::from_digit(rng.u32(0..16), 16).unwrap_or('0')).collect::<String>());
+        let session_id = format!(
+            "sess_{:04}{}",
+            i,
+            (0..20)
+                .map(|_| char::from_digit(rng.u32(0..16), 16).unwrap_or('0'))
+                .collect::<String>()
+        );
         // Half of the G1 sessions name their agent by id only: the label falls back to the id.
         let id_only = generation == Generation::G1 && rng.bool();
-        let agent_label = if id_only { agent.id.to_owned() } else { agent.name.to_owned() };
+        let agent_label = if id_only {
+            agent.id.to_owned()
+        } else {
+            agent.name.to_owned()
+        };
         let session_model = agent.model.to_owned();
         let created_step = i as u64 * cfg.stagger;
         let mut object = Map::new();
@@ -525,22 +669,54 @@ mod tests {
 
     #[test]
     fn same_seed_same_log() {
-        let cfg = ScenarioConfig { sessions: 6, ..ScenarioConfig::default() };
+        let cfg = ScenarioConfig {
+            sessions: 6,
+            ..ScenarioConfig::default()
+        };
         let (a, ta) = generate(&cfg);
         let (b, tb) = generate(&cfg);
         assert_eq!(ta, tb);
-        assert_eq!(a.iter().map(|s| s.events.len()).collect::<Vec<_>>(), b.iter().map(|s| s.events.len()).collect::<Vec<_>>());
-        assert_eq!(ta.event_count() as usize, a.iter().map(|s| s.events.len()).sum::<usize>());
+        assert_eq!(
+            a.iter().map(|s| s.events.len()).collect::<Vec<_>>(),
+            b.iter().map(|s| s.events.len()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            ta.event_count(),
+            a.iter().map(|s| s.events.len() as f64).sum::<f64>()
+        );
     }
 
     #[test]
     fn every_generation_and_fallback_appears() {
-        let (sessions, totals) = generate(&ScenarioConfig { sessions: 30, ..ScenarioConfig::default() });
-        let all: String = sessions.iter().flat_map(|s| s.events.iter().map(|e| e.json.as_str())).collect();
-        for needle in ["\"turn_id\"", "session.status_rescheduled", "\"tool_use_id\":\"toolu_", "model_request_start_id", "\"terminated\"", "session.status_terminated", "+00:00", "agent.mcp_tool_use"] {
+        let (sessions, totals) = generate(&ScenarioConfig {
+            sessions: 30,
+            ..ScenarioConfig::default()
+        });
+        let all: String = sessions
+            .iter()
+            .flat_map(|s| s.events.iter().map(|e| e.json.as_str()))
+            .collect();
+        for needle in [
+            "\"turn_id\"",
+            "session.status_rescheduled",
+            "\"tool_use_id\":\"toolu_",
+            "model_request_start_id",
+            "\"terminated\"",
+            "session.status_terminated",
+            "+00:00",
+            "agent.mcp_tool_use",
+        ] {
             assert!(all.contains(needle), "{needle}");
         }
-        assert!(totals.events.keys().any(|(_, a)| a.starts_with("agent_")), "an id-only agent label");
-        assert!(totals.session_errors.keys().any(|(_, r, _)| r == "exhausted"));
+        assert!(
+            totals.events.keys().any(|(_, a)| a.starts_with("agent_")),
+            "an id-only agent label"
+        );
+        assert!(
+            totals
+                .session_errors
+                .keys()
+                .any(|(_, r, _)| r == "exhausted")
+        );
     }
 }

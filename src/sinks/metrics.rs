@@ -155,7 +155,11 @@ pub enum SeriesValue {
 
 fn to_micros(v: f64) -> u64 {
     // Saturating conversion: negative and non-finite values were filtered out before.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "saturating float to int")]
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "saturating float to int"
+    )]
     let m = (v * COUNTER_SCALE).round() as u64;
     m
 }
@@ -472,11 +476,17 @@ impl ProcessMetrics {
                 "1 when the last round of Qoder API requests succeeded (reachable, token accepted), else 0.",
             )?,
             sessions: IntGaugeVec::new(
-                Opts::new("qoder_sessions", "Sessions being followed, by last known status."),
+                Opts::new(
+                    "qoder_sessions",
+                    "Sessions being followed, by last known status.",
+                ),
                 &["status"],
             )?,
             api_requests: IntCounterVec::new(
-                Opts::new("qoder_exporter_api_requests_total", "Qoder API requests made."),
+                Opts::new(
+                    "qoder_exporter_api_requests_total",
+                    "Qoder API requests made.",
+                ),
                 &["endpoint"],
             )?,
             api_failures: IntCounterVec::new(
@@ -491,7 +501,9 @@ impl ProcessMetrics {
                     "qoder_exporter_api_request_duration_seconds",
                     "Qoder API request latency.",
                 )
-                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                .buckets(vec![
+                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
                 &["endpoint"],
             )?,
             last_poll: Gauge::new(
@@ -541,17 +553,16 @@ impl ProcessMetrics {
                     "qoder_exporter_state_commit_duration_seconds",
                     "Time to apply and commit one batch.",
                 )
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+                ]),
             )?,
             queue_depth: IntGauge::new(
                 "qoder_exporter_pipeline_queue_depth",
                 "Batches waiting for the pipeline (bounded; a full queue slows the poller).",
             )?,
             build_info: GaugeVec::new(
-                Opts::new(
-                    "qoder_exporter_build_info",
-                    "Build information; always 1.",
-                ),
+                Opts::new("qoder_exporter_build_info", "Build information; always 1."),
                 &["version", "revision"],
             )?,
         };
@@ -660,27 +671,47 @@ mod tests {
         d.observe_ns(Family::TurnDuration, &["a"], 500_000_000);
         d.observe_ns(Family::TurnDuration, &["a"], 99_999_000_000_000);
         let staged = m.stage(&d);
-        assert_eq!(m.counter(Family::Events, &["user.message", "a"]), 0.0, "not yet published");
+        assert_eq!(
+            m.counter(Family::Events, &["user.message", "a"]),
+            0.0,
+            "not yet published"
+        );
         m.publish(staged);
         assert_eq!(m.counter(Family::Events, &["user.message", "a"]), 3.0);
         let fam = m.collect();
-        let hist = fam.iter().find(|f| f.name() == "qoder_turn_duration_seconds").expect("hist");
+        let hist = fam
+            .iter()
+            .find(|f| f.name() == "qoder_turn_duration_seconds")
+            .expect("hist");
         let h = hist.get_metric()[0].get_histogram();
         assert_eq!(h.get_sample_count(), 3);
         assert_eq!(h.get_sample_sum(), 100_002.5);
         // 0.5 ≤ 1, 3 ≤ 5; the huge one only in +Inf. The sum is kept in microseconds.
-        let cum: Vec<u64> = h.get_bucket().iter().map(|b| b.cumulative_count()).collect();
+        let cum: Vec<u64> = h
+            .get_bucket()
+            .iter()
+            .map(|b| b.cumulative_count())
+            .collect();
         assert_eq!(cum, vec![1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
     }
 
     #[test]
     fn staging_adds_to_restored_values() {
         let m = DurableMetrics::new();
-        m.restore([((Family::Credits, vec!["a".into(), "m".into()]), SeriesValue::Counter(1_500_000))]);
+        m.restore([(
+            (Family::Credits, vec!["a".into(), "m".into()]),
+            SeriesValue::Counter(1_500_000),
+        )]);
         let mut d = Delta::default();
         d.inc(Family::Credits, &["a", "m"], 0.25);
         let staged = m.stage(&d);
-        assert_eq!(staged.values, vec![((Family::Credits, vec!["a".into(), "m".into()]), SeriesValue::Counter(1_750_000))]);
+        assert_eq!(
+            staged.values,
+            vec![(
+                (Family::Credits, vec!["a".into(), "m".into()]),
+                SeriesValue::Counter(1_750_000)
+            )]
+        );
     }
 
     #[test]
@@ -691,14 +722,27 @@ mod tests {
             for &i in order {
                 let mut d = Delta::default();
                 d.inc(Family::Credits, &["a", "m"], values[i]);
-                d.observe_ns(Family::TurnDuration, &["a"], 1_000_000_001 * (i as i64 + 1) / 7);
+                d.observe_ns(
+                    Family::TurnDuration,
+                    &["a"],
+                    1_000_000_001 * (i as i64 + 1) / 7,
+                );
                 m.publish(m.stage(&d));
             }
             let fam = m.collect();
-            let h = fam.iter().find(|f| f.name() == "qoder_turn_duration_seconds").expect("h");
-            (m.counter(Family::Credits, &["a", "m"]).to_bits(), h.get_metric()[0].get_histogram().get_sample_sum().to_bits())
+            let h = fam
+                .iter()
+                .find(|f| f.name() == "qoder_turn_duration_seconds")
+                .expect("h");
+            (
+                m.counter(Family::Credits, &["a", "m"]).to_bits(),
+                h.get_metric()[0].get_histogram().get_sample_sum().to_bits(),
+            )
         };
-        assert_eq!(sum_in(&[0, 1, 2, 3, 4, 5, 6]), sum_in(&[6, 4, 2, 0, 5, 3, 1]));
+        assert_eq!(
+            sum_in(&[0, 1, 2, 3, 4, 5, 6]),
+            sum_in(&[6, 4, 2, 0, 5, 3, 1])
+        );
         assert_eq!(f64::from_bits(sum_in(&[0, 1, 2, 3, 4, 5, 6]).0), 5.16);
     }
 

@@ -196,7 +196,10 @@ impl Client {
         let mut base = Url::parse(config.base_url.trim_end_matches('/'))
             .map_err(|e| anyhow::anyhow!("--qoder.api-url {:?}: {e}", config.base_url))?;
         if !matches!(base.scheme(), "http" | "https") {
-            anyhow::bail!("--qoder.api-url {:?}: scheme must be http or https", config.base_url);
+            anyhow::bail!(
+                "--qoder.api-url {:?}: scheme must be http or https",
+                config.base_url
+            );
         }
         // Path joins below append segments; the base must end without a slash.
         let trimmed = base.path().trim_end_matches('/').to_owned();
@@ -212,7 +215,8 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
         let limiter = config.max_requests_per_second.and_then(|n| {
-            std::num::NonZeroU32::new(n).map(|n| Arc::new(RateLimiter::direct(Quota::per_second(n))))
+            std::num::NonZeroU32::new(n)
+                .map(|n| Arc::new(RateLimiter::direct(Quota::per_second(n))))
         });
         Ok(Client {
             http,
@@ -254,12 +258,14 @@ impl Client {
         if let Some(a) = after_id {
             q.push(("after_id", a));
         }
-        self.get(Endpoint::Sessions, self.url(&["sessions"], &q)).await
+        self.get(Endpoint::Sessions, self.url(&["sessions"], &q))
+            .await
     }
 
     /// `GET /sessions/{id}`.
     pub async fn get_session(&self, id: &str) -> Result<Bytes, ApiError> {
-        self.get(Endpoint::Session, self.url(&["sessions", id], &[])).await
+        self.get(Endpoint::Session, self.url(&["sessions", id], &[]))
+            .await
     }
 
     /// `GET /sessions/{id}/events?limit=100[&after_id=…]` (oldest first). Never more than one
@@ -269,7 +275,8 @@ impl Client {
         if let Some(a) = after_id {
             q.push(("after_id", a));
         }
-        self.get(Endpoint::Events, self.url(&["sessions", id, "events"], &q)).await
+        self.get(Endpoint::Events, self.url(&["sessions", id, "events"], &q))
+            .await
     }
 
     async fn get(&self, endpoint: Endpoint, url: Url) -> Result<Bytes, ApiError> {
@@ -429,7 +436,10 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// `min(base · 2^attempt, max)` with 0–25 % jitter subtracted, so retries of many sessions
@@ -451,7 +461,10 @@ mod tests {
         for attempt in 0..10 {
             let d = backoff(b, m, attempt);
             let full = (b * 2u32.pow(attempt)).min(m);
-            assert!(d <= full && d >= full.mul_f64(0.75), "{attempt}: {d:?} vs {full:?}");
+            assert!(
+                d <= full && d >= full.mul_f64(0.75),
+                "{attempt}: {d:?} vs {full:?}"
+            );
         }
     }
 
@@ -461,11 +474,24 @@ mod tests {
         h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
         let later = std::time::SystemTime::now() + Duration::from_secs(30);
-        h.insert(RETRY_AFTER, HeaderValue::try_from(httpdate::fmt_http_date(later)).expect("hv"));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::try_from(httpdate::fmt_http_date(later)).expect("hv"),
+        );
         let d = retry_after(&h).expect("date");
-        assert!(d <= Duration::from_secs(30) && d >= Duration::from_secs(28), "{d:?}");
-        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
-        assert_eq!(retry_after(&h), Some(Duration::ZERO), "a date in the past means now");
+        assert!(
+            d <= Duration::from_secs(30) && d >= Duration::from_secs(28),
+            "{d:?}"
+        );
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(
+            retry_after(&h),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
         h.insert("retry-after-ms", HeaderValue::from_static("250"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
         h.clear();
@@ -475,17 +501,30 @@ mod tests {
 
     #[test]
     fn error_envelope_is_read_and_bounded() {
-        let (t, m) = error_envelope(br#"{"type":"error","error":{"type":"not_found_error","message":"no such session"}}"#);
-        assert_eq!((t.as_deref(), m.as_deref()), (Some("not_found_error"), Some("no such session")));
+        let (t, m) = error_envelope(
+            br#"{"type":"error","error":{"type":"not_found_error","message":"no such session"}}"#,
+        );
+        assert_eq!(
+            (t.as_deref(), m.as_deref()),
+            (Some("not_found_error"), Some("no such session"))
+        );
         assert_eq!(error_envelope(b"<html>"), (None, None));
         let long = "x".repeat(500);
         let body = format!(r#"{{"error":{{"message":"{long}"}}}}"#);
-        assert_eq!(error_envelope(body.as_bytes()).1.map(|m| m.chars().count()), Some(201));
+        assert_eq!(
+            error_envelope(body.as_bytes()).1.map(|m| m.chars().count()),
+            Some(201)
+        );
     }
 
     #[test]
     fn reasons_are_a_small_fixed_set() {
-        let s = |status| ApiError::Status { status, error_type: None, message: None, retry_after: None };
+        let s = |status| ApiError::Status {
+            status,
+            error_type: None,
+            message: None,
+            retry_after: None,
+        };
         assert_eq!(s(503).reason(), "status_5xx");
         assert_eq!(s(429).reason(), "status_429");
         assert_eq!(s(418).reason(), "status_4xx");

@@ -70,7 +70,13 @@ fn is_terminal(status: &str) -> bool {
 fn is_running(status: &str) -> bool {
     matches!(
         status,
-        "running" | "processing" | "rescheduling" | "rescheduled" | "canceling" | "terminating" | "unknown"
+        "running"
+            | "processing"
+            | "rescheduling"
+            | "rescheduled"
+            | "canceling"
+            | "terminating"
+            | "unknown"
     )
 }
 
@@ -128,7 +134,10 @@ struct LogLimiter {
 impl LogLimiter {
     fn warn(&mut self, kind: &str, msg: &str) {
         let now = Instant::now();
-        let entry = self.last.entry(kind.to_owned()).or_insert((now - Duration::from_secs(3600), 0));
+        let entry = self
+            .last
+            .entry(kind.to_owned())
+            .or_insert((now - Duration::from_secs(3600), 0));
         entry.1 += 1;
         if now.duration_since(entry.0) >= Duration::from_secs(60) {
             let repeats = entry.1 - 1;
@@ -289,7 +298,10 @@ impl Poller {
             None => false,
         };
         if done && !*self.ready.borrow() {
-            tracing::info!(sessions = self.sessions.values().filter(|t| !t.finished).count(), "first polling round done; ready");
+            tracing::info!(
+                sessions = self.sessions.values().filter(|t| !t.finished).count(),
+                "first polling round done; ready"
+            );
             let _ = self.ready.send(true);
         }
     }
@@ -301,13 +313,19 @@ impl Poller {
 
     /// Re-reads `--qoder.pat-file` when it changed, so a rotated token needs no restart.
     fn reload_pat_file(&mut self) {
-        let Some(path) = self.cfg.pat_file.clone() else { return };
+        let Some(path) = self.cfg.pat_file.clone() else {
+            return;
+        };
         let stamp = self.pat_file_mtime();
         if stamp == self.pat_file_stamp {
             return;
         }
         self.pat_file_stamp = stamp;
-        match std::fs::read_to_string(&path).ok().as_deref().and_then(Pat::new) {
+        match std::fs::read_to_string(&path)
+            .ok()
+            .as_deref()
+            .and_then(Pat::new)
+        {
             Some(pat) => {
                 if self.client.token().set(pat) {
                     tracing::info!(path = %path.display(), "token file changed; using the new token");
@@ -316,7 +334,13 @@ impl Poller {
                     }
                 }
             }
-            None => self.logs.warn("pat_file", &format!("token file {} is unreadable or empty; keeping the current token", path.display())),
+            None => self.logs.warn(
+                "pat_file",
+                &format!(
+                    "token file {} is unreadable or empty; keeping the current token",
+                    path.display()
+                ),
+            ),
         }
     }
 
@@ -332,7 +356,8 @@ impl Poller {
             }
             // What may be started now.
             let probe_only = self.auth.failing;
-            let may_probe = !probe_only || (self.auth.probe_at.is_none_or(|t| now >= t) && jobs.is_empty());
+            let may_probe =
+                !probe_only || (self.auth.probe_at.is_none_or(|t| now >= t) && jobs.is_empty());
             if self.discovery_mode() && !discovery_running && now >= next_discovery && may_probe {
                 discovery_running = true;
                 if probe_only {
@@ -345,12 +370,16 @@ impl Poller {
             }
             let limit = if probe_only { 1 } else { self.cfg.concurrency };
             while jobs.len() < limit && (!probe_only || (may_probe && !discovery_running)) {
-                let Some((due, id)) = self.queue.first().cloned() else { break };
+                let Some((due, id)) = self.queue.first().cloned() else {
+                    break;
+                };
                 if due > now {
                     break;
                 }
                 self.queue.remove(&(due, id.clone()));
-                let Some(t) = self.sessions.get_mut(&id) else { continue };
+                let Some(t) = self.sessions.get_mut(&id) else {
+                    continue;
+                };
                 t.in_flight = true;
                 let input = JobInput {
                     id: id.clone(),
@@ -369,14 +398,20 @@ impl Poller {
                 let metrics = self.metrics.clone();
                 let cancel = cancel.clone();
                 jobs.spawn(async move {
-                    Done::Session(read_session(&client, &pipeline, &metrics, input, max_pages, gap, &cancel).await)
+                    Done::Session(
+                        read_session(&client, &pipeline, &metrics, input, max_pages, gap, &cancel)
+                            .await,
+                    )
                 });
                 if probe_only {
                     break;
                 }
             }
             // Sleep until something finishes, something falls due, or we are told to stop.
-            let mut wake = self.queue.first().map_or(now + Duration::from_secs(60), |(d, _)| *d);
+            let mut wake = self
+                .queue
+                .first()
+                .map_or(now + Duration::from_secs(60), |(d, _)| *d);
             if self.discovery_mode() && !discovery_running {
                 wake = wake.min(next_discovery);
             }
@@ -475,7 +510,9 @@ impl Poller {
                 continue;
             }
             // Known: take the newer status; a session that started running is read now.
-            let Some(t) = self.sessions.get_mut(&id) else { continue };
+            let Some(t) = self.sessions.get_mut(&id) else {
+                continue;
+            };
             if t.finished {
                 continue;
             }
@@ -489,7 +526,11 @@ impl Poller {
             }
         }
         if new > 0 {
-            tracing::info!(new, followed = self.sessions.values().filter(|t| !t.finished).count(), "discovered sessions");
+            tracing::info!(
+                new,
+                followed = self.sessions.values().filter(|t| !t.finished).count(),
+                "discovered sessions"
+            );
         }
         if !self.discovered_once {
             self.discovered_once = true;
@@ -521,7 +562,9 @@ impl Poller {
         let poll = self.cfg.poll_interval;
         let idle = self.cfg.idle_interval;
         let probe_at = self.auth.probe_at;
-        let Some(t) = self.sessions.get_mut(&id) else { return };
+        let Some(t) = self.sessions.get_mut(&id) else {
+            return;
+        };
         t.in_flight = false;
         t.cursor = out.cursor;
         t.consumed = out.consumed;
@@ -543,9 +586,13 @@ impl Poller {
             if auth_failed {
                 probe_at.unwrap_or(now + AUTH_BACKOFF_BASE)
             } else {
-                let wait = e
-                    .retry_after()
-                    .unwrap_or_else(|| backoff(poll.max(Duration::from_secs(1)), FAILURE_BACKOFF_MAX, t.failures));
+                let wait = e.retry_after().unwrap_or_else(|| {
+                    backoff(
+                        poll.max(Duration::from_secs(1)),
+                        FAILURE_BACKOFF_MAX,
+                        t.failures,
+                    )
+                });
                 now + wait
             }
         } else {
@@ -601,7 +648,11 @@ fn meta_of(s: &WireSession) -> SessionMeta {
 }
 
 /// Lists sessions newest first until a page holds no session not already known.
-async fn discover(client: &Client, known: &HashSet<String>, gap: Duration) -> Result<Vec<WireSession>, ApiError> {
+async fn discover(
+    client: &Client,
+    known: &HashSet<String>,
+    gap: Duration,
+) -> Result<Vec<WireSession>, ApiError> {
     let mut found = Vec::new();
     let mut cursor: Option<String> = None;
     for page_no in 0..MAX_DISCOVERY_PAGES {
@@ -609,11 +660,14 @@ async fn discover(client: &Client, known: &HashSet<String>, gap: Duration) -> Re
             tokio::time::sleep(gap).await;
         }
         let body = client.list_sessions(cursor.as_deref()).await?;
-        let page: Page<'_> = serde_json::from_slice(&body).map_err(|e| decode_failure(client, "sessions", &e))?;
+        let page: Page<'_> =
+            serde_json::from_slice(&body).map_err(|e| decode_failure(client, "sessions", &e))?;
         let mut any_new = false;
         let mut last = None;
         for raw in &page.data {
-            let Some(s) = wire::decode_session(raw.get()) else { continue };
+            let Some(s) = wire::decode_session(raw.get()) else {
+                continue;
+            };
             if let Some(id) = &s.id {
                 any_new |= !known.contains(id);
                 last = Some(id.clone());
@@ -621,7 +675,12 @@ async fn discover(client: &Client, known: &HashSet<String>, gap: Duration) -> Re
             found.push(s);
         }
         let next = page.last_id.clone().or(last);
-        if !page.has_more.unwrap_or(false) || !any_new || page.data.is_empty() || next.is_none() || next == cursor {
+        if !page.has_more.unwrap_or(false)
+            || !any_new
+            || page.data.is_empty()
+            || next.is_none()
+            || next == cursor
+        {
             break;
         }
         cursor = next;
@@ -665,7 +724,8 @@ async fn read_session(
                     Some(s) => meta_of(&s),
                     None => {
                         client.count_failure("session", "decode");
-                        out.error = Some(ApiError::Decode("session object without an id".to_owned()));
+                        out.error =
+                            Some(ApiError::Decode("session object without an id".to_owned()));
                         return out;
                     }
                 },
@@ -791,12 +851,24 @@ mod tests {
 
     #[test]
     fn meta_prefers_name_then_id() {
-        let s = wire::decode_session(r#"{"id":"s","status":"idle","agent":{"id":"agent_1","name":"","model":"qwen"}}"#).expect("s");
+        let s = wire::decode_session(
+            r#"{"id":"s","status":"idle","agent":{"id":"agent_1","name":"","model":"qwen"}}"#,
+        )
+        .expect("s");
         let m = meta_of(&s);
-        assert_eq!((m.agent_name, m.agent_id.as_deref(), m.model.as_deref()), (None, Some("agent_1"), Some("qwen")));
-        let g1 = wire::decode_session(r#"{"id":"s","agent_id":"ag_9","archived_at":"2026-06-01T00:00:00Z","status":"idle"}"#).expect("s");
+        assert_eq!(
+            (m.agent_name, m.agent_id.as_deref(), m.model.as_deref()),
+            (None, Some("agent_1"), Some("qwen"))
+        );
+        let g1 = wire::decode_session(
+            r#"{"id":"s","agent_id":"ag_9","archived_at":"2026-06-01T00:00:00Z","status":"idle"}"#,
+        )
+        .expect("s");
         let m = meta_of(&g1);
-        assert_eq!((m.agent_id.as_deref(), m.status.as_deref()), (Some("ag_9"), Some("archived")));
+        assert_eq!(
+            (m.agent_id.as_deref(), m.status.as_deref()),
+            (Some("ag_9"), Some("archived"))
+        );
     }
 
     #[test]

@@ -338,11 +338,17 @@ mod tests {
             "message":"m","retry_status":{"type":"retrying"}}}"#,
         )
         .expect("g3");
-        let Some(WireError::Obj { kind, retry_status, .. }) = g3.event.error else {
+        let Some(WireError::Obj {
+            kind, retry_status, ..
+        }) = g3.event.error
+        else {
             panic!("object error expected");
         };
         assert_eq!(kind.as_deref(), Some("model_overloaded_error"));
-        assert_eq!(retry_status.and_then(Typed::kind).as_deref(), Some("retrying"));
+        assert_eq!(
+            retry_status.and_then(Typed::kind).as_deref(),
+            Some("retrying")
+        );
     }
 
     #[test]
@@ -353,17 +359,32 @@ mod tests {
         .expect("still an event");
         assert_eq!(d.bad_fields, 1);
         assert_eq!(d.event.usage, None);
-        assert_eq!(d.event.stop_reason.and_then(Typed::kind).as_deref(), Some("end_turn"));
+        assert_eq!(
+            d.event.stop_reason.and_then(Typed::kind).as_deref(),
+            Some("end_turn")
+        );
     }
 
     #[test]
     fn unreadable_events_say_why() {
         assert_eq!(decode_event("[1,2]"), Err(InvalidReason::NotObject));
         assert_eq!(decode_event("42"), Err(InvalidReason::NotObject));
-        assert_eq!(decode_event(r#"{"type":"x"}"#), Err(InvalidReason::MissingId));
-        assert_eq!(decode_event(r#"{"id":7,"type":"x"}"#), Err(InvalidReason::MissingId));
-        assert_eq!(decode_event(r#"{"id":"a"}"#), Err(InvalidReason::MissingType));
-        assert_eq!(decode_event(r#"{"id":"a","type":""}"#), Err(InvalidReason::MissingType));
+        assert_eq!(
+            decode_event(r#"{"type":"x"}"#),
+            Err(InvalidReason::MissingId)
+        );
+        assert_eq!(
+            decode_event(r#"{"id":7,"type":"x"}"#),
+            Err(InvalidReason::MissingId)
+        );
+        assert_eq!(
+            decode_event(r#"{"id":"a"}"#),
+            Err(InvalidReason::MissingType)
+        );
+        assert_eq!(
+            decode_event(r#"{"id":"a","type":""}"#),
+            Err(InvalidReason::MissingType)
+        );
     }
 
     #[test]
@@ -390,7 +411,9 @@ mod tests {
             r#"{"id":"sess_1","status":"running","agent":{"id":"agent_1","name":"coder","model":{"id":"qwen"}}}"#,
         )
         .expect("session");
-        let Some(WireAgent::Obj { name, model, .. }) = s.agent else { panic!("obj") };
+        let Some(WireAgent::Obj { name, model, .. }) = s.agent else {
+            panic!("obj")
+        };
         assert_eq!(name.as_deref(), Some("coder"));
         assert_eq!(model.and_then(WireModel::name).as_deref(), Some("qwen"));
         let g1 = decode_session(r#"{"id":"sess_2","agent":"agent_9","status":7}"#).expect("g1");

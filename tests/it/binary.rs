@@ -71,7 +71,14 @@ fn spawn(sim: &Sim, state: &Path, extra: &[&str]) -> Proc {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
-    let sim = sim(ScenarioConfig { seed: 21, sessions: 15, stagger: 3, max_turns: 5, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 21,
+        sessions: 15,
+        stagger: 3,
+        max_turns: 5,
+        ..ScenarioConfig::default()
+    })
+    .await;
     let dir = tempfile::tempdir().expect("dir");
     let state = dir.path().join("state.db");
     // The log grows while it is read and while the exporter dies.
@@ -106,23 +113,38 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_commits_and_exits_promptly() {
-    let sim = sim(ScenarioConfig { seed: 22, sessions: 6, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 22,
+        sessions: 6,
+        ..ScenarioConfig::default()
+    })
+    .await;
     sim.release_all();
     let dir = tempfile::tempdir().expect("dir");
     let state = dir.path().join("state.db");
     let mut p = spawn(&sim, &state, &[]);
     wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
     let started = Instant::now();
-    let status = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
     let exit = loop {
         if let Some(s) = p.child.try_wait().expect("wait") {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(15), "still running 15 s after SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "still running 15 s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(exit.success(), "exit status {exit:?}; log: {:?}", p.log.lock().expect("log"));
+    assert!(
+        exit.success(),
+        "exit status {exit:?}; log: {:?}",
+        p.log.lock().expect("log")
+    );
     let log = p.log.lock().expect("log").join("\n");
     assert!(log.contains("state committed and closed"), "{log}");
     // The lock is released: a new run on the same file starts and shows the same totals.
@@ -135,7 +157,13 @@ async fn sigterm_commits_and_exits_promptly() {
 /// The exposition passes `promtool check metrics` (Prometheus' own linter).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
-    let sim = sim(ScenarioConfig { seed: 23, sessions: 9, hostile: true, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 23,
+        sessions: 9,
+        hostile: true,
+        ..ScenarioConfig::default()
+    })
+    .await;
     sim.release_all();
     let dir = tempfile::tempdir().expect("dir");
     let mut p = spawn(&sim, &dir.path().join("state.db"), &[]);
@@ -151,7 +179,12 @@ async fn metrics_pass_promtool() {
         .spawn()
         .expect("promtool is installed (.ci/run installs Debian's prometheus package)");
     use std::io::Write;
-    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
     let out = child.wait_with_output().expect("promtool");
     assert!(
         out.status.success(),
@@ -165,7 +198,13 @@ async fn metrics_pass_promtool() {
 /// `tests/golden/metrics.txt`. Refresh with `UPDATE_GOLDEN=1 cargo nextest run golden`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_metrics() {
-    let sim = sim(ScenarioConfig { seed: 2026, sessions: 6, max_turns: 3, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 2026,
+        sessions: 6,
+        max_turns: 3,
+        ..ScenarioConfig::default()
+    })
+    .await;
     sim.release_all();
     let dir = tempfile::tempdir().expect("dir");
     let mut p = spawn(&sim, &dir.path().join("state.db"), &[]);
@@ -179,7 +218,9 @@ async fn golden_metrics() {
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let name = rest.split_whitespace().next().unwrap_or("");
-            keep = name.starts_with("qoder_") && !name.starts_with("qoder_exporter_") && !matches!(name, "qoder_up" | "qoder_sessions");
+            keep = name.starts_with("qoder_")
+                && !name.starts_with("qoder_exporter_")
+                && !matches!(name, "qoder_up" | "qoder_sessions");
         }
         if keep {
             golden.push_str(line);
@@ -191,7 +232,8 @@ async fn golden_metrics() {
         std::fs::write(&path, &golden).expect("write golden");
         return;
     }
-    let want = std::fs::read_to_string(&path).expect("golden file (create it with UPDATE_GOLDEN=1)");
+    let want =
+        std::fs::read_to_string(&path).expect("golden file (create it with UPDATE_GOLDEN=1)");
     if want != golden {
         let diff: Vec<String> = want
             .lines()
@@ -200,18 +242,26 @@ async fn golden_metrics() {
             .take(10)
             .map(|(a, b)| format!("- {a}\n+ {b}"))
             .collect();
-        panic!("/metrics differs from tests/golden/metrics.txt (UPDATE_GOLDEN=1 to accept):\n{}", diff.join("\n"));
+        panic!(
+            "/metrics differs from tests/golden/metrics.txt (UPDATE_GOLDEN=1 to accept):\n{}",
+            diff.join("\n")
+        );
     }
 }
 
 fn run_to_exit(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("QODER_PAT").env_remove("QODER_PERSONAL_ACCESS_TOKEN");
+    cmd.args(args)
+        .env_remove("QODER_PAT")
+        .env_remove("QODER_PERSONAL_ACCESS_TOKEN");
     for (k, v) in envs {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("runs");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -223,11 +273,18 @@ fn startup_errors_are_clear_and_touch_nothing() {
 
     let state = dir.path().join("state.db");
     let s = state.to_str().expect("utf8");
-    let (code, err) = run_to_exit(&["--state.path", s, "--web.listen-address", "127.0.0.1:0"], &[]);
+    let (code, err) = run_to_exit(
+        &["--state.path", s, "--web.listen-address", "127.0.0.1:0"],
+        &[],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("QODER_PAT") && err.contains("demo"), "{err}");
 
-    std::fs::write(&state, b"definitely not sqlite, just some bytes that fill a header page").expect("write");
+    std::fs::write(
+        &state,
+        b"definitely not sqlite, just some bytes that fill a header page",
+    )
+    .expect("write");
     let before = std::fs::read(&state).expect("read");
     let (code, err) = run_to_exit(
         &["--state.path", s, "--web.listen-address", "127.0.0.1:0"],
@@ -235,14 +292,28 @@ fn startup_errors_are_clear_and_touch_nothing() {
     );
     assert_eq!(code, 1);
     assert!(err.contains("corrupt or not an SQLite database"), "{err}");
-    assert_eq!(std::fs::read(&state).expect("read"), before, "a bad state file is never overwritten");
+    assert_eq!(
+        std::fs::read(&state).expect("read"),
+        before,
+        "a bad state file is never overwritten"
+    );
 }
 
 #[test]
 fn help_reads_well() {
     let out = Command::new(BIN).arg("--help").output().expect("runs");
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--qoder.api-url", "--qoder.pat-file", "--qoder.session", "--qoder.poll-interval", "--web.listen-address", "--web.telemetry-path", "--state.path", "--config.file", "demo"] {
+    for flag in [
+        "--qoder.api-url",
+        "--qoder.pat-file",
+        "--qoder.session",
+        "--qoder.poll-interval",
+        "--web.listen-address",
+        "--web.telemetry-path",
+        "--state.path",
+        "--config.file",
+        "demo",
+    ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
 }

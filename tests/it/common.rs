@@ -17,7 +17,11 @@ pub fn loopback() -> SocketAddr {
 }
 
 pub async fn sim(scenario: ScenarioConfig) -> Sim {
-    sim_with(SimConfig { scenario, ..SimConfig::default() }).await
+    sim_with(SimConfig {
+        scenario,
+        ..SimConfig::default()
+    })
+    .await
 }
 
 pub async fn sim_with(cfg: SimConfig) -> Sim {
@@ -70,7 +74,12 @@ pub fn parse(text: &str) -> Series {
         let mut pairs = Vec::new();
         for part in split_labels(labels) {
             let (k, v) = part.split_once('=').expect("label pair");
-            pairs.push((k.to_owned(), v.trim_matches('"').replace("\\\"", "\"").replace("\\\\", "\\")));
+            pairs.push((
+                k.to_owned(),
+                v.trim_matches('"')
+                    .replace("\\\"", "\"")
+                    .replace("\\\\", "\\"),
+            ));
         }
         pairs.sort();
         out.insert((name.to_owned(), pairs), value);
@@ -103,7 +112,11 @@ fn split_labels(s: &str) -> Vec<&str> {
 }
 
 pub fn get(series: &Series, name: &str) -> f64 {
-    series.iter().filter(|((n, _), _)| n == name).map(|(_, v)| v).sum()
+    series
+        .iter()
+        .filter(|((n, _), _)| n == name)
+        .map(|(_, v)| v)
+        .sum()
 }
 
 /// The event-derived families whose every series must match the totals.
@@ -136,7 +149,10 @@ pub fn mismatches(series: &Series, totals: &Totals) -> Vec<String> {
     }
     for (key, got) in series {
         if EVENT_FAMILIES.contains(&key.0.as_str()) && !expected.contains_key(key) && *got != 0.0 {
-            problems.push(format!("{} {:?}: exporter {got}, not in the log", key.0, key.1));
+            problems.push(format!(
+                "{} {:?}: exporter {got}, not in the log",
+                key.0, key.1
+            ));
         }
     }
     problems
@@ -154,7 +170,12 @@ pub async fn wait_exact(addr: SocketAddr, totals: &Totals, timeout: Duration) ->
             tokio::time::sleep(Duration::from_millis(300)).await;
             let series = parse(&scrape(addr).await);
             let problems = mismatches(&series, totals);
-            assert!(problems.is_empty(), "{} mismatches:\n{}", problems.len(), problems.join("\n"));
+            assert!(
+                problems.is_empty(),
+                "{} mismatches:\n{}",
+                problems.len(),
+                problems.join("\n")
+            );
             return series;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -14,31 +14,64 @@ const WAIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_log_of_all_generations_is_counted_exactly() {
-    let sim = sim(ScenarioConfig { seed: 11, sessions: 30, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 11,
+        sessions: 30,
+        ..ScenarioConfig::default()
+    })
+    .await;
     sim.release_all();
     let dir = tempfile::tempdir().expect("dir");
-    let running = app::start(settings(&sim, &dir.path().join("s.db"))).await.expect("start");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
     let series = wait_exact(running.addr, &sim.totals, WAIT).await;
     assert_eq!(get(&series, "qoder_up"), 1.0);
     assert_eq!(get(&series, "qoder_exporter_events_invalid_total"), 0.0);
-    assert!(get(&series, "qoder_exporter_last_successful_poll_timestamp_seconds") > 1.7e9);
-    assert_eq!(sim.stats().accept_violations.load(Ordering::Relaxed), 0, "never asks the list endpoint for SSE");
-    assert_eq!(sim.stats().param_violations.load(Ordering::Relaxed), 0, "one cursor, limit ≤ 100");
+    assert!(
+        get(
+            &series,
+            "qoder_exporter_last_successful_poll_timestamp_seconds"
+        ) > 1.7e9
+    );
+    assert_eq!(
+        sim.stats().accept_violations.load(Ordering::Relaxed),
+        0,
+        "never asks the list endpoint for SSE"
+    );
+    assert_eq!(
+        sim.stats().param_violations.load(Ordering::Relaxed),
+        0,
+        "one cursor, limit ≤ 100"
+    );
     // Terminated sessions are drained and then left alone.
     let terminal = sim.sessions().iter().filter(|s| s.terminal).count();
     assert!(terminal > 0);
     let followed = get(&series, "qoder_sessions");
-    assert!(eventually(Duration::from_secs(10), async || {
-        get(&parse(&scrape(running.addr).await), "qoder_sessions") == (30 - terminal) as f64
-    }).await, "sessions followed: {followed}, want {}", 30 - terminal);
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            get(&parse(&scrape(running.addr).await), "qoder_sessions") == (30 - terminal) as f64
+        })
+        .await,
+        "sessions followed: {followed}, want {}",
+        30 - terminal
+    );
     running.stop().await.expect("stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_growing_while_read_is_counted_exactly() {
-    let sim = sim(ScenarioConfig { seed: 12, sessions: 9, stagger: 5, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 12,
+        sessions: 9,
+        stagger: 5,
+        ..ScenarioConfig::default()
+    })
+    .await;
     let dir = tempfile::tempdir().expect("dir");
-    let running = app::start(settings(&sim, &dir.path().join("s.db"))).await.expect("start");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
     // Release the log a few steps at a time while the exporter reads it.
     let last = sim.last_step();
     let mut step = 0;
@@ -54,7 +87,11 @@ async fn a_log_growing_while_read_is_counted_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_is_survived_with_nothing_lost_or_doubled() {
     let sim = sim_with(SimConfig {
-        scenario: ScenarioConfig { seed: 13, sessions: 12, ..ScenarioConfig::default() },
+        scenario: ScenarioConfig {
+            seed: 13,
+            sessions: 12,
+            ..ScenarioConfig::default()
+        },
         fault_rate: 0.2,
         faults: Fault::ALL.to_vec(),
         slow_delay: Duration::from_millis(1500),
@@ -74,23 +111,40 @@ async fn every_fault_is_survived_with_nothing_lost_or_doubled() {
     for reason in ["status_5xx", "status_429", "decode"] {
         let n: f64 = series
             .iter()
-            .filter(|((n, l), _)| n == "qoder_exporter_api_request_failures_total" && l.iter().any(|(k, v)| k == "reason" && v == reason))
+            .filter(|((n, l), _)| {
+                n == "qoder_exporter_api_request_failures_total"
+                    && l.iter().any(|(k, v)| k == "reason" && v == reason)
+            })
             .map(|(_, v)| v)
             .sum();
-        assert!(n > 0.0, "no failure counted with reason {reason}: {series:?}");
+        assert!(
+            n > 0.0,
+            "no failure counted with reason {reason}: {series:?}"
+        );
     }
     running.stop().await.expect("stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_continues_the_counts_without_doubling() {
-    let sim = sim(ScenarioConfig { seed: 14, sessions: 9, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 14,
+        sessions: 9,
+        ..ScenarioConfig::default()
+    })
+    .await;
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("s.db");
     // First run sees half of the log.
     sim.set_clock(sim.last_step() / 2);
     let first = app::start(settings(&sim, &path)).await.expect("start");
-    assert!(eventually(WAIT, async || get(&parse(&scrape(first.addr).await), "qoder_events_total") > 0.0).await);
+    assert!(
+        eventually(WAIT, async || get(
+            &parse(&scrape(first.addr).await),
+            "qoder_events_total"
+        ) > 0.0)
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     first.stop().await.expect("stop");
     // The second run sees all of it and must arrive at the same totals as one run would.
@@ -102,11 +156,25 @@ async fn a_restart_continues_the_counts_without_doubling() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_cursor_is_recovered_without_loss_or_double_count() {
-    let sim = sim(ScenarioConfig { seed: 15, sessions: 3, max_turns: 6, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 15,
+        sessions: 3,
+        max_turns: 6,
+        ..ScenarioConfig::default()
+    })
+    .await;
     sim.set_clock(sim.last_step() / 2);
     let dir = tempfile::tempdir().expect("dir");
-    let running = app::start(settings(&sim, &dir.path().join("s.db"))).await.expect("start");
-    assert!(eventually(WAIT, async || get(&parse(&scrape(running.addr).await), "qoder_events_total") > 10.0).await);
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+    assert!(
+        eventually(WAIT, async || get(
+            &parse(&scrape(running.addr).await),
+            "qoder_events_total"
+        ) > 10.0)
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     sim.refuse_next_cursor();
     sim.release_all();
@@ -117,20 +185,36 @@ async fn a_refused_cursor_is_recovered_without_loss_or_double_count() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_events_are_counted_and_skipped() {
-    let sim = sim(ScenarioConfig { seed: 16, sessions: 12, hostile: true, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 16,
+        sessions: 12,
+        hostile: true,
+        ..ScenarioConfig::default()
+    })
+    .await;
     sim.release_all();
     assert!(sim.totals.invalid > 0);
     let dir = tempfile::tempdir().expect("dir");
-    let running = app::start(settings(&sim, &dir.path().join("s.db"))).await.expect("start");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
     let series = wait_exact(running.addr, &sim.totals, WAIT).await;
-    assert_eq!(get(&series, "qoder_exporter_events_invalid_total"), sim.totals.invalid as f64);
+    assert_eq!(
+        get(&series, "qoder_exporter_events_invalid_total"),
+        sim.totals.invalid as f64
+    );
     assert!(get(&series, "qoder_exporter_event_fields_dropped_total") > 0.0);
     running.stop().await.expect("stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_keeps_serving_reports_down_and_barely_asks() {
-    let sim = sim(ScenarioConfig { seed: 17, sessions: 6, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 17,
+        sessions: 6,
+        ..ScenarioConfig::default()
+    })
+    .await;
     sim.release_all();
     let dir = tempfile::tempdir().expect("dir");
     let pat_file = dir.path().join("pat");
@@ -144,8 +228,14 @@ async fn a_wrong_token_keeps_serving_reports_down_and_barely_asks() {
     assert_eq!(get(&series, "qoder_up"), 0.0);
     assert_eq!(get(&series, "qoder_events_total"), 0.0);
     let asked = sim.stats().total();
-    assert!((1..=2).contains(&asked), "requests with a rejected token in 3 s: {asked}");
-    assert!(*running.ready.borrow(), "a failed first round still ends the first round");
+    assert!(
+        (1..=2).contains(&asked),
+        "requests with a rejected token in 3 s: {asked}"
+    );
+    assert!(
+        *running.ready.borrow(),
+        "a failed first round still ends the first round"
+    );
     // Rotating the token file brings it back without a restart.
     tokio::time::sleep(Duration::from_millis(1100)).await; // mtime granularity
     std::fs::write(&pat_file, format!("{}\n", sim.token())).expect("rotate");
@@ -156,7 +246,12 @@ async fn a_wrong_token_keeps_serving_reports_down_and_barely_asks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_sessions_only_and_a_missing_one_is_dropped() {
-    let sim = sim(ScenarioConfig { seed: 18, sessions: 6, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 18,
+        sessions: 6,
+        ..ScenarioConfig::default()
+    })
+    .await;
     sim.release_all();
     let dir = tempfile::tempdir().expect("dir");
     let mut s = settings(&sim, &dir.path().join("s.db"));
@@ -164,18 +259,37 @@ async fn named_sessions_only_and_a_missing_one_is_dropped() {
     s.sessions = vec![chosen.clone(), "sess_does_not_exist".into()];
     let running = app::start(s).await.expect("start");
     let want = sim.sessions()[1].events.len() as f64;
-    assert!(eventually(WAIT, async || get(&parse(&scrape(running.addr).await), "qoder_events_total") == want).await);
+    assert!(
+        eventually(WAIT, async || get(
+            &parse(&scrape(running.addr).await),
+            "qoder_events_total"
+        ) == want)
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
     let series = parse(&scrape(running.addr).await);
-    assert_eq!(get(&series, "qoder_events_total"), want, "only the named session");
-    assert_eq!(sim.stats().sessions_requests.load(Ordering::Relaxed), 0, "no discovery when sessions are named");
+    assert_eq!(
+        get(&series, "qoder_events_total"),
+        want,
+        "only the named session"
+    );
+    assert_eq!(
+        sim.stats().sessions_requests.load(Ordering::Relaxed),
+        0,
+        "no discovery when sessions are named"
+    );
     assert!(*running.ready.borrow());
     running.stop().await.expect("stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_budget_is_kept() {
-    let sim = sim(ScenarioConfig { seed: 19, sessions: 40, ..ScenarioConfig::default() }).await;
+    let sim = sim(ScenarioConfig {
+        seed: 19,
+        sessions: 40,
+        ..ScenarioConfig::default()
+    })
+    .await;
     sim.release_all();
     let dir = tempfile::tempdir().expect("dir");
     let mut s = settings(&sim, &dir.path().join("s.db"));
@@ -186,6 +300,9 @@ async fn the_request_budget_is_kept() {
     let n = sim.stats().total() as f64;
     let rate = n / started.elapsed().as_secs_f64();
     // The limiter allows a burst of one second's budget on top of the rate.
-    assert!(n <= 20.0 * 3.0 + 20.0 + 1.0, "{n} requests in 3 s ({rate:.1}/s) with a budget of 20/s");
+    assert!(
+        n <= 20.0 * 3.0 + 20.0 + 1.0,
+        "{n} requests in 3 s ({rate:.1}/s) with a budget of 20/s"
+    );
     running.stop().await.expect("stop");
 }
