@@ -41,6 +41,11 @@ pub struct Cli {
 pub enum Command {
     /// Run against a built-in simulated Qoder API (no account needed).
     Demo(DemoFlags),
+    /// Exit 0 when the exporter at --url answers its health check (for container HEALTHCHECK).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:9874/healthz")]
+        url: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,9 @@ use qoder_exporter::{app, config};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Healthcheck { url }) = &cli.command {
+        return healthcheck(url);
+    }
     let demo = matches!(cli.command, Some(Command::Demo(_)));
     let mut flags = cli.flags;
     if demo {
@@ -47,7 +50,9 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Demo(d)) => demo_run(settings, d).await,
-            None => app::run(settings, app::shutdown_signal()).await,
+            Some(Command::Healthcheck { .. }) | None => {
+                app::run(settings, app::shutdown_signal()).await
+            }
         }
     });
     match result {
@@ -56,6 +61,34 @@ fn main() -> std::process::ExitCode {
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// One GET with a short timeout; no logging, no state.
+fn healthcheck(url: &str) -> std::process::ExitCode {
+    let ok = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()
+        .is_some_and(|rt| {
+            rt.block_on(async {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(3))
+                    .build();
+                match client {
+                    Ok(c) => c
+                        .get(url)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success()),
+                    Err(_) => false,
+                }
+            })
+        });
+    if ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }
 

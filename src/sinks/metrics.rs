@@ -590,6 +590,10 @@ impl ProcessMetrics {
         for r in ["not_object", "missing_id", "missing_type"] {
             m.events_invalid.with_label_values(&[r]);
         }
+        // The outbox gives up on spans when it is full or when the endpoint refuses them.
+        for r in ["outbox_full", "export_failed"] {
+            m.spans_dropped.with_label_values(&[r]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::REVISION])
             .set(1.0);

@@ -4,3 +4,4 @@
 mod binary;
 mod common;
 mod e2e;
+mod ops;

@@ -1,0 +1,369 @@
+//! Dashboards, rules and deploy files, checked against the real exporter and a real Prometheus
+//! (Debian's package, started on loopback): every panel expression and recording rule returns
+//! data, every rule evaluates cleanly, every metric they name exists in `/metrics`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use qoder_exporter::app;
+use qoder_exporter::sim::{Fault, ScenarioConfig, SimConfig};
+use serde_json::Value;
+
+use crate::common::*;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root().join("dashboards")).expect("dashboards/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read"))
+                .expect("dashboard JSON parses");
+            out.push((
+                path.file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned(),
+                v,
+            ));
+        }
+    }
+    assert!(out.len() >= 2, "both dashboards present");
+    out
+}
+
+fn panels(board: &Value) -> Vec<&Value> {
+    board["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .collect()
+}
+
+/// Grafana's variables replaced by what a query over everything would use.
+fn concrete(expr: &str) -> String {
+    expr.replace("$__rate_interval", "30s")
+        .replace("$__range", "2m")
+        .replace("$job", ".*")
+        .replace("$agent", ".*")
+}
+
+/// Metric names (not recording rules, which contain ':') an expression reads.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|t| t.starts_with("qoder_") && !t.contains(':'))
+        .map(|t| {
+            let t = t
+                .strip_suffix("_bucket")
+                .or_else(|| t.strip_suffix("_count"))
+                .or_else(|| t.strip_suffix("_sum"))
+                .unwrap_or(t);
+            t.to_owned()
+        })
+        .collect()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn dashboards_follow_the_house_rules() {
+    for (name, board) in dashboards() {
+        assert!(
+            board["uid"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("qoder-")),
+            "{name}: fixed uid"
+        );
+        let vars: Vec<&str> = board["templating"]["list"]
+            .as_array()
+            .expect("vars")
+            .iter()
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        assert!(
+            vars.contains(&"datasource") && vars.contains(&"job"),
+            "{name}: datasource and job variables: {vars:?}"
+        );
+        for p in panels(&board) {
+            let title = p["title"].as_str().unwrap_or("?");
+            assert!(
+                p["fieldConfig"]["defaults"]["unit"]
+                    .as_str()
+                    .is_some_and(|u| !u.is_empty()),
+                "{name}/{title}: unit"
+            );
+            for t in p["targets"].as_array().expect("targets") {
+                let expr = t["expr"].as_str().expect("expr");
+                if expr.contains("rate(") {
+                    assert!(
+                        expr.contains("[$__rate_interval]"),
+                        "{name}/{title}: rate over $__rate_interval: {expr}"
+                    );
+                }
+                assert!(
+                    expr.contains("$job"),
+                    "{name}/{title}: filtered by $job: {expr}"
+                );
+                // A panel broken down by agent, model, tool or error type links to the traces of it.
+                let legend = t["legendFormat"].as_str().unwrap_or("");
+                let links = p["fieldConfig"]["defaults"]["links"].to_string();
+                for label in ["model", "tool", "error_type"] {
+                    if legend.contains(&format!("{{{{{label}}}}}")) {
+                        assert!(
+                            links.contains(&format!("__field.labels.{label}")),
+                            "{name}/{title}: trace link by {label}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn generated_files_are_current_and_rules_pass_promtool() {
+    run(Command::new("python3")
+        .arg(root().join("dashboards/generate.py"))
+        .arg("--check"));
+    run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(root().join("deploy/prometheus/rules.yml")));
+    run(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(root().join("tests/rules/alerts_test.yml")));
+}
+
+#[test]
+fn deploy_files_parse_and_name_real_flags() {
+    run(Command::new("python3")
+        .arg(root().join("deploy/check.py"))
+        .arg(env!("CARGO_BIN_EXE_qoder-exporter")));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+struct Prometheus(std::process::Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn query(client: &reqwest::Client, base: &str, expr: &str) -> Value {
+    let v: Value = client
+        .get(format!("{base}/api/v1/query"))
+        .query(&[("query", expr)])
+        .send()
+        .await
+        .expect("query")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["status"], "success", "{expr}: {v}");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_finds_data_for_every_panel_and_rule() {
+    // A few 503s, so the failure panels have something to show.
+    let sim = sim_with(SimConfig {
+        scenario: ScenarioConfig {
+            seed: 31,
+            sessions: 24,
+            stagger: 2,
+            max_turns: 5,
+            ..ScenarioConfig::default()
+        },
+        fault_rate: 0.05,
+        faults: vec![Fault::Status503],
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: qoder-exporter\n    static_configs:\n      - targets: ['{addr}']\n",
+            rules = root().join("deploy/prometheus/rules.yml").display(),
+            addr = running.addr
+        ),
+    )
+    .expect("config");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let _prom = Prometheus(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus is installed (.ci/run installs Debian's prometheus package)"),
+    );
+    let client = reqwest::Client::new();
+    // The log grows while Prometheus scrapes, so rates are not all zero.
+    let last = sim.last_step();
+    for step in (0..=last).step_by((last / 40).max(1) as usize) {
+        sim.set_clock(step);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    sim.release_all();
+    assert!(
+        eventually(Duration::from_secs(30), async || {
+            match client
+                .get(format!("{base}/api/v1/query"))
+                .query(&[("query", "count_over_time(up{job=\"qoder-exporter\"}[1m])")])
+                .send()
+                .await
+            {
+                Ok(r) => r
+                    .json::<Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| {
+                        v["data"]["result"][0]["value"][1]
+                            .as_str()
+                            .map(|s| s.parse::<f64>().unwrap_or(0.0) >= 4.0)
+                    })
+                    .unwrap_or(false),
+                Err(_) => false,
+            }
+        })
+        .await,
+        "prometheus scrapes the exporter"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let exposed: BTreeSet<String> = scrape(running.addr)
+        .await
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+
+    let mut names = BTreeSet::new();
+    for (name, board) in dashboards() {
+        for p in panels(&board) {
+            for t in p["targets"].as_array().expect("targets") {
+                let expr = t["expr"].as_str().expect("expr");
+                names.extend(metric_names(expr));
+                let v = query(&client, &base, &concrete(expr)).await;
+                let n = v["data"]["result"].as_array().map_or(0, Vec::len);
+                assert!(n > 0, "{name}/{}: no data for {expr}", p["title"]);
+            }
+        }
+    }
+    let rules: Value = client
+        .get(format!("{base}/api/v1/rules"))
+        .send()
+        .await
+        .expect("rules")
+        .json()
+        .await
+        .expect("json");
+    let groups = rules["data"]["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 2, "both rule groups loaded");
+    let mut evaluated = 0;
+    for g in groups {
+        for r in g["rules"].as_array().expect("rules") {
+            let expr = r["query"].as_str().expect("query");
+            names.extend(metric_names(expr));
+            assert_eq!(
+                r["health"], "ok",
+                "rule {} does not evaluate: {r}",
+                r["name"]
+            );
+            evaluated += 1;
+            if r["type"] == "alerting" {
+                let name = r["name"].as_str().expect("name");
+                assert!(name.starts_with("Qoder"), "{name}: common prefix");
+                assert!(
+                    ["critical", "warning", "info"]
+                        .contains(&r["labels"]["severity"].as_str().unwrap_or("")),
+                    "{name}: severity"
+                );
+                for key in ["summary", "description", "runbook_url"] {
+                    assert!(
+                        r["annotations"][key]
+                            .as_str()
+                            .is_some_and(|s| !s.is_empty()),
+                        "{name}: {key}"
+                    );
+                }
+                let runbooks =
+                    std::fs::read_to_string(root().join("docs/runbooks.md")).expect("runbooks");
+                let anchor = r["annotations"]["runbook_url"]
+                    .as_str()
+                    .and_then(|u| u.split('#').nth(1))
+                    .unwrap_or("");
+                assert_eq!(anchor, name.to_lowercase(), "{name}: runbook anchor");
+                assert!(
+                    runbooks.contains(&format!("\n## {name}\n")),
+                    "{name}: a section in docs/runbooks.md"
+                );
+            }
+            if r["type"] == "recording" {
+                let record = r["name"].as_str().expect("name");
+                let v = query(&client, &base, record).await;
+                assert!(
+                    v["data"]["result"]
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty()),
+                    "recording rule {record} has no data"
+                );
+            }
+        }
+    }
+    assert!(evaluated >= 15, "{evaluated} rules");
+    let missing: Vec<_> = names.iter().filter(|n| !exposed.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "dashboards or rules use metrics the exporter does not expose: {missing:?}"
+    );
+    running.stop().await.expect("stop");
+}
+
+#[test]
+fn metric_names_are_extracted_without_recording_rules() {
+    let got = metric_names(
+        "sum(rate(qoder_tokens_total[5m])) / job_agent:qoder_turns:rate5m + qoder_x_bucket",
+    );
+    assert_eq!(
+        got,
+        BTreeSet::from(["qoder_tokens_total".to_owned(), "qoder_x".to_owned()])
+    );
+    assert!(Path::new(&root()).join("docs/runbooks.md").exists());
+}
