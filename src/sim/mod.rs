@@ -447,6 +447,50 @@ fn paging(
     ))
 }
 
+/// The page a cursor selects: after `after` (forward), or the `limit` records just before
+/// `before`, or the first `limit`; with whether more records lie that way. An unknown cursor
+/// is a 400, as on the real API.
+#[allow(
+    clippy::result_large_err,
+    reason = "the error is the response itself, built once per request"
+)]
+fn cursor_slice<'a, T>(
+    visible: &'a [T],
+    id_of: impl Fn(&T) -> &str,
+    after: Option<&str>,
+    before: Option<&str>,
+    limit: usize,
+) -> Result<(&'a [T], bool), Response> {
+    let find = |cursor: &str, name: &str| {
+        visible
+            .iter()
+            .position(|x| id_of(x) == cursor)
+            .ok_or_else(|| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    &format!("{name} is not a known id"),
+                )
+            })
+    };
+    Ok(match (after, before) {
+        (Some(a), _) => {
+            let start = find(a, "after_id")? + 1;
+            let end = (start + limit).min(visible.len());
+            (&visible[start..end], end < visible.len())
+        }
+        (_, Some(b)) => {
+            let end = find(b, "before_id")?;
+            let start = end.saturating_sub(limit);
+            (&visible[start..end], start > 0)
+        }
+        _ => {
+            let end = limit.min(visible.len());
+            (&visible[..end], end < visible.len())
+        }
+    })
+}
+
 fn status_of(s: &SimSession, clock: u64) -> &'static str {
     let visible = s.events.iter().filter(|e| e.step <= clock).count();
     if visible == s.events.len() {
@@ -502,37 +546,22 @@ async fn list_sessions(
         .rev()
         .filter(|s| s.created_step <= clock)
         .collect();
-    let start = match (&after, &before) {
-        (Some(a), _) => match visible.iter().position(|s| &s.id == a) {
-            Some(p) => p + 1,
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    "unknown after_id",
-                );
-            }
-        },
-        (_, Some(b)) => match visible.iter().position(|s| &s.id == b) {
-            Some(p) => p.saturating_sub(limit),
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    "unknown before_id",
-                );
-            }
-        },
-        _ => 0,
+    let (slice, has_more) = match cursor_slice(
+        &visible,
+        |s| &s.id,
+        after.as_deref(),
+        before.as_deref(),
+        limit,
+    ) {
+        Ok(x) => x,
+        Err(r) => return r,
     };
-    let end = (start + limit).min(visible.len());
-    let slice = &visible[start.min(end)..end];
     let items = slice
         .iter()
         .map(|s| session_object(s, clock).to_string())
         .collect();
     let ids: Vec<&str> = slice.iter().map(|s| s.id.as_str()).collect();
-    page(items, &ids, end < visible.len())
+    page(items, &ids, has_more)
 }
 
 async fn get_session(
@@ -606,32 +635,39 @@ async fn list_events(
         );
     }
     let visible: Vec<_> = s.events.iter().filter(|e| e.step <= clock).collect();
-    let start = match (&after, &before) {
-        (Some(a), _) => match visible.iter().position(|e| &e.id == a) {
-            Some(p) => p + 1,
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    "after_id is not a known event",
-                );
-            }
-        },
-        (_, Some(b)) => match visible.iter().position(|e| &e.id == b) {
-            Some(p) => p.saturating_sub(limit),
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    "before_id is not a known event",
-                );
-            }
-        },
-        _ => 0,
+    let (slice, has_more) = match cursor_slice(
+        &visible,
+        |e| &e.id,
+        after.as_deref(),
+        before.as_deref(),
+        limit,
+    ) {
+        Ok(x) => x,
+        Err(r) => return r,
     };
-    let end = (start + limit).min(visible.len());
-    let slice = &visible[start.min(end)..end];
     let items = slice.iter().map(|e| e.json.clone()).collect();
     let ids: Vec<&str> = slice.iter().map(|e| e.id.as_str()).collect();
-    page(items, &ids, end < visible.len())
+    page(items, &ids, has_more)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_select_the_documented_pages() {
+        let ids: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();
+        let page = |after: Option<&str>, before: Option<&str>, limit| {
+            let (s, more) =
+                cursor_slice(&ids, |s| s.as_str(), after, before, limit).expect("known cursor");
+            (s.join(","), more)
+        };
+        assert_eq!(page(None, None, 4), ("e0,e1,e2,e3".into(), true));
+        assert_eq!(page(Some("e3"), None, 4), ("e4,e5,e6,e7".into(), true));
+        assert_eq!(page(Some("e7"), None, 4), ("e8,e9".into(), false));
+        assert_eq!(page(Some("e9"), None, 4), (String::new(), false));
+        assert_eq!(page(None, Some("e5"), 4), ("e1,e2,e3,e4".into(), true));
+        assert_eq!(page(None, Some("e2"), 4), ("e0,e1".into(), false));
+        assert!(cursor_slice(&ids, |s| s.as_str(), Some("nope"), None, 4).is_err());
+    }
 }
