@@ -21,6 +21,14 @@ struct Proc {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+/// A test that fails half-way must not leave an exporter running.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn(sim: &Sim, state: &Path, extra: &[&str]) -> Proc {
     let mut child = Command::new(BIN)
         .args([
@@ -105,10 +113,9 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
     }
     grower.await.expect("grower");
     sim.release_all();
-    let mut p = spawn(&sim, &state, &[]);
+    let p = spawn(&sim, &state, &[]);
     wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
-    p.child.kill().expect("kill");
-    let _ = p.child.wait();
+    drop(p);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,10 +155,8 @@ async fn sigterm_commits_and_exits_promptly() {
     let log = p.log.lock().expect("log").join("\n");
     assert!(log.contains("state committed and closed"), "{log}");
     // The lock is released: a new run on the same file starts and shows the same totals.
-    let mut again = spawn(&sim, &state, &[]);
+    let again = spawn(&sim, &state, &[]);
     wait_exact(again.addr, &sim.totals, Duration::from_secs(30)).await;
-    again.child.kill().expect("kill");
-    let _ = again.child.wait();
 }
 
 /// The exposition passes `promtool check metrics` (Prometheus' own linter).
@@ -166,11 +171,10 @@ async fn metrics_pass_promtool() {
     .await;
     sim.release_all();
     let dir = tempfile::tempdir().expect("dir");
-    let mut p = spawn(&sim, &dir.path().join("state.db"), &[]);
+    let p = spawn(&sim, &dir.path().join("state.db"), &[]);
     wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
     let text = scrape(p.addr).await;
-    p.child.kill().expect("kill");
-    let _ = p.child.wait();
+    drop(p);
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -207,11 +211,10 @@ async fn golden_metrics() {
     .await;
     sim.release_all();
     let dir = tempfile::tempdir().expect("dir");
-    let mut p = spawn(&sim, &dir.path().join("state.db"), &[]);
+    let p = spawn(&sim, &dir.path().join("state.db"), &[]);
     wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
     let text = scrape(p.addr).await;
-    p.child.kill().expect("kill");
-    let _ = p.child.wait();
+    drop(p);
     // Only what the event log decides: process series (latencies, timestamps) vary by run.
     let mut golden = String::new();
     let mut keep = false;
