@@ -114,7 +114,6 @@ impl PipelineHandle {
 pub struct Pipeline {
     store: StateStore,
     sessions: HashMap<String, SessionState>,
-    finished: std::collections::HashSet<String>,
     metrics: Metrics,
     /// Record closed turns in the outbox (traces on).
     keep_turns: bool,
@@ -133,11 +132,8 @@ impl Pipeline {
         metrics.durable.restore(store.load_series()?);
         let stored = store.load_sessions()?;
         let mut sessions = HashMap::new();
-        let mut finished = std::collections::HashSet::new();
         for s in &stored {
-            if s.finished {
-                finished.insert(s.id.clone());
-            } else {
+            if !s.finished {
                 metrics
                     .process
                     .sessions
@@ -150,7 +146,6 @@ impl Pipeline {
             Pipeline {
                 store,
                 sessions,
-                finished,
                 metrics,
                 keep_turns,
                 outbox_notify,
@@ -250,7 +245,6 @@ impl Pipeline {
                 .with_label_values(&[&state.status])
                 .dec();
         }
-        self.finished.insert(id.to_owned());
         Ok(())
     }
 

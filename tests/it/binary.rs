@@ -77,6 +77,18 @@ fn spawn(sim: &Sim, state: &Path, extra: &[&str]) -> Proc {
     Proc { child, addr, log }
 }
 
+/// `/metrics` of the binary after it has counted the whole (released) log exactly.
+async fn settled_metrics(scenario: ScenarioConfig) -> String {
+    let sim = sim(scenario).await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let p = spawn(&sim, &dir.path().join("state.db"), &[]);
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    let text = scrape(p.addr).await;
+    drop(p);
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
     let sim = sim(ScenarioConfig {
@@ -162,19 +174,13 @@ async fn sigterm_commits_and_exits_promptly() {
 /// The exposition passes `promtool check metrics` (Prometheus' own linter).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
-    let sim = sim(ScenarioConfig {
+    let text = settled_metrics(ScenarioConfig {
         seed: 23,
         sessions: 9,
         hostile: true,
         ..ScenarioConfig::default()
     })
     .await;
-    sim.release_all();
-    let dir = tempfile::tempdir().expect("dir");
-    let p = spawn(&sim, &dir.path().join("state.db"), &[]);
-    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
-    let text = scrape(p.addr).await;
-    drop(p);
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -202,19 +208,13 @@ async fn metrics_pass_promtool() {
 /// `tests/golden/metrics.txt`. Refresh with `UPDATE_GOLDEN=1 cargo nextest run golden`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_metrics() {
-    let sim = sim(ScenarioConfig {
+    let text = settled_metrics(ScenarioConfig {
         seed: 2026,
         sessions: 6,
         max_turns: 3,
         ..ScenarioConfig::default()
     })
     .await;
-    sim.release_all();
-    let dir = tempfile::tempdir().expect("dir");
-    let p = spawn(&sim, &dir.path().join("state.db"), &[]);
-    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
-    let text = scrape(p.addr).await;
-    drop(p);
     // Only what the event log decides: process series (latencies, timestamps) vary by run.
     let mut golden = String::new();
     let mut keep = false;
