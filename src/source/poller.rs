@@ -116,6 +116,9 @@ struct JobOutput {
     gone: bool,
     error: Option<ApiError>,
     stopped: bool,
+    /// The pipeline could not commit a batch: a local fault, not the API's (it has its own
+    /// counter and alert), so it leaves `qoder_up` alone; the page is read again later.
+    store_failed: bool,
 }
 
 #[derive(Debug)]
@@ -549,14 +552,14 @@ impl Poller {
         let now = Instant::now();
         let id = out.id.clone();
         if let Some(pending) = &mut self.initial
-            && (out.error.is_none() || out.gone || !matches!(out.error, Some(ApiError::Cancelled)))
+            && !matches!(out.error, Some(ApiError::Cancelled))
         {
             pending.remove(&id);
         }
         let mut auth_failed = false;
         if let Some(e) = &out.error {
             auth_failed = self.on_error(&format!("session {id}"), e);
-        } else if !out.stopped {
+        } else if !out.stopped && !out.store_failed {
             self.on_success();
         }
         let poll = self.cfg.poll_interval;
@@ -595,6 +598,13 @@ impl Poller {
                 });
                 now + wait
             }
+        } else if out.store_failed {
+            t.failures += 1;
+            now + backoff(
+                poll.max(Duration::from_secs(1)),
+                FAILURE_BACKOFF_MAX,
+                t.failures,
+            )
         } else {
             t.failures = 0;
             if is_terminal(&t.status) && !out.more {
@@ -714,6 +724,7 @@ async fn read_session(
         gone: false,
         error: None,
         stopped: false,
+        store_failed: false,
     };
     let id = input.id.as_str();
     if input.need_meta {
@@ -839,7 +850,7 @@ fn stopped_or_failed(mut out: JobOutput, e: SendError) -> JobOutput {
         SendError::Stopped => out.stopped = true,
         SendError::State(e) => {
             tracing::error!(session = %out.id, error = %e, "state store commit failed; the page will be read again");
-            out.error = Some(ApiError::Decode(format!("state store: {e}")));
+            out.store_failed = true;
         }
     }
     out
