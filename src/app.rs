@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{OutboxConfig, Pipeline};
 use crate::server::{AppState, router};
 use crate::sinks::metrics::Metrics;
 use crate::source::client::{Client, ClientConfig, TokenSource};
@@ -22,7 +22,10 @@ use crate::state::StateStore;
 
 /// How long in-flight polling may take to wind down before it is abandoned (nothing is lost:
 /// cursors only move on commit).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long the span outbox may take to flush at shutdown (what is left is sent next start).
+/// With the drain above, a SIGTERM exits well within 15 s.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bounded queue between pollers and the pipeline.
 const PIPELINE_QUEUE: usize = 64;
 
@@ -35,6 +38,7 @@ pub struct Running {
     poll_cancel: CancellationToken,
     server_cancel: CancellationToken,
     poller: tokio::task::JoinHandle<()>,
+    shipper: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     pipeline: std::thread::JoinHandle<StateStore>,
 }
@@ -50,8 +54,39 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let metrics = Metrics::new().context("metrics registry")?;
     let store = StateStore::open(&settings.state_path)?;
     tracing::info!(path = %settings.state_path.display(), "state store open");
-    let (pipeline, stored) = Pipeline::new(store, metrics.clone(), false, None)?;
+    let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+    let outbox = settings.otlp.as_ref().map(|o| OutboxConfig {
+        max_turns: o.outbox_max_turns,
+        notify: notify.clone(),
+        capture_bytes: o.capture_content,
+    });
+    // Built before anything starts, so a bad OTLP setting is a startup error.
+    let exporter = settings
+        .otlp
+        .as_ref()
+        .map(crate::sinks::otlp::exporter)
+        .transpose()?;
+    let (pipeline, stored) = Pipeline::new(store, metrics.clone(), outbox)?;
     let (handle, pipeline_thread) = pipeline.spawn(PIPELINE_QUEUE).context("pipeline thread")?;
+    let shipper = match (exporter, &settings.otlp) {
+        (Some(exporter), Some(o)) => {
+            tracing::info!(endpoint = %o.endpoint, protocol = ?o.protocol,
+                capture_content = o.capture_content.is_some(), "traces on: exporting turn spans over OTLP");
+            let stop = CancellationToken::new();
+            let shipper = crate::sinks::otlp::Shipper {
+                exporter,
+                pipeline: handle.clone(),
+                metrics: metrics.process.clone(),
+                notify,
+                endpoint: o.endpoint.clone(),
+            };
+            Some((stop.clone(), tokio::spawn(shipper.run(stop, FLUSH_TIMEOUT))))
+        }
+        _ => {
+            tracing::info!("traces off: no OTLP endpoint (set --otlp.endpoint or OTEL_EXPORTER_OTLP_ENDPOINT)");
+            None
+        }
+    };
 
     let poll_cancel = CancellationToken::new();
     let client = Client::new(
@@ -113,6 +148,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         poll_cancel,
         server_cancel,
         poller,
+        shipper,
         server,
         pipeline: pipeline_thread,
     })
@@ -132,7 +168,20 @@ impl Running {
             );
             poller.abort();
         }
-        // The poller held the last pipeline handles; the pipeline now drains and returns.
+        // Polling is done and committed: send what the outbox holds, within its deadline.
+        if let Some((stop, mut task)) = self.shipper {
+            stop.cancel();
+            if tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the span shipper did not stop in time; its turns stay in the outbox");
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        // The poller and the shipper held the last pipeline handles; the pipeline now drains
+        // and returns.
         let store = tokio::task::spawn_blocking(move || self.pipeline.join())
             .await
             .context("joining the pipeline")?

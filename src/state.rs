@@ -302,7 +302,9 @@ impl StateStore {
     }
 
     /// The oldest `limit` turns waiting to be exported, with their outbox sequence numbers.
-    pub fn outbox_peek(&self, limit: usize) -> Result<Vec<(i64, ClosedTurn)>, StateError> {
+    /// A row that no longer decodes (written by another version) comes back as `None`, so the
+    /// caller can remove it instead of stalling on it.
+    pub fn outbox_peek(&self, limit: usize) -> Result<Vec<(i64, Option<ClosedTurn>)>, StateError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT seq, turn FROM outbox ORDER BY seq LIMIT ?1")?;
@@ -312,7 +314,7 @@ impl StateStore {
         let mut out = Vec::new();
         for row in rows {
             let (seq, turn) = row?;
-            out.push((seq, serde_json::from_str(&turn)?));
+            out.push((seq, serde_json::from_str(&turn).ok()));
         }
         Ok(out)
     }
@@ -342,7 +344,7 @@ impl StateStore {
         if let Some((last, _)) = dropped.last() {
             self.outbox_remove_through(*last)?;
         }
-        Ok(dropped.into_iter().map(|(_, t)| t).collect())
+        Ok(dropped.into_iter().filter_map(|(_, t)| t).collect())
     }
 
     /// The stored cursor of one session (tests and tools).
@@ -460,6 +462,7 @@ mod tests {
                 children: vec![],
                 children_dropped: 0,
                 span_events: vec![],
+                messages: vec![],
             },
             end_ns: None,
             end: crate::pipeline::tracker::TurnEnd::Terminated,
@@ -483,6 +486,6 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["1", "2"]
         );
-        assert_eq!(store.outbox_peek(10).expect("peek")[0].1.turn.key, "3");
+        assert_eq!(store.outbox_peek(10).expect("peek")[0].1.as_ref().expect("decodes").turn.key, "3");
     }
 }

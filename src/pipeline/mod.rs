@@ -10,8 +10,9 @@
 pub mod tracker;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::event::Event;
 use crate::sinks::metrics::{Delta, Metrics};
@@ -65,6 +66,21 @@ pub enum Command {
     Meta(String, SessionMeta, Ack<()>),
     /// The session is done (drained after termination, or gone): never read again.
     Finish(String, Ack<()>),
+    /// The oldest closed turns waiting in the outbox, at most this many.
+    OutboxPeek(usize, Ack<Vec<(i64, Option<ClosedTurn>)>>),
+    /// Turns up to this outbox sequence number were exported (or given up on): remove them.
+    OutboxRemove(i64, Ack<()>),
+}
+
+/// Traces on: closed turns go to the outbox, in the transaction of the batch that closed them.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Past this many turns, the oldest are dropped (`spans_dropped_total{reason="outbox_full"}`).
+    pub max_turns: u64,
+    /// Woken after a commit that added turns.
+    pub notify: Arc<Notify>,
+    /// Record message text on turns, cut to this many bytes (`--otlp.capture-content`).
+    pub capture_bytes: Option<usize>,
 }
 
 /// Cloneable handle the pollers use to talk to the pipeline.
@@ -107,6 +123,17 @@ impl PipelineHandle {
     pub async fn finish(&self, id: String) -> Result<(), SendError> {
         self.call(|ack| Command::Finish(id, ack)).await
     }
+
+    pub async fn outbox_peek(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(i64, Option<ClosedTurn>)>, SendError> {
+        self.call(|ack| Command::OutboxPeek(limit, ack)).await
+    }
+
+    pub async fn outbox_remove(&self, through: i64) -> Result<(), SendError> {
+        self.call(|ack| Command::OutboxRemove(through, ack)).await
+    }
 }
 
 /// The pipeline stage and its state.
@@ -115,10 +142,10 @@ pub struct Pipeline {
     store: StateStore,
     sessions: HashMap<String, SessionState>,
     metrics: Metrics,
-    /// Record closed turns in the outbox (traces on).
-    keep_turns: bool,
-    /// Woken after a commit that added turns to the outbox.
-    outbox_notify: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// Traces on: where closed turns go.
+    outbox: Option<OutboxConfig>,
+    /// Turns in the outbox.
+    outbox_len: u64,
 }
 
 impl Pipeline {
@@ -126,10 +153,14 @@ impl Pipeline {
     pub fn new(
         store: StateStore,
         metrics: Metrics,
-        keep_turns: bool,
-        outbox_notify: Option<std::sync::Arc<tokio::sync::Notify>>,
+        outbox: Option<OutboxConfig>,
     ) -> Result<(Pipeline, Vec<StoredSession>), StateError> {
         metrics.durable.restore(store.load_series()?);
+        let outbox_len = store.outbox_len()?;
+        metrics
+            .process
+            .span_outbox_turns
+            .set(i64::try_from(outbox_len).unwrap_or(i64::MAX));
         let stored = store.load_sessions()?;
         let mut sessions = HashMap::new();
         for s in &stored {
@@ -147,8 +178,8 @@ impl Pipeline {
                 store,
                 sessions,
                 metrics,
-                keep_turns,
-                outbox_notify,
+                outbox,
+                outbox_len,
             },
             stored,
         ))
@@ -185,6 +216,12 @@ impl Pipeline {
                 }
                 Command::Finish(id, ack) => {
                     let _ = ack.send(self.finish(&id));
+                }
+                Command::OutboxPeek(limit, ack) => {
+                    let _ = ack.send(self.store.outbox_peek(limit));
+                }
+                Command::OutboxRemove(through, ack) => {
+                    let _ = ack.send(self.outbox_remove(through));
                 }
             }
         }
@@ -248,6 +285,51 @@ impl Pipeline {
         Ok(())
     }
 
+    fn set_outbox_len(&mut self, len: u64) {
+        self.outbox_len = len;
+        self.metrics
+            .process
+            .span_outbox_turns
+            .set(i64::try_from(len).unwrap_or(i64::MAX));
+    }
+
+    fn outbox_remove(&mut self, through: i64) -> Result<(), StateError> {
+        let removed = self.store.outbox_remove_through(through)?;
+        self.set_outbox_len(self.outbox_len.saturating_sub(removed as u64));
+        Ok(())
+    }
+
+    /// Past the bound, the oldest turns make room: counted, never silent.
+    fn trim_outbox(&mut self) {
+        let Some(max) = self.outbox.as_ref().map(|o| o.max_turns) else {
+            return;
+        };
+        if self.outbox_len <= max {
+            return;
+        }
+        match self.store.outbox_trim(max) {
+            Ok(dropped) => {
+                let spans: u64 = dropped
+                    .iter()
+                    .map(|t| 1 + t.turn.children.len() as u64)
+                    .sum();
+                self.metrics
+                    .process
+                    .spans_dropped
+                    .with_label_values(&["outbox_full"])
+                    .inc_by(spans);
+                tracing::warn!(
+                    turns = dropped.len(),
+                    spans,
+                    max_turns = max,
+                    "span outbox full (is the OTLP endpoint down?): dropped the oldest turns"
+                );
+                self.set_outbox_len(self.outbox_len.saturating_sub(dropped.len() as u64));
+            }
+            Err(e) => tracing::warn!(error = %e, "trimming the span outbox failed"),
+        }
+    }
+
     fn apply_batch(&mut self, batch: Batch) -> Result<BatchOutcome, StateError> {
         let started = std::time::Instant::now();
         let mut state = self.state_of(&batch.session_id);
@@ -256,13 +338,17 @@ impl Pipeline {
         let mut closed: Vec<ClosedTurn> = Vec::new();
         let mut invalid: HashMap<&'static str, u64> = HashMap::new();
         let mut duplicates = 0;
+        let capture = self.outbox.as_ref().and_then(|o| o.capture_bytes);
         for item in &batch.items {
             match item {
                 Item::Event(e) => {
-                    if state.apply(&batch.session_id, e, &mut delta, &mut closed)
-                        == Applied::Duplicate
-                    {
-                        duplicates += 1;
+                    match state.apply(&batch.session_id, e, &mut delta, &mut closed) {
+                        Applied::Duplicate => duplicates += 1,
+                        Applied::Counted => {
+                            if let Some(max) = capture {
+                                state.capture(e, max);
+                            }
+                        }
                     }
                 }
                 Item::Invalid(reason) => {
@@ -272,7 +358,11 @@ impl Pipeline {
             }
         }
         let staged = self.metrics.durable.stage(&delta);
-        let turns: &[ClosedTurn] = if self.keep_turns { &closed } else { &[] };
+        let turns: &[ClosedTurn] = if self.outbox.is_some() {
+            &closed
+        } else {
+            &[]
+        };
         let result = self.store.commit(&BatchWrite {
             session_id: &batch.session_id,
             cursor: batch.cursor.as_deref(),
@@ -297,10 +387,12 @@ impl Pipeline {
         p.fields_dropped.inc_by(u64::from(batch.bad_fields));
         p.events_duplicate.inc_by(duplicates);
         self.set_status(&old_status, &state.status);
-        if !turns.is_empty()
-            && let Some(n) = &self.outbox_notify
-        {
-            n.notify_one();
+        if !turns.is_empty() {
+            self.set_outbox_len(self.outbox_len + turns.len() as u64);
+            self.trim_outbox();
+            if let Some(o) = &self.outbox {
+                o.notify.notify_one();
+            }
         }
         let outcome = BatchOutcome {
             consumed: state.consumed,

@@ -30,6 +30,8 @@ const MAX_OPEN_REQUESTS: usize = 256;
 const MAX_OPEN_TOOLS: usize = 256;
 const MAX_CHILDREN: usize = 1000;
 const MAX_SPAN_EVENTS: usize = 100;
+/// Captured messages per turn (only with `--otlp.capture-content`).
+const MAX_MESSAGES: usize = 64;
 
 /// Everything the exporter keeps about one session between batches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -69,6 +71,19 @@ pub struct Turn {
     pub children: Vec<ChildSpan>,
     pub children_dropped: u32,
     pub span_events: Vec<SpanEvent>,
+    /// Message and thinking text, recorded only when content capture is on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<Message>,
+}
+
+/// A captured message of a turn (opt-in), already truncated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// `user` or `assistant`.
+    pub role: String,
+    /// `text` or `reasoning` (GenAI message part types).
+    pub part: String,
+    pub content: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -446,6 +461,29 @@ impl SessionState {
             children: Vec::new(),
             children_dropped: 0,
             span_events: Vec::new(),
+            messages: Vec::new(),
+        });
+    }
+
+    /// Records the text of a user message, agent message or thinking event on the open turn,
+    /// cut to `max_bytes` (on a character boundary). Called only with content capture on.
+    pub fn capture(&mut self, ev: &Event, max_bytes: usize) {
+        let (role, part) = match ev.type_name.as_str() {
+            "user.message" => ("user", "text"),
+            "agent.message" => ("assistant", "text"),
+            "agent.thinking" => ("assistant", "reasoning"),
+            _ => return,
+        };
+        let (Some(text), Some(turn)) = (&ev.text, &mut self.turn) else {
+            return;
+        };
+        if turn.messages.len() >= MAX_MESSAGES || text.is_empty() {
+            return;
+        }
+        turn.messages.push(Message {
+            role: role.to_owned(),
+            part: part.to_owned(),
+            content: truncate(text, max_bytes).to_owned(),
         });
     }
 
@@ -552,6 +590,18 @@ impl SessionState {
             end,
         });
     }
+}
+
+/// The longest prefix of `s` no longer than `max` bytes that ends on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn push_child(turn: &mut Turn, child: ChildSpan) {

@@ -457,6 +457,8 @@ pub struct ProcessMetrics {
     pub cursor_resets: IntCounter,
     pub spans_exported: IntCounter,
     pub spans_dropped: IntCounterVec,
+    pub span_export_failures: IntCounter,
+    pub span_outbox_turns: IntGauge,
     pub state_commits: IntCounter,
     pub state_commit_failures: IntCounter,
     pub state_commit_duration: Histogram,
@@ -540,6 +542,14 @@ impl ProcessMetrics {
                 ),
                 &["reason"],
             )?,
+            span_export_failures: IntCounter::new(
+                "qoder_exporter_span_export_failures_total",
+                "OTLP export attempts that failed; the spans stay in the outbox and are sent again.",
+            )?,
+            span_outbox_turns: IntGauge::new(
+                "qoder_exporter_span_outbox_turns",
+                "Closed turns whose spans wait in the outbox for the OTLP endpoint (bounded by --otlp.outbox-max-turns).",
+            )?,
             state_commits: IntCounter::new(
                 "qoder_exporter_state_commits_total",
                 "Batches committed to the state store.",
@@ -578,6 +588,8 @@ impl ProcessMetrics {
         registry.register(Box::new(m.cursor_resets.clone()))?;
         registry.register(Box::new(m.spans_exported.clone()))?;
         registry.register(Box::new(m.spans_dropped.clone()))?;
+        registry.register(Box::new(m.span_export_failures.clone()))?;
+        registry.register(Box::new(m.span_outbox_turns.clone()))?;
         registry.register(Box::new(m.state_commits.clone()))?;
         registry.register(Box::new(m.state_commit_failures.clone()))?;
         registry.register(Box::new(m.state_commit_duration.clone()))?;
@@ -590,8 +602,9 @@ impl ProcessMetrics {
         for r in ["not_object", "missing_id", "missing_type"] {
             m.events_invalid.with_label_values(&[r]);
         }
-        // The outbox gives up on spans when it is full or when the endpoint refuses them.
-        for r in ["outbox_full", "export_failed"] {
+        // The outbox gives up on spans when it is full, when the endpoint refuses a turn's
+        // spans as malformed (a retry cannot help), or when a turn cannot become spans.
+        for r in ["outbox_full", "rejected", "invalid"] {
             m.spans_dropped.with_label_values(&[r]);
         }
         m.build_info

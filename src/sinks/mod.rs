@@ -1,3 +1,5 @@
-//! Where the pipeline's results go: Prometheus metrics.
+//! Where the pipeline's results go: Prometheus metrics and OTLP traces.
 
 pub mod metrics;
+pub mod otlp;
+pub mod traces;

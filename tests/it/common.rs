@@ -46,6 +46,7 @@ pub fn settings(sim: &Sim, state: &Path) -> Settings {
         telemetry_path: "/metrics".into(),
         state_path: state.to_owned(),
         log_level: "warn".into(),
+        otlp: None,
     }
 }
 

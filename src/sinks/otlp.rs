@@ -1,0 +1,245 @@
+//! OTLP delivery: the shipper that drains the span outbox into an OTLP endpoint.
+//!
+//! Closed turns wait in the state store's outbox (written in the transaction of the batch
+//! that closed them). The shipper reads the oldest ones, builds their spans
+//! ([`super::traces`]), sends them with `opentelemetry-otlp` (gRPC or HTTP/protobuf), and
+//! removes them from the outbox only when the endpoint accepted them. A crash between the two
+//! sends the same spans again with the same ids, which backends fold.
+//!
+//! When the endpoint fails, the turns stay and the shipper retries with capped backoff; the
+//! pipeline bounds the outbox and drops the oldest past `--otlp.outbox-max-turns`. A batch the
+//! endpoint refuses as malformed (HTTP 400/413, gRPC `InvalidArgument`) is retried one turn at
+//! a time, and a single turn it refuses is dropped (`reason="rejected"`), so one bad turn
+//! cannot stall the rest. Metrics never wait on any of this.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use opentelemetry::InstrumentationScope;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{OtlpProtocol, OtlpSettings};
+use crate::pipeline::PipelineHandle;
+use crate::sinks::metrics::ProcessMetrics;
+use crate::sinks::traces;
+
+/// Turns per export request (a turn is one root span plus its children).
+const BATCH_TURNS: usize = 64;
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The resource every span is reported under: `service.name` defaults to `qoder-exporter`
+/// unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` names one.
+pub fn resource() -> Resource {
+    let detected = Resource::builder().build();
+    let named = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_some_and(|v| !v.as_str().starts_with("unknown_service"));
+    let mut b = Resource::builder().with_attribute(opentelemetry::KeyValue::new(
+        "service.version",
+        env!("CARGO_PKG_VERSION"),
+    ));
+    if !named {
+        b = b.with_service_name("qoder-exporter");
+    }
+    b.build()
+}
+
+/// Builds the OTLP span exporter. Headers and timeout come from the standard
+/// `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS` / `_TIMEOUT` variables, read by the library.
+pub fn exporter(s: &OtlpSettings) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    let mut e = match s.protocol {
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(s.endpoint.clone())
+            .build(),
+        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(s.endpoint.clone())
+            .build(),
+    }
+    .with_context(|| format!("OTLP exporter for {}", s.endpoint))?;
+    e.set_resource(&resource());
+    Ok(e)
+}
+
+/// Whether a failed export can never succeed as sent (retrying the same bytes is pointless).
+fn is_rejection(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    ["status code: 400", "status code: 413", "invalidargument", "invalid argument"]
+        .iter()
+        .any(|p| m.contains(p))
+}
+
+/// Drains the outbox into the endpoint until stopped.
+#[derive(Debug)]
+pub struct Shipper<E> {
+    pub exporter: E,
+    pub pipeline: PipelineHandle,
+    pub metrics: ProcessMetrics,
+    pub notify: Arc<Notify>,
+    pub endpoint: String,
+}
+
+enum Round {
+    /// The outbox is empty.
+    Idle,
+    /// Something was sent (or dropped); look again at once.
+    Progress,
+    /// The endpoint failed; wait before trying again.
+    Failed,
+    /// The pipeline is gone.
+    Stopped,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
+    /// Runs until `stop` is cancelled, then makes a last attempt to empty the outbox, for at
+    /// most `flush_within`.
+    pub async fn run(self, stop: CancellationToken, flush_within: Duration) {
+        let scope = traces::scope();
+        let mut batch = BATCH_TURNS;
+        let mut backoff = BACKOFF_MIN;
+        let mut failing = false;
+        loop {
+            let round = tokio::select! {
+                r = self.round(&scope, &mut batch, &mut failing) => r,
+                () = stop.cancelled() => break,
+            };
+            match round {
+                Round::Progress => backoff = BACKOFF_MIN,
+                Round::Idle => {
+                    tokio::select! {
+                        () = self.notify.notified() => {}
+                        () = stop.cancelled() => break,
+                    }
+                }
+                Round::Failed => {
+                    let wait = backoff.mul_f64(0.5 + fastrand::f64());
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stop.cancelled() => break,
+                    }
+                }
+                Round::Stopped => return,
+            }
+        }
+        // Shutting down: the pipeline has committed what it will; send what is left.
+        let flush = async {
+            loop {
+                match self.round(&scope, &mut batch, &mut failing).await {
+                    Round::Progress => {}
+                    Round::Idle | Round::Stopped => return true,
+                    Round::Failed => return false,
+                }
+            }
+        };
+        match tokio::time::timeout(flush_within, flush).await {
+            Ok(true) => tracing::info!("span outbox flushed"),
+            Ok(false) | Err(_) => tracing::warn!(
+                endpoint = %self.endpoint,
+                "could not flush the span outbox before exit; the spans are kept and sent at the next start"
+            ),
+        }
+    }
+
+    async fn round(
+        &self,
+        scope: &InstrumentationScope,
+        batch: &mut usize,
+        failing: &mut bool,
+    ) -> Round {
+        let Ok(rows) = self.pipeline.outbox_peek(*batch).await else {
+            return Round::Stopped;
+        };
+        let Some(&(last, _)) = rows.last() else {
+            return Round::Idle;
+        };
+        let mut spans: Vec<SpanData> = Vec::new();
+        let mut unusable = 0u64;
+        for (_, turn) in &rows {
+            match turn.as_ref().and_then(|t| traces::turn_spans(t, scope)) {
+                Some(s) => spans.extend(s),
+                None => unusable += 1,
+            }
+        }
+        if unusable > 0 {
+            tracing::warn!(
+                turns = unusable,
+                "turns without any timestamp (or unreadable) cannot become spans; dropped"
+            );
+            self.metrics
+                .spans_dropped
+                .with_label_values(&["invalid"])
+                .inc_by(unusable);
+        }
+        let n = spans.len() as u64;
+        let result = if spans.is_empty() {
+            Ok(())
+        } else {
+            self.exporter.export(spans).await
+        };
+        match result {
+            Ok(()) => {
+                if self.pipeline.outbox_remove(last).await.is_err() {
+                    return Round::Stopped;
+                }
+                self.metrics.spans_exported.inc_by(n);
+                if *failing {
+                    tracing::info!(endpoint = %self.endpoint, "OTLP endpoint accepts spans again");
+                    *failing = false;
+                }
+                *batch = BATCH_TURNS;
+                Round::Progress
+            }
+            Err(e) => {
+                self.metrics.span_export_failures.inc();
+                let message = e.to_string();
+                if is_rejection(&message) {
+                    if rows.len() > 1 {
+                        // Find the turn it refuses: one at a time from here.
+                        *batch = 1;
+                        return Round::Progress;
+                    }
+                    tracing::warn!(endpoint = %self.endpoint, error = %message, spans = n,
+                        "the OTLP endpoint refused a turn's spans; dropped");
+                    self.metrics
+                        .spans_dropped
+                        .with_label_values(&["rejected"])
+                        .inc_by(n);
+                    if self.pipeline.outbox_remove(last).await.is_err() {
+                        return Round::Stopped;
+                    }
+                    return Round::Progress;
+                }
+                if *failing {
+                    tracing::debug!(endpoint = %self.endpoint, error = %message, "OTLP export failed again");
+                } else {
+                    tracing::warn!(endpoint = %self.endpoint, error = %message,
+                        "OTLP export failed; spans stay in the outbox and are retried");
+                    *failing = true;
+                }
+                Round::Failed
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_are_told_from_outages() {
+        assert!(is_rejection("HTTP export failed with status code: 400"));
+        assert!(is_rejection("status: InvalidArgument, message: bad span"));
+        assert!(!is_rejection("HTTP export failed with status code: 503"));
+        assert!(!is_rejection("HTTP export failed: network error"));
+    }
+}
