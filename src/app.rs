@@ -83,7 +83,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             Some((stop.clone(), tokio::spawn(shipper.run(stop, FLUSH_TIMEOUT))))
         }
         _ => {
-            tracing::info!("traces off: no OTLP endpoint (set --otlp.endpoint or OTEL_EXPORTER_OTLP_ENDPOINT)");
+            tracing::info!(
+                "traces off: no OTLP endpoint (set --otlp.endpoint or OTEL_EXPORTER_OTLP_ENDPOINT)"
+            );
             None
         }
     };
@@ -175,7 +177,9 @@ impl Running {
                 .await
                 .is_err()
             {
-                tracing::warn!("the span shipper did not stop in time; its turns stay in the outbox");
+                tracing::warn!(
+                    "the span shipper did not stop in time; its turns stay in the outbox"
+                );
                 task.abort();
                 let _ = task.await;
             }

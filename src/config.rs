@@ -579,17 +579,27 @@ mod tests {
                 None,
             )
         };
-        assert!(r(None, None, None).expect("ok").is_none(), "no endpoint: off");
+        assert!(
+            r(None, None, None).expect("ok").is_none(),
+            "no endpoint: off"
+        );
         assert!(r(Some(""), None, None).expect("ok").is_none());
-        let http = r(Some("http://c:4318/"), None, None).expect("ok").expect("on");
+        let http = r(Some("http://c:4318/"), None, None)
+            .expect("ok")
+            .expect("on");
         assert_eq!(http.endpoint, "http://c:4318/v1/traces");
         assert_eq!(http.protocol, OtlpProtocol::HttpProtobuf);
-        let grpc = r(Some("http://c:4317"), None, Some("grpc")).expect("ok").expect("on");
+        let grpc = r(Some("http://c:4317"), None, Some("grpc"))
+            .expect("ok")
+            .expect("on");
         assert_eq!(grpc.endpoint, "http://c:4317");
         let signal = r(Some("http://c:4318"), Some("http://t:1/x"), None)
             .expect("ok")
             .expect("on");
-        assert_eq!(signal.endpoint, "http://t:1/x", "the traces endpoint is used as is");
+        assert_eq!(
+            signal.endpoint, "http://t:1/x",
+            "the traces endpoint is used as is"
+        );
         assert!(r(Some("http://c"), None, Some("http/json")).is_err());
         assert!(r(Some("c:4317"), None, None).is_err());
         let s = Settings::resolve(flags(&[

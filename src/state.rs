@@ -333,18 +333,44 @@ impl StateStore {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// Drops the oldest entries beyond `max`; returns how many spans' worth of turns went.
-    pub fn outbox_trim(&mut self, max: u64) -> Result<Vec<ClosedTurn>, StateError> {
+    /// Drops the oldest entries beyond `max`, never one at or below `keep_through` (a batch
+    /// being exported right now); returns the dropped turns (`None`: a row that no longer
+    /// decodes).
+    pub fn outbox_trim(
+        &mut self,
+        max: u64,
+        keep_through: Option<i64>,
+    ) -> Result<Vec<Option<ClosedTurn>>, StateError> {
         let len = self.outbox_len()?;
         if len <= max {
             return Ok(Vec::new());
         }
-        let excess = len - max;
-        let dropped = self.outbox_peek(usize::try_from(excess).unwrap_or(usize::MAX))?;
-        if let Some((last, _)) = dropped.last() {
-            self.outbox_remove_through(*last)?;
+        let excess = i64::try_from(len - max).unwrap_or(i64::MAX);
+        let floor = keep_through.unwrap_or(i64::MIN);
+        let tx = self.conn.transaction()?;
+        let mut dropped = Vec::new();
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, turn FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![floor, excess], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut last = None;
+            for row in rows {
+                let (seq, turn) = row?;
+                last = Some(seq);
+                dropped.push(serde_json::from_str(&turn).ok());
+            }
+            if let Some(last) = last {
+                tx.execute(
+                    "DELETE FROM outbox WHERE seq > ?1 AND seq <= ?2",
+                    params![floor, last],
+                )?;
+            }
         }
-        Ok(dropped.into_iter().filter_map(|(_, t)| t).collect())
+        tx.commit()?;
+        Ok(dropped)
     }
 
     /// The stored cursor of one session (tests and tools).
@@ -478,14 +504,19 @@ mod tests {
                 closed_turns: &turns,
             })
             .expect("commit");
-        let dropped = store.outbox_trim(1).expect("trim");
-        assert_eq!(
-            dropped
-                .iter()
-                .map(|t| t.turn.key.as_str())
-                .collect::<Vec<_>>(),
-            ["1", "2"]
-        );
-        assert_eq!(store.outbox_peek(10).expect("peek")[0].1.as_ref().expect("decodes").turn.key, "3");
+        let keys = |v: &[Option<ClosedTurn>]| {
+            v.iter()
+                .map(|t| t.as_ref().expect("decodes").turn.key.clone())
+                .collect::<Vec<_>>()
+        };
+        // A batch being exported (seq 1) is kept; the next oldest goes instead.
+        let first = store.outbox_peek(1).expect("peek")[0].0;
+        let dropped = store.outbox_trim(2, Some(first)).expect("trim");
+        assert_eq!(keys(&dropped), ["2"]);
+        let dropped = store.outbox_trim(1, None).expect("trim");
+        assert_eq!(keys(&dropped), ["1"]);
+        let left = store.outbox_peek(10).expect("peek");
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].1.as_ref().expect("decodes").turn.key, "3");
     }
 }

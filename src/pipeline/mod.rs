@@ -70,6 +70,8 @@ pub enum Command {
     OutboxPeek(usize, Ack<Vec<(i64, Option<ClosedTurn>)>>),
     /// Turns up to this outbox sequence number were exported (or given up on): remove them.
     OutboxRemove(i64, Ack<()>),
+    /// The export of the last peeked batch failed: its turns may be trimmed again.
+    OutboxRelease(Ack<()>),
 }
 
 /// Traces on: closed turns go to the outbox, in the transaction of the batch that closed them.
@@ -134,6 +136,10 @@ impl PipelineHandle {
     pub async fn outbox_remove(&self, through: i64) -> Result<(), SendError> {
         self.call(|ack| Command::OutboxRemove(through, ack)).await
     }
+
+    pub async fn outbox_release(&self) -> Result<(), SendError> {
+        self.call(Command::OutboxRelease).await
+    }
 }
 
 /// The pipeline stage and its state.
@@ -146,6 +152,9 @@ pub struct Pipeline {
     outbox: Option<OutboxConfig>,
     /// Turns in the outbox.
     outbox_len: u64,
+    /// The batch being exported ends here: trimming must not drop it (it would be counted
+    /// both dropped and exported).
+    leased_through: Option<i64>,
 }
 
 impl Pipeline {
@@ -180,6 +189,7 @@ impl Pipeline {
                 metrics,
                 outbox,
                 outbox_len,
+                leased_through: None,
             },
             stored,
         ))
@@ -218,10 +228,19 @@ impl Pipeline {
                     let _ = ack.send(self.finish(&id));
                 }
                 Command::OutboxPeek(limit, ack) => {
-                    let _ = ack.send(self.store.outbox_peek(limit));
+                    let rows = self.store.outbox_peek(limit);
+                    if let Ok(r) = &rows {
+                        self.leased_through = r.last().map(|(seq, _)| *seq);
+                    }
+                    let _ = ack.send(rows);
                 }
                 Command::OutboxRemove(through, ack) => {
+                    self.leased_through = None;
                     let _ = ack.send(self.outbox_remove(through));
+                }
+                Command::OutboxRelease(ack) => {
+                    self.leased_through = None;
+                    let _ = ack.send(Ok(()));
                 }
             }
         }
@@ -307,11 +326,12 @@ impl Pipeline {
         if self.outbox_len <= max {
             return;
         }
-        match self.store.outbox_trim(max) {
+        match self.store.outbox_trim(max, self.leased_through) {
             Ok(dropped) => {
+                // An unreadable row counts as the one span it would at least have been.
                 let spans: u64 = dropped
                     .iter()
-                    .map(|t| 1 + t.turn.children.len() as u64)
+                    .map(|t| 1 + t.as_ref().map_or(0, |t| t.turn.children.len() as u64))
                     .sum();
                 self.metrics
                     .process
@@ -358,11 +378,7 @@ impl Pipeline {
             }
         }
         let staged = self.metrics.durable.stage(&delta);
-        let turns: &[ClosedTurn] = if self.outbox.is_some() {
-            &closed
-        } else {
-            &[]
-        };
+        let turns: &[ClosedTurn] = if self.outbox.is_some() { &closed } else { &[] };
         let result = self.store.commit(&BatchWrite {
             session_id: &batch.session_id,
             cursor: batch.cursor.as_deref(),

@@ -72,9 +72,14 @@ pub fn exporter(s: &OtlpSettings) -> anyhow::Result<opentelemetry_otlp::SpanExpo
 /// Whether a failed export can never succeed as sent (retrying the same bytes is pointless).
 fn is_rejection(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
-    ["status code: 400", "status code: 413", "invalidargument", "invalid argument"]
-        .iter()
-        .any(|p| m.contains(p))
+    [
+        "status code: 400",
+        "status code: 413",
+        "invalidargument",
+        "invalid argument",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
 }
 
 /// Drains the outbox into the endpoint until stopped.
@@ -217,6 +222,9 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
                         return Round::Stopped;
                     }
                     return Round::Progress;
+                }
+                if self.pipeline.outbox_release().await.is_err() {
+                    return Round::Stopped;
                 }
                 if *failing {
                     tracing::debug!(endpoint = %self.endpoint, error = %message, "OTLP export failed again");

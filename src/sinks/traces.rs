@@ -171,29 +171,42 @@ pub fn turn_spans(t: &ClosedTurn, scope: &InstrumentationScope) -> Option<Vec<Sp
     let root_id = span_id(&t.session_id, "invoke_agent", &turn.first_event_id);
 
     let mut attrs = common(t);
-    attrs.push(KeyValue::new(semconv::GEN_AI_OPERATION_NAME, "invoke_agent"));
+    attrs.push(KeyValue::new(
+        semconv::GEN_AI_OPERATION_NAME,
+        "invoke_agent",
+    ));
     if let Some(id) = &t.agent_id {
         attrs.push(KeyValue::new(semconv::GEN_AI_AGENT_ID, id.clone()));
     }
-    attrs.push(KeyValue::new(semconv::GEN_AI_REQUEST_MODEL, t.model.clone()));
+    attrs.push(KeyValue::new(
+        semconv::GEN_AI_REQUEST_MODEL,
+        t.model.clone(),
+    ));
     token_attributes(&mut attrs, &turn.tokens);
     attrs.push(KeyValue::new("qoder.credits", turn.credits));
-    let (end_kind, status) = match &t.end {
+    let end_kind = match &t.end {
         TurnEnd::Idle { stop_reason } => {
             attrs.push(KeyValue::new("qoder.stop_reason", stop_reason.clone()));
-            ("idle", Status::Unset)
+            "idle"
         }
-        TurnEnd::Failed { error_type } => {
-            attrs.push(KeyValue::new(semconv::ERROR_TYPE, error_type.clone()));
-            (
-                "failed",
-                Status::error(format!("the turn ended with a {error_type} error")),
-            )
-        }
-        TurnEnd::Terminated => ("terminated", Status::Unset),
-        TurnEnd::Superseded => ("superseded", Status::Unset),
+        TurnEnd::Failed { .. } => "failed",
+        TurnEnd::Terminated => "terminated",
+        TurnEnd::Superseded => "superseded",
     };
     attrs.push(KeyValue::new("qoder.turn.end", end_kind));
+    // A turn hit by an exhausted or terminal error failed, whether the session then idled
+    // (stop reason `retries_exhausted`) or went on to the next turn.
+    let failed = match &t.end {
+        TurnEnd::Failed { error_type } => Some(error_type),
+        _ => turn.failed.as_ref().map(|(e, _)| e),
+    };
+    let status = match failed {
+        Some(error_type) => {
+            attrs.push(KeyValue::new(semconv::ERROR_TYPE, error_type.clone()));
+            Status::error(format!("the turn ended with a {error_type} error"))
+        }
+        None => Status::Unset,
+    };
     if turn.children_dropped > 0 {
         attrs.push(KeyValue::new(
             "qoder.children_dropped",
@@ -278,7 +291,10 @@ fn child_span(
             call_id,
             kind,
         } => {
-            attrs.push(KeyValue::new(semconv::GEN_AI_OPERATION_NAME, "execute_tool"));
+            attrs.push(KeyValue::new(
+                semconv::GEN_AI_OPERATION_NAME,
+                "execute_tool",
+            ));
             attrs.push(KeyValue::new(semconv::GEN_AI_TOOL_NAME, name.clone()));
             attrs.push(KeyValue::new(semconv::GEN_AI_TOOL_CALL_ID, call_id.clone()));
             attrs.push(KeyValue::new(
@@ -321,7 +337,10 @@ fn child_span(
     )
 }
 
-#[allow(clippy::too_many_arguments, reason = "a plain constructor of the SDK's struct")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a plain constructor of the SDK's struct"
+)]
 fn span(
     trace: TraceId,
     id: SpanId,
@@ -479,6 +498,24 @@ mod tests {
                 Some("coder".into())
             );
         }
+    }
+
+    #[test]
+    fn an_exhausted_turn_that_idles_is_still_an_error() {
+        let mut t = closed(TurnEnd::Idle {
+            stop_reason: "retries_exhausted".into(),
+        });
+        t.turn.failed = Some(("model_overloaded_error".into(), Some(4_000_000_000)));
+        let spans = turn_spans(&t, &scope()).expect("timed");
+        assert!(matches!(spans[0].status, Status::Error { .. }));
+        assert_eq!(
+            attr(&spans[0], "error.type").map(ToString::to_string),
+            Some("model_overloaded_error".into())
+        );
+        assert_eq!(
+            attr(&spans[0], "qoder.stop_reason").map(ToString::to_string),
+            Some("retries_exhausted".into())
+        );
     }
 
     #[test]

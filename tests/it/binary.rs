@@ -15,10 +15,42 @@ use crate::common::*;
 const BIN: &str = env!("CARGO_BIN_EXE_qoder-exporter");
 
 /// A running exporter process with its stderr collected.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Sends SIGTERM and waits for a clean exit, at most 15 s; returns how long it took.
+    pub fn terminate(&mut self) -> Duration {
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let exit = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "still running 15 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            exit.success(),
+            "exit status {exit:?}; log: {:?}",
+            self.log.lock().expect("log")
+        );
+        started.elapsed()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
 }
 
 /// A test that fails half-way must not leave an exporter running.
@@ -30,6 +62,11 @@ impl Drop for Proc {
 }
 
 fn spawn(sim: &Sim, state: &Path, extra: &[&str]) -> Proc {
+    spawn_with_env(sim, state, extra, &[])
+}
+
+/// Starts the binary against `sim` with extra flags and environment variables.
+pub fn spawn_with_env(sim: &Sim, state: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(BIN)
         .args([
             "--qoder.api-url",
@@ -50,6 +87,11 @@ fn spawn(sim: &Sim, state: &Path, extra: &[&str]) -> Proc {
         .args(extra)
         .env("QODER_PAT", sim.token())
         .env_remove("RUST_LOG")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .envs(envs.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -143,28 +185,8 @@ async fn sigterm_commits_and_exits_promptly() {
     let state = dir.path().join("state.db");
     let mut p = spawn(&sim, &state, &[]);
     wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
-    let started = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = loop {
-        if let Some(s) = p.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "still running 15 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(
-        exit.success(),
-        "exit status {exit:?}; log: {:?}",
-        p.log.lock().expect("log")
-    );
-    let log = p.log.lock().expect("log").join("\n");
+    p.terminate();
+    let log = p.log();
     assert!(log.contains("state committed and closed"), "{log}");
     // The lock is released: a new run on the same file starts and shows the same totals.
     let again = spawn(&sim, &state, &[]);

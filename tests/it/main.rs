@@ -5,3 +5,4 @@ mod binary;
 mod common;
 mod e2e;
 mod ops;
+mod traces;
