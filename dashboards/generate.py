@@ -26,6 +26,7 @@ def trace_link(title, traceql):
 AGENT_TRACES = trace_link("Traces of this agent", '{ span.gen_ai.agent.name = "${__field.labels.agent}" }')
 MODEL_TRACES = trace_link("Model requests of this model", '{ span.gen_ai.request.model = "${__field.labels.model}" && span.gen_ai.operation.name = "chat" }')
 ERROR_TRACES = trace_link("Turns that failed with this error", '{ span.error.type = "${__field.labels.error_type}" }')
+STOP_TRACES = trace_link("Turns that ended this way", '{ span.qoder.stop_reason = "${__field.labels.stop_reason}" }')
 TOOL_TRACES = trace_link("Calls of this tool", '{ span.gen_ai.tool.name = "${__field.labels.tool}" }')
 
 
@@ -110,7 +111,7 @@ def overview():
     b.row("Turns")
     b.panel("Turns per minute by stop reason", "timeseries",
             [(f'sum by (stop_reason) (rate(qoder_turns_total{{{SEL}}}[$__rate_interval])) * 60', "{{stop_reason}}")],
-            "short", stack=True, links=[AGENT_TRACES])
+            "short", stack=True, links=[STOP_TRACES])
     b.panel("Turn duration p50 / p95", "timeseries",
             [(f'histogram_quantile({q}, sum by (le) (job_agent:qoder_turn_duration_seconds_bucket:rate5m{{{SEL}}}))', f"p{int(q * 100)}") for q in (0.5, 0.95)],
             "s")
@@ -173,7 +174,11 @@ def health():
              (f'histogram_quantile(0.99, sum by (le) (rate(qoder_exporter_state_commit_duration_seconds_bucket{{{J}}}[$__rate_interval])))', "p99 commit (s)")], "short")
     b.panel("Spans exported and dropped", "timeseries",
             [(f'sum(rate(qoder_exporter_spans_exported_total{{{J}}}[$__rate_interval]))', "exported"),
-             (f'sum by (reason) (rate(qoder_exporter_spans_dropped_total{{{J}}}[$__rate_interval]))', "dropped: {{reason}}")], "short")
+             (f'sum by (reason) (rate(qoder_exporter_spans_dropped_total{{{J}}}[$__rate_interval]))', "dropped: {{reason}}"),
+             (f'sum(rate(qoder_exporter_span_export_failures_total{{{J}}}[$__rate_interval]))', "failed export attempts")], "short")
+    b.panel("Span outbox (turns waiting for the OTLP endpoint)", "timeseries",
+            [(f'max(qoder_exporter_span_outbox_turns{{{J}}})', "turns")], "short",
+            description="Grows while the OTLP endpoint is unreachable; past --otlp.outbox-max-turns the oldest are dropped.")
     b.panel("Pipeline queue depth", "timeseries", [(f'max(qoder_exporter_pipeline_queue_depth{{{J}}})', "batches")], "short")
     return b.json(variables(False))
 
