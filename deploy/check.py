@@ -33,13 +33,13 @@ def main(binary):
         except yaml.YAMLError as e:
             problems.append(f"{p}: {e}")
 
-    flag = re.compile(r"--((?:qoder|web|state|config|log|otlp|demo)\.[a-z-]+)")
+    flag = re.compile(r"--((?:qoder|web|state|config|log|otlp|demo|shard)\.[a-z-]+)")
     compose = yaml.safe_load((DEPLOY / "docker-compose/docker-compose.yml").read_text())
     # Only what the exporter itself is given (the compose file also starts Prometheus).
     sources = {
         "docker-compose.yml (qoder-exporter)": " ".join(compose["services"]["qoder-exporter"]["command"]),
         **{str(p.relative_to(ROOT)): p.read_text() for p in [
-            DEPLOY / "kubernetes/base/statefulset.yaml", DEPLOY / "Dockerfile",
+            DEPLOY / "kubernetes/base/statefulset.yaml", DEPLOY / "kubernetes/sharded/kustomization.yaml", DEPLOY / "Dockerfile",
             DEPLOY / "systemd/qoder-exporter.service", DEPLOY / "systemd/qoder-exporter.env"]},
     }
     for where, text in sources.items():

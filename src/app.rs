@@ -114,6 +114,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             sessions: settings.sessions.clone(),
             concurrency: settings.concurrency,
             pat_file: settings.pat_file.clone(),
+            shard: settings.shard,
             ..PollerConfig::default()
         },
         metrics.process.clone(),
@@ -140,6 +141,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     });
     tracing::info!(%addr, path = %settings.telemetry_path, api = %settings.api_url,
         sessions = if settings.sessions.is_empty() { "all (discovery)".to_owned() } else { settings.sessions.join(",") },
+        shard = %format!("{}/{}", settings.shard.index, settings.shard.count),
         "serving metrics");
     let pc = poll_cancel.clone();
     let poller = tokio::spawn(poller.run(pc));

@@ -163,6 +163,14 @@ pub struct Flags {
         global = true
     )]
     pub otlp_outbox_max_turns: Option<u64>,
+    /// Split the sessions across N exporters: this one follows only the sessions whose stable
+    /// hash falls in --shard.index [default: 1, no sharding]
+    #[arg(long = "shard.count", env = "QODER_SHARD_COUNT", global = true)]
+    pub shard_count: Option<u32>,
+    /// This exporter's shard, 0..count-1, or `ordinal` to take it from the host name's
+    /// trailing number (a StatefulSet pod `qoder-exporter-2` is shard 2) [default: 0]
+    #[arg(long = "shard.index", env = "QODER_SHARD_INDEX", global = true)]
+    pub shard_index: Option<String>,
     /// Log filter, as RUST_LOG (e.g. `info`, `qoder_exporter=debug`) [default: info]
     #[arg(long = "log.level", env = "QODER_EXPORTER_LOG_LEVEL", global = true)]
     pub log_level: Option<String>,
@@ -190,6 +198,83 @@ pub struct FileConfig {
     pub log: LogSection,
     #[serde(default)]
     pub otlp: OtlpSection,
+    #[serde(default)]
+    pub shard: ShardSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ShardSection {
+    pub count: Option<u32>,
+    pub index: Option<String>,
+}
+
+/// Which sessions this exporter follows when several split the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub count: u32,
+    pub index: u32,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { count: 1, index: 0 }
+    }
+}
+
+impl Shard {
+    /// The shard a session belongs to: the first 8 bytes of SHA-256 of its id, big-endian,
+    /// modulo the count. Stable across versions, machines and restarts.
+    pub fn of(session_id: &str, count: u32) -> u32 {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::digest(session_id.as_bytes());
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d[..8]);
+        let n = u64::from_be_bytes(b) % u64::from(count.max(1));
+        u32::try_from(n).unwrap_or(0)
+    }
+
+    pub fn owns(&self, session_id: &str) -> bool {
+        self.count <= 1 || Shard::of(session_id, self.count) == self.index
+    }
+
+    /// Resolves `--shard.count` / `--shard.index`; `hostname` serves `ordinal`.
+    pub fn resolve(
+        count: Option<u32>,
+        index: Option<&str>,
+        hostname: Option<&str>,
+    ) -> anyhow::Result<Shard> {
+        let count = count.unwrap_or(1);
+        if count == 0 {
+            bail!("--shard.count: must be at least 1");
+        }
+        let index = match index.map(str::trim) {
+            None | Some("") => 0,
+            Some("ordinal") => {
+                let host = hostname.unwrap_or_default();
+                let digits: String = host
+                    .chars()
+                    .rev()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                digits.parse().with_context(|| {
+                    format!(
+                        "--shard.index ordinal: the host name {host:?} does not end in a number"
+                    )
+                })?
+            }
+            Some(n) => n
+                .parse()
+                .with_context(|| format!("--shard.index {n:?}: a number or `ordinal`"))?,
+        };
+        if index >= count {
+            bail!("--shard.index {index}: must be below --shard.count {count}");
+        }
+        Ok(Shard { count, index })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -340,6 +425,7 @@ pub struct Settings {
     pub log_level: String,
     /// `None`: traces off.
     pub otlp: Option<OtlpSettings>,
+    pub shard: Shard,
 }
 
 impl Settings {
@@ -429,7 +515,17 @@ impl Settings {
             flags.otlp_content_max_bytes.or(o.content_max_bytes),
             flags.otlp_outbox_max_turns.or(o.outbox_max_turns),
         )?;
+        let hostname = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_owned());
+        let shard = Shard::resolve(
+            flags.shard_count.or(file.shard.count),
+            flags.shard_index.or(file.shard.index).as_deref(),
+            hostname.as_deref(),
+        )?;
         Ok(Settings {
+            shard,
             otlp,
             api_url,
             pat,
@@ -613,6 +709,31 @@ mod tests {
         let o = s.otlp.expect("on");
         assert_eq!(o.capture_content, Some(10));
         assert_eq!(o.outbox_max_turns, 100_000);
+    }
+
+    #[test]
+    fn shards_split_sessions_stably() {
+        assert_eq!(
+            Shard::resolve(None, None, None).expect("ok"),
+            Shard::default()
+        );
+        let s = Shard::resolve(Some(3), Some("ordinal"), Some("qoder-exporter-2")).expect("ok");
+        assert_eq!(s, Shard { count: 3, index: 2 });
+        assert!(Shard::resolve(Some(3), Some("3"), None).is_err());
+        assert!(Shard::resolve(Some(3), Some("ordinal"), Some("exporter")).is_err());
+        assert!(Shard::resolve(Some(0), None, None).is_err());
+        // Pinned (Python: int.from_bytes(sha256(b"sess_1").digest()[:8], "big") % 3).
+        assert_eq!(Shard::of("sess_1", 3), 0);
+        // Every session has exactly one owner, and the split is even enough.
+        let shards: Vec<Shard> = (0..3).map(|index| Shard { count: 3, index }).collect();
+        let mut per = [0usize; 3];
+        for i in 0..3000 {
+            let id = format!("sess_{i}");
+            let owners: Vec<usize> = (0..3).filter(|&k| shards[k].owns(&id)).collect();
+            assert_eq!(owners.len(), 1);
+            per[owners[0]] += 1;
+        }
+        assert!(per.iter().all(|&n| n > 850), "{per:?}");
     }
 
     #[test]

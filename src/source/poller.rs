@@ -45,6 +45,8 @@ pub struct PollerConfig {
     /// The API asks for at least 100 ms between pages of one listing.
     pub page_gap: Duration,
     pub pat_file: Option<PathBuf>,
+    /// Follow only the sessions of this shard.
+    pub shard: crate::config::Shard,
 }
 
 impl Default for PollerConfig {
@@ -58,6 +60,7 @@ impl Default for PollerConfig {
             max_pages_per_job: 10,
             page_gap: Duration::from_millis(100),
             pat_file: None,
+            shard: crate::config::Shard::default(),
         }
     }
 }
@@ -209,7 +212,7 @@ impl Poller {
             cfg,
         };
         poller.pat_file_stamp = poller.pat_file_mtime();
-        for s in stored {
+        for s in stored.iter().filter(|s| poller.cfg.shard.owns(&s.id)) {
             poller.sessions.insert(
                 s.id.clone(),
                 Tracked {
@@ -226,6 +229,8 @@ impl Poller {
                 },
             );
         }
+        let shard = poller.cfg.shard;
+        poller.cfg.sessions.retain(|id| shard.owns(id));
         let explicit = poller.cfg.sessions.clone();
         for id in explicit {
             poller.add(&id, None, now);
@@ -369,7 +374,10 @@ impl Poller {
                 let client = self.client.clone();
                 let known: HashSet<String> = self.sessions.keys().cloned().collect();
                 let gap = self.cfg.page_gap;
-                jobs.spawn(async move { Done::Discovery(discover(&client, &known, gap).await) });
+                let shard = self.cfg.shard;
+                jobs.spawn(
+                    async move { Done::Discovery(discover(&client, &known, shard, gap).await) },
+                );
             }
             let limit = if probe_only { 1 } else { self.cfg.concurrency };
             while jobs.len() < limit && (!probe_only || (may_probe && !discovery_running)) {
@@ -657,10 +665,12 @@ fn meta_of(s: &WireSession) -> SessionMeta {
     }
 }
 
-/// Lists sessions newest first until a page holds no session not already known.
+/// Lists sessions newest first until a page holds no session of this shard not already known;
+/// returns this shard's sessions only.
 async fn discover(
     client: &Client,
     known: &HashSet<String>,
+    shard: crate::config::Shard,
     gap: Duration,
 ) -> Result<Vec<WireSession>, ApiError> {
     let mut found = Vec::new();
@@ -678,11 +688,12 @@ async fn discover(
             let Some(s) = wire::decode_session(raw.get()) else {
                 continue;
             };
-            if let Some(id) = &s.id {
-                any_new |= !known.contains(id);
-                last = Some(id.clone());
+            let Some(id) = s.id.clone() else { continue };
+            last = Some(id.clone());
+            if shard.owns(&id) {
+                any_new |= !known.contains(&id);
+                found.push(s);
             }
-            found.push(s);
         }
         let next = page.last_id.clone().or(last);
         if !page.has_more.unwrap_or(false)

@@ -47,6 +47,7 @@ pub fn settings(sim: &Sim, state: &Path) -> Settings {
         state_path: state.to_owned(),
         log_level: "warn".into(),
         otlp: None,
+        shard: Default::default(),
     }
 }
 

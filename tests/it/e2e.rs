@@ -306,3 +306,71 @@ async fn the_request_budget_is_kept() {
     );
     running.stop().await.expect("stop");
 }
+
+/// Three shards against one API: each session is followed by exactly one of them, and the
+/// metrics summed across them (as PromQL `sum` does) equal the log's totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_shards_split_the_sessions_and_sum_to_the_totals() {
+    use qoder_exporter::config::Shard;
+    use qoder_exporter::state::StateStore;
+    let sim = sim(ScenarioConfig {
+        seed: 17,
+        sessions: 24,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let want = sim.totals.event_count();
+    let mut running = Vec::new();
+    for index in 0..3 {
+        let mut s = settings(&sim, &dir.path().join(format!("shard{index}.db")));
+        s.shard = Shard { count: 3, index };
+        running.push(app::start(s).await.expect("start"));
+    }
+    let addrs: Vec<_> = running.iter().map(|r| r.addr).collect();
+    let summed = async || {
+        let mut sum = Series::new();
+        for a in &addrs {
+            for (k, v) in parse(&scrape(*a).await) {
+                *sum.entry(k).or_insert(0.0) += v;
+            }
+        }
+        sum
+    };
+    assert!(
+        eventually(WAIT, async || get(&summed().await, "qoder_events_total")
+            >= want)
+        .await,
+        "the shards together read the whole log"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let problems = mismatches(&summed().await, &sim.totals);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    for r in running {
+        r.stop().await.expect("stop");
+    }
+    // Who followed what: the state files say.
+    let mut owner = std::collections::BTreeMap::new();
+    for index in 0..3u32 {
+        let store = StateStore::open(&dir.path().join(format!("shard{index}.db"))).expect("open");
+        let ids: Vec<String> = store
+            .load_sessions()
+            .expect("sessions")
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert!(!ids.is_empty(), "shard {index} followed nothing");
+        for id in ids {
+            assert!(
+                owner.insert(id.clone(), index).is_none(),
+                "{id} followed by two shards"
+            );
+        }
+    }
+    let all: Vec<String> = sim.sessions().iter().map(|s| s.id.clone()).collect();
+    assert_eq!(owner.len(), all.len(), "every session followed");
+    for id in &all {
+        assert_eq!(owner[id], Shard::of(id, 3), "{id} in the wrong shard");
+    }
+}
