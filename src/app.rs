@@ -13,12 +13,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::pipeline::{OutboxConfig, Pipeline};
+use crate::pipeline::{OutboxConfig, Pipeline, PipelineHandle};
 use crate::server::{AppState, router};
 use crate::sinks::metrics::Metrics;
 use crate::source::client::{Client, ClientConfig, TokenSource};
 use crate::source::poller::{Poller, PollerConfig};
-use crate::state::StateStore;
+use crate::state::{StateStore, StoredSession};
 
 /// How long in-flight polling may take to wind down before it is abandoned (nothing is lost:
 /// cursors only move on commit).
@@ -43,6 +43,90 @@ pub struct Running {
     pipeline: std::thread::JoinHandle<StateStore>,
 }
 
+/// The state store, the pipeline thread over it, and (traces on) the shipper draining its
+/// outbox: what the exporter and `replay` share.
+#[derive(Debug)]
+pub struct Core {
+    pub handle: PipelineHandle,
+    pub pipeline: std::thread::JoinHandle<StateStore>,
+    pub stored: Vec<StoredSession>,
+    pub shipper: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+impl Core {
+    /// Opens the state and starts the pipeline (and the shipper); call inside the runtime.
+    pub fn start(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Core> {
+        let store = StateStore::open(&settings.state_path)?;
+        tracing::info!(path = %settings.state_path.display(), "state store open");
+        let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        let outbox = settings.otlp.as_ref().map(|o| OutboxConfig {
+            max_turns: o.outbox_max_turns,
+            notify: notify.clone(),
+            capture_bytes: o.capture_content,
+        });
+        // Built before anything starts, so a bad OTLP setting is a startup error.
+        let exporter = settings
+            .otlp
+            .as_ref()
+            .map(crate::sinks::otlp::exporter)
+            .transpose()?;
+        let (pipeline, stored) = Pipeline::new(store, metrics.clone(), outbox)?;
+        let (handle, pipeline) = pipeline.spawn(PIPELINE_QUEUE).context("pipeline thread")?;
+        let shipper = match (exporter, &settings.otlp) {
+            (Some(exporter), Some(o)) => {
+                tracing::info!(endpoint = %o.endpoint, protocol = ?o.protocol,
+                    capture_content = o.capture_content.is_some(), "traces on: exporting turn spans over OTLP");
+                let stop = CancellationToken::new();
+                let shipper = crate::sinks::otlp::Shipper {
+                    exporter,
+                    pipeline: handle.clone(),
+                    metrics: metrics.process.clone(),
+                    notify,
+                    endpoint: o.endpoint.clone(),
+                };
+                Some((stop.clone(), tokio::spawn(shipper.run(stop, FLUSH_TIMEOUT))))
+            }
+            _ => {
+                tracing::info!(
+                    "traces off: no OTLP endpoint (set --otlp.endpoint or OTEL_EXPORTER_OTLP_ENDPOINT)"
+                );
+                None
+            }
+        };
+        Ok(Core {
+            handle,
+            pipeline,
+            stored,
+            shipper,
+        })
+    }
+}
+
+/// Flushes the span outbox (within its deadline) and stops the shipper.
+pub async fn stop_shipper(shipper: Option<(CancellationToken, tokio::task::JoinHandle<()>)>) {
+    if let Some((stop, mut task)) = shipper {
+        stop.cancel();
+        if tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the span shipper did not stop in time; its turns stay in the outbox");
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Waits for the pipeline thread to drain its queue and close the store.
+pub async fn join_pipeline(pipeline: std::thread::JoinHandle<StateStore>) -> anyhow::Result<()> {
+    let store = tokio::task::spawn_blocking(move || pipeline.join())
+        .await
+        .context("joining the pipeline")?
+        .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
+    drop(store);
+    Ok(())
+}
+
 /// Opens the state, binds the listener and starts polling. Errors here are bootstrap errors.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let Some(pat) = settings.pat.clone() else {
@@ -52,43 +136,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         );
     };
     let metrics = Metrics::new().context("metrics registry")?;
-    let store = StateStore::open(&settings.state_path)?;
-    tracing::info!(path = %settings.state_path.display(), "state store open");
-    let notify = std::sync::Arc::new(tokio::sync::Notify::new());
-    let outbox = settings.otlp.as_ref().map(|o| OutboxConfig {
-        max_turns: o.outbox_max_turns,
-        notify: notify.clone(),
-        capture_bytes: o.capture_content,
-    });
-    // Built before anything starts, so a bad OTLP setting is a startup error.
-    let exporter = settings
-        .otlp
-        .as_ref()
-        .map(crate::sinks::otlp::exporter)
-        .transpose()?;
-    let (pipeline, stored) = Pipeline::new(store, metrics.clone(), outbox)?;
-    let (handle, pipeline_thread) = pipeline.spawn(PIPELINE_QUEUE).context("pipeline thread")?;
-    let shipper = match (exporter, &settings.otlp) {
-        (Some(exporter), Some(o)) => {
-            tracing::info!(endpoint = %o.endpoint, protocol = ?o.protocol,
-                capture_content = o.capture_content.is_some(), "traces on: exporting turn spans over OTLP");
-            let stop = CancellationToken::new();
-            let shipper = crate::sinks::otlp::Shipper {
-                exporter,
-                pipeline: handle.clone(),
-                metrics: metrics.process.clone(),
-                notify,
-                endpoint: o.endpoint.clone(),
-            };
-            Some((stop.clone(), tokio::spawn(shipper.run(stop, FLUSH_TIMEOUT))))
-        }
-        _ => {
-            tracing::info!(
-                "traces off: no OTLP endpoint (set --otlp.endpoint or OTEL_EXPORTER_OTLP_ENDPOINT)"
-            );
-            None
-        }
-    };
+    let Core {
+        handle,
+        pipeline: pipeline_thread,
+        stored,
+        shipper,
+    } = Core::start(&settings, &metrics)?;
 
     let poll_cancel = CancellationToken::new();
     let client = Client::new(
@@ -173,26 +226,10 @@ impl Running {
             poller.abort();
         }
         // Polling is done and committed: send what the outbox holds, within its deadline.
-        if let Some((stop, mut task)) = self.shipper {
-            stop.cancel();
-            if tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), &mut task)
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    "the span shipper did not stop in time; its turns stay in the outbox"
-                );
-                task.abort();
-                let _ = task.await;
-            }
-        }
+        stop_shipper(self.shipper).await;
         // The poller and the shipper held the last pipeline handles; the pipeline now drains
         // and returns.
-        let store = tokio::task::spawn_blocking(move || self.pipeline.join())
-            .await
-            .context("joining the pipeline")?
-            .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
-        drop(store);
+        join_pipeline(self.pipeline).await?;
         tracing::info!("state committed and closed");
         self.server_cancel.cancel();
         self.server

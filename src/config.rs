@@ -41,6 +41,13 @@ pub struct Cli {
 pub enum Command {
     /// Run against a built-in simulated Qoder API (no account needed).
     Demo(DemoFlags),
+    /// Write sessions' events from the API as JSON Lines (one event per line, `session_id`
+    /// added; a `"type": "session"` line per session carries its agent and model).
+    Dump(DumpFlags),
+    /// Feed JSON Lines files (from `dump`, `-` for stdin) through the pipeline and state
+    /// store, then print the metrics in the Prometheus text format on stdout (a summary goes
+    /// to stderr). Spans are exported when an OTLP endpoint is set.
+    Replay(ReplayFlags),
     /// Exit 0 when the exporter at --url answers its health check (for container HEALTHCHECK).
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:9874/healthz")]
@@ -56,6 +63,26 @@ pub struct DemoFlags {
     /// Seed for the simulated sessions (same seed, same event log).
     #[arg(id = "demo_seed", long = "demo.seed", default_value_t = 42)]
     pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DumpFlags {
+    /// Write to this file instead of stdout.
+    #[arg(id = "dump_output", long = "output", short = 'o')]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayFlags {
+    /// JSON Lines files, `-` for stdin.
+    #[arg(id = "replay_files", required = true)]
+    pub files: Vec<PathBuf>,
+    /// Keep serving the metrics on --web.listen-address after the replay (until SIGTERM).
+    #[arg(id = "replay_serve", long = "serve")]
+    pub serve: bool,
+    /// Events per session batch (one state commit each).
+    #[arg(id = "replay_batch", long = "batch-size", default_value_t = 2000)]
+    pub batch_size: usize,
 }
 
 #[derive(Debug, Args, Default)]

@@ -14,11 +14,13 @@
 //! - [`pipeline::tracker`]: the per-session state machine, a pure function per event.
 //! - [`state`]: the store that makes counts exact across crashes.
 //! - [`sim`]: a simulated Qoder API, for `qoder-exporter demo` and the tests.
+//! - [`offline`]: `dump` (API → JSON Lines) and `replay` (JSON Lines → pipeline → metrics).
 //! - [`app`] wires it all; `main` only parses and calls.
 
 pub mod app;
 pub mod config;
 pub mod event;
+pub mod offline;
 pub mod pipeline;
 pub mod secret;
 pub mod server;

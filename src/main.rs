@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use qoder_exporter::config::{Cli, Command, DemoFlags, Settings};
+use qoder_exporter::config::{Cli, Command, DemoFlags, ReplayFlags, Settings};
 use qoder_exporter::secret::Pat;
 use qoder_exporter::sim::{ScenarioConfig, Sim, SimConfig};
 use qoder_exporter::{app, config};
@@ -50,6 +50,8 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Demo(d)) => demo_run(settings, d).await,
+            Some(Command::Dump(d)) => qoder_exporter::offline::dump(&settings, &d).await,
+            Some(Command::Replay(r)) => replay_run(settings, r).await,
             Some(Command::Healthcheck { .. }) | None => {
                 app::run(settings, app::shutdown_signal()).await
             }
@@ -130,7 +132,7 @@ async fn demo_run(mut settings: Settings, d: DemoFlags) -> anyhow::Result<()> {
     settings.pat_file = None;
     let _tmp;
     if settings.state_path == std::path::Path::new("qoder-exporter.db") {
-        let dir = tempfile_dir()?;
+        let dir = tempfile_dir("demo")?;
         settings.state_path = dir.join("state.db");
         _tmp = TempDir(dir);
     }
@@ -149,8 +151,45 @@ async fn demo_run(mut settings: Settings, d: DemoFlags) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("qoder-exporter-demo-{}", std::process::id()));
+/// `replay`: the files through the pipeline, the metrics on stdout, a summary on stderr.
+async fn replay_run(mut settings: Settings, r: ReplayFlags) -> anyhow::Result<()> {
+    // Without --state.path the replay's state is throw-away; with it, a backfill.
+    let _tmp;
+    if settings.state_path == std::path::Path::new("qoder-exporter.db") {
+        let dir = tempfile_dir("replay")?;
+        settings.state_path = dir.join("state.db");
+        _tmp = TempDir(dir);
+    }
+    let (metrics, summary) = qoder_exporter::offline::replay(&settings, &r).await?;
+    let (text, _) = metrics.render(false);
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        out.write_all(&text).context("writing the metrics")?;
+        out.flush().context("writing the metrics")?;
+    }
+    eprintln!("{summary}");
+    if r.serve {
+        let (_tx, ready) = tokio::sync::watch::channel(true);
+        let app = qoder_exporter::server::router(qoder_exporter::server::AppState {
+            metrics,
+            ready,
+            telemetry_path: settings.telemetry_path.clone(),
+            api_url: format!("replay of {} file(s)", r.files.len()),
+        });
+        let listener = tokio::net::TcpListener::bind(settings.listen_address)
+            .await
+            .with_context(|| format!("--web.listen-address {}", settings.listen_address))?;
+        tracing::info!(addr = %listener.local_addr()?, "serving the replayed metrics; Ctrl-C to stop");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(app::shutdown_signal())
+            .await?;
+    }
+    Ok(())
+}
+
+fn tempfile_dir(what: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("qoder-exporter-{what}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }

@@ -114,6 +114,32 @@ impl PipelineHandle {
         Ok(rx.await.map_err(|_| SendError::Stopped)??)
     }
 
+    /// Sends a batch from a blocking thread without waiting for it to be applied: batches sent
+    /// this way are applied in the order they were sent (`replay` keeps several in flight).
+    pub fn send_batch_blocking(
+        &self,
+        batch: Batch,
+    ) -> Result<oneshot::Receiver<Result<BatchOutcome, StateError>>, SendError> {
+        let (ack, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Command::Batch(batch, ack))
+            .map_err(|_| SendError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// As [`Self::send_batch_blocking`], for session metadata.
+    pub fn send_meta_blocking(
+        &self,
+        id: String,
+        meta: SessionMeta,
+    ) -> Result<oneshot::Receiver<Result<(), StateError>>, SendError> {
+        let (ack, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Command::Meta(id, meta, ack))
+            .map_err(|_| SendError::Stopped)?;
+        Ok(rx)
+    }
+
     pub async fn batch(&self, batch: Batch) -> Result<BatchOutcome, SendError> {
         self.call(|ack| Command::Batch(batch, ack)).await
     }

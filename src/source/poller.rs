@@ -642,7 +642,7 @@ impl Poller {
     }
 }
 
-fn meta_of(s: &WireSession) -> SessionMeta {
+pub fn meta_of(s: &WireSession) -> SessionMeta {
     let (agent_name, agent_id, model) = match &s.agent {
         Some(WireAgent::Obj { id, name, model }) => (
             name.clone().filter(|n| !n.is_empty()),

@@ -1,0 +1,446 @@
+//! Offline work: `dump` writes sessions' events from the API as JSON Lines; `replay` feeds such
+//! files through the same pipeline and state store as the live exporter.
+//!
+//! The line format is the API's own event objects, one per line, with `session_id` added where
+//! the wire event lacks it (G2 and G3 events do not carry it). A line whose `type` is
+//! `session` is a session object (agent, model, status) and applies to the events after it.
+//! Replay is also how the benchmarks measure the pipeline without the network.
+
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{Core, join_pipeline, stop_shipper};
+use crate::config::{DumpFlags, ReplayFlags, Settings};
+use crate::event::Event;
+use crate::pipeline::{Batch, BatchOutcome, Item, PipelineHandle};
+use crate::sinks::metrics::Metrics;
+use crate::source::client::{Client, ClientConfig, TokenSource};
+use crate::source::poller::meta_of;
+use crate::source::wire::{self, Page};
+use crate::state::StateError;
+
+/// Events buffered across all sessions before everything buffered is sent.
+const MAX_BUFFERED: usize = 200_000;
+/// Batches sent to the pipeline and not yet acknowledged.
+const IN_FLIGHT: usize = 32;
+/// Longest line accepted (a hostile file must not exhaust memory).
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// What a replay read.
+#[derive(Debug, Default, Clone)]
+pub struct ReplaySummary {
+    pub bytes: u64,
+    pub lines: u64,
+    pub events: u64,
+    pub sessions: u64,
+    /// Lines that are not an event or a session (counted in `events_invalid_total`).
+    pub invalid: u64,
+    /// Events the state already held (an earlier replay into the same state): not applied.
+    pub skipped: u64,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for ReplaySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        #[allow(clippy::cast_precision_loss, reason = "a rate for people to read")]
+        let rate = self.events as f64 / secs;
+        #[allow(clippy::cast_precision_loss, reason = "a rate for people to read")]
+        let mb = self.bytes as f64 / 1e6 / secs;
+        write!(
+            f,
+            "replayed {} events of {} sessions ({} lines, {} invalid, {} already in the state) in {:.2} s: {:.0} events/s, {:.1} MB/s",
+            self.events, self.sessions, self.lines, self.invalid, self.skipped, secs, rate, mb
+        )
+    }
+}
+
+enum Ack {
+    Batch(oneshot::Receiver<Result<BatchOutcome, StateError>>),
+    Meta(oneshot::Receiver<Result<(), StateError>>),
+}
+
+impl Ack {
+    fn wait(self) -> anyhow::Result<()> {
+        match self {
+            Ack::Batch(rx) => {
+                rx.blocking_recv().context("pipeline stopped")??;
+            }
+            Ack::Meta(rx) => rx.blocking_recv().context("pipeline stopped")??,
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    items: Vec<Item>,
+    bad_fields: u32,
+    last_id: Option<String>,
+}
+
+/// Groups lines into per-session batches and keeps a window of them in flight.
+struct Feeder<'a> {
+    handle: &'a PipelineHandle,
+    metrics: &'a Metrics,
+    batch_size: usize,
+    pending: HashMap<String, Pending>,
+    buffered: usize,
+    acks: VecDeque<Ack>,
+    seen: std::collections::HashSet<String>,
+    /// Per session, events at the head of its log that the state already consumed.
+    skip: HashMap<String, u64>,
+    summary: ReplaySummary,
+}
+
+impl Feeder<'_> {
+    fn push_ack(&mut self, ack: Ack) -> anyhow::Result<()> {
+        self.acks.push_back(ack);
+        while self.acks.len() > IN_FLIGHT {
+            if let Some(a) = self.acks.pop_front() {
+                a.wait()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, session: &str) -> anyhow::Result<()> {
+        let Some(p) = self.pending.remove(session) else {
+            return Ok(());
+        };
+        if p.items.is_empty() {
+            return Ok(());
+        }
+        self.buffered -= p.items.len();
+        let rx = self
+            .handle
+            .send_batch_blocking(Batch {
+                session_id: session.to_owned(),
+                items: p.items,
+                cursor: p.last_id,
+                bad_fields: p.bad_fields,
+            })
+            .context("pipeline stopped")?;
+        self.push_ack(Ack::Batch(rx))
+    }
+
+    fn flush_all(&mut self) -> anyhow::Result<()> {
+        let ids: Vec<String> = self.pending.keys().cloned().collect();
+        for id in ids {
+            self.flush(&id)?;
+        }
+        Ok(())
+    }
+
+    fn invalid(&mut self, reason: &str) {
+        self.summary.invalid += 1;
+        self.metrics
+            .process
+            .events_invalid
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    fn line(&mut self, raw: &str) -> anyhow::Result<()> {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Ok(());
+        }
+        self.summary.lines += 1;
+        let decoded = match wire::decode_event(raw) {
+            Ok(d) => d,
+            Err(reason) => {
+                self.invalid(reason.as_label());
+                return Ok(());
+            }
+        };
+        if decoded.event.kind.as_deref() == Some("session") {
+            let Some(s) = wire::decode_session(raw) else {
+                self.invalid("missing_id");
+                return Ok(());
+            };
+            let id = s.id.clone().unwrap_or_default();
+            // Metadata applies to what follows: send what came before it first.
+            self.flush(&id)?;
+            if self.seen.insert(id.clone()) {
+                self.summary.sessions += 1;
+            }
+            let rx = self
+                .handle
+                .send_meta_blocking(id, meta_of(&s))
+                .context("pipeline stopped")?;
+            return self.push_ack(Ack::Meta(rx));
+        }
+        let Some(session) = decoded.event.session_id.clone().filter(|s| !s.is_empty()) else {
+            self.invalid("missing_session_id");
+            return Ok(());
+        };
+        if !self.seen.contains(&session) {
+            self.seen.insert(session.clone());
+            self.summary.sessions += 1;
+        }
+        if let Some(n) = self.skip.get_mut(&session)
+            && *n > 0
+        {
+            *n -= 1;
+            self.summary.skipped += 1;
+            return Ok(());
+        }
+        let e = Event::from_wire(decoded.event);
+        self.summary.events += 1;
+        let p = self.pending.entry(session.clone()).or_default();
+        p.bad_fields += decoded.bad_fields;
+        p.last_id = Some(e.id.clone());
+        p.items.push(Item::Event(e));
+        self.buffered += 1;
+        if p.items.len() >= self.batch_size {
+            self.flush(&session)?;
+        } else if self.buffered >= MAX_BUFFERED {
+            self.flush_all()?;
+        }
+        Ok(())
+    }
+}
+
+fn open_input(path: &Path) -> anyhow::Result<Box<dyn Read + Send>> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(std::io::stdin()));
+    }
+    Ok(Box::new(
+        std::fs::File::open(path).with_context(|| format!("replay: {}", path.display()))?,
+    ))
+}
+
+/// Reads every file and feeds the pipeline; runs on a blocking thread.
+fn feed(
+    files: &[PathBuf],
+    handle: &PipelineHandle,
+    metrics: &Metrics,
+    batch_size: usize,
+    skip: HashMap<String, u64>,
+) -> anyhow::Result<ReplaySummary> {
+    let total: u64 = files
+        .iter()
+        .filter(|p| p.as_os_str() != "-")
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    // Drawn only when stderr is a terminal; hidden otherwise.
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let mut f = Feeder {
+        handle,
+        metrics,
+        batch_size: batch_size.max(1),
+        pending: HashMap::new(),
+        buffered: 0,
+        acks: VecDeque::new(),
+        seen: std::collections::HashSet::new(),
+        skip,
+        summary: ReplaySummary::default(),
+    };
+    let mut buf = Vec::with_capacity(64 * 1024);
+    for path in files {
+        let mut r = BufReader::with_capacity(1 << 20, open_input(path)?);
+        loop {
+            buf.clear();
+            let n = (&mut r)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .with_context(|| format!("replay: reading {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            f.summary.bytes += n as u64;
+            bar.inc(n as u64);
+            if buf.len() > MAX_LINE && buf.last() != Some(&b'\n') {
+                // Skip the rest of an overlong line.
+                f.invalid("too_large");
+                loop {
+                    buf.clear();
+                    let m = (&mut r).take(1 << 20).read_until(b'\n', &mut buf)?;
+                    f.summary.bytes += m as u64;
+                    if m == 0 || buf.last() == Some(&b'\n') {
+                        break;
+                    }
+                }
+                continue;
+            }
+            match std::str::from_utf8(&buf) {
+                Ok(line) => f.line(line)?,
+                Err(_) => f.invalid("not_object"),
+            }
+        }
+    }
+    f.flush_all()?;
+    while let Some(a) = f.acks.pop_front() {
+        a.wait()?;
+    }
+    bar.finish_and_clear();
+    f.summary.elapsed = started.elapsed();
+    Ok(f.summary)
+}
+
+/// Replays `flags.files` into the state at `settings.state_path`, exports spans if configured,
+/// and returns the metrics and what was read.
+pub async fn replay(
+    settings: &Settings,
+    flags: &ReplayFlags,
+) -> anyhow::Result<(Metrics, ReplaySummary)> {
+    let metrics = Metrics::new().context("metrics registry")?;
+    let core = Core::start(settings, &metrics)?;
+    let handle = core.handle.clone();
+    let files = flags.files.clone();
+    let m = metrics.clone();
+    let batch = flags.batch_size;
+    // Replaying into a state that already holds a session's head skips that head: replaying
+    // the same file twice counts nothing twice.
+    let skip: HashMap<String, u64> = core
+        .stored
+        .iter()
+        .map(|s| (s.id.clone(), s.state.consumed))
+        .collect();
+    let fed = tokio::task::spawn_blocking(move || feed(&files, &handle, &m, batch, skip))
+        .await
+        .context("replay thread")?;
+    // Whatever happened, close in order: spans flushed, the pipeline drained, the store closed.
+    stop_shipper(core.shipper).await;
+    drop(core.handle);
+    join_pipeline(core.pipeline).await?;
+    Ok((metrics, fed?))
+}
+
+/// Lists every session the token can see, newest first (or the named ones).
+async fn session_ids(client: &Client, settings: &Settings) -> anyhow::Result<Vec<String>> {
+    if !settings.sessions.is_empty() {
+        return Ok(settings.sessions.clone());
+    }
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let body = client.list_sessions(cursor.as_deref()).await?;
+        let page: Page<'_> = serde_json::from_slice(&body).context("listing sessions")?;
+        let mut last = None;
+        for raw in &page.data {
+            if let Some(id) = wire::decode_session(raw.get()).and_then(|s| s.id) {
+                last = Some(id.clone());
+                if settings.shard.owns(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        let next = page.last_id.clone().or(last);
+        if !page.has_more.unwrap_or(false)
+            || page.data.is_empty()
+            || next.is_none()
+            || next == cursor
+        {
+            break;
+        }
+        cursor = next;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(ids)
+}
+
+fn write_line(out: &mut dyn Write, v: &Value) -> anyhow::Result<()> {
+    serde_json::to_writer(&mut *out, v)?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+/// Writes the sessions' events as JSON Lines.
+pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> {
+    let Some(pat) = settings.pat.clone() else {
+        anyhow::bail!(
+            "no Qoder token: set QODER_PAT (or QODER_PERSONAL_ACCESS_TOKEN), or pass --qoder.pat-file"
+        );
+    };
+    let metrics = Metrics::new().context("metrics registry")?;
+    let client = Client::new(
+        ClientConfig {
+            base_url: settings.api_url.clone(),
+            timeout: settings.request_timeout,
+            max_body_bytes: settings.max_response_bytes,
+            max_requests_per_second: settings.max_requests_per_second,
+            ..ClientConfig::default()
+        },
+        TokenSource::new(pat),
+        metrics.process.clone(),
+        CancellationToken::new(),
+    )?;
+    let mut out: Box<dyn Write> = match &flags.output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("--output {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let started = Instant::now();
+    let ids = session_ids(&client, settings).await?;
+    let (mut events, mut sessions) = (0u64, 0u64);
+    for id in &ids {
+        let body = match client.get_session(id).await {
+            Ok(b) => b,
+            Err(e) if e.status() == Some(404) => {
+                tracing::warn!(session = %id, "session not found; skipped");
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("session {id}")),
+        };
+        let mut obj: Map<String, Value> =
+            serde_json::from_slice(&body).with_context(|| format!("session {id}"))?;
+        obj.insert("type".into(), Value::from("session"));
+        obj.entry("id").or_insert_with(|| Value::from(id.as_str()));
+        write_line(&mut out, &Value::Object(obj))?;
+        sessions += 1;
+        let mut cursor: Option<String> = None;
+        loop {
+            let body = client.list_events(id, cursor.as_deref()).await?;
+            let page: Page<'_> =
+                serde_json::from_slice(&body).with_context(|| format!("events of {id}"))?;
+            let mut last = None;
+            for raw in &page.data {
+                let mut v: Value = serde_json::from_str(raw.get())?;
+                if let Value::Object(m) = &mut v {
+                    m.entry("session_id")
+                        .or_insert_with(|| Value::from(id.as_str()));
+                    last = m.get("id").and_then(Value::as_str).map(str::to_owned);
+                }
+                write_line(&mut out, &v)?;
+                events += 1;
+            }
+            let next = page.last_id.clone().or(last);
+            if !page.has_more.unwrap_or(false)
+                || page.data.is_empty()
+                || next.is_none()
+                || next == cursor
+            {
+                break;
+            }
+            cursor = next;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    out.flush()?;
+    tracing::info!(
+        sessions,
+        events,
+        seconds = started.elapsed().as_secs_f64(),
+        "dump complete"
+    );
+    Ok(())
+}
