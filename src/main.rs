@@ -10,6 +10,11 @@ use qoder_exporter::secret::Pat;
 use qoder_exporter::sim::{ScenarioConfig, Sim, SimConfig};
 use qoder_exporter::{app, config};
 
+/// mimalloc: the pipeline allocates and frees many small strings per event; glibc's malloc
+/// spent about a sixth of replay's time on them (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Healthcheck { url }) = &cli.command {

@@ -30,7 +30,10 @@ use crate::state::StateError;
 /// Events buffered across all sessions before everything buffered is sent.
 const MAX_BUFFERED: usize = 200_000;
 /// Batches sent to the pipeline and not yet acknowledged.
-const IN_FLIGHT: usize = 32;
+const IN_FLIGHT: usize = 8;
+/// Events per state transaction: batches of many sessions are committed together, so a
+/// backfill pays for one synchronous commit per this many events, not one per session.
+const GROUP_EVENTS: usize = 20_000;
 /// Longest line accepted (a hostile file must not exhaust memory).
 const MAX_LINE: usize = 16 * 1024 * 1024;
 
@@ -63,19 +66,11 @@ impl std::fmt::Display for ReplaySummary {
     }
 }
 
-enum Ack {
-    Batch(oneshot::Receiver<Result<BatchOutcome, StateError>>),
-    Meta(oneshot::Receiver<Result<(), StateError>>),
-}
+struct Ack(oneshot::Receiver<Result<Vec<BatchOutcome>, StateError>>);
 
 impl Ack {
     fn wait(self) -> anyhow::Result<()> {
-        match self {
-            Ack::Batch(rx) => {
-                rx.blocking_recv().context("pipeline stopped")??;
-            }
-            Ack::Meta(rx) => rx.blocking_recv().context("pipeline stopped")??,
-        }
+        self.0.blocking_recv().context("pipeline stopped")??;
         Ok(())
     }
 }
@@ -84,7 +79,7 @@ impl Ack {
 struct Pending {
     items: Vec<Item>,
     bad_fields: u32,
-    last_id: Option<String>,
+    meta: Option<crate::pipeline::SessionMeta>,
 }
 
 /// Groups lines into per-session batches and keeps a window of them in flight.
@@ -94,21 +89,28 @@ struct Feeder<'a> {
     batch_size: usize,
     pending: HashMap<String, Pending>,
     buffered: usize,
+    /// Batches ready to go out together, in order.
+    group: Vec<Batch>,
+    group_events: usize,
     acks: VecDeque<Ack>,
     seen: std::collections::HashSet<String>,
     /// Per session, events at the head of its log that the state already consumed.
     skip: HashMap<String, u64>,
     summary: ReplaySummary,
+    /// Time the reader spent waiting for the pipeline (it is the bottleneck when this is large).
+    waited: Duration,
 }
 
 impl Feeder<'_> {
     fn push_ack(&mut self, ack: Ack) -> anyhow::Result<()> {
         self.acks.push_back(ack);
+        let t = Instant::now();
         while self.acks.len() > IN_FLIGHT {
             if let Some(a) = self.acks.pop_front() {
                 a.wait()?;
             }
         }
+        self.waited += t.elapsed();
         Ok(())
     }
 
@@ -116,20 +118,39 @@ impl Feeder<'_> {
         let Some(p) = self.pending.remove(session) else {
             return Ok(());
         };
-        if p.items.is_empty() {
+        if p.items.is_empty() && p.meta.is_none() {
             return Ok(());
         }
         self.buffered -= p.items.len();
+        self.group_events += p.items.len();
+        let cursor = p.items.iter().rev().find_map(|i| match i {
+            Item::Event(e) => Some(e.id.clone()),
+            Item::Invalid(_) => None,
+        });
+        self.group.push(Batch {
+            session_id: session.to_owned(),
+            items: p.items,
+            cursor,
+            bad_fields: p.bad_fields,
+            meta: p.meta,
+        });
+        if self.group_events >= GROUP_EVENTS {
+            self.send_group()?;
+        }
+        Ok(())
+    }
+
+    fn send_group(&mut self) -> anyhow::Result<()> {
+        if self.group.is_empty() {
+            return Ok(());
+        }
+        let group = std::mem::take(&mut self.group);
+        self.group_events = 0;
         let rx = self
             .handle
-            .send_batch_blocking(Batch {
-                session_id: session.to_owned(),
-                items: p.items,
-                cursor: p.last_id,
-                bad_fields: p.bad_fields,
-            })
+            .send_batches_blocking(group)
             .context("pipeline stopped")?;
-        self.push_ack(Ack::Batch(rx))
+        self.push_ack(Ack(rx))
     }
 
     fn flush_all(&mut self) -> anyhow::Result<()> {
@@ -137,7 +158,7 @@ impl Feeder<'_> {
         for id in ids {
             self.flush(&id)?;
         }
-        Ok(())
+        self.send_group()
     }
 
     fn invalid(&mut self, reason: &str) {
@@ -168,23 +189,20 @@ impl Feeder<'_> {
                 return Ok(());
             };
             let id = s.id.clone().unwrap_or_default();
-            // Metadata applies to what follows: send what came before it first.
+            // Metadata applies to what follows: it goes after what came before it, in the
+            // same transaction as the events after it.
             self.flush(&id)?;
             if self.seen.insert(id.clone()) {
                 self.summary.sessions += 1;
             }
-            let rx = self
-                .handle
-                .send_meta_blocking(id, meta_of(&s))
-                .context("pipeline stopped")?;
-            return self.push_ack(Ack::Meta(rx));
+            self.pending.entry(id).or_default().meta = Some(meta_of(&s));
+            return Ok(());
         }
         let Some(session) = decoded.event.session_id.clone().filter(|s| !s.is_empty()) else {
             self.invalid("missing_session_id");
             return Ok(());
         };
-        if !self.seen.contains(&session) {
-            self.seen.insert(session.clone());
+        if !self.pending.contains_key(&session) && self.seen.insert(session.clone()) {
             self.summary.sessions += 1;
         }
         if let Some(n) = self.skip.get_mut(&session)
@@ -196,11 +214,13 @@ impl Feeder<'_> {
         }
         let e = Event::from_wire(decoded.event);
         self.summary.events += 1;
-        let p = self.pending.entry(session.clone()).or_default();
-        p.bad_fields += decoded.bad_fields;
-        p.last_id = Some(e.id.clone());
-        p.items.push(Item::Event(e));
         self.buffered += 1;
+        let p = match self.pending.get_mut(&session) {
+            Some(p) => p,
+            None => self.pending.entry(session.clone()).or_default(),
+        };
+        p.bad_fields += decoded.bad_fields;
+        p.items.push(Item::Event(e));
         if p.items.len() >= self.batch_size {
             self.flush(&session)?;
         } else if self.buffered >= MAX_BUFFERED {
@@ -248,10 +268,13 @@ fn feed(
         batch_size: batch_size.max(1),
         pending: HashMap::new(),
         buffered: 0,
+        group: Vec::new(),
+        group_events: 0,
         acks: VecDeque::new(),
         seen: std::collections::HashSet::new(),
         skip,
         summary: ReplaySummary::default(),
+        waited: Duration::ZERO,
     };
     let mut buf = Vec::with_capacity(64 * 1024);
     for path in files {
@@ -292,6 +315,7 @@ fn feed(
     }
     bar.finish_and_clear();
     f.summary.elapsed = started.elapsed();
+    tracing::debug!(waited_for_pipeline = ?f.waited, "replay read");
     Ok(f.summary)
 }
 

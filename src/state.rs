@@ -268,33 +268,40 @@ impl StateStore {
 
     /// Commits one batch atomically.
     pub fn commit(&mut self, w: &BatchWrite<'_>) -> Result<(), StateError> {
+        self.commit_many(std::slice::from_ref(w))
+    }
+
+    /// Commits several batches (of any sessions) in one transaction: all or none.
+    pub fn commit_many(&mut self, writes: &[BatchWrite<'_>]) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO sessions (id, cursor, finished, state) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(id) DO UPDATE SET cursor = excluded.cursor,
-                 finished = excluded.finished, state = excluded.state",
-            params![
-                w.session_id,
-                w.cursor,
-                w.finished,
-                serde_json::to_string(w.state)?
-            ],
-        )?;
         {
+            let mut session = tx.prepare_cached(
+                "INSERT INTO sessions (id, cursor, finished, state) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET cursor = excluded.cursor,
+                     finished = excluded.finished, state = excluded.state",
+            )?;
             let mut put = tx.prepare_cached(
                 "INSERT INTO series (family, labels, value) VALUES (?1, ?2, ?3)
                  ON CONFLICT(family, labels) DO UPDATE SET value = excluded.value",
             )?;
-            for ((family, labels), value) in w.series {
-                put.execute(params![
-                    family.name(),
-                    serde_json::to_string(labels)?,
-                    serde_json::to_string(value)?
-                ])?;
-            }
             let mut outbox = tx.prepare_cached("INSERT INTO outbox (turn) VALUES (?1)")?;
-            for t in w.closed_turns {
-                outbox.execute(params![serde_json::to_string(t)?])?;
+            for w in writes {
+                session.execute(params![
+                    w.session_id,
+                    w.cursor,
+                    w.finished,
+                    serde_json::to_string(w.state)?
+                ])?;
+                for ((family, labels), value) in w.series {
+                    put.execute(params![
+                        family.name(),
+                        serde_json::to_string(labels)?,
+                        serde_json::to_string(value)?
+                    ])?;
+                }
+                for t in w.closed_turns {
+                    outbox.execute(params![serde_json::to_string(t)?])?;
+                }
             }
         }
         tx.commit()?;

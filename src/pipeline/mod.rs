@@ -39,6 +39,8 @@ pub struct Batch {
     pub cursor: Option<String>,
     /// Fields dropped for having the wrong shape (the events themselves were kept).
     pub bad_fields: u32,
+    /// Session metadata to apply before the items, in the same transaction (`replay`).
+    pub meta: Option<SessionMeta>,
 }
 
 /// What the poller learns from a session object.
@@ -63,6 +65,8 @@ pub type Ack<T> = oneshot::Sender<Result<T, StateError>>;
 #[derive(Debug)]
 pub enum Command {
     Batch(Batch, Ack<BatchOutcome>),
+    /// Several batches committed in one transaction (`replay`: one commit per many sessions).
+    Batches(Vec<Batch>, Ack<Vec<BatchOutcome>>),
     Meta(String, SessionMeta, Ack<()>),
     /// The session is done (drained after termination, or gone): never read again.
     Finish(String, Ack<()>),
@@ -114,28 +118,15 @@ impl PipelineHandle {
         Ok(rx.await.map_err(|_| SendError::Stopped)??)
     }
 
-    /// Sends a batch from a blocking thread without waiting for it to be applied: batches sent
-    /// this way are applied in the order they were sent (`replay` keeps several in flight).
-    pub fn send_batch_blocking(
+    /// Sends batches from a blocking thread, to be applied in order and committed in one
+    /// transaction, without waiting: `replay` keeps several groups in flight.
+    pub fn send_batches_blocking(
         &self,
-        batch: Batch,
-    ) -> Result<oneshot::Receiver<Result<BatchOutcome, StateError>>, SendError> {
+        batches: Vec<Batch>,
+    ) -> Result<oneshot::Receiver<Result<Vec<BatchOutcome>, StateError>>, SendError> {
         let (ack, rx) = oneshot::channel();
         self.tx
-            .blocking_send(Command::Batch(batch, ack))
-            .map_err(|_| SendError::Stopped)?;
-        Ok(rx)
-    }
-
-    /// As [`Self::send_batch_blocking`], for session metadata.
-    pub fn send_meta_blocking(
-        &self,
-        id: String,
-        meta: SessionMeta,
-    ) -> Result<oneshot::Receiver<Result<(), StateError>>, SendError> {
-        let (ack, rx) = oneshot::channel();
-        self.tx
-            .blocking_send(Command::Meta(id, meta, ack))
+            .blocking_send(Command::Batches(batches, ack))
             .map_err(|_| SendError::Stopped)?;
         Ok(rx)
     }
@@ -165,6 +156,23 @@ impl PipelineHandle {
 
     pub async fn outbox_release(&self) -> Result<(), SendError> {
         self.call(Command::OutboxRelease).await
+    }
+}
+
+/// What a session object says, merged into the session's state.
+fn merge_meta(state: &mut SessionState, meta: SessionMeta) {
+    // The `agent` label: the agent's name, else its id, else `unknown`.
+    if let Some(agent) = meta.agent_name.clone().or(meta.agent_id.clone()) {
+        state.agent = agent;
+    }
+    if meta.agent_id.is_some() {
+        state.agent_id = meta.agent_id;
+    }
+    if meta.model.is_some() {
+        state.model = meta.model;
+    }
+    if let Some(s) = meta.status {
+        state.status = s;
     }
 }
 
@@ -247,6 +255,9 @@ impl Pipeline {
                 Command::Batch(batch, ack) => {
                     let _ = ack.send(self.apply_batch(batch));
                 }
+                Command::Batches(batches, ack) => {
+                    let _ = ack.send(self.apply_group(batches));
+                }
                 Command::Meta(id, meta, ack) => {
                     let _ = ack.send(self.apply_meta(&id, meta));
                 }
@@ -298,19 +309,7 @@ impl Pipeline {
     fn apply_meta(&mut self, id: &str, meta: SessionMeta) -> Result<(), StateError> {
         let mut state = self.state_of(id);
         let old_status = state.status.clone();
-        // The `agent` label: the agent's name, else its id, else `unknown`.
-        if let Some(agent) = meta.agent_name.clone().or(meta.agent_id.clone()) {
-            state.agent = agent;
-        }
-        if meta.agent_id.is_some() {
-            state.agent_id = meta.agent_id;
-        }
-        if meta.model.is_some() {
-            state.model = meta.model;
-        }
-        if let Some(s) = meta.status {
-            state.status = s;
-        }
+        merge_meta(&mut state, meta);
         self.store.upsert_session(id, &state, false)?;
         self.set_status(&old_status, &state.status);
         self.sessions.insert(id.to_owned(), state);
@@ -377,48 +376,93 @@ impl Pipeline {
     }
 
     fn apply_batch(&mut self, batch: Batch) -> Result<BatchOutcome, StateError> {
+        let mut out = self.apply_group(vec![batch])?;
+        Ok(out.pop().unwrap_or(BatchOutcome {
+            consumed: 0,
+            status: "unknown".to_owned(),
+        }))
+    }
+
+    /// Applies batches (of one or many sessions, in order) and commits them in one
+    /// transaction; nothing of them is visible unless all of it is on disk.
+    fn apply_group(&mut self, batches: Vec<Batch>) -> Result<Vec<BatchOutcome>, StateError> {
+        struct Touched {
+            id: String,
+            state: SessionState,
+            old_status: String,
+            cursor: Option<String>,
+        }
         let started = std::time::Instant::now();
-        let mut state = self.state_of(&batch.session_id);
-        let old_status = state.status.clone();
         let mut delta = Delta::default();
         let mut closed: Vec<ClosedTurn> = Vec::new();
         let mut invalid: HashMap<&'static str, u64> = HashMap::new();
         let mut duplicates = 0;
+        let mut bad_fields = 0u64;
         let capture = self.outbox.as_ref().and_then(|o| o.capture_bytes);
-        for item in &batch.items {
-            match item {
-                Item::Event(e) => {
-                    match state.apply(&batch.session_id, e, &mut delta, &mut closed) {
+        let mut touched: Vec<Touched> = Vec::new();
+        let mut order = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let pos = match touched.iter().position(|t| t.id == batch.session_id) {
+                Some(p) => p,
+                None => {
+                    let state = self.state_of(&batch.session_id);
+                    touched.push(Touched {
+                        id: batch.session_id.clone(),
+                        old_status: state.status.clone(),
+                        state,
+                        cursor: None,
+                    });
+                    touched.len() - 1
+                }
+            };
+            let t = &mut touched[pos];
+            if let Some(meta) = batch.meta {
+                merge_meta(&mut t.state, meta);
+            }
+            for item in &batch.items {
+                match item {
+                    Item::Event(e) => match t.state.apply(&t.id, e, &mut delta, &mut closed) {
                         Applied::Duplicate => duplicates += 1,
                         Applied::Counted => {
                             if let Some(max) = capture {
-                                state.capture(e, max);
+                                t.state.capture(e, max);
                             }
                         }
+                    },
+                    Item::Invalid(reason) => {
+                        t.state.consumed += 1;
+                        *invalid.entry(reason.as_label()).or_default() += 1;
                     }
                 }
-                Item::Invalid(reason) => {
-                    state.consumed += 1;
-                    *invalid.entry(reason.as_label()).or_default() += 1;
-                }
             }
+            if batch.cursor.is_some() {
+                t.cursor = batch.cursor;
+            }
+            bad_fields += u64::from(batch.bad_fields);
+            order.push((pos, t.state.consumed, t.state.status.clone()));
         }
         let staged = self.metrics.durable.stage(&delta);
         let turns: &[ClosedTurn] = if self.outbox.is_some() { &closed } else { &[] };
-        let result = self.store.commit(&BatchWrite {
-            session_id: &batch.session_id,
-            cursor: batch.cursor.as_deref(),
-            finished: false,
-            state: &state,
-            series: &staged.values,
-            closed_turns: turns,
-        });
+        let writes: Vec<BatchWrite<'_>> = touched
+            .iter()
+            .enumerate()
+            .map(|(i, t)| BatchWrite {
+                session_id: &t.id,
+                cursor: t.cursor.as_deref(),
+                finished: false,
+                state: &t.state,
+                series: if i == 0 { &staged.values } else { &[] },
+                closed_turns: if i == 0 { turns } else { &[] },
+            })
+            .collect();
+        let result = self.store.commit_many(&writes);
+        drop(writes);
         let p = &self.metrics.process;
         if let Err(e) = result {
             p.state_commit_failures.inc();
             return Err(e);
         }
-        // Committed: now, and only now, the batch becomes visible.
+        // Committed: now, and only now, the batches become visible.
         self.metrics.durable.publish(staged);
         p.state_commits.inc();
         p.state_commit_duration
@@ -426,9 +470,8 @@ impl Pipeline {
         for (reason, n) in invalid {
             p.events_invalid.with_label_values(&[reason]).inc_by(n);
         }
-        p.fields_dropped.inc_by(u64::from(batch.bad_fields));
+        p.fields_dropped.inc_by(bad_fields);
         p.events_duplicate.inc_by(duplicates);
-        self.set_status(&old_status, &state.status);
         if !turns.is_empty() {
             self.set_outbox_len(self.outbox_len + turns.len() as u64);
             self.trim_outbox();
@@ -436,11 +479,14 @@ impl Pipeline {
                 o.notify.notify_one();
             }
         }
-        let outcome = BatchOutcome {
-            consumed: state.consumed,
-            status: state.status.clone(),
-        };
-        self.sessions.insert(batch.session_id, state);
-        Ok(outcome)
+        let outcomes = order
+            .into_iter()
+            .map(|(_, consumed, status)| BatchOutcome { consumed, status })
+            .collect();
+        for t in touched {
+            self.set_status(&t.old_status, &t.state.status);
+            self.sessions.insert(t.id, t.state);
+        }
+        Ok(outcomes)
     }
 }

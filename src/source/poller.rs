@@ -824,6 +824,7 @@ async fn read_session(
                 items,
                 cursor: next_cursor.clone(),
                 bad_fields,
+                meta: None,
             };
             match pipeline.batch(batch).await {
                 Ok(outcome) => {

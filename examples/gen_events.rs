@@ -1,0 +1,38 @@
+//! Writes a simulated event log as JSON Lines (the `dump` format), for the replay benchmark:
+//!
+//!     cargo run --release --example gen_events -- SESSIONS MAX_TURNS > events.jsonl
+//!
+//! Same arguments, same bytes (the simulator is seeded).
+
+use std::io::Write;
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let sessions: usize = args.next().as_deref().unwrap_or("1000").parse()?;
+    let max_turns: usize = args.next().as_deref().unwrap_or("20").parse()?;
+    let (log, totals) = qoder_exporter::sim::generate(&qoder_exporter::sim::ScenarioConfig {
+        seed: 1,
+        sessions,
+        max_turns,
+        stagger: 0,
+        hostile: false,
+    });
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for s in &log {
+        let mut obj = s.object.clone();
+        obj.insert("type".into(), "session".into());
+        serde_json::to_writer(&mut out, &obj)?;
+        out.write_all(b"\n")?;
+        for e in &s.events {
+            let mut v: serde_json::Value = serde_json::from_str(&e.json)?;
+            if let Some(m) = v.as_object_mut() {
+                m.entry("session_id").or_insert_with(|| s.id.clone().into());
+            }
+            serde_json::to_writer(&mut out, &v)?;
+            out.write_all(b"\n")?;
+        }
+    }
+    out.flush()?;
+    eprintln!("{} events in {} sessions", totals.event_count(), log.len());
+    Ok(())
+}
