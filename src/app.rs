@@ -71,6 +71,7 @@ impl Core {
             .map(crate::sinks::otlp::exporter)
             .transpose()?;
         let (pipeline, stored) = Pipeline::new(store, metrics.clone(), outbox)?;
+        let pipeline = pipeline.with_max_turn_age(settings.max_turn_age);
         let (handle, pipeline) = pipeline.spawn(PIPELINE_QUEUE).context("pipeline thread")?;
         let shipper = match (exporter, &settings.otlp) {
             (Some(exporter), Some(o)) => {

@@ -147,6 +147,10 @@ pub struct Flags {
     /// The state file (SQLite) that keeps counts exact across restarts [default: qoder-exporter.db]
     #[arg(long = "state.path", env = "QODER_EXPORTER_STATE_PATH", global = true)]
     pub state_path: Option<PathBuf>,
+    /// A turn whose session stays quiet this long (by event time) mid-turn is closed as
+    /// incomplete (`qoder.turn.end=stale`) [default: 6h]
+    #[arg(long = "state.max-turn-age", env = "QODER_EXPORTER_MAX_TURN_AGE", value_parser = parse_duration, global = true)]
+    pub max_turn_age: Option<Duration>,
     /// TOML file with the same settings (flags and environment win over it).
     #[arg(
         long = "config.file",
@@ -412,6 +416,8 @@ pub struct WebSection {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StateSection {
     pub path: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub max_turn_age: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -449,6 +455,7 @@ pub struct Settings {
     pub listen_address: SocketAddr,
     pub telemetry_path: String,
     pub state_path: PathBuf,
+    pub max_turn_age: Duration,
     pub log_level: String,
     /// `None`: traces off.
     pub otlp: Option<OtlpSettings>,
@@ -590,6 +597,10 @@ impl Settings {
                 .state_path
                 .or(file.state.path)
                 .unwrap_or_else(|| PathBuf::from("qoder-exporter.db")),
+            max_turn_age: flags
+                .max_turn_age
+                .or(file.state.max_turn_age)
+                .unwrap_or(Duration::from_secs(6 * 3600)),
             log_level: flags
                 .log_level
                 .or(file.log.level)

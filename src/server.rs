@@ -21,14 +21,57 @@ pub struct AppState {
     pub api_url: String,
 }
 
+/// Scrapes rendered at once; more get 503 at once instead of queueing renders (each one copies
+/// the whole registry), so a scrape storm cannot eat the process.
+pub const MAX_CONCURRENT_SCRAPES: usize = 4;
+/// No endpoint takes a body: anything larger than this is refused (413) before it is read.
+pub const MAX_REQUEST_BODY: usize = 4096;
+
 pub fn router(state: AppState) -> Router {
+    router_with(state, MAX_CONCURRENT_SCRAPES)
+}
+
+/// [`router`] with a given cap on concurrent scrapes.
+pub fn router_with(state: AppState, max_scrapes: usize) -> Router {
+    let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(max_scrapes));
     Router::new()
-        .route(&state.telemetry_path.clone(), get(metrics))
+        .route(
+            &state.telemetry_path.clone(),
+            get(move |s: State<AppState>, h: HeaderMap| {
+                let scrapes = scrapes.clone();
+                async move {
+                    let Ok(_permit) = scrapes.try_acquire() else {
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            [(header::RETRY_AFTER, "1")],
+                            "too many concurrent scrapes\n",
+                        )
+                            .into_response();
+                    };
+                    metrics(s, h).await
+                }
+            }),
+        )
         .route("/", get(landing))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .layer(axum::middleware::from_fn(refuse_bodies))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// Every endpoint is a GET without a body: a declared body over the cap is refused unread.
+async fn refuse_bodies(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    if chunked || declared.is_some_and(|n| n > MAX_REQUEST_BODY as u64) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response();
+    }
+    next.run(req).await
 }
 
 async fn security_headers(mut resp: Response) -> Response {
@@ -164,6 +207,35 @@ mod tests {
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn scrapes_over_the_cap_and_bodies_are_refused() {
+        let (tx, rx) = watch::channel(true);
+        let state = AppState {
+            metrics: Metrics::new().expect("metrics"),
+            ready: rx,
+            telemetry_path: "/metrics".into(),
+            api_url: String::new(),
+        };
+        let full = router_with(state.clone(), 0);
+        let (s, h, _) = get(&full, "/metrics", None).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(h[header::RETRY_AFTER], "1");
+        assert_eq!(
+            h["x-frame-options"], "DENY",
+            "security headers on refusals too"
+        );
+        let app = router(state);
+        let big = Request::builder()
+            .uri("/metrics")
+            .header(header::CONTENT_LENGTH, "100000")
+            .body(Body::from(vec![b'x'; 100_000]))
+            .expect("req");
+        let resp = app.clone().oneshot(big).await.expect("resp");
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(get(&app, "/metrics", None).await.0, StatusCode::OK);
+        drop(tx);
     }
 
     #[tokio::test]

@@ -186,6 +186,8 @@ pub struct Pipeline {
     outbox: Option<OutboxConfig>,
     /// Turns in the outbox.
     outbox_len: u64,
+    /// A turn quiet (by event time) for longer than this is closed as stale.
+    max_turn_age_ns: Option<i64>,
     /// The batch being exported ends here: trimming must not drop it (it would be counted
     /// both dropped and exported).
     leased_through: Option<i64>,
@@ -224,9 +226,16 @@ impl Pipeline {
                 outbox,
                 outbox_len,
                 leased_through: None,
+                max_turn_age_ns: None,
             },
             stored,
         ))
+    }
+
+    /// Closes turns that stay quiet longer than `age` (by event time) as stale.
+    pub fn with_max_turn_age(mut self, age: std::time::Duration) -> Pipeline {
+        self.max_turn_age_ns = i64::try_from(age.as_nanos()).ok();
+        self
     }
 
     /// Starts the pipeline thread. It ends when every handle is dropped and the queue drained.
@@ -421,14 +430,20 @@ impl Pipeline {
             }
             for item in &batch.items {
                 match item {
-                    Item::Event(e) => match t.state.apply(&t.id, e, &mut delta, &mut closed) {
-                        Applied::Duplicate => duplicates += 1,
-                        Applied::Counted => {
-                            if let Some(max) = capture {
-                                t.state.capture(e, max);
+                    Item::Event(e) => {
+                        if let Some(max) = self.max_turn_age_ns {
+                            t.state
+                                .close_stale(&t.id, e.time_ns, max, &mut delta, &mut closed);
+                        }
+                        match t.state.apply(&t.id, e, &mut delta, &mut closed) {
+                            Applied::Duplicate => duplicates += 1,
+                            Applied::Counted => {
+                                if let Some(max) = capture {
+                                    t.state.capture(e, max);
+                                }
                             }
                         }
-                    },
+                    }
                     Item::Invalid(reason) => {
                         t.state.consumed += 1;
                         *invalid.entry(reason.as_label()).or_default() += 1;

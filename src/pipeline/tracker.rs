@@ -152,6 +152,8 @@ pub enum TurnEnd {
     Terminated,
     /// A later turn started without this one idling (G1 `turn_id` change).
     Superseded,
+    /// The session went quiet mid-turn for longer than the configured age; closed incomplete.
+    Stale,
 }
 
 /// A turn that closed, with everything needed to build its trace.
@@ -463,6 +465,31 @@ impl SessionState {
             span_events: Vec::new(),
             messages: Vec::new(),
         });
+    }
+
+    /// Closes the open turn as [`TurnEnd::Stale`] when event `at` comes more than `max_age_ns`
+    /// after the turn's last event: a turn that never closed must not hold its state (and its
+    /// spans) forever. Event time only, so a replay closes the same turns.
+    pub fn close_stale(
+        &mut self,
+        session_id: &str,
+        at: Option<i64>,
+        max_age_ns: i64,
+        delta: &mut Delta,
+        closed: &mut Vec<ClosedTurn>,
+    ) -> bool {
+        let (Some(at), Some(turn)) = (at, &self.turn) else {
+            return false;
+        };
+        let Some(last) = turn.last_ns else {
+            return false;
+        };
+        if at.saturating_sub(last) <= max_age_ns {
+            return false;
+        }
+        self.close_turn(session_id, Some(last), TurnEnd::Stale, delta, closed);
+        self.requests.clear();
+        true
     }
 
     /// Records the text of a user message, agent message or thinking event on the open turn,
@@ -834,6 +861,34 @@ mod tests {
         );
         assert_eq!(closed[0].end, TurnEnd::Superseded);
         assert_eq!(m.total(Family::Turns), 1.0);
+    }
+
+    #[test]
+    fn a_turn_quiet_for_too_long_is_closed_stale() {
+        let mut st = SessionState::new("a".into());
+        let mut delta = Delta::default();
+        let mut closed = Vec::new();
+        let ev = |id: &str, kind: EventKind, t: i64| Event {
+            id: id.into(),
+            type_name: "x".into(),
+            turn_id: None,
+            time_ns: Some(t),
+            kind,
+            text: None,
+        };
+        st.apply(
+            "s",
+            &ev("e1", EventKind::UserMessage, 0),
+            &mut delta,
+            &mut closed,
+        );
+        let hour = 3_600_000_000_000;
+        assert!(!st.close_stale("s", Some(hour), 2 * hour, &mut delta, &mut closed));
+        assert!(st.close_stale("s", Some(3 * hour), 2 * hour, &mut delta, &mut closed));
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].end, TurnEnd::Stale);
+        assert!(st.turn.is_none());
+        assert!(!st.close_stale("s", Some(9 * hour), 2 * hour, &mut delta, &mut closed));
     }
 
     #[test]

@@ -192,6 +192,7 @@ pub fn turn_spans(t: &ClosedTurn, scope: &InstrumentationScope) -> Option<Vec<Sp
         TurnEnd::Failed { .. } => "failed",
         TurnEnd::Terminated => "terminated",
         TurnEnd::Superseded => "superseded",
+        TurnEnd::Stale => "stale",
     };
     attrs.push(KeyValue::new("qoder.turn.end", end_kind));
     // A turn hit by an exhausted or terminal error failed, whether the session then idled

@@ -418,11 +418,15 @@ impl Poller {
                     break;
                 }
             }
-            // Sleep until something finishes, something falls due, or we are told to stop.
-            let mut wake = self
-                .queue
-                .first()
-                .map_or(now + Duration::from_secs(60), |(d, _)| *d);
+            // Sleep until something finishes, something falls due, or we are told to stop. With
+            // every slot busy a session that is due must wait for a job to finish: waking for it
+            // would spin.
+            let idle_wake = now + Duration::from_secs(60);
+            let mut wake = if jobs.len() >= limit {
+                idle_wake
+            } else {
+                self.queue.first().map_or(idle_wake, |(d, _)| *d)
+            };
             if self.discovery_mode() && !discovery_running {
                 wake = wake.min(next_discovery);
             }

@@ -434,3 +434,105 @@ async fn dump_then_replay_reproduces_the_totals() {
         assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 }
+
+/// No token anywhere: every log line (at `trace`, HTTP internals included) and every response
+/// of a run with faults and a token rotated mid-run is scanned for both tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_never_appears_in_logs_or_responses() {
+    use qoder_exporter::sim::SimConfig;
+    let sim = sim_with(SimConfig {
+        scenario: ScenarioConfig {
+            seed: 24,
+            sessions: 6,
+            ..ScenarioConfig::default()
+        },
+        token: "pt-first-SECRET-0123456789".into(),
+        fault_rate: 0.15,
+        ..SimConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let pat_file = dir.path().join("pat");
+    std::fs::write(&pat_file, "pt-first-SECRET-0123456789\n").expect("pat");
+    let mut child = Command::new(BIN)
+        .args([
+            "--qoder.api-url",
+            &sim.base_url(),
+            "--web.listen-address",
+            "127.0.0.1:0",
+        ])
+        .arg("--state.path")
+        .arg(dir.path().join("s.db"))
+        .arg("--qoder.pat-file")
+        .arg(&pat_file)
+        .args([
+            "--qoder.poll-interval",
+            "100ms",
+            "--qoder.idle-poll-interval",
+            "300ms",
+        ])
+        .args([
+            "--qoder.discovery-interval",
+            "300ms",
+            "--qoder.max-requests-per-second",
+            "0",
+        ])
+        .args(["--log.level", "trace"])
+        .env_remove("QODER_PAT")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("serving metrics")
+                && let Some(rest) = line.split("addr=").nth(1)
+            {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+            }
+            l.lock().expect("log").push(line);
+        }
+    });
+    let addr: SocketAddr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("started")
+        .parse()
+        .expect("addr");
+    let mut p = Proc {
+        child,
+        addr,
+        log: lines.clone(),
+    };
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    // Rotate: the API takes only the new token, the file gets it.
+    sim.set_token("pt-second-SECRET-9876543210");
+    std::fs::write(&pat_file, "pt-second-SECRET-9876543210\n").expect("rotate");
+    let ok = eventually(Duration::from_secs(30), async || {
+        scrape(p.addr).await.contains("qoder_up 1") && p.log().contains("token file changed")
+    })
+    .await;
+    assert!(ok, "rotation picked up");
+    let mut bodies = Vec::new();
+    for path in ["/", "/metrics", "/healthz", "/readyz", "/nope"] {
+        let r = reqwest::get(format!("http://{}{path}", p.addr))
+            .await
+            .expect("get");
+        bodies.push(format!("{:?}", r.headers()));
+        bodies.push(r.text().await.expect("body"));
+    }
+    p.terminate();
+    let log = p.log();
+    assert!(log.lines().count() > 100, "trace logging was on");
+    for secret in ["SECRET-0123456789", "SECRET-9876543210"] {
+        assert!(!log.contains(secret), "token in the log");
+        for b in &bodies {
+            assert!(!b.contains(secret), "token in a response: {b}");
+        }
+    }
+}

@@ -45,6 +45,7 @@ pub fn settings(sim: &Sim, state: &Path) -> Settings {
         listen_address: loopback(),
         telemetry_path: "/metrics".into(),
         state_path: state.to_owned(),
+        max_turn_age: Duration::from_secs(6 * 3600),
         log_level: "warn".into(),
         otlp: None,
         shard: Default::default(),

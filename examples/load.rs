@@ -1,0 +1,198 @@
+//! Load harness: the simulated Qoder API in this process, the release binary of the exporter
+//! in another (so its CPU and memory are its own), measured from outside.
+//!
+//!     cargo build --release && cargo run --release --example load -- backfill SESSIONS TURNS CONCURRENCY RPS
+//!     cargo run --release --example load -- idle SESSIONS SECONDS
+//!
+//! `backfill`: time until the exporter has counted the whole log; events/s, requests, CPU
+//! seconds, peak RSS. RPS 0 turns the request budget off. Prefix with `taskset -c 0` to hold
+//! the exporter and the fake API to one core together, or set `LOAD_PIN=1` to pin only the
+//! exporter to CPU 1.
+//! `idle`: after the catch-up, CPU share, requests per minute and RSS while every session idles.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use qoder_exporter::sim::{ScenarioConfig, Sim, SimConfig};
+
+fn exporter_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("exe");
+    exe.parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("qoder-exporter"))
+        .expect("target dir")
+}
+
+fn proc_status(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// utime + stime of the process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let Ok(r) = reqwest::get(format!("http://{addr}/metrics")).await else {
+        return 0.0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// `LOAD_PIN=1` holds the exporter to that CPU (`taskset -c 1`), the fake API keeps the rest.
+fn spawn(sim: &Sim, port: u16, extra: &[&str], dir: &std::path::Path) -> Child {
+    let mut cmd = match std::env::var("LOAD_PIN") {
+        Ok(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu]).arg(exporter_bin());
+            c
+        }
+        Err(_) => Command::new(exporter_bin()),
+    };
+    cmd.args(["--qoder.api-url", &sim.base_url()])
+        .args(["--web.listen-address", &format!("127.0.0.1:{port}")])
+        .arg("--state.path")
+        .arg(dir.join("state.db"))
+        .args(["--log.level", "warn"])
+        .args(extra)
+        .env("QODER_PAT", sim.token())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("exporter starts")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, d: u64| -> u64 { args.get(i).and_then(|v| v.parse().ok()).unwrap_or(d) };
+    let mode = args.first().cloned().unwrap_or_else(|| "backfill".into());
+    let sessions = usize::try_from(arg(1, 500))?;
+    let turns = usize::try_from(arg(2, 20))?;
+    let third = if mode == "idle" {
+        arg(2, 60)
+    } else {
+        arg(3, 64)
+    };
+    let sim = Sim::start(
+        SimConfig {
+            scenario: ScenarioConfig {
+                seed: 5,
+                sessions,
+                max_turns: if mode == "idle" { 2 } else { turns },
+                stagger: 0,
+                hostile: false,
+            },
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    sim.release_all();
+    let total = sim.totals.event_count();
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    match mode.as_str() {
+        "backfill" => {
+            let rps = arg(4, 0).to_string();
+            let conc = third.to_string();
+            let started = Instant::now();
+            let mut child = spawn(
+                &sim,
+                port,
+                &[
+                    "--qoder.concurrency",
+                    &conc,
+                    "--qoder.max-requests-per-second",
+                    &rps,
+                    "--qoder.poll-interval",
+                    "1s",
+                ],
+                dir.path(),
+            );
+            let pid = child.id();
+            let mut peak = 0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                peak = peak.max(proc_status(pid, "VmRSS:"));
+                if metric(addr, "qoder_events_total").await >= total {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(600) {
+                    anyhow::bail!("no catch-up in 10 minutes");
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let cpu = cpu_seconds(pid);
+            let reqs = sim.stats().total();
+            println!(
+                "backfill: {total} events, {sessions} sessions, concurrency {conc}, budget {rps} req/s: {secs:.2} s, {:.0} events/s, {reqs} requests ({:.0}/s), exporter CPU {cpu:.2} s ({:.0} events per CPU-second), peak RSS {} MB",
+                total / secs,
+                reqs as f64 / secs,
+                total / cpu.max(0.01),
+                peak / 1024
+            );
+            child.kill()?;
+            child.wait()?;
+        }
+        "idle" => {
+            let seconds = third;
+            let started = Instant::now();
+            // Extra exporter flags for the idle run, e.g. LOAD_ARGS="--qoder.max-requests-per-second 0".
+            let extra = std::env::var("LOAD_ARGS").unwrap_or_default();
+            let extra: Vec<&str> = extra.split_whitespace().collect();
+            let mut child = spawn(&sim, port, &extra, dir.path());
+            let pid = child.id();
+            while metric(addr, "qoder_events_total").await < total {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if started.elapsed() > Duration::from_secs(900) {
+                    anyhow::bail!("no catch-up in 15 minutes");
+                }
+            }
+            let caught_up = started.elapsed().as_secs_f64();
+            let followed = metric(addr, "qoder_sessions").await;
+            let (cpu0, req0, t0) = (cpu_seconds(pid), sim.stats().total(), Instant::now());
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            let secs = t0.elapsed().as_secs_f64();
+            let cpu = cpu_seconds(pid) - cpu0;
+            let reqs = sim.stats().total() - req0;
+            let events = sim.stats().events_requests.load(Ordering::Relaxed);
+            println!(
+                "idle: {sessions} sessions ({followed} followed), caught up in {caught_up:.1} s; over {secs:.0} s idle: CPU {:.2} % of a core, {:.0} requests/min, RSS {} MB (peak {} MB); event-list requests in all: {events}",
+                cpu / secs * 100.0,
+                reqs as f64 / secs * 60.0,
+                proc_status(pid, "VmRSS:") / 1024,
+                proc_status(pid, "VmHWM:") / 1024
+            );
+            child.kill()?;
+            child.wait()?;
+        }
+        other => anyhow::bail!("unknown mode {other}: backfill or idle"),
+    }
+    sim.stop();
+    Ok(())
+}
