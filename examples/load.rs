@@ -10,6 +10,11 @@
 //! exporter to CPU 1.
 //! `idle`: after the catch-up, CPU share, requests per minute and RSS while every session idles.
 
+#![allow(
+    clippy::print_stdout,
+    reason = "a measuring tool: its result is its output"
+)]
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -56,8 +61,24 @@ async fn metric(addr: SocketAddr, name: &str) -> f64 {
         .sum()
 }
 
+/// The exporter process, killed when the harness is done with it (or bails out).
+struct Exporter(Child);
+
+impl Exporter {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `LOAD_PIN=1` holds the exporter to that CPU (`taskset -c 1`), the fake API keeps the rest.
-fn spawn(sim: &Sim, port: u16, extra: &[&str], dir: &std::path::Path) -> Child {
+fn spawn(sim: &Sim, port: u16, extra: &[&str], dir: &std::path::Path) -> Exporter {
     let mut cmd = match std::env::var("LOAD_PIN") {
         Ok(cpu) => {
             let mut c = Command::new("taskset");
@@ -75,6 +96,7 @@ fn spawn(sim: &Sim, port: u16, extra: &[&str], dir: &std::path::Path) -> Child {
         .env("QODER_PAT", sim.token())
         .stdout(Stdio::null())
         .spawn()
+        .map(Exporter)
         .expect("exporter starts")
 }
 
@@ -121,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
             let rps = arg(4, 0).to_string();
             let conc = third.to_string();
             let started = Instant::now();
-            let mut child = spawn(
+            let child = spawn(
                 &sim,
                 port,
                 &[
@@ -156,8 +178,7 @@ async fn main() -> anyhow::Result<()> {
                 total / cpu.max(0.01),
                 peak / 1024
             );
-            child.kill()?;
-            child.wait()?;
+            drop(child);
         }
         "idle" => {
             let seconds = third;
@@ -165,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
             // Extra exporter flags for the idle run, e.g. LOAD_ARGS="--qoder.max-requests-per-second 0".
             let extra = std::env::var("LOAD_ARGS").unwrap_or_default();
             let extra: Vec<&str> = extra.split_whitespace().collect();
-            let mut child = spawn(&sim, port, &extra, dir.path());
+            let child = spawn(&sim, port, &extra, dir.path());
             let pid = child.id();
             while metric(addr, "qoder_events_total").await < total {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -188,8 +209,7 @@ async fn main() -> anyhow::Result<()> {
                 proc_status(pid, "VmRSS:") / 1024,
                 proc_status(pid, "VmHWM:") / 1024
             );
-            child.kill()?;
-            child.wait()?;
+            drop(child);
         }
         other => anyhow::bail!("unknown mode {other}: backfill or idle"),
     }
