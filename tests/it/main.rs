@@ -5,4 +5,5 @@ mod binary;
 mod common;
 mod e2e;
 mod ops;
+mod props;
 mod traces;

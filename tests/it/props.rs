@@ -1,0 +1,214 @@
+//! Property tests (proptest, bounded so CI stays fast; `PROPTEST_CASES=N` for longer runs):
+//! - any bytes, and any JSON object built from the API's field names with values of any
+//!   shape, go through page decoding and the turn state machine without a panic;
+//! - random event logs, cut into random pages, interleaved across sessions, with random
+//!   restarts (the state reopened from disk, polling resumed where it stood), end with metrics
+//!   equal to the log's totals.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use qoder_exporter::event::Event;
+use qoder_exporter::pipeline::tracker::SessionState;
+use qoder_exporter::pipeline::{Batch, Item, Pipeline};
+use qoder_exporter::sim::{ScenarioConfig, generate};
+use qoder_exporter::sinks::metrics::{Delta, Metrics};
+use qoder_exporter::source::poller::meta_of;
+use qoder_exporter::source::wire::{self, Page};
+use qoder_exporter::state::StateStore;
+
+use crate::common::{mismatches, parse};
+
+const FIELDS: [&str; 22] = [
+    "id", "type", "session_id", "turn_id", "processed_at", "created_at", "content", "usage",
+    "stop_reason", "error", "retry_status", "model", "span_id", "model_request_start_id",
+    "is_error", "model_usage", "name", "tool_name", "tool_use_id", "mcp_tool_use_id", "input",
+    "thinking",
+];
+const TYPES: [&str; 12] = [
+    "user.message", "session.status_idle", "session.status_running", "span.model_request_start",
+    "span.model_request_end", "agent.tool_use", "agent.tool_result", "agent.mcp_tool_use",
+    "session.error", "terminated", "agent.message", "x.unknown",
+];
+
+fn any_json() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_map(|f| serde_json::json!(f)),
+        "[a-z_.:0-9T-]{0,24}".prop_map(serde_json::Value::from),
+        prop::sample::select(TYPES.to_vec()).prop_map(serde_json::Value::from),
+        Just(serde_json::Value::from("2026-11-20T08:00:00.123Z")),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            prop::collection::btree_map(
+                prop::sample::select(FIELDS.to_vec()).prop_map(str::to_owned),
+                inner,
+                0..4
+            )
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn event_like() -> impl Strategy<Value = String> {
+    prop::collection::btree_map(prop::sample::select(FIELDS.to_vec()), any_json(), 0..10).prop_map(
+        |m| {
+            serde_json::Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                .to_string()
+        },
+    )
+}
+
+/// What the poller does with a page, then the state machine: must never panic.
+fn digest(page_text: &str) {
+    let mut st = SessionState::new("a".into());
+    let mut delta = Delta::default();
+    let mut closed = Vec::new();
+    if let Ok(page) = serde_json::from_str::<Page<'_>>(page_text) {
+        for raw in &page.data {
+            if let Ok(d) = wire::decode_event(raw.get()) {
+                st.apply("s", &Event::from_wire(d.event), &mut delta, &mut closed);
+            }
+        }
+    }
+    let _ = wire::decode_session(page_text);
+    if let Ok(d) = wire::decode_event(page_text) {
+        st.apply("s", &Event::from_wire(d.event), &mut delta, &mut closed);
+    }
+    let m = qoder_exporter::sinks::metrics::DurableMetrics::new();
+    m.publish(m.stage(&delta));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn any_bytes_decode_without_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        digest(&String::from_utf8_lossy(&bytes));
+    }
+
+    #[test]
+    fn any_event_shaped_page_decodes_and_applies_without_panic(
+        events in prop::collection::vec(event_like(), 0..40)
+    ) {
+        let page = format!("{{\"data\":[{}],\"has_more\":true}}", events.join(","));
+        digest(&page);
+        for e in &events {
+            digest(e);
+        }
+    }
+}
+
+/// One session's log as the poller would hand it over.
+struct Log {
+    id: String,
+    meta: qoder_exporter::pipeline::SessionMeta,
+    items: Vec<(Item, u32)>,
+}
+
+fn open(
+    path: &std::path::Path,
+) -> (
+    Metrics,
+    qoder_exporter::pipeline::PipelineHandle,
+    std::thread::JoinHandle<StateStore>,
+    HashMap<String, u64>,
+) {
+    let metrics = Metrics::new().expect("metrics");
+    let store = StateStore::open(path).expect("store");
+    let (p, stored) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+    let (h, t) = p.spawn(8).expect("thread");
+    let at = stored
+        .into_iter()
+        .map(|s| (s.id, s.state.consumed))
+        .collect();
+    (metrics, h, t, at)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn random_pages_and_restarts_count_exactly(
+        seed in any::<u64>(),
+        sessions in 1usize..5,
+        hostile in any::<bool>(),
+        choices in prop::collection::vec((any::<prop::sample::Index>(), 1usize..150, 0u8..100), 1..400),
+    ) {
+        let (log, totals) = generate(&ScenarioConfig { seed, sessions, max_turns: 4, stagger: 0, hostile });
+        let logs: Vec<Log> = log
+            .iter()
+            .map(|s| Log {
+                id: s.id.clone(),
+                meta: wire::decode_session(&serde_json::Value::Object(s.object.clone()).to_string())
+                    .map(|w| meta_of(&w))
+                    .unwrap_or_default(),
+                items: s
+                    .events
+                    .iter()
+                    .map(|e| match wire::decode_event(&e.json) {
+                        Ok(d) => (Item::Event(Event::from_wire(d.event)), d.bad_fields),
+                        Err(r) => (Item::Invalid(r), 0),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("s.db");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let mut restarts = 0;
+        let metrics = rt.block_on(async {
+            let (mut metrics, mut handle, mut thread, mut at) = open(&path);
+            for l in &logs {
+                handle.meta(l.id.clone(), l.meta.clone()).await.expect("meta");
+            }
+            let mut choices = choices.into_iter();
+            loop {
+                let open_logs: Vec<&Log> = logs
+                    .iter()
+                    .filter(|l| at.get(&l.id).copied().unwrap_or(0) < l.items.len() as u64)
+                    .collect();
+                if open_logs.is_empty() {
+                    break;
+                }
+                let (pick, size, restart) = match choices.next() {
+                    Some((i, size, restart)) => (i.index(open_logs.len()), size, restart),
+                    None => (0, 100, 100),
+                };
+                if restart < 8 {
+                    // A restart: everything committed is on disk; polling resumes from there.
+                    drop(handle);
+                    drop(thread.join().expect("pipeline thread"));
+                    restarts += 1;
+                    (metrics, handle, thread, at) = open(&path);
+                }
+                let l = open_logs[pick];
+                let from = usize::try_from(at.get(&l.id).copied().unwrap_or(0)).expect("usize");
+                let to = (from + size).min(l.items.len());
+                let page = &l.items[from..to];
+                let outcome = handle
+                    .batch(Batch {
+                        session_id: l.id.clone(),
+                        items: page.iter().map(|(i, _)| i.clone()).collect(),
+                        cursor: None,
+                        bad_fields: page.iter().map(|(_, b)| *b).sum(),
+                        meta: None,
+                    })
+                    .await
+                    .expect("batch");
+                at.insert(l.id.clone(), outcome.consumed);
+            }
+            drop(handle);
+            drop(thread.join().expect("pipeline thread"));
+            metrics
+        });
+        let (text, _) = metrics.render(false);
+        let series = parse(&String::from_utf8(text).expect("utf8"));
+        let problems = mismatches(&series, &totals);
+        prop_assert!(problems.is_empty(), "{} restarts; {}", restarts, problems.join("\n"));
+    }
+}
