@@ -172,7 +172,10 @@ impl Event {
             parse_time(w.processed_at.as_deref()).or_else(|| parse_time(w.created_at.as_deref()));
         let id = w.id.take().unwrap_or_default();
         let type_name = w.kind.take().unwrap_or_default();
-        let turn_id = w.turn_id.take().filter(|t| !t.is_empty());
+        let turn_id = w
+            .turn_id
+            .take()
+            .filter(|t| !t.is_empty() && t.len() <= crate::source::wire::MAX_ID_BYTES);
         let text = match w.content.take() {
             Some(c) => Some(c.text()),
             None => w.thinking.take(),

@@ -178,13 +178,20 @@ pub struct Delta {
     observations: HashMap<SeriesKey, Vec<i64>>,
 }
 
+/// Longest label value kept; longer ones (hostile input) are cut on a character boundary.
+pub const MAX_LABEL_BYTES: usize = 128;
+
+fn label(s: &str) -> String {
+    crate::pipeline::tracker::truncate(s, MAX_LABEL_BYTES).to_owned()
+}
+
 impl Delta {
     pub fn inc(&mut self, family: Family, labels: &[&str], by: f64) {
         debug_assert_eq!(labels.len(), family.label_names().len());
         if by <= 0.0 || !by.is_finite() {
             return;
         }
-        let key = (family, labels.iter().map(|s| (*s).to_owned()).collect());
+        let key = (family, labels.iter().map(|s| label(s)).collect());
         let c = self.counters.entry(key).or_insert(0);
         *c = c.saturating_add(to_micros(by));
     }
@@ -192,7 +199,7 @@ impl Delta {
     /// Records a duration given in nanoseconds (negative ones, clock skew, count as zero).
     pub fn observe_ns(&mut self, family: Family, labels: &[&str], ns: i64) {
         debug_assert!(family.buckets().is_some());
-        let key = (family, labels.iter().map(|s| (*s).to_owned()).collect());
+        let key = (family, labels.iter().map(|s| label(s)).collect());
         self.observations.entry(key).or_default().push(ns.max(0));
     }
 
@@ -599,7 +606,7 @@ impl ProcessMetrics {
         for e in ENDPOINTS {
             m.api_requests.with_label_values(&[e]);
         }
-        for r in ["not_object", "missing_id", "missing_type"] {
+        for r in ["not_object", "missing_id", "missing_type", "too_long"] {
             m.events_invalid.with_label_values(&[r]);
         }
         // The outbox gives up on spans when it is full, when the endpoint refuses a turn's

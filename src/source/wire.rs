@@ -213,7 +213,14 @@ pub enum InvalidReason {
     NotObject,
     MissingId,
     MissingType,
+    /// An id or type longer than any the API makes (a hostile or corrupt event).
+    TooLong,
 }
+
+/// Longest event id accepted (the API's are about 30 bytes).
+pub const MAX_ID_BYTES: usize = 256;
+/// Longest event type accepted.
+pub const MAX_TYPE_BYTES: usize = 128;
 
 impl InvalidReason {
     pub fn as_label(self) -> &'static str {
@@ -221,6 +228,7 @@ impl InvalidReason {
             InvalidReason::NotObject => "not_object",
             InvalidReason::MissingId => "missing_id",
             InvalidReason::MissingType => "missing_type",
+            InvalidReason::TooLong => "too_long",
         }
     }
 }
@@ -244,6 +252,9 @@ pub fn decode_event(raw: &str) -> Result<Decoded, InvalidReason> {
         (Some(id), _) if id.is_empty() => Err(InvalidReason::MissingId),
         (_, None) => Err(InvalidReason::MissingType),
         (_, Some(kind)) if kind.is_empty() => Err(InvalidReason::MissingType),
+        (Some(id), Some(kind)) if id.len() > MAX_ID_BYTES || kind.len() > MAX_TYPE_BYTES => {
+            Err(InvalidReason::TooLong)
+        }
         _ => Ok(Decoded { event, bad_fields }),
     }
 }
@@ -385,6 +396,26 @@ mod tests {
             decode_event(r#"{"id":"a","type":""}"#),
             Err(InvalidReason::MissingType)
         );
+        let long_id = format!(r#"{{"id":"{}","type":"x"}}"#, "e".repeat(MAX_ID_BYTES + 1));
+        assert_eq!(decode_event(&long_id), Err(InvalidReason::TooLong));
+        let long_type = format!(
+            r#"{{"id":"e","type":"{}"}}"#,
+            "t".repeat(MAX_TYPE_BYTES + 1)
+        );
+        assert_eq!(decode_event(&long_type), Err(InvalidReason::TooLong));
+    }
+
+    #[test]
+    fn hostile_label_values_are_cut() {
+        use crate::sinks::metrics::{Delta, DurableMetrics, Family, MAX_LABEL_BYTES};
+        let mut d = Delta::default();
+        let huge = "é".repeat(1000);
+        d.inc(Family::ToolCalls, &[&huge, "agent"], 1.0);
+        let m = DurableMetrics::new();
+        m.publish(m.stage(&d));
+        let cut = crate::pipeline::tracker::truncate(&huge, MAX_LABEL_BYTES);
+        assert!(cut.len() <= MAX_LABEL_BYTES && cut.len() >= MAX_LABEL_BYTES - 1);
+        assert_eq!(m.counter(Family::ToolCalls, &[cut, "agent"]), 1.0);
     }
 
     #[test]

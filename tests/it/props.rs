@@ -20,15 +20,42 @@ use qoder_exporter::state::StateStore;
 use crate::common::{mismatches, parse};
 
 const FIELDS: [&str; 22] = [
-    "id", "type", "session_id", "turn_id", "processed_at", "created_at", "content", "usage",
-    "stop_reason", "error", "retry_status", "model", "span_id", "model_request_start_id",
-    "is_error", "model_usage", "name", "tool_name", "tool_use_id", "mcp_tool_use_id", "input",
+    "id",
+    "type",
+    "session_id",
+    "turn_id",
+    "processed_at",
+    "created_at",
+    "content",
+    "usage",
+    "stop_reason",
+    "error",
+    "retry_status",
+    "model",
+    "span_id",
+    "model_request_start_id",
+    "is_error",
+    "model_usage",
+    "name",
+    "tool_name",
+    "tool_use_id",
+    "mcp_tool_use_id",
+    "input",
     "thinking",
 ];
 const TYPES: [&str; 12] = [
-    "user.message", "session.status_idle", "session.status_running", "span.model_request_start",
-    "span.model_request_end", "agent.tool_use", "agent.tool_result", "agent.mcp_tool_use",
-    "session.error", "terminated", "agent.message", "x.unknown",
+    "user.message",
+    "session.status_idle",
+    "session.status_running",
+    "span.model_request_start",
+    "span.model_request_end",
+    "agent.tool_use",
+    "agent.tool_result",
+    "agent.mcp_tool_use",
+    "session.error",
+    "terminated",
+    "agent.message",
+    "x.unknown",
 ];
 
 fn any_json() -> impl Strategy<Value = serde_json::Value> {
