@@ -137,6 +137,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         );
     };
     let metrics = Metrics::new().context("metrics registry")?;
+    // Read before anything starts: a bad web config is a startup error.
+    let web = match &settings.web_config_file {
+        Some(p) => crate::web_config::WebConfig::load(p)?,
+        None => crate::web_config::WebConfig::default(),
+    };
     let Core {
         handle,
         pipeline: pipeline_thread,
@@ -181,21 +186,23 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         .with_context(|| format!("--web.listen-address {}", settings.listen_address))?;
     let addr = listener.local_addr()?;
     let server_cancel = CancellationToken::new();
-    let app = router(AppState {
-        metrics: metrics.clone(),
-        ready: ready_rx.clone(),
-        telemetry_path: settings.telemetry_path.clone(),
-        api_url: settings.api_url.clone(),
-    });
+    let app = crate::server::secure(
+        router(AppState {
+            metrics: metrics.clone(),
+            ready: ready_rx.clone(),
+            telemetry_path: settings.telemetry_path.clone(),
+            api_url: settings.api_url.clone(),
+        }),
+        &web,
+    );
     let sc = server_cancel.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(sc.cancelled_owned())
-            .await
-    });
+    let tls = web.tls.is_some();
+    let auth = web.auth.is_some();
+    let server = tokio::spawn(async move { crate::server::serve(listener, app, &web, sc).await });
     tracing::info!(%addr, path = %settings.telemetry_path, api = %settings.api_url,
         sessions = if settings.sessions.is_empty() { "all (discovery)".to_owned() } else { settings.sessions.join(",") },
         shard = %format!("{}/{}", settings.shard.index, settings.shard.count),
+        tls, basic_auth = auth,
         "serving metrics");
     let pc = poll_cancel.clone();
     let poller = tokio::spawn(poller.run(pc));

@@ -52,6 +52,9 @@ pub enum Command {
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:9874/healthz")]
         url: String,
+        /// Accept any TLS certificate (for a local liveness check of an exporter serving TLS).
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -144,6 +147,13 @@ pub struct Flags {
         global = true
     )]
     pub telemetry_path: Option<String>,
+    /// TLS and basic auth for the endpoints, in the Prometheus exporter-toolkit format (YAML)
+    #[arg(
+        long = "web.config.file",
+        env = "QODER_EXPORTER_WEB_CONFIG_FILE",
+        global = true
+    )]
+    pub web_config_file: Option<PathBuf>,
     /// The state file (SQLite) that keeps counts exact across restarts [default: qoder-exporter.db]
     #[arg(long = "state.path", env = "QODER_EXPORTER_STATE_PATH", global = true)]
     pub state_path: Option<PathBuf>,
@@ -410,6 +420,7 @@ pub struct QoderSection {
 pub struct WebSection {
     pub listen_address: Option<String>,
     pub telemetry_path: Option<String>,
+    pub config_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -454,6 +465,8 @@ pub struct Settings {
     pub max_response_bytes: usize,
     pub listen_address: SocketAddr,
     pub telemetry_path: String,
+    /// `--web.config.file`: TLS and basic auth.
+    pub web_config_file: Option<PathBuf>,
     pub state_path: PathBuf,
     pub max_turn_age: Duration,
     pub log_level: String,
@@ -494,6 +507,7 @@ impl Settings {
             .or(file.web.listen_address)
             .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen_address = parse_listen(&listen)?;
+        let web_config_file = flags.web_config_file.or(file.web.config_file);
         let telemetry_path = flags
             .telemetry_path
             .or(file.web.telemetry_path)
@@ -593,6 +607,7 @@ impl Settings {
             max_response_bytes,
             listen_address,
             telemetry_path,
+            web_config_file,
             state_path: flags
                 .state_path
                 .or(file.state.path)

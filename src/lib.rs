@@ -28,6 +28,7 @@ pub mod sim;
 pub mod sinks;
 pub mod source;
 pub mod state;
+pub mod web_config;
 
 /// The git revision the binary was built from (`QODER_EXPORTER_REVISION` at build time).
 pub const REVISION: &str = match option_env!("QODER_EXPORTER_REVISION") {

@@ -17,8 +17,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Healthcheck { url }) = &cli.command {
-        return healthcheck(url);
+    if let Some(Command::Healthcheck { url, insecure }) = &cli.command {
+        return healthcheck(url, *insecure);
     }
     let demo = matches!(cli.command, Some(Command::Demo(_)));
     let mut flags = cli.flags;
@@ -72,7 +72,7 @@ fn main() -> std::process::ExitCode {
 }
 
 /// One GET with a short timeout; no logging, no state.
-fn healthcheck(url: &str) -> std::process::ExitCode {
+fn healthcheck(url: &str, insecure: bool) -> std::process::ExitCode {
     let ok = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -81,6 +81,7 @@ fn healthcheck(url: &str) -> std::process::ExitCode {
             rt.block_on(async {
                 let client = reqwest::Client::builder()
                     .timeout(Duration::from_secs(3))
+                    .tls_danger_accept_invalid_certs(insecure)
                     .build();
                 match client {
                     Ok(c) => c
@@ -176,19 +177,30 @@ async fn replay_run(mut settings: Settings, r: ReplayFlags) -> anyhow::Result<()
     eprintln!("{summary}");
     if r.serve {
         let (_tx, ready) = tokio::sync::watch::channel(true);
-        let app = qoder_exporter::server::router(qoder_exporter::server::AppState {
-            metrics,
-            ready,
-            telemetry_path: settings.telemetry_path.clone(),
-            api_url: format!("replay of {} file(s)", r.files.len()),
-        });
+        let web = match &settings.web_config_file {
+            Some(p) => qoder_exporter::web_config::WebConfig::load(p)?,
+            None => qoder_exporter::web_config::WebConfig::default(),
+        };
+        let app = qoder_exporter::server::secure(
+            qoder_exporter::server::router(qoder_exporter::server::AppState {
+                metrics,
+                ready,
+                telemetry_path: settings.telemetry_path.clone(),
+                api_url: format!("replay of {} file(s)", r.files.len()),
+            }),
+            &web,
+        );
         let listener = tokio::net::TcpListener::bind(settings.listen_address)
             .await
             .with_context(|| format!("--web.listen-address {}", settings.listen_address))?;
         tracing::info!(addr = %listener.local_addr()?, "serving the replayed metrics; Ctrl-C to stop");
-        axum::serve(listener, app)
-            .with_graceful_shutdown(app::shutdown_signal())
-            .await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            app::shutdown_signal().await;
+            s.cancel();
+        });
+        qoder_exporter::server::serve(listener, app, &web, stop).await?;
     }
     Ok(())
 }

@@ -174,6 +174,94 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
     ))
 }
 
+/// Adds what `--web.config.file` asks for to a router: basic auth and extra headers.
+pub fn secure(router: Router, web: &crate::web_config::WebConfig) -> Router {
+    let mut router = router;
+    if let Some(auth) = &web.auth {
+        router = router
+            .layer(axum::middleware::from_fn_with_state(
+                auth.clone(),
+                crate::web_config::require_auth,
+            ))
+            // Refusals carry the security headers too.
+            .layer(axum::middleware::map_response(security_headers));
+    }
+    if !web.headers.is_empty() {
+        let headers = web.headers.clone();
+        router = router.layer(axum::middleware::map_response(move |mut r: Response| {
+            let headers = headers.clone();
+            async move {
+                for (k, v) in headers {
+                    r.headers_mut().insert(k, v);
+                }
+                r
+            }
+        }));
+    }
+    router
+}
+
+/// Serves `app` on `listener`, over TLS when the web config has it, until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    web: &crate::web_config::WebConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let Some(tls) = web.tls.clone() else {
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    // In-flight requests finish (bounded); idle keep-alive connections are closed.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,7 @@ pub fn settings(sim: &Sim, state: &Path) -> Settings {
         max_response_bytes: 32 * 1024 * 1024,
         listen_address: loopback(),
         telemetry_path: "/metrics".into(),
+        web_config_file: None,
         state_path: state.to_owned(),
         max_turn_age: Duration::from_secs(6 * 3600),
         log_level: "warn".into(),
