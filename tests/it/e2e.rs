@@ -106,6 +106,12 @@ async fn every_fault_is_survived_with_nothing_lost_or_doubled() {
     let series = wait_exact(running.addr, &sim.totals, Duration::from_secs(120)).await;
     let faults = sim.stats().faults.load(Ordering::Relaxed);
     assert!(faults >= 10, "faults injected: {faults}");
+    // The figures the README's reliability section quotes.
+    eprintln!(
+        "faults: {faults} of {} requests; {} events counted exactly, lost 0",
+        sim.stats().total(),
+        sim.totals.event_count()
+    );
     let failures = get(&series, "qoder_exporter_api_request_failures_total");
     assert!(failures >= 1.0, "failures counted: {failures}");
     for reason in ["status_5xx", "status_429", "decode"] {
