@@ -134,6 +134,8 @@ struct SimState {
     rng: Mutex<fastrand::Rng>,
     slow_delay: Duration,
     refuse_next_cursor: AtomicBool,
+    /// Serve event pages of up to 2 500 whatever the `limit` (a misbehaving API).
+    oversize_pages: AtomicBool,
     stats: Stats,
 }
 
@@ -166,6 +168,7 @@ impl Sim {
             rng: Mutex::new(fastrand::Rng::with_seed(cfg.fault_seed)),
             slow_delay: cfg.slow_delay,
             refuse_next_cursor: AtomicBool::new(false),
+            oversize_pages: AtomicBool::new(false),
             stats: Stats::default(),
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -251,6 +254,11 @@ impl Sim {
     }
 
     /// The next events request with a cursor gets 400 (a cursor the API no longer knows).
+    /// From now on, event pages ignore `limit` and hold up to 2 500 events.
+    pub fn set_oversize_pages(&self, on: bool) {
+        self.state.oversize_pages.store(on, Ordering::Relaxed);
+    }
+
     pub fn refuse_next_cursor(&self) {
         self.state.refuse_next_cursor.store(true, Ordering::Relaxed);
     }
@@ -610,10 +618,13 @@ async fn list_events(
         Ok(g) => g,
         Err(r) => return r,
     };
-    let (limit, after, before) = match paging(&st, &q) {
+    let (mut limit, after, before) = match paging(&st, &q) {
         Ok(p) => p,
         Err(r) => return r,
     };
+    if st.oversize_pages.load(Ordering::Relaxed) {
+        limit = 2500;
+    }
     let clock = st.clock.load(Ordering::Relaxed);
     let Some(s) = st
         .index

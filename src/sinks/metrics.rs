@@ -462,6 +462,7 @@ pub struct ProcessMetrics {
     pub fields_dropped: IntCounter,
     pub events_duplicate: IntCounter,
     pub cursor_resets: IntCounter,
+    pub pages_cut: IntCounter,
     pub spans_exported: IntCounter,
     pub spans_dropped: IntCounterVec,
     pub span_export_failures: IntCounter,
@@ -538,6 +539,10 @@ impl ProcessMetrics {
                 "qoder_exporter_cursor_resets_total",
                 "Times a session's event cursor was refused and the log re-read from the start.",
             )?,
+            pages_cut: IntCounter::new(
+                "qoder_exporter_event_pages_cut_total",
+                "Event pages longer than 1000 events, read in parts (the API was asked for 100).",
+            )?,
             spans_exported: IntCounter::new(
                 "qoder_exporter_spans_exported_total",
                 "Spans accepted by the OTLP endpoint.",
@@ -593,6 +598,7 @@ impl ProcessMetrics {
         registry.register(Box::new(m.fields_dropped.clone()))?;
         registry.register(Box::new(m.events_duplicate.clone()))?;
         registry.register(Box::new(m.cursor_resets.clone()))?;
+        registry.register(Box::new(m.pages_cut.clone()))?;
         registry.register(Box::new(m.spans_exported.clone()))?;
         registry.register(Box::new(m.spans_dropped.clone()))?;
         registry.register(Box::new(m.span_export_failures.clone()))?;

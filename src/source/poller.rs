@@ -184,6 +184,8 @@ struct AuthState {
 const AUTH_BACKOFF_BASE: Duration = Duration::from_secs(15);
 const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(300);
 const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Longest page of events read at once (we ask for 100).
+pub const MAX_EVENTS_PER_PAGE: usize = 1000;
 /// Discovery stops after this many pages in one round even without reaching known ground.
 const MAX_DISCOVERY_PAGES: usize = 10_000;
 
@@ -800,10 +802,17 @@ async fn read_session(
                 return out;
             }
         };
-        let mut items = Vec::with_capacity(page.data.len());
+        // We ask for 100 per page; a page far longer than that is cut, read on from where
+        // the cut fell (counted), so a hostile page cannot hold a session's memory hostage.
+        let cut = page.data.len() > MAX_EVENTS_PER_PAGE;
+        if cut {
+            metrics.pages_cut.inc();
+        }
+        let kept = &page.data[..page.data.len().min(MAX_EVENTS_PER_PAGE)];
+        let mut items = Vec::with_capacity(kept.len());
         let mut bad_fields = 0;
         let mut last_id = None;
-        for raw in &page.data {
+        for raw in kept {
             match wire::decode_event(raw.get()) {
                 Ok(d) => {
                     bad_fields += d.bad_fields;
@@ -819,7 +828,11 @@ async fn read_session(
             items.drain(..n);
             skip -= n as u64;
         }
-        let next_cursor = page.last_id.clone().or(last_id).or(out.cursor.clone());
+        let next_cursor = if cut {
+            last_id.or(out.cursor.clone())
+        } else {
+            page.last_id.clone().or(last_id).or(out.cursor.clone())
+        };
         let advanced = next_cursor != out.cursor;
         if !items.is_empty() || advanced {
             let n = items.len();
@@ -840,7 +853,7 @@ async fn read_session(
                 Err(e) => return stopped_or_failed(out, e),
             }
         }
-        let has_more = page.has_more.unwrap_or(false) && !page.data.is_empty() && advanced;
+        let has_more = (cut || page.has_more.unwrap_or(false)) && !page.data.is_empty() && advanced;
         pages += 1;
         if !has_more {
             out.more = false;

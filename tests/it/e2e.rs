@@ -380,3 +380,65 @@ async fn three_shards_split_the_sessions_and_sum_to_the_totals() {
         assert_eq!(owner[id], Shard::of(id, 3), "{id} in the wrong shard");
     }
 }
+
+/// Nothing listens where the API should be: the exporter starts, serves, is ready after its
+/// first (failed) round, says `qoder_up 0` and counts `connect` failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_api_is_reported_not_fatal() {
+    let sim = sim(ScenarioConfig::default()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let mut s = settings(&sim, &dir.path().join("s.db"));
+    s.api_url = format!("http://127.0.0.1:{port}/api/v1/cloud");
+    let running = app::start(s).await.expect("start");
+    let addr = running.addr;
+    let counted = eventually(WAIT, async || {
+        let series = parse(&scrape(addr).await);
+        series.iter().any(|((n, l), v)| {
+            n == "qoder_exporter_api_request_failures_total"
+                && l.iter().any(|(k, v)| k == "reason" && v == "connect")
+                && *v > 0.0
+        })
+    })
+    .await;
+    assert!(counted, "connect failures counted");
+    assert_eq!(get(&parse(&scrape(addr).await), "qoder_up"), 0.0);
+    let ready = eventually(WAIT, async || {
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "ready once the first round ends, even a failed one");
+    running.stop().await.expect("stop");
+}
+
+/// A page far longer than asked for is read in parts (counted), nothing lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_pages_are_cut_and_read_on() {
+    let sim = sim(ScenarioConfig {
+        seed: 19,
+        sessions: 2,
+        max_turns: 250,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    assert!(
+        sim.sessions().iter().any(|s| s.events.len() > 1000),
+        "a long session"
+    );
+    sim.set_oversize_pages(true);
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+    let series = wait_exact(running.addr, &sim.totals, WAIT).await;
+    assert!(
+        get(&series, "qoder_exporter_event_pages_cut_total") > 0.0,
+        "cuts counted"
+    );
+    running.stop().await.expect("stop");
+}

@@ -41,6 +41,8 @@ pub struct Received {
     /// Refuse (HTTP 400) any request carrying a span with this name.
     reject_span: Arc<Mutex<Option<String>>>,
     attempts: Arc<AtomicU64>,
+    /// Answer this many milliseconds late (a slow endpoint).
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl Received {
@@ -175,6 +177,10 @@ impl Drop for Receiver {
 /// OTLP/HTTP: `POST /v1/traces` with a protobuf body.
 pub async fn http_receiver() -> Receiver {
     async fn export(State(r): State<Received>, body: axum::body::Bytes) -> impl IntoResponse {
+        let delay = r.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         let Ok(req) = ExportTraceServiceRequest::decode(body) else {
             return (StatusCode::BAD_REQUEST, Vec::new()).into_response();
         };
@@ -869,4 +875,48 @@ async fn binary_kill_9_loses_no_spans() {
     let spans = distinct(all.clone());
     eprintln!("{} spans received, {} distinct", all.len(), spans.len());
     check_spans(&spans, &want);
+}
+
+/// A slow endpoint (answers after the export timeout): metrics stay exact and fresh, the
+/// timeouts are counted as failed exports, and the spans wait in the outbox until it is fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_with_a_slow_endpoint_keeps_metrics_flowing() {
+    let sim = sim(static_scenario(38, 6)).await;
+    sim.release_all();
+    let want = Expected::of(&sim);
+    let dir = tempfile::tempdir().expect("dir");
+    let rx = http_receiver().await;
+    rx.received.delay_ms.store(3_000, Ordering::SeqCst);
+    let mut env = otel_env(&rx).to_vec();
+    env.push(("OTEL_EXPORTER_OTLP_TIMEOUT", "300".to_owned()));
+    let mut p = spawn_with_env(&sim, &dir.path().join("s.db"), &[], &env_refs(&env));
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    let failing = eventually(Duration::from_secs(20), async || {
+        get(
+            &parse(&scrape(p.addr).await),
+            "qoder_exporter_span_export_failures_total",
+        ) > 0.0
+    })
+    .await;
+    assert!(failing, "timeouts counted as failed exports");
+    let series = parse(&scrape(p.addr).await);
+    assert_eq!(get(&series, "qoder_up"), 1.0, "the API side is unaffected");
+    assert!(
+        get(&series, "qoder_exporter_span_outbox_turns") > 0.0,
+        "spans wait"
+    );
+    // The endpoint gets fast again: everything arrives.
+    rx.received.delay_ms.store(0, Ordering::SeqCst);
+    let total = want.total();
+    let arrived = eventually(Duration::from_secs(60), async || {
+        distinct(rx.received.spans()).len() >= total
+    })
+    .await;
+    assert!(
+        arrived,
+        "{} of {total} spans",
+        distinct(rx.received.spans()).len()
+    );
+    p.terminate();
+    check_spans(&distinct(rx.received.spans()), &want);
 }
