@@ -381,38 +381,48 @@ async fn three_shards_split_the_sessions_and_sum_to_the_totals() {
     }
 }
 
-/// Nothing listens where the API should be: the exporter starts, serves, is ready after its
-/// first (failed) round, says `qoder_up 0` and counts `connect` failures.
+/// Nothing listens where the API should be, or its name does not resolve: the exporter
+/// starts, serves, is ready after its first (failed) round, says `qoder_up 0` and counts
+/// `connect` failures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_api_is_reported_not_fatal() {
     let sim = sim(ScenarioConfig::default()).await;
-    let dir = tempfile::tempdir().expect("dir");
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
-    let mut s = settings(&sim, &dir.path().join("s.db"));
-    s.api_url = format!("http://127.0.0.1:{port}/api/v1/cloud");
-    let running = app::start(s).await.expect("start");
-    let addr = running.addr;
-    let counted = eventually(WAIT, async || {
-        let series = parse(&scrape(addr).await);
-        series.iter().any(|((n, l), v)| {
-            n == "qoder_exporter_api_request_failures_total"
-                && l.iter().any(|(k, v)| k == "reason" && v == "connect")
-                && *v > 0.0
+    for url in [
+        format!("http://127.0.0.1:{port}/api/v1/cloud"),
+        // RFC 2606: `.invalid` never resolves.
+        "http://qoder-api.invalid/api/v1/cloud".to_owned(),
+    ] {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = settings(&sim, &dir.path().join("s.db"));
+        s.api_url = url.clone();
+        let running = app::start(s).await.expect("start");
+        let addr = running.addr;
+        let counted = eventually(WAIT, async || {
+            let series = parse(&scrape(addr).await);
+            series.iter().any(|((n, l), v)| {
+                n == "qoder_exporter_api_request_failures_total"
+                    && l.iter().any(|(k, v)| k == "reason" && v == "connect")
+                    && *v > 0.0
+            })
         })
-    })
-    .await;
-    assert!(counted, "connect failures counted");
-    assert_eq!(get(&parse(&scrape(addr).await), "qoder_up"), 0.0);
-    let ready = eventually(WAIT, async || {
-        reqwest::get(format!("http://{addr}/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "ready once the first round ends, even a failed one");
-    running.stop().await.expect("stop");
+        .await;
+        assert!(counted, "{url}: connect failures counted");
+        assert_eq!(get(&parse(&scrape(addr).await), "qoder_up"), 0.0);
+        let ready = eventually(WAIT, async || {
+            reqwest::get(format!("http://{addr}/readyz"))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(
+            ready,
+            "{url}: ready once the first round ends, even a failed one"
+        );
+        running.stop().await.expect("stop");
+    }
 }
 
 /// A page far longer than asked for is read in parts (counted), nothing lost or doubled.
