@@ -201,6 +201,25 @@ async fn main() -> anyhow::Result<()> {
             let secs = t0.elapsed().as_secs_f64();
             let cpu = cpu_seconds(pid) - cpu0;
             let reqs = sim.stats().total() - req0;
+            // /metrics with every session followed: 200 scrapes, one at a time.
+            let scraper = reqwest::Client::new();
+            let mut times = Vec::new();
+            for _ in 0..200 {
+                let t = Instant::now();
+                let body = scraper
+                    .get(format!("http://{addr}/metrics"))
+                    .send()
+                    .await?
+                    .bytes()
+                    .await?;
+                times.push(t.elapsed());
+                std::hint::black_box(body);
+            }
+            times.sort();
+            println!(
+                "/metrics with {followed} sessions: p50 {:?}, p99 {:?}, max {:?}",
+                times[100], times[197], times[199]
+            );
             let events = sim.stats().events_requests.load(Ordering::Relaxed);
             println!(
                 "idle: {sessions} sessions ({followed} followed), caught up in {caught_up:.1} s; over {secs:.0} s idle: CPU {:.2} % of a core, {:.0} requests/min, RSS {} MB (peak {} MB); event-list requests in all: {events}",
