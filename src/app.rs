@@ -130,12 +130,7 @@ pub async fn join_pipeline(pipeline: std::thread::JoinHandle<StateStore>) -> any
 
 /// Opens the state, binds the listener and starts polling. Errors here are bootstrap errors.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
-    let Some(pat) = settings.pat.clone() else {
-        anyhow::bail!(
-            "no Qoder token: set QODER_PAT (or QODER_PERSONAL_ACCESS_TOKEN), or pass --qoder.pat-file; \
-             to try the exporter without an account run `qoder-exporter demo`"
-        );
-    };
+    let pat = settings.require_pat()?;
     let metrics = Metrics::new().context("metrics registry")?;
     // Read before anything starts: a bad web config is a startup error.
     let web = match &settings.web_config_file {
@@ -151,13 +146,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
 
     let poll_cancel = CancellationToken::new();
     let client = Client::new(
-        ClientConfig {
-            base_url: settings.api_url.clone(),
-            timeout: settings.request_timeout,
-            max_body_bytes: settings.max_response_bytes,
-            max_requests_per_second: settings.max_requests_per_second,
-            ..ClientConfig::default()
-        },
+        ClientConfig::from_settings(&settings),
         TokenSource::new(pat),
         metrics.process.clone(),
         poll_cancel.clone(),

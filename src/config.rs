@@ -624,6 +624,16 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The token, or the error that says how to give one.
+    pub fn require_pat(&self) -> anyhow::Result<Pat> {
+        self.pat.clone().context(
+            "no Qoder token: set QODER_PAT (or QODER_PERSONAL_ACCESS_TOKEN), or pass --qoder.pat-file; \
+             to try the exporter without an account run `qoder-exporter demo`",
+        )
+    }
+}
+
 /// `host:port`, `:port` (all interfaces, as Prometheus exporters accept) or `[v6]:port`.
 fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
     let full = if s.starts_with(':') {

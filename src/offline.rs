@@ -389,20 +389,10 @@ fn write_line(out: &mut dyn Write, v: &Value) -> anyhow::Result<()> {
 
 /// Writes the sessions' events as JSON Lines.
 pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> {
-    let Some(pat) = settings.pat.clone() else {
-        anyhow::bail!(
-            "no Qoder token: set QODER_PAT (or QODER_PERSONAL_ACCESS_TOKEN), or pass --qoder.pat-file"
-        );
-    };
+    let pat = settings.require_pat()?;
     let metrics = Metrics::new().context("metrics registry")?;
     let client = Client::new(
-        ClientConfig {
-            base_url: settings.api_url.clone(),
-            timeout: settings.request_timeout,
-            max_body_bytes: settings.max_response_bytes,
-            max_requests_per_second: settings.max_requests_per_second,
-            ..ClientConfig::default()
-        },
+        ClientConfig::from_settings(settings),
         TokenSource::new(pat),
         metrics.process.clone(),
         CancellationToken::new(),
@@ -447,15 +437,10 @@ pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> 
                 write_line(&mut out, &v)?;
                 events += 1;
             }
-            let next = page.last_id.clone().or(last);
-            if !page.has_more.unwrap_or(false)
-                || page.data.is_empty()
-                || next.is_none()
-                || next == cursor
-            {
+            let Some(next) = page.next_cursor(last, cursor.as_deref()) else {
                 break;
-            }
-            cursor = next;
+            };
+            cursor = Some(next);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -140,6 +140,19 @@ pub struct ClientConfig {
     pub max_backoff: Duration,
 }
 
+impl ClientConfig {
+    /// The client the settings ask for (timeouts, body cap, request budget).
+    pub fn from_settings(s: &crate::config::Settings) -> ClientConfig {
+        ClientConfig {
+            base_url: s.api_url.clone(),
+            timeout: s.request_timeout,
+            max_body_bytes: s.max_response_bytes,
+            max_requests_per_second: s.max_requests_per_second,
+            ..ClientConfig::default()
+        }
+    }
+}
+
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {

@@ -701,16 +701,14 @@ async fn discover(
                 found.push(s);
             }
         }
-        let next = page.last_id.clone().or(last);
-        if !page.has_more.unwrap_or(false)
-            || !any_new
-            || page.data.is_empty()
-            || next.is_none()
-            || next == cursor
-        {
+        // Known ground: a page with nothing new means the rest is known too.
+        let Some(next) = page
+            .next_cursor(last, cursor.as_deref())
+            .filter(|_| any_new)
+        else {
             break;
-        }
-        cursor = next;
+        };
+        cursor = Some(next);
     }
     Ok(found)
 }

@@ -240,6 +240,17 @@ pub struct Decoded {
     pub bad_fields: u32,
 }
 
+impl Page<'_> {
+    /// The cursor to read the next page from, or `None` when this page is the last one (no
+    /// `has_more`, no records, or a cursor that would not move). `last_seen` is the id of the
+    /// last record, for APIs that leave out `last_id`.
+    pub fn next_cursor(&self, last_seen: Option<String>, current: Option<&str>) -> Option<String> {
+        let next = self.last_id.clone().or(last_seen)?;
+        let more = self.has_more.unwrap_or(false) && !self.data.is_empty();
+        (more && Some(next.as_str()) != current).then_some(next)
+    }
+}
+
 /// Decodes one event. The fast path is one typed parse; when it fails the event is read as a
 /// JSON object and every field that does not fit its type is dropped and counted.
 pub fn decode_event(raw: &str) -> Result<Decoded, InvalidReason> {
@@ -416,6 +427,42 @@ mod tests {
         let cut = crate::pipeline::tracker::truncate(&huge, MAX_LABEL_BYTES);
         assert!(cut.len() <= MAX_LABEL_BYTES && cut.len() >= MAX_LABEL_BYTES - 1);
         assert_eq!(m.counter(Family::ToolCalls, &[cut, "agent"]), 1.0);
+    }
+
+    #[test]
+    fn next_cursor_stops_where_paging_must() {
+        let page = |t: &str| {
+            serde_json::from_str::<Page<'_>>(t)
+                .expect("page")
+                .clone_cursor()
+        };
+        assert_eq!(
+            page(r#"{"data":[{}],"has_more":true,"last_id":"b"}"#),
+            Some("b".into())
+        );
+        assert_eq!(
+            page(r#"{"data":[{}],"has_more":false,"last_id":"b"}"#),
+            None
+        );
+        assert_eq!(page(r#"{"data":[],"has_more":true,"last_id":"b"}"#), None);
+        let p: Page<'_> = serde_json::from_str(r#"{"data":[{}],"has_more":true}"#).expect("page");
+        assert_eq!(
+            p.next_cursor(Some("e9".into()), None),
+            Some("e9".into()),
+            "from the data"
+        );
+        assert_eq!(
+            p.next_cursor(Some("e9".into()), Some("e9")),
+            None,
+            "a cursor that would not move"
+        );
+        assert_eq!(p.next_cursor(None, None), None);
+    }
+
+    impl Page<'_> {
+        fn clone_cursor(&self) -> Option<String> {
+            self.next_cursor(None, None)
+        }
     }
 
     #[test]
