@@ -163,6 +163,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             concurrency: settings.concurrency,
             pat_file: settings.pat_file.clone(),
             shard: settings.shard,
+            resync_interval: settings.resync_interval,
             ..PollerConfig::default()
         },
         metrics.process.clone(),

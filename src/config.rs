@@ -113,6 +113,10 @@ pub struct Flags {
     /// How often the session list is checked for new sessions [default: 10s]
     #[arg(long = "qoder.discovery-interval", env = "QODER_DISCOVERY_INTERVAL", value_parser = parse_duration, global = true)]
     pub discovery_interval: Option<Duration>,
+    /// How often the whole session list is read to learn, from `updated_at`, which idle
+    /// sessions changed (unchanged ones are not polled) [default: 60s]
+    #[arg(long = "qoder.resync-interval", env = "QODER_RESYNC_INTERVAL", value_parser = parse_duration, global = true)]
+    pub resync_interval: Option<Duration>,
     /// Timeout of one API request, body included [default: 30s]
     #[arg(long = "qoder.request-timeout", env = "QODER_REQUEST_TIMEOUT", value_parser = parse_duration, global = true)]
     pub request_timeout: Option<Duration>,
@@ -410,6 +414,8 @@ pub struct QoderSection {
     pub discovery_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     pub request_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub resync_interval: Option<Duration>,
     pub max_requests_per_second: Option<u32>,
     pub concurrency: Option<usize>,
     pub max_response_bytes: Option<usize>,
@@ -459,6 +465,7 @@ pub struct Settings {
     pub poll_interval: Duration,
     pub idle_poll_interval: Duration,
     pub discovery_interval: Duration,
+    pub resync_interval: Duration,
     pub request_timeout: Duration,
     pub max_requests_per_second: Option<u32>,
     pub concurrency: usize,
@@ -591,6 +598,10 @@ impl Settings {
                 .discovery_interval
                 .or(q.discovery_interval)
                 .unwrap_or(Duration::from_secs(10)),
+            resync_interval: flags
+                .resync_interval
+                .or(q.resync_interval)
+                .unwrap_or(Duration::from_secs(60)),
             request_timeout: flags
                 .request_timeout
                 .or(q.request_timeout)

@@ -520,6 +520,19 @@ fn session_object(s: &SimSession, clock: u64) -> Value {
         (_, st) => st,
     };
     o.insert("status".into(), json!(status));
+    // `updated_at` moves when an event becomes visible (as the API's does on activity).
+    let seen = s.events.partition_point(|e| e.step <= clock);
+    let step = s.events[..seen].last().map_or(s.created_step, |e| e.step);
+    let at =
+        time::OffsetDateTime::from_unix_timestamp(1_763_625_600 + i64::try_from(step).unwrap_or(0))
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    o.insert(
+        "updated_at".into(),
+        json!(
+            at.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        ),
+    );
     Value::Object(o)
 }
 

@@ -47,6 +47,9 @@ pub struct PollerConfig {
     pub pat_file: Option<PathBuf>,
     /// Follow only the sessions of this shard.
     pub shard: crate::config::Shard,
+    /// How often discovery reads the whole session list (not just up to known sessions), to
+    /// learn from `updated_at` which idle sessions changed.
+    pub resync_interval: Duration,
 }
 
 impl Default for PollerConfig {
@@ -61,6 +64,7 @@ impl Default for PollerConfig {
             page_gap: Duration::from_millis(100),
             pat_file: None,
             shard: crate::config::Shard::default(),
+            resync_interval: Duration::from_secs(60),
         }
     }
 }
@@ -95,6 +99,11 @@ struct Tracked {
     in_flight: bool,
     finished: bool,
     due: Instant,
+    /// `updated_at` from the latest session listing that showed the session.
+    listed_updated: Option<String>,
+    /// The listing's `updated_at` when the session was last read to its end: while the two
+    /// agree, the session has not changed and an idle poll is skipped.
+    read_updated: Option<String>,
 }
 
 /// What a job was asked to do.
@@ -105,6 +114,7 @@ struct JobInput {
     consumed: u64,
     meta: Option<SessionMeta>,
     need_meta: bool,
+    listed_updated: Option<String>,
 }
 
 #[derive(Debug)]
@@ -122,6 +132,8 @@ struct JobOutput {
     /// The pipeline could not commit a batch: a local fault, not the API's (it has its own
     /// counter and alert), so it leaves `qoder_up` alone; the page is read again later.
     store_failed: bool,
+    /// The listing's `updated_at` when the job started.
+    listed_updated: Option<String>,
 }
 
 #[derive(Debug)]
@@ -184,6 +196,9 @@ struct AuthState {
 const AUTH_BACKOFF_BASE: Duration = Duration::from_secs(15);
 const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(300);
 const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// An idle session the session list says is unchanged is still read this often, in case the
+/// API's `updated_at` missed an event.
+pub const UNCHANGED_POLL_INTERVAL: Duration = Duration::from_secs(600);
 /// Longest page of events read at once (we ask for 100).
 pub const MAX_EVENTS_PER_PAGE: usize = 1000;
 /// Discovery stops after this many pages in one round even without reaching known ground.
@@ -228,6 +243,8 @@ impl Poller {
                     in_flight: false,
                     finished: s.finished,
                     due: now,
+                    listed_updated: None,
+                    read_updated: None,
                 },
             );
         }
@@ -286,6 +303,8 @@ impl Poller {
                 in_flight: false,
                 finished: false,
                 due: now,
+                listed_updated: None,
+                read_updated: None,
             },
         );
         self.queue.insert((now, id.to_owned()));
@@ -358,6 +377,7 @@ impl Poller {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut jobs: JoinSet<Done> = JoinSet::new();
         let mut next_discovery = Instant::now();
+        let mut next_full_listing = Instant::now();
         let mut discovery_running = false;
         loop {
             let now = Instant::now();
@@ -377,9 +397,13 @@ impl Poller {
                 let known: HashSet<String> = self.sessions.keys().cloned().collect();
                 let gap = self.cfg.page_gap;
                 let shard = self.cfg.shard;
-                jobs.spawn(
-                    async move { Done::Discovery(discover(&client, &known, shard, gap).await) },
-                );
+                let full = now >= next_full_listing;
+                if full {
+                    next_full_listing = now + self.cfg.resync_interval;
+                }
+                jobs.spawn(async move {
+                    Done::Discovery(discover(&client, &known, shard, gap, full).await)
+                });
             }
             let limit = if probe_only { 1 } else { self.cfg.concurrency };
             while jobs.len() < limit && (!probe_only || (may_probe && !discovery_running)) {
@@ -400,6 +424,7 @@ impl Poller {
                     consumed: t.consumed,
                     meta: t.meta.clone(),
                     need_meta: !t.meta_sent,
+                    listed_updated: t.listed_updated.clone(),
                 };
                 if probe_only {
                     self.auth.probe_at = Some(now + self.auth_backoff());
@@ -522,6 +547,9 @@ impl Poller {
             let Some(id) = s.id.clone() else { continue };
             let meta = meta_of(&s);
             if self.add(&id, Some(meta.clone()), now) {
+                if let Some(t) = self.sessions.get_mut(&id) {
+                    t.listed_updated = s.updated_at.clone();
+                }
                 new += 1;
                 initial.push(id);
                 continue;
@@ -533,6 +561,17 @@ impl Poller {
             if t.finished {
                 continue;
             }
+            // A session whose `updated_at` moved has something new: read it now.
+            let moved = s.updated_at.is_some() && s.updated_at != t.listed_updated;
+            if moved {
+                t.listed_updated = s.updated_at.clone();
+                if t.read_updated.is_some() && !t.in_flight {
+                    self.schedule(&id, now);
+                }
+            }
+            let Some(t) = self.sessions.get_mut(&id) else {
+                continue;
+            };
             if let Some(status) = meta.status {
                 let woke = is_running(&status) && !is_running(&t.status);
                 let ended = is_terminal(&status) && !is_terminal(&t.status);
@@ -627,10 +666,17 @@ impl Poller {
                 self.spawn_finish(id);
                 return;
             }
+            if !out.more {
+                t.read_updated = out.listed_updated.clone();
+            }
             if out.more {
                 now
             } else if out.new_events > 0 || is_running(&t.status) {
                 now + poll
+            } else if t.read_updated.is_some() && t.read_updated == t.listed_updated {
+                // Read to the end as of the listing's `updated_at`: nothing to fetch until a
+                // listing shows it moved (that reschedules it), with a slow safety poll.
+                now + idle.max(UNCHANGED_POLL_INTERVAL)
             } else {
                 now + idle
             }
@@ -671,13 +717,14 @@ pub fn meta_of(s: &WireSession) -> SessionMeta {
     }
 }
 
-/// Lists sessions newest first until a page holds no session of this shard not already known;
-/// returns this shard's sessions only.
+/// Lists sessions newest first until a page holds no session of this shard not already known
+/// (or, `full`, to the end); returns this shard's sessions only.
 async fn discover(
     client: &Client,
     known: &HashSet<String>,
     shard: crate::config::Shard,
     gap: Duration,
+    full: bool,
 ) -> Result<Vec<WireSession>, ApiError> {
     let mut found = Vec::new();
     let mut cursor: Option<String> = None;
@@ -704,7 +751,7 @@ async fn discover(
         // Known ground: a page with nothing new means the rest is known too.
         let Some(next) = page
             .next_cursor(last, cursor.as_deref())
-            .filter(|_| any_new)
+            .filter(|_| any_new || full)
         else {
             break;
         };
@@ -740,6 +787,7 @@ async fn read_session(
         error: None,
         stopped: false,
         store_failed: false,
+        listed_updated: input.listed_updated.clone(),
     };
     let id = input.id.as_str();
     if input.need_meta {

@@ -81,6 +81,8 @@ pub fn spawn_with_env(sim: &Sim, state: &Path, extra: &[&str], envs: &[(&str, &s
             "300ms",
             "--qoder.discovery-interval",
             "300ms",
+            "--qoder.resync-interval",
+            "1s",
             "--qoder.max-requests-per-second",
             "0",
         ])
@@ -475,6 +477,8 @@ async fn the_token_never_appears_in_logs_or_responses() {
         .args([
             "--qoder.discovery-interval",
             "300ms",
+            "--qoder.resync-interval",
+            "1s",
             "--qoder.max-requests-per-second",
             "0",
         ])

@@ -38,6 +38,7 @@ pub fn settings(sim: &Sim, state: &Path) -> Settings {
         poll_interval: Duration::from_millis(100),
         idle_poll_interval: Duration::from_millis(300),
         discovery_interval: Duration::from_millis(300),
+        resync_interval: Duration::from_millis(600),
         request_timeout: Duration::from_secs(5),
         max_requests_per_second: None,
         concurrency: 8,

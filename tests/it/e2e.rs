@@ -452,3 +452,38 @@ async fn oversized_pages_are_cut_and_read_on() {
     );
     running.stop().await.expect("stop");
 }
+
+/// Idle sessions the session list shows unchanged (`updated_at`) are not polled. (That a
+/// session whose `updated_at` moves is read again is what the growing-log tests rely on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_idle_sessions_are_not_polled() {
+    let sim = sim(ScenarioConfig {
+        seed: 29,
+        sessions: 24,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+    let addr = running.addr;
+    wait_exact(addr, &sim.totals, WAIT).await;
+    // Settle, then count event-list requests over 3 s with nothing changing: with a 300 ms
+    // idle interval that would be about 10 per idle session without the listing's help.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let followed = get(&parse(&scrape(addr).await), "qoder_sessions");
+    assert!(followed >= 5.0, "idle sessions followed: {followed}");
+    let before = sim.stats().events_requests.load(Ordering::Relaxed);
+    let listings = sim.stats().sessions_requests.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let polled = sim.stats().events_requests.load(Ordering::Relaxed) - before;
+    let listed = sim.stats().sessions_requests.load(Ordering::Relaxed) - listings;
+    assert_eq!(
+        polled, 0,
+        "{polled} event-list requests in 3 s for {followed} unchanged sessions"
+    );
+    assert!(listed > 0, "the session list is still read");
+    running.stop().await.expect("stop");
+}
