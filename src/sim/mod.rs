@@ -112,6 +112,8 @@ pub struct Stats {
     pub param_violations: AtomicU64,
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
+    /// TCP connections accepted (keep-alive: far fewer than requests).
+    pub connections: AtomicU64,
 }
 
 impl Stats {
@@ -176,6 +178,10 @@ impl Sim {
         let cancel = CancellationToken::new();
         let app = router(state.clone());
         let c = cancel.clone();
+        let counted = state.clone();
+        let listener = axum::serve::ListenerExt::tap_io(listener, move |_tcp| {
+            counted.stats.connections.fetch_add(1, Ordering::Relaxed);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(c.cancelled_owned())

@@ -485,5 +485,59 @@ async fn unchanged_idle_sessions_are_not_polled() {
         "{polled} event-list requests in 3 s for {followed} unchanged sessions"
     );
     assert!(listed > 0, "the session list is still read");
+    // Connections are reused (keep-alive): at most one per concurrent job, not one per request.
+    let connections = sim.stats().connections.load(Ordering::Relaxed);
+    let requests = sim.stats().total();
+    eprintln!("{requests} requests over {connections} connections");
+    assert!(
+        connections <= 16 && connections * 4 < requests,
+        "{requests} requests over {connections} connections"
+    );
+    running.stop().await.expect("stop");
+}
+
+/// A new session is followed within one discovery interval (plus a request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sessions_are_noticed_within_one_discovery_interval() {
+    let sim = sim(ScenarioConfig {
+        seed: 31,
+        sessions: 4,
+        stagger: 400,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    // The first session's whole log, none of the second's.
+    sim.set_clock(399);
+    let dir = tempfile::tempdir().expect("dir");
+    let s = settings(&sim, &dir.path().join("s.db"));
+    let interval = s.discovery_interval;
+    let running = app::start(s).await.expect("start");
+    let addr = running.addr;
+    let count = async || {
+        parse(&scrape(addr).await)
+            .iter()
+            .filter(|((n, _), _)| n == "qoder_events_total")
+            .count()
+    };
+    assert!(
+        eventually(WAIT, async || count().await > 0).await,
+        "the first session is read"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let known = get(&parse(&scrape(addr).await), "qoder_sessions");
+    // The second session is born now.
+    sim.set_clock(401);
+    let born = std::time::Instant::now();
+    assert!(
+        eventually(WAIT, async || get(
+            &parse(&scrape(addr).await),
+            "qoder_sessions"
+        ) > known)
+        .await,
+        "noticed"
+    );
+    let took = born.elapsed();
+    eprintln!("new session followed {took:?} after it appeared (discovery interval {interval:?})");
+    assert!(took < interval * 2 + Duration::from_millis(500), "{took:?}");
     running.stop().await.expect("stop");
 }
