@@ -50,7 +50,11 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 async fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let Ok(r) = reqwest::get(format!("http://{addr}/metrics")).await else {
+    // One client for the whole run: building one per scrape loads the CA bundle each time,
+    // on the fake API's core.
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(reqwest::Client::new);
+    let Ok(r) = client.get(format!("http://{addr}/metrics")).send().await else {
         return 0.0;
     };
     let text = r.text().await.unwrap_or_default();

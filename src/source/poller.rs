@@ -104,6 +104,8 @@ struct Tracked {
     /// The listing's `updated_at` when the session was last read to its end: while the two
     /// agree, the session has not changed and an idle poll is skipped.
     read_updated: Option<String>,
+    /// Read (or failed) at least once: what readiness waits for.
+    attempted: bool,
 }
 
 /// What a job was asked to do.
@@ -139,7 +141,8 @@ struct JobOutput {
 #[derive(Debug)]
 enum Done {
     Session(JobOutput),
-    Discovery(Result<Vec<WireSession>, ApiError>),
+    /// The listing ended (its pages went to the poller one by one as they came).
+    Discovery(Result<(), ApiError>),
 }
 
 /// Tells the operator about failures without a line per request: the first of each kind is
@@ -183,6 +186,8 @@ pub struct Poller {
     discovered_once: bool,
     auth: AuthState,
     logs: LogLimiter,
+    /// Sessions the running listing added so far (logged when it ends).
+    discovered_new: usize,
     pat_file_stamp: Option<SystemTime>,
 }
 
@@ -225,6 +230,7 @@ impl Poller {
             discovered_once: false,
             auth: AuthState::default(),
             logs: LogLimiter::default(),
+            discovered_new: 0,
             pat_file_stamp: None,
             cfg,
         };
@@ -245,6 +251,7 @@ impl Poller {
                     due: now,
                     listed_updated: None,
                     read_updated: None,
+                    attempted: false,
                 },
             );
         }
@@ -305,6 +312,7 @@ impl Poller {
                 due: now,
                 listed_updated: None,
                 read_updated: None,
+                attempted: false,
             },
         );
         self.queue.insert((now, id.to_owned()));
@@ -378,6 +386,9 @@ impl Poller {
         let mut jobs: JoinSet<Done> = JoinSet::new();
         let mut next_discovery = Instant::now();
         let mut next_full_listing = Instant::now();
+        // Listed sessions arrive page by page, so a large account starts being read after its
+        // first page, not after its last.
+        let (list_tx, mut list_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<WireSession>>();
         let mut discovery_running = false;
         loop {
             let now = Instant::now();
@@ -401,8 +412,9 @@ impl Poller {
                 if full {
                     next_full_listing = now + self.cfg.resync_interval;
                 }
+                let tx = list_tx.clone();
                 jobs.spawn(async move {
-                    Done::Discovery(discover(&client, &known, shard, gap, full).await)
+                    Done::Discovery(discover(&client, &known, shard, gap, full, &tx).await)
                 });
             }
             let limit = if probe_only { 1 } else { self.cfg.concurrency };
@@ -464,12 +476,16 @@ impl Poller {
                 Some(done) = jobs.join_next() => match done {
                     Ok(Done::Session(out)) => self.on_session(out),
                     Ok(Done::Discovery(result)) => {
+                        while let Ok(found) = list_rx.try_recv() {
+                            self.on_listed(found);
+                        }
                         discovery_running = false;
                         next_discovery = Instant::now() + self.cfg.discovery_interval;
                         self.on_discovery(result);
                     }
                     Err(e) => tracing::error!(error = %e, "poll job failed"),
                 },
+                Some(found) = list_rx.recv() => self.on_listed(found),
                 () = tokio::time::sleep_until(wake.into()) => {}
                 () = cancel.cancelled() => break,
             }
@@ -525,24 +541,42 @@ impl Poller {
         false
     }
 
-    fn on_discovery(&mut self, result: Result<Vec<WireSession>, ApiError>) {
-        let found = match result {
-            Ok(found) => found,
-            Err(e) => {
-                self.on_error("listing sessions", &e);
-                if !self.discovered_once && !matches!(e, ApiError::Cancelled) {
-                    // A failed first round still ends the first round: readiness must not
-                    // hang on an unreachable API (qoder_up says what is wrong).
-                    self.discovered_once = true;
-                    self.initial.get_or_insert_with(HashSet::new);
-                }
-                return;
+    fn on_discovery(&mut self, result: Result<(), ApiError>) {
+        if let Err(e) = result {
+            self.on_error("listing sessions", &e);
+            if !self.discovered_once && !matches!(e, ApiError::Cancelled) {
+                // A failed first round still ends the first round: readiness must not
+                // hang on an unreachable API (qoder_up says what is wrong).
+                self.discovered_once = true;
+                self.initial.get_or_insert_with(HashSet::new);
             }
-        };
+            return;
+        }
         self.on_success();
+        if self.discovered_new > 0 {
+            tracing::info!(
+                new = self.discovered_new,
+                followed = self.sessions.values().filter(|t| !t.finished).count(),
+                "discovered sessions"
+            );
+            self.discovered_new = 0;
+        }
+        if !self.discovered_once {
+            // Ready once every session known now has been read (or failed) once.
+            self.discovered_once = true;
+            let pending: HashSet<String> = self
+                .sessions
+                .iter()
+                .filter(|(_, t)| !t.finished && !t.attempted)
+                .map(|(id, _)| id.clone())
+                .collect();
+            self.initial = Some(pending);
+        }
+    }
+
+    /// One page of the session list: new sessions are followed, known ones updated.
+    fn on_listed(&mut self, found: Vec<WireSession>) {
         let now = Instant::now();
-        let mut new = 0;
-        let mut initial = Vec::new();
         for s in found {
             let Some(id) = s.id.clone() else { continue };
             let meta = meta_of(&s);
@@ -550,8 +584,7 @@ impl Poller {
                 if let Some(t) = self.sessions.get_mut(&id) {
                     t.listed_updated = s.updated_at.clone();
                 }
-                new += 1;
-                initial.push(id);
+                self.discovered_new += 1;
                 continue;
             }
             // Known: take the newer status; a session that started running is read now.
@@ -581,24 +614,6 @@ impl Poller {
                 }
             }
         }
-        if new > 0 {
-            tracing::info!(
-                new,
-                followed = self.sessions.values().filter(|t| !t.finished).count(),
-                "discovered sessions"
-            );
-        }
-        if !self.discovered_once {
-            self.discovered_once = true;
-            let mut pending: HashSet<String> = initial.into_iter().collect();
-            pending.extend(
-                self.sessions
-                    .iter()
-                    .filter(|(_, t)| !t.finished)
-                    .map(|(id, _)| id.clone()),
-            );
-            self.initial = Some(pending);
-        }
     }
 
     fn on_session(&mut self, out: JobOutput) {
@@ -622,6 +637,9 @@ impl Poller {
             return;
         };
         t.in_flight = false;
+        if !matches!(out.error, Some(ApiError::Cancelled)) {
+            t.attempted = true;
+        }
         t.cursor = out.cursor;
         t.consumed = out.consumed;
         t.meta_sent |= out.meta_sent;
@@ -725,8 +743,8 @@ async fn discover(
     shard: crate::config::Shard,
     gap: Duration,
     full: bool,
-) -> Result<Vec<WireSession>, ApiError> {
-    let mut found = Vec::new();
+    tx: &tokio::sync::mpsc::UnboundedSender<Vec<WireSession>>,
+) -> Result<(), ApiError> {
     let mut cursor: Option<String> = None;
     for page_no in 0..MAX_DISCOVERY_PAGES {
         if page_no > 0 {
@@ -737,6 +755,7 @@ async fn discover(
             serde_json::from_slice(&body).map_err(|e| decode_failure(client, "sessions", &e))?;
         let mut any_new = false;
         let mut last = None;
+        let mut found = Vec::with_capacity(page.data.len());
         for raw in &page.data {
             let Some(s) = wire::decode_session(raw.get()) else {
                 continue;
@@ -748,6 +767,10 @@ async fn discover(
                 found.push(s);
             }
         }
+        // The poller is gone only when it is stopping; the listing ends with it.
+        if tx.send(found).is_err() {
+            return Err(ApiError::Cancelled);
+        }
         // Known ground: a page with nothing new means the rest is known too.
         let Some(next) = page
             .next_cursor(last, cursor.as_deref())
@@ -757,7 +780,7 @@ async fn discover(
         };
         cursor = Some(next);
     }
-    Ok(found)
+    Ok(())
 }
 
 fn decode_failure(client: &Client, endpoint: &str, e: &serde_json::Error) -> ApiError {
