@@ -146,18 +146,7 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().expect("dir");
     let state = dir.path().join("state.db");
     // The log grows while it is read and while the exporter dies.
-    let last = sim.last_step();
-    let grower = {
-        let sim = sim.clone();
-        tokio::spawn(async move {
-            let mut step = 0;
-            while step < last {
-                step = (step + 2).min(last);
-                sim.set_clock(step);
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-    };
+    let grower = grow_log(&sim);
     let mut rng = fastrand::Rng::with_seed(5);
     for round in 0..4 {
         let mut p = spawn(&sim, &state, &[]);

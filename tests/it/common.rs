@@ -198,3 +198,18 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
     }
     false
 }
+
+/// Advances the simulator's clock two steps every 25 ms until the whole log is visible: a log
+/// that grows while it is read (and while the exporter dies, in the crash tests).
+pub fn grow_log(sim: &Sim) -> tokio::task::JoinHandle<()> {
+    let sim = sim.clone();
+    let last = sim.last_step();
+    tokio::spawn(async move {
+        let mut step = 0;
+        while step < last {
+            step = (step + 2).min(last);
+            sim.set_clock(step);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+}

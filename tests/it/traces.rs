@@ -621,18 +621,9 @@ fn render_tree(spans: &[Span]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_blocks_nothing_and_the_outbox_catches_up() {
-    let sim = sim(static_scenario(32, 8)).await;
-    sim.release_all();
-    let want = Expected::of(&sim);
+    let down = with_endpoint_down(32, 100_000).await;
+    let (want, rx, running) = (&down.want, &down.rx, down.running);
     let total = want.total() as u64;
-    let dir = tempfile::tempdir().expect("dir");
-    let rx = http_receiver().await;
-    rx.received.fail_with(503);
-    let mut s = settings(&sim, &dir.path().join("s.db"));
-    s.otlp = Some(otlp(&rx, OtlpProtocol::HttpProtobuf));
-    let running = app::start(s).await.expect("starts");
-    // Metrics are exact while the endpoint refuses everything.
-    wait_exact(running.addr, &sim.totals, Duration::from_secs(60)).await;
     let p = running.metrics.process.clone();
     assert!(
         eventually(Duration::from_secs(10), async || p
@@ -661,24 +652,45 @@ async fn a_dead_endpoint_blocks_nothing_and_the_outbox_catches_up() {
     assert_eq!(p.span_outbox_turns.get(), 0);
     let spans = rx.received.spans();
     assert_eq!(spans.len() as u64, total);
-    check_spans(&spans, &want);
+    check_spans(&spans, want);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_outbox_drops_oldest_first_and_counts_it() {
-    let sim = sim(static_scenario(33, 8)).await;
+/// An exporter whose OTLP endpoint answers 503, run until its metrics are exact (they must
+/// be: nothing waits for traces).
+struct EndpointDown {
+    want: Expected,
+    rx: Receiver,
+    running: app::Running,
+    _sim: Sim,
+    _dir: tempfile::TempDir,
+}
+
+async fn with_endpoint_down(seed: u64, outbox_max_turns: u64) -> EndpointDown {
+    let sim = sim(static_scenario(seed, 8)).await;
     sim.release_all();
-    let want = Expected::of(&sim);
-    let total = want.total() as u64;
     let dir = tempfile::tempdir().expect("dir");
     let rx = http_receiver().await;
     rx.received.fail_with(503);
     let mut s = settings(&sim, &dir.path().join("s.db"));
     let mut o = otlp(&rx, OtlpProtocol::HttpProtobuf);
-    o.outbox_max_turns = 5;
+    o.outbox_max_turns = outbox_max_turns;
     s.otlp = Some(o);
     let running = app::start(s).await.expect("starts");
     wait_exact(running.addr, &sim.totals, Duration::from_secs(60)).await;
+    EndpointDown {
+        want: Expected::of(&sim),
+        rx,
+        running,
+        _sim: sim,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_drops_oldest_first_and_counts_it() {
+    let down = with_endpoint_down(33, 5).await;
+    let (want, rx, running) = (&down.want, &down.rx, down.running);
+    let total = want.total() as u64;
     let p = running.metrics.process.clone();
     assert!(p.span_outbox_turns.get() <= 5, "bounded");
     let dropped = || p.spans_dropped.with_label_values(&["outbox_full"]).get();
@@ -843,18 +855,7 @@ async fn binary_kill_9_loses_no_spans() {
     let state = dir.path().join("state.db");
     let rx = http_receiver().await;
     let env = otel_env(&rx);
-    let last = sim.last_step();
-    let grower = {
-        let sim = sim.clone();
-        tokio::spawn(async move {
-            let mut step = 0;
-            while step < last {
-                step = (step + 2).min(last);
-                sim.set_clock(step);
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-    };
+    let grower = grow_log(&sim);
     let mut rng = fastrand::Rng::with_seed(9);
     for round in 0..4 {
         let mut p = spawn_with_env(&sim, &state, &[], &env_refs(&env));
