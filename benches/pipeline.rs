@@ -41,6 +41,21 @@ fn pages() -> (Vec<String>, Vec<(String, Vec<Event>)>) {
     (pages, decoded)
 }
 
+/// Every session's events through the state machine: the metric delta and the closed turns.
+fn apply_all(
+    sessions: &[(String, Vec<Event>)],
+) -> (Delta, Vec<qoder_exporter::pipeline::tracker::ClosedTurn>) {
+    let mut delta = Delta::default();
+    let mut closed = Vec::new();
+    for (id, events) in sessions {
+        let mut st = SessionState::new("coder".into());
+        for e in events {
+            st.apply(id, e, &mut delta, &mut closed);
+        }
+    }
+    (delta, closed)
+}
+
 fn events_in(pages: &[String]) -> u64 {
     pages
         .iter()
@@ -86,26 +101,9 @@ fn tracker(c: &mut Criterion) {
     let mut g = c.benchmark_group("tracker");
     g.throughput(Throughput::Elements(n));
     g.bench_function("apply (turns, pairing, deltas)", |b| {
-        b.iter(|| {
-            let mut delta = Delta::default();
-            let mut closed = Vec::new();
-            for (id, events) in &sessions {
-                let mut st = SessionState::new("coder".into());
-                for e in events {
-                    st.apply(id, e, &mut delta, &mut closed);
-                }
-            }
-            std::hint::black_box((delta, closed));
-        })
+        b.iter(|| std::hint::black_box(apply_all(&sessions)))
     });
-    let mut delta = Delta::default();
-    let mut closed = Vec::new();
-    for (id, events) in &sessions {
-        let mut st = SessionState::new("coder".into());
-        for e in events {
-            st.apply(id, e, &mut delta, &mut closed);
-        }
-    }
+    let (delta, _) = apply_all(&sessions);
     g.bench_function("metrics stage + publish of those events' delta", |b| {
         b.iter_batched(
             DurableMetrics::new,
@@ -176,14 +174,7 @@ fn commit(c: &mut Criterion) {
 fn render(c: &mut Criterion) {
     let (_, sessions) = pages();
     let m = Metrics::new().expect("metrics");
-    let mut delta = Delta::default();
-    let mut closed = Vec::new();
-    for (id, events) in &sessions {
-        let mut st = SessionState::new("coder".into());
-        for e in events {
-            st.apply(id, e, &mut delta, &mut closed);
-        }
-    }
+    let (delta, _) = apply_all(&sessions);
     let staged = m.durable.stage(&delta);
     m.durable.publish(staged);
     let mut g = c.benchmark_group("render");
