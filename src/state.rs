@@ -271,13 +271,15 @@ impl StateStore {
         self.commit_many(std::slice::from_ref(w))
     }
 
-    /// Commits several batches (of any sessions) in one transaction: all or none.
+    /// Commits several batches (of any sessions) in one transaction: all or none. A batch
+    /// without a cursor (it read nothing new) keeps the session's stored one: a cursor only
+    /// ever moves forward, never back to the start of the log.
     pub fn commit_many(&mut self, writes: &[BatchWrite<'_>]) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
         {
             let mut session = tx.prepare_cached(
                 "INSERT INTO sessions (id, cursor, finished, state) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(id) DO UPDATE SET cursor = excluded.cursor,
+                 ON CONFLICT(id) DO UPDATE SET cursor = coalesce(excluded.cursor, cursor),
                      finished = excluded.finished, state = excluded.state",
             )?;
             let mut put = tx.prepare_cached(
@@ -427,7 +429,18 @@ mod tests {
                 })
                 .expect("commit");
         }
-        let store = StateStore::open(&path).expect("reopen");
+        let mut store = StateStore::open(&path).expect("reopen");
+        // A batch that moves no cursor (metadata only) leaves the stored one alone.
+        store
+            .commit(&BatchWrite {
+                session_id: "sess_1",
+                cursor: None,
+                finished: false,
+                state: &state,
+                series: &[],
+                closed_turns: &[],
+            })
+            .expect("commit");
         let sessions = store.load_sessions().expect("sessions");
         assert_eq!(sessions.len(), 1);
         assert_eq!(sessions[0].cursor.as_deref(), Some("evt_7"));

@@ -424,6 +424,11 @@ async fn dump_then_replay_reproduces_the_totals() {
         let problems = mismatches(&series, &sim.totals);
         assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
+    // The backfilled state then goes live: the exporter carries on from the replayed cursors
+    // and counts nothing twice.
+    let p = spawn(&sim, &state, &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(30)).await;
 }
 
 /// No token anywhere: every log line (at `trace`, HTTP internals included) and every response
