@@ -409,7 +409,7 @@ impl Pipeline {
         let mut bad_fields = 0u64;
         let capture = self.outbox.as_ref().and_then(|o| o.capture_bytes);
         let mut touched: Vec<Touched> = Vec::new();
-        let mut order = Vec::with_capacity(batches.len());
+        let mut outcomes = Vec::with_capacity(batches.len());
         for batch in batches {
             let pos = match touched.iter().position(|t| t.id == batch.session_id) {
                 Some(p) => p,
@@ -454,7 +454,10 @@ impl Pipeline {
                 t.cursor = batch.cursor;
             }
             bad_fields += u64::from(batch.bad_fields);
-            order.push((pos, t.state.consumed, t.state.status.clone()));
+            outcomes.push(BatchOutcome {
+                consumed: t.state.consumed,
+                status: t.state.status.clone(),
+            });
         }
         let staged = self.metrics.durable.stage(&delta);
         let turns: &[ClosedTurn] = if self.outbox.is_some() { &closed } else { &[] };
@@ -494,10 +497,6 @@ impl Pipeline {
                 o.notify.notify_one();
             }
         }
-        let outcomes = order
-            .into_iter()
-            .map(|(_, consumed, status)| BatchOutcome { consumed, status })
-            .collect();
         for t in touched {
             self.set_status(&t.old_status, &t.state.status);
             self.sessions.insert(t.id, t.state);

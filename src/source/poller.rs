@@ -587,31 +587,27 @@ impl Poller {
                 self.discovered_new += 1;
                 continue;
             }
-            // Known: take the newer status; a session that started running is read now.
+            // Known: take the newer status and `updated_at`; read it now when it started
+            // running, ended, or its `updated_at` moved since it was last read.
             let Some(t) = self.sessions.get_mut(&id) else {
                 continue;
             };
             if t.finished {
                 continue;
             }
-            // A session whose `updated_at` moved has something new: read it now.
-            let moved = s.updated_at.is_some() && s.updated_at != t.listed_updated;
-            if moved {
+            let mut read_now = false;
+            if s.updated_at.is_some() && s.updated_at != t.listed_updated {
                 t.listed_updated = s.updated_at.clone();
-                if t.read_updated.is_some() && !t.in_flight {
-                    self.schedule(&id, now);
-                }
+                read_now |= t.read_updated.is_some();
             }
-            let Some(t) = self.sessions.get_mut(&id) else {
-                continue;
-            };
             if let Some(status) = meta.status {
                 let woke = is_running(&status) && !is_running(&t.status);
                 let ended = is_terminal(&status) && !is_terminal(&t.status);
                 t.status = status;
-                if (woke || ended) && !t.in_flight {
-                    self.schedule(&id, now);
-                }
+                read_now |= woke || ended;
+            }
+            if read_now && !t.in_flight {
+                self.schedule(&id, now);
             }
         }
     }
