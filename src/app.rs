@@ -176,13 +176,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         .with_context(|| format!("--web.listen-address {}", settings.listen_address))?;
     let addr = listener.local_addr()?;
     let server_cancel = CancellationToken::new();
-    let app = crate::server::secure(
-        router(AppState {
+    let app = router(
+        AppState {
             metrics: metrics.clone(),
             ready: ready_rx.clone(),
             telemetry_path: settings.telemetry_path.clone(),
             api_url: settings.api_url.clone(),
-        }),
+        },
         &web,
     );
     let sc = server_cancel.clone();

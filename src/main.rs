@@ -181,13 +181,13 @@ async fn replay_run(mut settings: Settings, r: ReplayFlags) -> anyhow::Result<()
             Some(p) => qoder_exporter::web_config::WebConfig::load(p)?,
             None => qoder_exporter::web_config::WebConfig::default(),
         };
-        let app = qoder_exporter::server::secure(
-            qoder_exporter::server::router(qoder_exporter::server::AppState {
+        let app = qoder_exporter::server::router(
+            qoder_exporter::server::AppState {
                 metrics,
                 ready,
                 telemetry_path: settings.telemetry_path.clone(),
                 api_url: format!("replay of {} file(s)", r.files.len()),
-            }),
+            },
             &web,
         );
         let listener = tokio::net::TcpListener::bind(settings.listen_address)

@@ -11,6 +11,7 @@ use prometheus::core::Collector;
 use tokio::sync::watch;
 
 use crate::sinks::metrics::Metrics;
+use crate::web_config::WebConfig;
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -27,14 +28,17 @@ pub const MAX_CONCURRENT_SCRAPES: usize = 4;
 /// No endpoint takes a body: anything larger than this is refused (413) before it is read.
 pub const MAX_REQUEST_BODY: usize = 4096;
 
-pub fn router(state: AppState) -> Router {
-    router_with(state, MAX_CONCURRENT_SCRAPES)
+/// The endpoints, with what `--web.config.file` asks for (basic auth, extra headers).
+pub fn router(state: AppState, web: &WebConfig) -> Router {
+    router_with(state, web, MAX_CONCURRENT_SCRAPES)
 }
 
-/// [`router`] with a given cap on concurrent scrapes.
-pub fn router_with(state: AppState, max_scrapes: usize) -> Router {
+/// [`router`] with a given cap on concurrent scrapes. Layers, outermost first: the
+/// configured headers (they win), the security headers (on refusals too), basic auth, the
+/// body cap, the routes.
+pub fn router_with(state: AppState, web: &WebConfig, max_scrapes: usize) -> Router {
     let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(max_scrapes));
-    Router::new()
+    let mut router = Router::new()
         .route(
             &state.telemetry_path.clone(),
             get(move |s: State<AppState>, h: HeaderMap| {
@@ -55,9 +59,27 @@ pub fn router_with(state: AppState, max_scrapes: usize) -> Router {
         .route("/", get(landing))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .layer(axum::middleware::from_fn(refuse_bodies))
-        .layer(axum::middleware::map_response(security_headers))
-        .with_state(state)
+        .layer(axum::middleware::from_fn(refuse_bodies));
+    if let Some(auth) = &web.auth {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            auth.clone(),
+            crate::web_config::require_auth,
+        ));
+    }
+    router = router.layer(axum::middleware::map_response(security_headers));
+    if !web.headers.is_empty() {
+        let headers = web.headers.clone();
+        router = router.layer(axum::middleware::map_response(move |mut r: Response| {
+            let headers = headers.clone();
+            async move {
+                for (k, v) in headers {
+                    r.headers_mut().insert(k, v);
+                }
+                r
+            }
+        }));
+    }
+    router.with_state(state)
 }
 
 /// Every endpoint is a GET without a body: a declared body over the cap is refused unread.
@@ -174,38 +196,11 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
     ))
 }
 
-/// Adds what `--web.config.file` asks for to a router: basic auth and extra headers.
-pub fn secure(router: Router, web: &crate::web_config::WebConfig) -> Router {
-    let mut router = router;
-    if let Some(auth) = &web.auth {
-        router = router
-            .layer(axum::middleware::from_fn_with_state(
-                auth.clone(),
-                crate::web_config::require_auth,
-            ))
-            // Refusals carry the security headers too.
-            .layer(axum::middleware::map_response(security_headers));
-    }
-    if !web.headers.is_empty() {
-        let headers = web.headers.clone();
-        router = router.layer(axum::middleware::map_response(move |mut r: Response| {
-            let headers = headers.clone();
-            async move {
-                for (k, v) in headers {
-                    r.headers_mut().insert(k, v);
-                }
-                r
-            }
-        }));
-    }
-    router
-}
-
 /// Serves `app` on `listener`, over TLS when the web config has it, until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
-    web: &crate::web_config::WebConfig,
+    web: &WebConfig,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     let Some(tls) = web.tls.clone() else {
@@ -278,7 +273,7 @@ mod tests {
             telemetry_path: "/metrics".into(),
             api_url: "http://127.0.0.1:1/api/v1/cloud".into(),
         };
-        (router(state), tx)
+        (router(state, &WebConfig::default()), tx)
     }
 
     async fn get(app: &Router, uri: &str, accept: Option<&str>) -> (StatusCode, HeaderMap, String) {
@@ -306,7 +301,7 @@ mod tests {
             telemetry_path: "/metrics".into(),
             api_url: String::new(),
         };
-        let full = router_with(state.clone(), 0);
+        let full = router_with(state.clone(), &WebConfig::default(), 0);
         let (s, h, _) = get(&full, "/metrics", None).await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(h[header::RETRY_AFTER], "1");
@@ -314,7 +309,7 @@ mod tests {
             h["x-frame-options"], "DENY",
             "security headers on refusals too"
         );
-        let app = router(state);
+        let app = router(state, &WebConfig::default());
         let big = Request::builder()
             .uri("/metrics")
             .header(header::CONTENT_LENGTH, "100000")
