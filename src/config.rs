@@ -216,9 +216,30 @@ pub struct Flags {
     /// trailing number (a StatefulSet pod `qoder-exporter-2` is shard 2) [default: 0]
     #[arg(long = "shard.index", env = "QODER_SHARD_INDEX", global = true)]
     pub shard_index: Option<String>,
+    /// Send the `qoder-workspace-id` header with every request (a workspace-scoped token)
+    #[arg(long = "qoder.workspace-id", env = "QODER_WORKSPACE_ID", global = true)]
+    pub workspace_id: Option<String>,
+    /// Price of one Qoder credit, exported as `qoder_credit_price{currency}` so dashboards and
+    /// recording rules can show money; unset: credits only
+    #[arg(long = "cost.credit-price", env = "QODER_COST_CREDIT_PRICE", value_parser = parse_price, global = true)]
+    pub credit_price: Option<f64>,
+    /// Currency of --cost.credit-price (an ISO 4217 code) [default: USD]
+    #[arg(long = "cost.currency", env = "QODER_COST_CURRENCY", global = true)]
+    pub currency: Option<String>,
     /// Log filter, as RUST_LOG (e.g. `info`, `qoder_exporter=debug`) [default: info]
     #[arg(long = "log.level", env = "QODER_EXPORTER_LOG_LEVEL", global = true)]
     pub log_level: Option<String>,
+}
+
+fn parse_price(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e} (a number, e.g. 0.01)"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err("must be a positive number".to_owned());
+    }
+    Ok(v)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -245,6 +266,46 @@ pub struct FileConfig {
     pub otlp: OtlpSection,
     #[serde(default)]
     pub shard: ShardSection,
+    #[serde(default)]
+    pub cost: CostSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CostSection {
+    pub credit_price: Option<f64>,
+    pub currency: Option<String>,
+}
+
+/// The configured price of one credit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreditPrice {
+    pub price: f64,
+    pub currency: String,
+}
+
+impl CreditPrice {
+    fn resolve(price: Option<f64>, currency: Option<String>) -> anyhow::Result<Option<CreditPrice>> {
+        let currency = currency.map(|c| c.trim().to_ascii_uppercase());
+        if let Some(c) = &currency
+            && !(c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            anyhow::bail!("--cost.currency {c:?}: an ISO 4217 code of three letters (e.g. USD, CNY)");
+        }
+        match price {
+            None if currency.is_some() => {
+                anyhow::bail!("--cost.currency needs --cost.credit-price")
+            }
+            None => Ok(None),
+            Some(p) if !(p.is_finite() && p > 0.0) => {
+                anyhow::bail!("--cost.credit-price {p}: must be a positive number")
+            }
+            Some(price) => Ok(Some(CreditPrice {
+                price,
+                currency: currency.unwrap_or_else(|| "USD".to_owned()),
+            })),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -419,6 +480,7 @@ pub struct QoderSection {
     pub max_requests_per_second: Option<u32>,
     pub concurrency: Option<usize>,
     pub max_response_bytes: Option<usize>,
+    pub workspace_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -477,6 +539,10 @@ pub struct Settings {
     pub state_path: PathBuf,
     pub max_turn_age: Duration,
     pub log_level: String,
+    /// `--qoder.workspace-id`: sent as the `qoder-workspace-id` header.
+    pub workspace_id: Option<String>,
+    /// `--cost.credit-price` and `--cost.currency`: `None`, credits only.
+    pub credit_price: Option<CreditPrice>,
     /// `None`: traces off.
     pub otlp: Option<OtlpSettings>,
     pub shard: Shard,
@@ -579,9 +645,19 @@ impl Settings {
             flags.shard_index.or(file.shard.index).as_deref(),
             hostname.as_deref(),
         )?;
+        let credit_price = CreditPrice::resolve(
+            flags.credit_price.or(file.cost.credit_price),
+            flags.currency.or(file.cost.currency),
+        )?;
+        let workspace_id = flags
+            .workspace_id
+            .or(q.workspace_id.clone())
+            .filter(|w| !w.trim().is_empty());
         Ok(Settings {
             shard,
             otlp,
+            workspace_id,
+            credit_price,
             api_url,
             pat,
             pat_file,

@@ -57,6 +57,60 @@ fn non_negative(v: Option<f64>) -> f64 {
     v.filter(|x| x.is_finite() && *x > 0.0).unwrap_or(0.0)
 }
 
+/// A cumulative snapshot of a whole session's billed usage (SDK 0.11 `SessionUsage`), from a
+/// `session.usage` event or the session object. Each field is the total so far, never an
+/// increment: the tracker turns snapshots into counter increases against the last one applied.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageSnapshot {
+    pub model_credits: Option<f64>,
+    pub sandbox_runtime_credits: Option<f64>,
+    pub active_seconds: Option<f64>,
+    /// Server tool uses by tool (`web_search`, `web_fetch`: the SDK's `*_requests` fields).
+    pub server_tools: Vec<(String, f64)>,
+}
+
+impl UsageSnapshot {
+    /// Reads the snapshot fields from an event's top level and its `usage` (top level wins).
+    /// `None` when neither carries any. A snapshot with `total_credits` only (the object of
+    /// older deployments, which billed model credits alone) counts it as model credits.
+    pub fn from_wire(top: &WireUsage, usage: Option<&WireUsage>) -> Option<UsageSnapshot> {
+        let pick = |f: fn(&WireUsage) -> Option<f64>| f(top).or_else(|| usage.and_then(f));
+        let model = pick(|u| u.model_credits);
+        let sandbox = pick(|u| u.sandbox_runtime_credits);
+        let total = pick(|u| u.total_credits);
+        let active_seconds = pick(|u| u.active_seconds);
+        let server_tools: Vec<(String, f64)> = top
+            .server_tool_use
+            .as_ref()
+            .or_else(|| usage.and_then(|u| u.server_tool_use.as_ref()))
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.strip_suffix("_requests").unwrap_or(k).to_owned(), *v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let model_credits = model.or(if sandbox.is_none() { total } else { None });
+        let any = model_credits.is_some()
+            || sandbox.is_some()
+            || active_seconds.is_some()
+            || !server_tools.is_empty();
+        any.then_some(UsageSnapshot {
+            model_credits,
+            sandbox_runtime_credits: sandbox,
+            active_seconds,
+            server_tools,
+        })
+    }
+}
+
+/// Where a sub-agent thread is, from `session.thread_status_*`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ThreadPhase {
+    Running,
+    Idle { stop_reason: Option<String> },
+    Terminated,
+}
+
 /// `session.error`'s retry status, the fixed label set of the contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RetryStatus {
@@ -110,6 +164,21 @@ pub enum EventKind {
     Idle {
         stop_reason: Option<String>,
         tokens: Option<Tokens>,
+        /// SDK 0.11 may put a cumulative session snapshot here instead of the turn's tokens.
+        snapshot: Option<UsageSnapshot>,
+    },
+    /// `session.usage`: a cumulative snapshot of the session's billed usage.
+    Usage(UsageSnapshot),
+    /// `session.thread_created`: a sub-agent started in thread `thread`.
+    ThreadCreated {
+        thread: String,
+        agent: Option<String>,
+    },
+    /// `session.thread_status_running|rescheduled|idle|terminated`.
+    ThreadStatus {
+        thread: String,
+        agent: Option<String>,
+        phase: ThreadPhase,
     },
     /// `terminated` (G1), `session.status_terminated` (G3), `session.deleted`.
     Terminated { reason: Option<String> },
@@ -118,6 +187,8 @@ pub enum EventKind {
         error_type: String,
         retry_status: RetryStatus,
         message: Option<String>,
+        /// `error.qoder_error_code` (SDK 0.11): diagnostic, a span attribute only.
+        code: Option<String>,
     },
     /// `span.model_request_start`.
     ModelRequestStart {
@@ -158,6 +229,8 @@ pub struct Event {
     /// The wire `type`, verbatim (it is the `event_type` label).
     pub type_name: String,
     pub turn_id: Option<String>,
+    /// `session_thread_id` (SDK 0.11): the thread the event belongs to.
+    pub thread_id: Option<String>,
     /// `processed_at`, else `created_at`, as Unix nanoseconds.
     pub time_ns: Option<i64>,
     pub kind: EventKind,
@@ -176,6 +249,10 @@ impl Event {
             .turn_id
             .take()
             .filter(|t| !t.is_empty() && t.len() <= crate::source::wire::MAX_ID_BYTES);
+        let thread_id = w
+            .session_thread_id
+            .take()
+            .filter(|t| !t.is_empty() && t.len() <= crate::source::wire::MAX_ID_BYTES);
         let text = match w.content.take() {
             Some(c) => Some(c.text()),
             None => w.thinking.take(),
@@ -185,6 +262,7 @@ impl Event {
             id,
             type_name,
             turn_id,
+            thread_id,
             time_ns,
             kind,
             text,
@@ -196,13 +274,67 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
     match type_name {
         "user.message" => EventKind::UserMessage,
         "session.status_running" | "session.status_rescheduled" => EventKind::TurnRunning,
-        "session.status_idle" => EventKind::Idle {
-            stop_reason: w
-                .stop_reason
-                .and_then(Typed::kind)
-                .filter(|s| !s.is_empty()),
-            tokens: w.usage.as_ref().and_then(Tokens::from_wire),
+        "session.status_idle" => {
+            let snapshot = w
+                .usage
+                .as_ref()
+                .filter(|u| u.is_snapshot())
+                .and_then(|u| UsageSnapshot::from_wire(u, None));
+            EventKind::Idle {
+                stop_reason: w
+                    .stop_reason
+                    .and_then(Typed::kind)
+                    .filter(|s| !s.is_empty()),
+                // A snapshot's tokens are the session's so far, not the turn's.
+                tokens: match snapshot {
+                    Some(_) => None,
+                    None => w.usage.as_ref().and_then(Tokens::from_wire),
+                },
+                snapshot,
+            }
+        }
+        "session.usage" => {
+            let top = WireUsage {
+                model_credits: w.model_credits,
+                sandbox_runtime_credits: w.sandbox_runtime_credits,
+                total_credits: w.total_credits,
+                ..WireUsage::default()
+            };
+            match UsageSnapshot::from_wire(&top, w.usage.as_ref()) {
+                Some(s) => EventKind::Usage(s),
+                None => EventKind::Other,
+            }
+        }
+        "session.thread_created" => match w.session_thread_id {
+            Some(thread) => EventKind::ThreadCreated {
+                thread,
+                agent: w.agent_name.filter(|a| !a.is_empty()),
+            },
+            None => EventKind::Other,
         },
+        "session.thread_status_running"
+        | "session.thread_status_rescheduled"
+        | "session.thread_status_idle"
+        | "session.thread_status_terminated" => {
+            let phase = match type_name {
+                "session.thread_status_idle" => ThreadPhase::Idle {
+                    stop_reason: w
+                        .stop_reason
+                        .and_then(Typed::kind)
+                        .filter(|s| !s.is_empty()),
+                },
+                "session.thread_status_terminated" => ThreadPhase::Terminated,
+                _ => ThreadPhase::Running,
+            };
+            match w.session_thread_id {
+                Some(thread) => EventKind::ThreadStatus {
+                    thread,
+                    agent: w.agent_name.filter(|a| !a.is_empty()),
+                    phase,
+                },
+                None => EventKind::Other,
+            }
+        }
         "terminated" | "session.status_terminated" | "session.deleted" => EventKind::Terminated {
             reason: w.reason.map(StrOrNum::into_string),
         },
@@ -269,15 +401,21 @@ fn tool_result(kind: ToolKind, use_id: Option<String>, is_error: Option<bool>) -
 fn error_kind(w: WireEvent) -> EventKind {
     let top_retry = w.retry_status.and_then(Typed::kind);
     let code = w.code.map(StrOrNum::into_string);
-    let (error_type, nested_retry, message) = match w.error {
+    let (error_type, nested_retry, message, qoder_code) = match w.error {
         Some(WireError::Obj {
             kind,
             message,
             retry_status,
-        }) => (kind, retry_status.and_then(Typed::kind), message),
+            qoder_error_code,
+        }) => (
+            kind,
+            retry_status.and_then(Typed::kind),
+            message,
+            qoder_error_code.map(StrOrNum::into_string),
+        ),
         // G1 `{error: "<message>", code: "<code>"}`: the code is the type.
-        Some(WireError::Str(message)) => (None, None, Some(message)),
-        None => (None, None, None),
+        Some(WireError::Str(message)) => (None, None, Some(message), None),
+        None => (None, None, None, None),
     };
     let error_type = error_type
         .or(code)
@@ -287,6 +425,7 @@ fn error_kind(w: WireEvent) -> EventKind {
         error_type,
         retry_status: RetryStatus::parse(top_retry.or(nested_retry).as_deref()),
         message,
+        code: qoder_code.filter(|c| !c.is_empty()),
     }
 }
 
@@ -354,6 +493,7 @@ mod tests {
                     cache_read: 0.0,
                     cache_creation: 0.0
                 }),
+                snapshot: None,
             }
         );
     }
@@ -369,7 +509,8 @@ mod tests {
             EventKind::Error {
                 error_type: "unknown_error".into(),
                 retry_status: RetryStatus::Exhausted,
-                message: Some("m".into())
+                message: Some("m".into()),
+                code: None,
             }
         );
     }
@@ -383,7 +524,8 @@ mod tests {
             EventKind::Error {
                 error_type: "timeout".into(),
                 retry_status: RetryStatus::None,
-                message: Some("model timed out".into())
+                message: Some("model timed out".into()),
+                code: None,
             }
         );
     }

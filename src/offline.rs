@@ -24,7 +24,7 @@ use crate::pipeline::{Batch, BatchOutcome, Item, PipelineHandle};
 use crate::sinks::metrics::Metrics;
 use crate::source::client::{Client, ClientConfig, TokenSource};
 use crate::source::poller::meta_of;
-use crate::source::wire::{self, Page};
+use crate::source::wire::{self, ListCursor, Page};
 use crate::state::StateError;
 
 /// Events buffered across all sessions before everything buffered is sent.
@@ -133,6 +133,7 @@ impl Feeder<'_> {
             cursor,
             bad_fields: p.bad_fields,
             meta: p.meta,
+            ..Batch::default()
         });
         if self.group_events >= GROUP_EVENTS {
             self.send_group()?;
@@ -354,9 +355,10 @@ async fn session_ids(client: &Client, settings: &Settings) -> anyhow::Result<Vec
         return Ok(settings.sessions.clone());
     }
     let mut ids = Vec::new();
-    let mut cursor: Option<String> = None;
+    let mut cursor: Option<ListCursor> = None;
+    let mut visited = std::collections::HashSet::new();
     loop {
-        let body = client.list_sessions(cursor.as_deref()).await?;
+        let body = client.list_sessions(cursor.as_ref()).await?;
         let page: Page<'_> = serde_json::from_slice(&body).context("listing sessions")?;
         let mut last = None;
         for raw in &page.data {
@@ -367,15 +369,13 @@ async fn session_ids(client: &Client, settings: &Settings) -> anyhow::Result<Vec
                 }
             }
         }
-        let next = page.last_id.clone().or(last);
-        if !page.has_more.unwrap_or(false)
-            || page.data.is_empty()
-            || next.is_none()
-            || next == cursor
-        {
+        let Some(next) = page.next_list_cursor(last, cursor.as_ref()) else {
             break;
+        };
+        if !visited.insert(next.clone()) {
+            anyhow::bail!("the session list pointed back to a page already read ({next:?})");
         }
-        cursor = next;
+        cursor = Some(next);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(ids)

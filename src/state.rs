@@ -509,6 +509,7 @@ mod tests {
                 children_dropped: 0,
                 span_events: vec![],
                 messages: vec![],
+                parent: None,
             },
             end_ns: None,
             end: crate::pipeline::tracker::TurnEnd::Terminated,

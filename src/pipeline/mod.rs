@@ -8,13 +8,14 @@
 //! so a failed commit means the same page is read again, never skipped.
 
 pub mod tracker;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::event::Event;
+use crate::event::{Event, UsageSnapshot};
 use crate::sinks::metrics::{Delta, Metrics};
 use crate::source::wire::InvalidReason;
 use crate::state::{BatchWrite, StateError, StateStore, StoredSession};
@@ -32,9 +33,13 @@ pub enum Item {
 }
 
 /// A page's worth of one session's events, with the cursor that follows them.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Batch {
     pub session_id: String,
+    /// The sub-agent thread whose stream the items come from; `None`: the session's stream.
+    pub thread: Option<String>,
+    /// The stream was read to its end with this batch (a thread is then clean until named).
+    pub at_end: bool,
     pub items: Vec<Item>,
     pub cursor: Option<String>,
     /// Fields dropped for having the wrong shape (the events themselves were kept).
@@ -50,14 +55,18 @@ pub struct SessionMeta {
     pub agent_id: Option<String>,
     pub model: Option<String>,
     pub status: Option<String>,
+    /// The object's cumulative usage snapshot, applied after the batch's events.
+    pub usage: Option<UsageSnapshot>,
 }
 
 #[derive(Debug, Clone)]
 pub struct BatchOutcome {
-    /// Events consumed from the session's log so far (the re-read position).
+    /// Events consumed from the batch's stream so far (the re-read position).
     pub consumed: u64,
     /// Session status after the batch.
     pub status: String,
+    /// Sub-agent threads whose streams need reading, with their cursors.
+    pub threads: Vec<(String, Option<String>)>,
 }
 
 pub type Ack<T> = oneshot::Sender<Result<T, StateError>>;
@@ -67,7 +76,6 @@ pub enum Command {
     Batch(Batch, Ack<BatchOutcome>),
     /// Several batches committed in one transaction (`replay`: one commit per many sessions).
     Batches(Vec<Batch>, Ack<Vec<BatchOutcome>>),
-    Meta(String, SessionMeta, Ack<()>),
     /// The session is done (drained after termination, or gone): never read again.
     Finish(String, Ack<()>),
     /// The oldest closed turns waiting in the outbox, at most this many.
@@ -135,8 +143,15 @@ impl PipelineHandle {
         self.call(|ack| Command::Batch(batch, ack)).await
     }
 
-    pub async fn meta(&self, id: String, meta: SessionMeta) -> Result<(), SendError> {
-        self.call(|ack| Command::Meta(id, meta, ack)).await
+    /// Applies what a session object says (agent, status, usage snapshot), committed like a
+    /// batch: a usage snapshot moves durable counters.
+    pub async fn meta(&self, id: String, meta: SessionMeta) -> Result<BatchOutcome, SendError> {
+        let batch = Batch {
+            session_id: id,
+            meta: Some(meta),
+            ..Batch::default()
+        };
+        self.call(|ack| Command::Batch(batch, ack)).await
     }
 
     pub async fn finish(&self, id: String) -> Result<(), SendError> {
@@ -161,9 +176,15 @@ impl PipelineHandle {
 
 /// What a session object says, merged into the session's state.
 fn merge_meta(state: &mut SessionState, meta: SessionMeta) {
-    // The `agent` label: the agent's name, else its id, else `unknown`.
-    if let Some(agent) = meta.agent_name.clone().or(meta.agent_id.clone()) {
-        state.agent = agent;
+    // The `agent` label: the agent's name, else its id, else `unknown`. A name once known is
+    // not given up for the same agent's bare id (a listing that shows ids only), so one agent
+    // is never counted under two label values.
+    match (&meta.agent_name, &meta.agent_id) {
+        (Some(name), _) => state.agent.clone_from(name),
+        (None, Some(id)) if state.agent == "unknown" || state.agent_id.as_ref() != Some(id) => {
+            state.agent.clone_from(id);
+        }
+        _ => {}
     }
     if meta.agent_id.is_some() {
         state.agent_id = meta.agent_id;
@@ -267,9 +288,6 @@ impl Pipeline {
                 Command::Batches(batches, ack) => {
                     let _ = ack.send(self.apply_group(batches));
                 }
-                Command::Meta(id, meta, ack) => {
-                    let _ = ack.send(self.apply_meta(&id, meta));
-                }
                 Command::Finish(id, ack) => {
                     let _ = ack.send(self.finish(&id));
                 }
@@ -313,16 +331,6 @@ impl Pipeline {
             .inc();
         self.sessions.insert(id.to_owned(), s.clone());
         s
-    }
-
-    fn apply_meta(&mut self, id: &str, meta: SessionMeta) -> Result<(), StateError> {
-        let mut state = self.state_of(id);
-        let old_status = state.status.clone();
-        merge_meta(&mut state, meta);
-        self.store.upsert_session(id, &state, false)?;
-        self.set_status(&old_status, &state.status);
-        self.sessions.insert(id.to_owned(), state);
-        Ok(())
     }
 
     fn finish(&mut self, id: &str) -> Result<(), StateError> {
@@ -389,6 +397,7 @@ impl Pipeline {
         Ok(out.pop().unwrap_or(BatchOutcome {
             consumed: 0,
             status: "unknown".to_owned(),
+            threads: Vec::new(),
         }))
     }
 
@@ -425,9 +434,11 @@ impl Pipeline {
                 }
             };
             let t = &mut touched[pos];
+            let usage = batch.meta.as_ref().and_then(|m| m.usage.clone());
             if let Some(meta) = batch.meta {
                 merge_meta(&mut t.state, meta);
             }
+            let thread = batch.thread.as_deref();
             for item in &batch.items {
                 match item {
                     Item::Event(e) => {
@@ -435,8 +446,12 @@ impl Pipeline {
                             t.state
                                 .close_stale(&t.id, e.time_ns, max, &mut delta, &mut closed);
                         }
-                        match t.state.apply(&t.id, e, &mut delta, &mut closed) {
+                        match t.state.apply_from(&t.id, e, thread, &mut delta, &mut closed) {
                             Applied::Duplicate => duplicates += 1,
+                            Applied::DecreasingSnapshot => {
+                                tracing::warn!(session = %t.id, event = %e.id, "a usage snapshot is lower than the one before it; it adds nothing");
+                                *invalid.entry("decreasing_snapshot").or_default() += 1;
+                            }
                             Applied::Counted => {
                                 if let Some(max) = capture {
                                     t.state.capture(e, max);
@@ -444,19 +459,30 @@ impl Pipeline {
                             }
                         }
                     }
-                    Item::Invalid(reason) => {
-                        t.state.consumed += 1;
-                        *invalid.entry(reason.as_label()).or_default() += 1;
-                    }
+                    Item::Invalid(_) if thread.is_some() => {}
+                    Item::Invalid(_) => t.state.consumed += 1,
+                }
+                if let Item::Invalid(reason) = item {
+                    *invalid.entry(reason.as_label()).or_default() += 1;
                 }
             }
-            if batch.cursor.is_some() {
-                t.cursor = batch.cursor;
+            if let Some(snapshot) = &usage {
+                t.state.apply_object_usage(snapshot, &mut delta);
             }
+            let consumed = match thread {
+                Some(tid) => t.state.thread_read(tid, batch.cursor.clone(), batch.at_end, &batch.items),
+                None => {
+                    if batch.cursor.is_some() {
+                        t.cursor = batch.cursor;
+                    }
+                    t.state.consumed
+                }
+            };
             bad_fields += u64::from(batch.bad_fields);
             outcomes.push(BatchOutcome {
-                consumed: t.state.consumed,
+                consumed,
                 status: t.state.status.clone(),
+                threads: t.state.threads_to_read(),
             });
         }
         let staged = self.metrics.durable.stage(&delta);

@@ -16,11 +16,12 @@
 //! - Termination (`terminated`, `session.status_terminated`, `session.deleted`) closes
 //!   everything still open as incomplete.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, EventKind, RetryStatus, Tokens, ToolKind};
+use super::usage::{SnapshotOutcome, SnapshotSource, UsageState};
+use crate::event::{Event, EventKind, RetryStatus, ThreadPhase, Tokens, ToolKind, UsageSnapshot};
 use crate::sinks::metrics::{Delta, Family};
 
 /// How many recent event ids a session remembers to skip an event the API returns twice.
@@ -51,6 +52,42 @@ pub struct SessionState {
     pub recent: VecDeque<String>,
     /// Events consumed from the log, readable or not: where a re-read resumes.
     pub consumed: u64,
+    /// Billed usage applied so far from the session's cumulative snapshots.
+    #[serde(default, skip_serializing_if = "UsageState::is_empty")]
+    pub usage: UsageState,
+    /// Sub-agent threads by thread id, each with its own stream cursor and tracker.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub threads: BTreeMap<String, ThreadState>,
+    /// Set on a sub-agent thread's tracker: its id (names its turns apart from the session's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
+}
+
+/// A sub-agent thread of a session: where its own stream was read to, and its turns.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThreadState {
+    /// The thread's event cursor, committed with the batch that moved it.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// Running (created or running, not idle since): its stream must be read.
+    #[serde(default)]
+    pub active: bool,
+    /// The session's stream named the thread since its own stream was last read to the end.
+    #[serde(default)]
+    pub dirty: bool,
+    /// Ids of this thread's events that may appear on both streams (everything but spans and
+    /// message text), so a cross-posted event counts once whichever stream shows it first.
+    #[serde(default)]
+    pub seen: VecDeque<String>,
+    /// The thread's own state machine; its `agent` is the sub-agent's name.
+    pub tracker: SessionState,
+}
+
+/// The session turn a thread's turn ran in: its trace, and the span it hangs under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParentTurn {
+    pub key: String,
+    pub first_event_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +111,9 @@ pub struct Turn {
     /// Message and thinking text, recorded only when content capture is on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<Message>,
+    /// A sub-agent's turn: the session turn it ran in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentTurn>,
 }
 
 /// A captured message of a turn (opt-in), already truncated.
@@ -174,6 +214,18 @@ pub enum Applied {
     Counted,
     /// The id was among the last ones applied: the API returned it twice.
     Duplicate,
+    /// Counted, but its usage snapshot was below the previous one and added nothing.
+    DecreasingSnapshot,
+}
+
+/// How many ids a thread remembers for cross-post dedupe.
+const THREAD_SEEN_IDS: usize = 512;
+/// Sub-agent threads followed per session at most.
+const MAX_THREADS: usize = 256;
+
+/// Events the session stream may repeat from a thread's stream: not spans, not message text.
+fn may_be_cross_posted(type_name: &str) -> bool {
+    !(type_name.starts_with("span.") || matches!(type_name, "agent.message" | "agent.thinking"))
 }
 
 impl SessionState {
@@ -189,8 +241,181 @@ impl SessionState {
         self.model.clone().unwrap_or_else(|| "unknown".to_owned())
     }
 
-    /// Applies one readable event.
+    /// Applies one readable event of the session's own stream.
     pub fn apply(
+        &mut self,
+        session_id: &str,
+        ev: &Event,
+        delta: &mut Delta,
+        closed: &mut Vec<ClosedTurn>,
+    ) -> Applied {
+        self.apply_from(session_id, ev, None, delta, closed)
+    }
+
+    /// Applies one readable event read from the session's stream (`from_thread` `None`) or
+    /// from a sub-agent thread's stream. An event that belongs to a sub-agent thread (read on
+    /// its stream, or cross-posted on the session's with its `session_thread_id`) goes to that
+    /// thread's tracker, under the sub-agent's name, and counts once whichever stream shows it
+    /// first.
+    pub fn apply_from(
+        &mut self,
+        session_id: &str,
+        ev: &Event,
+        from_thread: Option<&str>,
+        delta: &mut Delta,
+        closed: &mut Vec<ClosedTurn>,
+    ) -> Applied {
+        if let EventKind::ThreadCreated { thread, agent } = &ev.kind
+            && from_thread.is_none()
+            && !self.threads.contains_key(thread)
+            && !self.recent.contains(&ev.id)
+        {
+            let name = agent.clone().unwrap_or_else(|| "unknown".to_owned());
+            delta.inc(Family::ThreadsCreated, &[&name], 1.0);
+            self.add_thread(thread, agent.clone());
+        }
+        let owner = match from_thread {
+            Some(t) => {
+                if !self.threads.contains_key(t) {
+                    self.add_thread(t, None);
+                }
+                Some(t.to_owned())
+            }
+            None => self.cross_posted_to(ev),
+        };
+        let Some(tid) = owner else {
+            let applied = self.apply_own(session_id, ev, delta, closed);
+            if applied == Applied::Counted
+                && let Some(snap) = session_snapshot(&ev.kind)
+                && self.usage.apply(snap, SnapshotSource::Event, &self.agent, delta)
+                    == SnapshotOutcome::Decreased
+            {
+                return Applied::DecreasingSnapshot;
+            }
+            return applied;
+        };
+        let parent = self.turn.as_ref().map(|t| ParentTurn {
+            key: t.key.clone(),
+            first_event_id: t.first_event_id.clone(),
+        });
+        let Some(thread) = self.threads.get_mut(&tid) else {
+            return self.apply_own(session_id, ev, delta, closed);
+        };
+        if thread.seen.contains(&ev.id) {
+            return Applied::Duplicate;
+        }
+        if may_be_cross_posted(&ev.type_name) {
+            if thread.seen.len() == THREAD_SEEN_IDS {
+                thread.seen.pop_front();
+            }
+            thread.seen.push_back(ev.id.clone());
+        }
+        if from_thread.is_none() {
+            thread.dirty = true;
+        }
+        if let EventKind::ThreadStatus { agent, phase, .. } = &ev.kind {
+            thread.active = *phase == ThreadPhase::Running;
+            if let Some(a) = agent
+                && thread.tracker.agent == "unknown"
+            {
+                thread.tracker.agent = a.clone();
+            }
+        }
+        let applied = thread.tracker.apply_own(session_id, ev, delta, closed);
+        if let Some(turn) = &mut thread.tracker.turn
+            && turn.parent.is_none()
+        {
+            turn.parent = parent;
+        }
+        applied
+    }
+
+    /// Registers a sub-agent thread (bounded: past the limit, its events stay the session's).
+    fn add_thread(&mut self, thread: &str, agent: Option<String>) {
+        if self.threads.len() >= MAX_THREADS {
+            return;
+        }
+        let mut tracker = SessionState::new(agent.unwrap_or_else(|| "unknown".to_owned()));
+        tracker.model.clone_from(&self.model);
+        tracker.thread_id = Some(thread.to_owned());
+        self.threads.insert(
+            thread.to_owned(),
+            ThreadState {
+                active: true,
+                dirty: true,
+                tracker,
+                ..ThreadState::default()
+            },
+        );
+    }
+
+    /// The sub-agent thread an event of the session's stream belongs to: the known thread its
+    /// `session_thread_id` names, or a thread not announced yet whose status event names an
+    /// agent other than the session's (the session's own thread is never a sub-agent's).
+    fn cross_posted_to(&mut self, ev: &Event) -> Option<String> {
+        if matches!(ev.kind, EventKind::ThreadCreated { .. }) {
+            return None;
+        }
+        let tid = ev.thread_id.as_deref()?;
+        if self.threads.contains_key(tid) {
+            return Some(tid.to_owned());
+        }
+        if let EventKind::ThreadStatus {
+            agent: Some(agent), ..
+        } = &ev.kind
+            && *agent != self.agent
+            && self.agent_id.as_deref() != Some(agent.as_str())
+        {
+            self.add_thread(tid, Some(agent.clone()));
+            return self.threads.contains_key(tid).then(|| tid.to_owned());
+        }
+        None
+    }
+
+    /// Applies a snapshot of the session object's usage (a listing or `GET /sessions/{id}`).
+    pub fn apply_object_usage(&mut self, snapshot: &UsageSnapshot, delta: &mut Delta) {
+        self.usage
+            .apply(snapshot, SnapshotSource::Object, &self.agent, delta);
+    }
+
+    /// The threads whose streams need reading: running, or named since last read to the end.
+    pub fn threads_to_read(&self) -> Vec<(String, Option<String>)> {
+        self.threads
+            .iter()
+            .filter(|(_, t)| t.active || t.dirty)
+            .map(|(id, t)| (id.clone(), t.cursor.clone()))
+            .collect()
+    }
+
+    /// Records that a batch of thread `tid`'s stream was applied: its cursor (when it moved),
+    /// its unreadable items, and whether the stream was read to its end. Returns the events
+    /// consumed from that stream so far.
+    pub fn thread_read(
+        &mut self,
+        tid: &str,
+        cursor: Option<String>,
+        at_end: bool,
+        items: &[super::Item],
+    ) -> u64 {
+        let Some(thread) = self.threads.get_mut(tid) else {
+            return 0;
+        };
+        let unreadable = items
+            .iter()
+            .filter(|i| matches!(i, super::Item::Invalid(_)))
+            .count();
+        thread.tracker.consumed += unreadable as u64;
+        if cursor.is_some() {
+            thread.cursor = cursor;
+        }
+        if at_end {
+            thread.dirty = false;
+        }
+        thread.tracker.consumed
+    }
+
+    /// One readable event of this tracker's own stream.
+    fn apply_own(
         &mut self,
         session_id: &str,
         ev: &Event,
@@ -238,6 +463,7 @@ impl SessionState {
             EventKind::Idle {
                 stop_reason,
                 tokens,
+                ..
             } => {
                 let stop = stop_reason.clone().unwrap_or_else(|| "unknown".to_owned());
                 delta.inc(Family::Turns, &[&stop, &agent], 1.0);
@@ -284,6 +510,7 @@ impl SessionState {
                 error_type,
                 retry_status,
                 message,
+                code,
             } => {
                 delta.inc(
                     Family::SessionErrors,
@@ -301,6 +528,9 @@ impl SessionState {
                         ];
                         if let Some(m) = message {
                             attributes.push(("exception.message".to_owned(), m.clone()));
+                        }
+                        if let Some(c) = code {
+                            attributes.push(("qoder.error.code".to_owned(), c.clone()));
                         }
                         turn.span_events.push(SpanEvent {
                             name: "session.error".to_owned(),
@@ -409,6 +639,9 @@ impl SessionState {
                 if *is_error {
                     delta.inc(Family::ToolCallErrors, &[&name, &agent], 1.0);
                 }
+                if let (Some(s), Some(e)) = (open.as_ref().and_then(|t| t.start_ns), ev.time_ns) {
+                    delta.observe_ns(Family::ToolCallDuration, &[&name, &agent], e - s);
+                }
                 if let (Some(turn), Some(tool)) = (&mut self.turn, open)
                     && !tool.span_emitted
                 {
@@ -430,7 +663,18 @@ impl SessionState {
                 }
             }
             EventKind::AgentOutput => self.ensure_turn(ev),
-            EventKind::Other => {}
+            EventKind::ThreadStatus { phase, .. } => {
+                if let ThreadPhase::Idle { stop_reason } = phase {
+                    let stop = stop_reason.as_deref().unwrap_or("unknown");
+                    delta.inc(Family::ThreadTurns, &[&agent, stop], 1.0);
+                }
+                // A sub-agent's thread status drives its own turns; the session's own thread
+                // status leaves the session's turns to the session status events.
+                if self.thread_id.is_some() {
+                    self.thread_status(session_id, ev, phase, delta, closed);
+                }
+            }
+            EventKind::Usage(_) | EventKind::ThreadCreated { .. } | EventKind::Other => {}
         }
         if let Some(turn) = &mut self.turn
             && ev.time_ns.is_some()
@@ -440,14 +684,50 @@ impl SessionState {
         Applied::Counted
     }
 
+    /// A sub-agent thread's status: running opens its turn, idle and termination close it.
+    fn thread_status(
+        &mut self,
+        session_id: &str,
+        ev: &Event,
+        phase: &ThreadPhase,
+        delta: &mut Delta,
+        closed: &mut Vec<ClosedTurn>,
+    ) {
+        match phase {
+            ThreadPhase::Running => {
+                self.status = "running".to_owned();
+                self.ensure_turn(ev);
+            }
+            ThreadPhase::Idle { stop_reason } => {
+                self.status = "idle".to_owned();
+                let stop_reason = stop_reason.clone().unwrap_or_else(|| "unknown".to_owned());
+                self.close_turn(
+                    session_id,
+                    ev.time_ns,
+                    TurnEnd::Idle { stop_reason },
+                    delta,
+                    closed,
+                );
+            }
+            ThreadPhase::Terminated => {
+                self.status = "terminated".to_owned();
+                self.close_turn(session_id, ev.time_ns, TurnEnd::Terminated, delta, closed);
+                self.requests.clear();
+                self.tools.clear();
+            }
+        }
+    }
+
     fn ensure_turn(&mut self, ev: &Event) {
         if self.turn.is_some() {
             return;
         }
         self.turn_seq += 1;
-        let (key, has_turn_id) = match &ev.turn_id {
-            Some(t) => (t.clone(), true),
-            None => (format!("seq-{}", self.turn_seq), false),
+        let (key, has_turn_id) = match (&ev.turn_id, &self.thread_id) {
+            (Some(t), _) => (t.clone(), true),
+            // A thread's turns are named apart from the session's (they share its trace ids).
+            (None, Some(thread)) => (format!("{thread}/seq-{}", self.turn_seq), false),
+            (None, None) => (format!("seq-{}", self.turn_seq), false),
         };
         self.turn = Some(Turn {
             key,
@@ -464,6 +744,7 @@ impl SessionState {
             children_dropped: 0,
             span_events: Vec::new(),
             messages: Vec::new(),
+            parent: None,
         });
     }
 
@@ -616,6 +897,17 @@ impl SessionState {
             end_ns,
             end,
         });
+    }
+}
+
+/// The session-wide usage snapshot an event carries, if any.
+fn session_snapshot(kind: &EventKind) -> Option<&UsageSnapshot> {
+    match kind {
+        EventKind::Usage(s) => Some(s),
+        EventKind::Idle {
+            snapshot: Some(s), ..
+        } => Some(s),
+        _ => None,
     }
 }
 
@@ -872,6 +1164,7 @@ mod tests {
             id: id.into(),
             type_name: "x".into(),
             turn_id: None,
+            thread_id: None,
             time_ns: Some(t),
             kind,
             text: None,

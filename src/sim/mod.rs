@@ -23,7 +23,7 @@ use axum::routing::get;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-pub use scenario::{Generation, ScenarioConfig, SimSession, Totals, generate};
+pub use scenario::{Generation, ScenarioConfig, SimSession, SimThread, Totals, generate};
 
 /// The faults the simulator can inject, each on a share of requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +82,9 @@ pub struct SimConfig {
     pub slow_delay: Duration,
     /// Advance the clock one step per this interval (live mode); `None`: tests drive it.
     pub step_interval: Option<Duration>,
+    /// Page the session list as SDK 0.11 does: an opaque `next_page` token, `page=` to follow
+    /// it, and `after_id` ignored (the first page again), with at most this many a page.
+    pub session_page_tokens: Option<usize>,
 }
 
 impl Default for SimConfig {
@@ -94,6 +97,7 @@ impl Default for SimConfig {
             fault_seed: 1,
             slow_delay: Duration::from_secs(3),
             step_interval: None,
+            session_page_tokens: None,
         }
     }
 }
@@ -104,6 +108,7 @@ pub struct Stats {
     pub sessions_requests: AtomicU64,
     pub session_requests: AtomicU64,
     pub events_requests: AtomicU64,
+    pub thread_events_requests: AtomicU64,
     pub unauthorized: AtomicU64,
     pub faults: AtomicU64,
     /// Requests that asked for an SSE stream from the list endpoint.
@@ -121,6 +126,7 @@ impl Stats {
         self.sessions_requests.load(Ordering::Relaxed)
             + self.session_requests.load(Ordering::Relaxed)
             + self.events_requests.load(Ordering::Relaxed)
+            + self.thread_events_requests.load(Ordering::Relaxed)
     }
 }
 
@@ -138,6 +144,7 @@ struct SimState {
     refuse_next_cursor: AtomicBool,
     /// Serve event pages of up to 2 500 whatever the `limit` (a misbehaving API).
     oversize_pages: AtomicBool,
+    session_page_tokens: Option<usize>,
     stats: Stats,
 }
 
@@ -171,6 +178,7 @@ impl Sim {
             slow_delay: cfg.slow_delay,
             refuse_next_cursor: AtomicBool::new(false),
             oversize_pages: AtomicBool::new(false),
+            session_page_tokens: cfg.session_page_tokens,
             stats: Stats::default(),
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -283,6 +291,10 @@ fn router(state: Arc<SimState>) -> Router {
         .route("/api/v1/cloud/sessions", get(list_sessions))
         .route("/api/v1/cloud/sessions/{id}", get(get_session))
         .route("/api/v1/cloud/sessions/{id}/events", get(list_events))
+        .route(
+            "/api/v1/cloud/sessions/{id}/threads/{tid}/events",
+            get(list_thread_events),
+        )
         .with_state(state)
 }
 
@@ -526,6 +538,9 @@ fn session_object(s: &SimSession, clock: u64) -> Value {
         (_, st) => st,
     };
     o.insert("status".into(), json!(status));
+    if let Some((_, usage)) = s.usage.iter().rev().find(|(step, _)| *step <= clock) {
+        o.insert("usage".into(), usage.clone());
+    }
     // `updated_at` moves when an event becomes visible (as the API's does on activity).
     let seen = s.events.partition_point(|e| e.step <= clock);
     let step = s.events[..seen].last().map_or(s.created_step, |e| e.step);
@@ -573,6 +588,9 @@ async fn list_sessions(
         .rev()
         .filter(|s| s.created_step <= clock)
         .collect();
+    if let Some(size) = st.session_page_tokens {
+        return token_page(&visible, q.get("page").map(String::as_str), limit.min(size), clock);
+    }
     let (slice, has_more) = match cursor_slice(
         &visible,
         |s| &s.id,
@@ -589,6 +607,37 @@ async fn list_sessions(
         .collect();
     let ids: Vec<&str> = slice.iter().map(|s| s.id.as_str()).collect();
     page(items, &ids, has_more)
+}
+
+/// A page of the session list in the SDK 0.11 style: `page` is the opaque token of the
+/// previous page (here, the offset it starts at, disguised), `after_id` is not understood.
+fn token_page(visible: &[&SimSession], page: Option<&str>, limit: usize, clock: u64) -> Response {
+    let start = match page.map(|p| p.strip_prefix("pg_").and_then(|n| n.parse::<usize>().ok())) {
+        None => 0,
+        Some(Some(n)) if n <= visible.len() => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "page is not a valid page token",
+            );
+        }
+    };
+    let end = (start + limit).min(visible.len());
+    let slice = &visible[start..end];
+    let items: Vec<String> = slice
+        .iter()
+        .map(|s| session_object(s, clock).to_string())
+        .collect();
+    let has_more = end < visible.len();
+    let body = json!({
+        "data": items.iter().map(|i| serde_json::from_str::<Value>(i).unwrap_or(Value::Null)).collect::<Vec<_>>(),
+        "first_id": slice.first().map(|s| s.id.clone()),
+        "last_id": slice.last().map(|s| s.id.clone()),
+        "has_more": has_more,
+        "next_page": has_more.then(|| format!("pg_{end}")),
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 async fn get_session(
@@ -665,6 +714,47 @@ async fn list_events(
         );
     }
     let visible: Vec<_> = s.events.iter().filter(|e| e.step <= clock).collect();
+    let (slice, has_more) = match cursor_slice(
+        &visible,
+        |e| &e.id,
+        after.as_deref(),
+        before.as_deref(),
+        limit,
+    ) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let items = slice.iter().map(|e| e.json.clone()).collect();
+    let ids: Vec<&str> = slice.iter().map(|e| e.id.as_str()).collect();
+    page(items, &ids, has_more)
+}
+
+/// `GET /sessions/{id}/threads/{tid}/events`: a sub-agent thread's own stream.
+async fn list_thread_events(
+    State(st): State<Arc<SimState>>,
+    headers: HeaderMap,
+    Path((id, tid)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let _g = match admit(&st, &headers, &st.stats.thread_events_requests).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let (limit, after, before) = match paging(&st, &q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let clock = st.clock.load(Ordering::Relaxed);
+    let Some(thread) = st
+        .index
+        .get(&id)
+        .map(|i| &st.sessions[*i])
+        .filter(|s| s.created_step <= clock)
+        .and_then(|s| s.threads.iter().find(|t| t.id == tid))
+    else {
+        return error(StatusCode::NOT_FOUND, "not_found_error", "thread not found");
+    };
+    let visible: Vec<_> = thread.events.iter().filter(|e| e.step <= clock).collect();
     let (slice, has_more) = match cursor_slice(
         &visible,
         |e| &e.id,

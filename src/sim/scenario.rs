@@ -38,6 +38,19 @@ pub struct SimSession {
     pub terminal: bool,
     /// Steps at which a turn is over (idle), for the session's status.
     pub idle_steps: Vec<u64>,
+    /// The object's cumulative `usage` as it stands from each step on.
+    pub usage: Vec<(u64, Value)>,
+    /// Sub-agent threads and their own event streams.
+    pub threads: Vec<SimThread>,
+}
+
+/// A sub-agent thread of a simulated session.
+#[derive(Debug, Clone)]
+pub struct SimThread {
+    pub id: String,
+    pub agent: String,
+    /// The thread's stream; events cross-posted to the session's stream keep their ids.
+    pub events: Vec<SimEvent>,
 }
 
 /// One expected series: metric name, label pairs sorted by name, value.
@@ -57,6 +70,12 @@ pub struct Totals {
     pub tool_calls: BTreeMap<(String, String), f64>,
     pub tool_errors: BTreeMap<(String, String), f64>,
     pub session_errors: BTreeMap<(String, String, String), f64>,
+    pub session_credits: BTreeMap<(String, String), f64>,
+    pub active_seconds: BTreeMap<String, f64>,
+    pub server_tools: BTreeMap<(String, String), f64>,
+    pub thread_turns: BTreeMap<(String, String), f64>,
+    pub threads_created: BTreeMap<String, f64>,
+    pub tool_durations: BTreeMap<(String, String), f64>,
     /// Events served that cannot be read (no id); not in `events`.
     pub invalid: u64,
 }
@@ -154,6 +173,48 @@ impl Totals {
                 *v,
             ));
         }
+        for ((a, k), v) in &self.session_credits {
+            out.push((
+                "qoder_session_credits_total".into(),
+                l(&[("agent", a), ("kind", k)]),
+                *v,
+            ));
+        }
+        for (a, v) in &self.active_seconds {
+            out.push((
+                "qoder_session_active_seconds_total".into(),
+                l(&[("agent", a)]),
+                *v,
+            ));
+        }
+        for ((a, t), v) in &self.server_tools {
+            out.push((
+                "qoder_server_tool_uses_total".into(),
+                l(&[("agent", a), ("tool", t)]),
+                *v,
+            ));
+        }
+        for ((a, s), v) in &self.thread_turns {
+            out.push((
+                "qoder_thread_turns_total".into(),
+                l(&[("agent", a), ("stop_reason", s)]),
+                *v,
+            ));
+        }
+        for (a, v) in &self.threads_created {
+            out.push((
+                "qoder_threads_created_total".into(),
+                l(&[("agent", a)]),
+                *v,
+            ));
+        }
+        for ((t, a), v) in &self.tool_durations {
+            out.push((
+                "qoder_tool_call_duration_seconds_count".into(),
+                l(&[("tool", t), ("agent", a)]),
+                *v,
+            ));
+        }
         out
     }
 
@@ -210,9 +271,162 @@ struct Writer<'a> {
     step: u64,
     time_ns: i64,
     idle_steps: Vec<u64>,
+    /// Billed usage so far, in hundredths of a credit (model, sandbox) and whole units.
+    model_cents: u64,
+    sandbox_cents: u64,
+    active_seconds: u64,
+    web_searches: u64,
+    usage: Vec<(u64, Value)>,
+    /// A multi-agent session: the sub-agent's thread (id, agent name) and its stream.
+    sub_agent: Option<(String, String)>,
+    thread_created: bool,
+    thread_events: Vec<SimEvent>,
 }
 
+const SUB_AGENT: &str = "researcher";
+
 impl Writer<'_> {
+    /// Emits an event of the sub-agent's thread onto its stream, and onto the session's
+    /// stream too when `cross_post` (same id, as the API shows a thread's lifecycle and tool
+    /// uses on both). Counted once, under the sub-agent.
+    fn emit_thread(&mut self, kind: &str, mut fields: Value, cross_post: bool) -> String {
+        let Some((tid, agent)) = self.sub_agent.clone() else {
+            return String::new();
+        };
+        fields["session_thread_id"] = json!(tid);
+        let coordinator = std::mem::replace(&mut self.agent_label, agent);
+        let id = self.emit(kind, fields, None);
+        self.agent_label = coordinator;
+        if let Some(ev) = self.events.pop() {
+            if cross_post {
+                self.events.push(ev.clone());
+            }
+            self.thread_events.push(ev);
+        }
+        id
+    }
+
+    /// One turn of the sub-agent, run inside the coordinator's turn.
+    fn sub_agent_turn(&mut self) {
+        let Some((tid, agent)) = self.sub_agent.clone() else {
+            return;
+        };
+        if !self.thread_created {
+            self.thread_created = true;
+            self.emit(
+                "session.thread_created",
+                json!({"session_thread_id": tid, "agent_name": agent}),
+                None,
+            );
+            bump(&mut self.totals.threads_created, agent.clone(), 1.0);
+        }
+        self.emit_thread(
+            "session.thread_status_running",
+            json!({"agent_name": agent}),
+            false,
+        );
+        let start = self.emit_thread("span.model_request_start", json!({}), false);
+        let cents = self.rng.u32(1..200);
+        self.model_cents += u64::from(cents);
+        let credits = f64::from(cents) / 100.0;
+        self.emit_thread(
+            "span.model_request_end",
+            json!({"model_request_start_id": start, "is_error": false, "model_usage": {"credits": credits}}),
+            false,
+        );
+        let key = (agent.clone(), self.session_model.clone());
+        bump(&mut self.totals.model_requests, key.clone(), 1.0);
+        bump(&mut self.totals.request_durations, key.clone(), 1.0);
+        bump(&mut self.totals.credits, key, credits);
+        let tool = TOOLS[self.rng.usize(0..TOOLS.len())];
+        let is_error = self.rng.u32(0..4) == 0;
+        let use_id = self.emit_thread(
+            "agent.tool_use",
+            json!({"name": tool, "input": {}}),
+            true,
+        );
+        self.emit_thread(
+            "agent.tool_result",
+            json!({"tool_use_id": use_id, "is_error": is_error}),
+            false,
+        );
+        let key = (tool.to_owned(), agent.clone());
+        bump(&mut self.totals.tool_calls, key.clone(), 1.0);
+        bump(&mut self.totals.tool_durations, key.clone(), 1.0);
+        if is_error {
+            bump(&mut self.totals.tool_errors, key, 1.0);
+        }
+        self.emit_thread(
+            "session.thread_status_idle",
+            json!({"agent_name": agent, "stop_reason": {"type": "end_turn"}}),
+            true,
+        );
+        bump(&mut self.totals.thread_turns, (agent, "end_turn".into()), 1.0);
+    }
+
+    /// The session's usage grows with every turn; G3 reports it as a `session.usage` snapshot
+    /// event, and every generation but G1 shows it on the session object.
+    fn usage_snapshot(&mut self) {
+        let g = self.generation;
+        if g == Generation::G1 {
+            return;
+        }
+        // Work no request span describes (the account is charged for it all the same).
+        self.model_cents += if g == Generation::G2 { 25 } else { 1 };
+        if g == Generation::G3 {
+            self.sandbox_cents += u64::from(self.rng.u32(1..20));
+            self.active_seconds += u64::from(self.rng.u32(2..30));
+            self.web_searches += u64::from(self.rng.u32(0..3) == 0);
+        }
+        #[allow(clippy::cast_precision_loss, reason = "hundredths of small numbers")]
+        let (model, sandbox) = (
+            self.model_cents as f64 / 100.0,
+            self.sandbox_cents as f64 / 100.0,
+        );
+        let object = if g == Generation::G3 {
+            let usage = json!({"model_credits": model, "sandbox_runtime_credits": sandbox,
+                "total_credits": (self.model_cents + self.sandbox_cents) as f64 / 100.0,
+                "active_seconds": self.active_seconds,
+                "server_tool_use": {"web_search_requests": self.web_searches, "web_fetch_requests": 0}});
+            let mut event = json!({"usage": usage});
+            for k in ["model_credits", "sandbox_runtime_credits", "total_credits"] {
+                event[k] = usage[k].clone();
+            }
+            self.emit("session.usage", event, None);
+            usage
+        } else {
+            // The older object knew one figure: total credits.
+            json!({"total_credits": model})
+        };
+        self.usage.push((self.step, object));
+    }
+
+    /// What the session's usage adds to the totals, once, at the end of its log.
+    fn count_usage(&mut self) {
+        if self.generation == Generation::G1 {
+            return;
+        }
+        let agent = self.agent_label.clone();
+        #[allow(clippy::cast_precision_loss, reason = "hundredths of small numbers")]
+        let pairs = [
+            ("model", self.model_cents as f64 / 100.0),
+            ("sandbox_runtime", self.sandbox_cents as f64 / 100.0),
+        ];
+        for (kind, v) in pairs {
+            if v > 0.0 {
+                bump(&mut self.totals.session_credits, (agent.clone(), kind.into()), v);
+            }
+        }
+        #[allow(clippy::cast_precision_loss, reason = "small counts")]
+        let (active, searches) = (self.active_seconds as f64, self.web_searches as f64);
+        if active > 0.0 {
+            bump(&mut self.totals.active_seconds, agent.clone(), active);
+        }
+        if searches > 0.0 {
+            bump(&mut self.totals.server_tools, (agent, "web_search".into()), searches);
+        }
+    }
+
     fn hex(&mut self, n: usize) -> String {
         (0..n)
             .map(|_| char::from_digit(self.rng.u32(0..16), 16).unwrap_or('0'))
@@ -431,7 +645,9 @@ impl Writer<'_> {
                 }
                 Generation::G2 => json!({}),
                 Generation::G3 => {
-                    let credits = f64::from(self.rng.u32(0..300)) / 100.0;
+                    let cents = self.rng.u32(0..300);
+                    self.model_cents += u64::from(cents);
+                    let credits = f64::from(cents) / 100.0;
                     let mut usage = json!({"credits": credits});
                     if anthropic_tokens {
                         let t = self.tokens();
@@ -451,6 +667,9 @@ impl Writer<'_> {
                 }
             };
             self.emit("span.model_request_end", end_fields, tid);
+            if r == 0 {
+                self.sub_agent_turn();
+            }
             let key = (self.agent_label.clone(), model.clone());
             bump(&mut self.totals.model_requests, key.clone(), 1.0);
             bump(&mut self.totals.request_durations, key.clone(), 1.0);
@@ -473,6 +692,8 @@ impl Writer<'_> {
             "retries_exhausted"
         } else if self.rng.u32(0..10) == 0 {
             "requires_action"
+        } else if g == Generation::G3 && self.rng.u32(0..6) == 0 {
+            "budget_reached"
         } else {
             "end_turn"
         };
@@ -481,6 +702,11 @@ impl Writer<'_> {
                 "session.thread_status_idle",
                 json!({"session_thread_id": "sthr_main"}),
                 tid,
+            );
+            bump(
+                &mut self.totals.thread_turns,
+                (self.agent_label.clone(), "unknown".into()),
+                1.0,
             );
         }
         let mut idle = json!({"status": "idle", "stop_reason": {"type": stop}});
@@ -494,6 +720,15 @@ impl Writer<'_> {
         }
         self.emit("session.status_idle", idle, tid);
         self.idle_steps.push(self.step);
+        self.usage_snapshot();
+        if stop == "budget_reached" {
+            // Paused until someone raises the budget: a pause, not a failure.
+            self.emit(
+                "session.updated",
+                json!({"budget": {"type": "limit", "max_credit_cost": "100.00"}}),
+                None,
+            );
+        }
         bump(
             &mut self.totals.turns,
             (stop.into(), self.agent_label.clone()),
@@ -548,6 +783,11 @@ impl Writer<'_> {
         }
         bump(
             &mut self.totals.tool_calls,
+            (name.into(), self.agent_label.clone()),
+            1.0,
+        );
+        bump(
+            &mut self.totals.tool_durations,
             (name.into(), self.agent_label.clone()),
             1.0,
         );
@@ -636,6 +876,15 @@ pub fn generate(cfg: &ScenarioConfig) -> (Vec<SimSession>, Totals) {
             step: created_step,
             time_ns: BASE_NS + i64::try_from(created_step).unwrap_or(0) * 1_000_000_000,
             idle_steps: Vec::new(),
+            model_cents: 0,
+            sandbox_cents: 0,
+            active_seconds: 0,
+            web_searches: 0,
+            usage: Vec::new(),
+            // Every other G3 session runs a sub-agent in a thread.
+            sub_agent: (i % 6 == 2).then(|| (format!("sthr_{i:04}sub"), SUB_AGENT.to_owned())),
+            thread_created: false,
+            thread_events: Vec::new(),
         };
         let turns = w.rng.usize(1..=cfg.max_turns.max(1));
         for _ in 0..turns {
@@ -649,7 +898,18 @@ pub fn generate(cfg: &ScenarioConfig) -> (Vec<SimSession>, Totals) {
                 _ => w.emit("session.status_terminated", json!({}), None),
             };
         }
-        let (events, idle_steps) = (w.events, w.idle_steps);
+        w.count_usage();
+        let threads = w
+            .sub_agent
+            .take()
+            .map(|(id, agent)| SimThread {
+                id,
+                agent,
+                events: std::mem::take(&mut w.thread_events),
+            })
+            .into_iter()
+            .collect();
+        let (events, idle_steps, usage) = (w.events, w.idle_steps, w.usage);
         sessions.push(SimSession {
             id: session_id,
             generation,
@@ -658,6 +918,8 @@ pub fn generate(cfg: &ScenarioConfig) -> (Vec<SimSession>, Totals) {
             events,
             terminal,
             idle_steps,
+            usage,
+            threads,
         });
     }
     (sessions, totals)
@@ -680,10 +942,19 @@ mod tests {
             a.iter().map(|s| s.events.len()).collect::<Vec<_>>(),
             b.iter().map(|s| s.events.len()).collect::<Vec<_>>()
         );
-        assert_eq!(
-            ta.event_count(),
-            a.iter().map(|s| s.events.len() as f64).sum::<f64>()
-        );
+        // Every event counts once, whichever streams show it (cross-posts show on two).
+        let unique: usize = a
+            .iter()
+            .map(|s| {
+                s.events
+                    .iter()
+                    .chain(s.threads.iter().flat_map(|t| &t.events))
+                    .map(|e| e.id.as_str())
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+            })
+            .sum();
+        assert_eq!(ta.event_count(), unique as f64);
     }
 
     #[test]

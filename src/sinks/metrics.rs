@@ -34,11 +34,21 @@ pub enum Family {
     ToolCalls,
     ToolCallErrors,
     SessionErrors,
+    SessionCredits,
+    SessionActiveSeconds,
+    ServerToolUses,
+    ThreadTurns,
+    ThreadsCreated,
+    ToolCallDuration,
 }
 
 /// Buckets for turns: agent turns run from seconds to an hour.
 const TURN_BUCKETS: &[f64] = &[
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+/// Buckets for tool calls: from a quick file read to a long build.
+const TOOL_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
 ];
 /// Buckets for model requests: sub-second to several minutes.
 const REQUEST_BUCKETS: &[f64] = &[
@@ -46,7 +56,7 @@ const REQUEST_BUCKETS: &[f64] = &[
 ];
 
 impl Family {
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 17] = [
         Family::Events,
         Family::Tokens,
         Family::Credits,
@@ -58,6 +68,12 @@ impl Family {
         Family::ToolCalls,
         Family::ToolCallErrors,
         Family::SessionErrors,
+        Family::SessionCredits,
+        Family::SessionActiveSeconds,
+        Family::ServerToolUses,
+        Family::ThreadTurns,
+        Family::ThreadsCreated,
+        Family::ToolCallDuration,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +89,12 @@ impl Family {
             Family::ToolCalls => "qoder_tool_calls_total",
             Family::ToolCallErrors => "qoder_tool_call_errors_total",
             Family::SessionErrors => "qoder_session_errors_total",
+            Family::SessionCredits => "qoder_session_credits_total",
+            Family::SessionActiveSeconds => "qoder_session_active_seconds_total",
+            Family::ServerToolUses => "qoder_server_tool_uses_total",
+            Family::ThreadTurns => "qoder_thread_turns_total",
+            Family::ThreadsCreated => "qoder_threads_created_total",
+            Family::ToolCallDuration => "qoder_tool_call_duration_seconds",
         }
     }
 
@@ -93,6 +115,20 @@ impl Family {
             Family::SessionErrors => {
                 "session.error events, by error type and retry status (exhausted = retries exhausted)."
             }
+            Family::SessionCredits => {
+                "Billed credits from the sessions' cumulative usage snapshots, by kind (model, sandbox_runtime); the sum over kinds is what the account is charged."
+            }
+            Family::SessionActiveSeconds => {
+                "Seconds a session had a thread running (usage.active_seconds), what sandbox runtime is priced on."
+            }
+            Family::ServerToolUses => {
+                "Server-side tool uses (web_search, web_fetch, ...) from the sessions' usage snapshots."
+            }
+            Family::ThreadTurns => {
+                "Thread turns that ended (session.thread_status_idle), by the thread's agent and stop reason."
+            }
+            Family::ThreadsCreated => "Sub-agent threads started (session.thread_created).",
+            Family::ToolCallDuration => "Tool call time from the tool use to its result.",
         }
     }
 
@@ -108,6 +144,11 @@ impl Family {
             Family::TurnDuration => &["agent"],
             Family::ToolCalls | Family::ToolCallErrors => &["tool", "agent"],
             Family::SessionErrors => &["error_type", "retry_status", "agent"],
+            Family::SessionCredits => &["agent", "kind"],
+            Family::SessionActiveSeconds | Family::ThreadsCreated => &["agent"],
+            Family::ServerToolUses => &["agent", "tool"],
+            Family::ThreadTurns => &["agent", "stop_reason"],
+            Family::ToolCallDuration => &["tool", "agent"],
         }
     }
 
@@ -116,6 +157,7 @@ impl Family {
         match self {
             Family::TurnDuration => Some(TURN_BUCKETS),
             Family::ModelRequestDuration => Some(REQUEST_BUCKETS),
+            Family::ToolCallDuration => Some(TOOL_BUCKETS),
             _ => None,
         }
     }
@@ -472,10 +514,12 @@ pub struct ProcessMetrics {
     pub state_commit_duration: Histogram,
     pub queue_depth: IntGauge,
     pub build_info: GaugeVec,
+    /// The configured price of one credit; no series unless configured.
+    pub credit_price: GaugeVec,
 }
 
 /// The API endpoints, as the `endpoint` label names them.
-pub const ENDPOINTS: [&str; 3] = ["sessions", "session", "events"];
+pub const ENDPOINTS: [&str; 4] = ["sessions", "session", "events", "thread_events"];
 
 impl ProcessMetrics {
     /// Creates the process metrics and registers them in `registry`.
@@ -587,6 +631,13 @@ impl ProcessMetrics {
                 Opts::new("qoder_exporter_build_info", "Build information; always 1."),
                 &["version", "revision"],
             )?,
+            credit_price: GaugeVec::new(
+                Opts::new(
+                    "qoder_credit_price",
+                    "The configured price of one Qoder credit (--cost.credit-price), by currency; money is credits times this.",
+                ),
+                &["currency"],
+            )?,
         };
         registry.register(Box::new(m.up.clone()))?;
         registry.register(Box::new(m.sessions.clone()))?;
@@ -608,11 +659,18 @@ impl ProcessMetrics {
         registry.register(Box::new(m.state_commit_duration.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
         registry.register(Box::new(m.build_info.clone()))?;
+        registry.register(Box::new(m.credit_price.clone()))?;
         // Series that alerts rate() over exist from the start, at zero.
         for e in ENDPOINTS {
             m.api_requests.with_label_values(&[e]);
         }
-        for r in ["not_object", "missing_id", "missing_type", "too_long"] {
+        for r in [
+            "not_object",
+            "missing_id",
+            "missing_type",
+            "too_long",
+            "decreasing_snapshot",
+        ] {
             m.events_invalid.with_label_values(&[r]);
         }
         // The outbox gives up on spans when it is full, when the endpoint refuses a turn's
@@ -624,6 +682,15 @@ impl ProcessMetrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::REVISION])
             .set(1.0);
         Ok(m)
+    }
+
+    /// Exports the configured credit price (`--cost.credit-price`, `--cost.currency`).
+    pub fn set_credit_price(&self, price: Option<&crate::config::CreditPrice>) {
+        if let Some(p) = price {
+            self.credit_price
+                .with_label_values(&[p.currency.as_str()])
+                .set(p.price);
+        }
     }
 }
 

@@ -167,7 +167,15 @@ pub fn turn_spans(t: &ClosedTurn, scope: &InstrumentationScope) -> Option<Vec<Sp
     let child_start = turn.children.iter().filter_map(|c| c.start_ns).min();
     let start = turn.start_ns.or(child_start).or(t.end_ns)?;
     let end = t.end_ns.or(turn.last_ns).unwrap_or(start).max(start);
-    let trace = trace_id(&t.session_id, &turn.key);
+    // A sub-agent's turn is a subtree of the session turn it ran in: that turn's trace, under
+    // that turn's root span.
+    let (trace, parent_id) = match &turn.parent {
+        Some(p) => (
+            trace_id(&t.session_id, &p.key),
+            span_id(&t.session_id, "invoke_agent", &p.first_event_id),
+        ),
+        None => (trace_id(&t.session_id, &turn.key), SpanId::INVALID),
+    };
     let root_id = span_id(&t.session_id, "invoke_agent", &turn.first_event_id);
 
     let mut attrs = common(t);
@@ -240,7 +248,7 @@ pub fn turn_spans(t: &ClosedTurn, scope: &InstrumentationScope) -> Option<Vec<Sp
     spans.push(span(
         trace,
         root_id,
-        SpanId::INVALID,
+        parent_id,
         SpanKind::Client,
         format!("invoke_agent {}", t.agent),
         (start, end),
@@ -439,6 +447,7 @@ mod tests {
                     attributes: vec![("error.type".into(), "overloaded".into())],
                 }],
                 messages: Vec::new(),
+                parent: None,
             },
             end_ns: Some(5_000_000_000),
             end,

@@ -16,6 +16,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER
 use reqwest::{StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 
+use crate::source::wire::ListCursor;
 use crate::secret::Pat;
 use crate::sinks::metrics::ProcessMetrics;
 
@@ -25,6 +26,7 @@ pub enum Endpoint {
     Sessions,
     Session,
     Events,
+    ThreadEvents,
 }
 
 impl Endpoint {
@@ -33,6 +35,7 @@ impl Endpoint {
             Endpoint::Sessions => "sessions",
             Endpoint::Session => "session",
             Endpoint::Events => "events",
+            Endpoint::ThreadEvents => "thread_events",
         }
     }
 }
@@ -83,7 +86,10 @@ impl ApiError {
                 400 => "status_400",
                 403 => "status_403",
                 404 => "status_404",
+                413 => "status_413",
                 429 => "status_429",
+                // SDK 0.11 `OverloadedError`: retried like a 503, counted apart.
+                529 => "status_529",
                 500..=599 => "status_5xx",
                 _ => "status_4xx",
             },
@@ -138,7 +144,10 @@ pub struct ClientConfig {
     /// First retry delay; doubles per retry up to `max_backoff`.
     pub base_backoff: Duration,
     pub max_backoff: Duration,
+    /// Sent as `qoder-workspace-id` on every request.
+    pub workspace_id: Option<String>,
 }
+
 
 impl ClientConfig {
     /// The client the settings ask for (timeouts, body cap, request budget).
@@ -148,6 +157,7 @@ impl ClientConfig {
             timeout: s.request_timeout,
             max_body_bytes: s.max_response_bytes,
             max_requests_per_second: s.max_requests_per_second,
+            workspace_id: s.workspace_id.clone(),
             ..ClientConfig::default()
         }
     }
@@ -164,6 +174,7 @@ impl Default for ClientConfig {
             max_requests_per_second: Some(50),
             base_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(8),
+            workspace_id: None,
         }
     }
 }
@@ -220,6 +231,11 @@ impl Client {
         let mut headers = HeaderMap::new();
         // The events URL answers as an SSE stream to `text/event-stream` (since 2026-08-24).
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(w) = &config.workspace_id {
+            let value = HeaderValue::from_str(w)
+                .map_err(|_| anyhow::anyhow!("--qoder.workspace-id {w:?}: not a valid header value"))?;
+            headers.insert("qoder-workspace-id", value);
+        }
         let http = reqwest::Client::builder()
             .default_headers(headers)
             .user_agent(concat!("qoder-exporter/", env!("CARGO_PKG_VERSION")))
@@ -265,11 +281,13 @@ impl Client {
         url
     }
 
-    /// `GET /sessions?limit=100[&after_id=…]` (newest first).
-    pub async fn list_sessions(&self, after_id: Option<&str>) -> Result<Bytes, ApiError> {
+    /// `GET /sessions?limit=100[&page=…|&after_id=…]` (newest first). Never both cursors.
+    pub async fn list_sessions(&self, cursor: Option<&ListCursor>) -> Result<Bytes, ApiError> {
         let mut q = vec![("limit", "100")];
-        if let Some(a) = after_id {
-            q.push(("after_id", a));
+        match cursor {
+            Some(ListCursor::Page(p)) => q.push(("page", p)),
+            Some(ListCursor::AfterId(a)) => q.push(("after_id", a)),
+            None => {}
         }
         self.get(Endpoint::Sessions, self.url(&["sessions"], &q))
             .await
@@ -290,6 +308,24 @@ impl Client {
         }
         self.get(Endpoint::Events, self.url(&["sessions", id, "events"], &q))
             .await
+    }
+
+    /// `GET /sessions/{id}/threads/{tid}/events?limit=100[&after_id=…]` (oldest first).
+    pub async fn list_thread_events(
+        &self,
+        id: &str,
+        thread: &str,
+        after_id: Option<&str>,
+    ) -> Result<Bytes, ApiError> {
+        let mut q = vec![("limit", "100")];
+        if let Some(a) = after_id {
+            q.push(("after_id", a));
+        }
+        self.get(
+            Endpoint::ThreadEvents,
+            self.url(&["sessions", id, "threads", thread, "events"], &q),
+        )
+        .await
     }
 
     async fn get(&self, endpoint: Endpoint, url: Url) -> Result<Bytes, ApiError> {

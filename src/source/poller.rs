@@ -25,12 +25,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::Event;
+use crate::event::{Event, UsageSnapshot};
 use crate::pipeline::{Batch, Item, PipelineHandle, SendError, SessionMeta};
 use crate::secret::Pat;
 use crate::sinks::metrics::ProcessMetrics;
 use crate::source::client::{ApiError, Client, backoff};
-use crate::source::wire::{self, Page, WireAgent, WireModel, WireSession};
+use crate::source::wire::{self, ListCursor, Page, WireAgent, WireModel, WireSession};
 use crate::state::StoredSession;
 
 #[derive(Debug, Clone)]
@@ -106,6 +106,10 @@ struct Tracked {
     read_updated: Option<String>,
     /// Read (or failed) at least once: what readiness waits for.
     attempted: bool,
+    /// The usage snapshot of the latest listing that showed the session.
+    listed_usage: Option<UsageSnapshot>,
+    /// The object usage snapshot last handed to the pipeline.
+    usage_sent: Option<UsageSnapshot>,
 }
 
 /// What a job was asked to do.
@@ -117,6 +121,13 @@ struct JobInput {
     meta: Option<SessionMeta>,
     need_meta: bool,
     listed_updated: Option<String>,
+    /// The usage snapshot of the latest listing that showed the session.
+    listed_usage: Option<UsageSnapshot>,
+    /// The object usage snapshot last handed to the pipeline.
+    usage_sent: Option<UsageSnapshot>,
+    /// No listing tells this session's usage (named sessions): read the object after new
+    /// events instead.
+    refresh_object: bool,
 }
 
 #[derive(Debug)]
@@ -136,6 +147,28 @@ struct JobOutput {
     store_failed: bool,
     /// The listing's `updated_at` when the job started.
     listed_updated: Option<String>,
+    /// The object usage snapshot last handed to the pipeline.
+    usage_sent: Option<UsageSnapshot>,
+}
+
+impl JobOutput {
+    fn empty() -> JobOutput {
+        JobOutput {
+            id: String::new(),
+            cursor: None,
+            consumed: 0,
+            status: None,
+            meta_sent: false,
+            usage_sent: None,
+            new_events: 0,
+            more: false,
+            gone: false,
+            error: None,
+            stopped: false,
+            store_failed: false,
+            listed_updated: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -252,6 +285,8 @@ impl Poller {
                     listed_updated: None,
                     read_updated: None,
                     attempted: false,
+                    listed_usage: None,
+                    usage_sent: None,
                 },
             );
         }
@@ -298,6 +333,7 @@ impl Poller {
             .as_ref()
             .and_then(|m| m.status.clone())
             .unwrap_or_else(|| "unknown".to_owned());
+        let listed_usage = meta.as_ref().and_then(|m| m.usage.clone());
         self.sessions.insert(
             id.to_owned(),
             Tracked {
@@ -313,6 +349,8 @@ impl Poller {
                 listed_updated: None,
                 read_updated: None,
                 attempted: false,
+                listed_usage,
+                usage_sent: None,
             },
         );
         self.queue.insert((now, id.to_owned()));
@@ -437,6 +475,9 @@ impl Poller {
                     meta: t.meta.clone(),
                     need_meta: !t.meta_sent,
                     listed_updated: t.listed_updated.clone(),
+                    listed_usage: t.listed_usage.clone(),
+                    usage_sent: t.usage_sent.clone(),
+                    refresh_object: !self.discovery_mode(),
                 };
                 if probe_only {
                     self.auth.probe_at = Some(now + self.auth_backoff());
@@ -448,10 +489,15 @@ impl Poller {
                 let metrics = self.metrics.clone();
                 let cancel = cancel.clone();
                 jobs.spawn(async move {
-                    Done::Session(
-                        read_session(&client, &pipeline, &metrics, input, max_pages, gap, &cancel)
-                            .await,
-                    )
+                    let ctx = JobCtx {
+                        client: &client,
+                        pipeline: &pipeline,
+                        metrics: &metrics,
+                        max_pages,
+                        gap,
+                        cancel: &cancel,
+                    };
+                    Done::Session(read_session(&ctx, input).await)
                 });
                 if probe_only {
                     break;
@@ -596,6 +642,10 @@ impl Poller {
                 continue;
             }
             let mut read_now = false;
+            if meta.usage.is_some() && meta.usage != t.listed_usage {
+                t.listed_usage.clone_from(&meta.usage);
+                read_now |= meta.usage != t.usage_sent;
+            }
             if s.updated_at.is_some() && s.updated_at != t.listed_updated {
                 t.listed_updated = s.updated_at.clone();
                 read_now |= t.read_updated.is_some();
@@ -639,6 +689,9 @@ impl Poller {
         t.cursor = out.cursor;
         t.consumed = out.consumed;
         t.meta_sent |= out.meta_sent;
+        if out.usage_sent.is_some() {
+            t.usage_sent = out.usage_sent;
+        }
         if let Some(s) = out.status {
             t.status = s;
         }
@@ -728,6 +781,10 @@ pub fn meta_of(s: &WireSession) -> SessionMeta {
         agent_id: agent_id.or_else(|| s.agent_id.clone()),
         model,
         status,
+        usage: s
+            .usage
+            .as_ref()
+            .and_then(|u| UsageSnapshot::from_wire(u, None)),
     }
 }
 
@@ -741,12 +798,14 @@ async fn discover(
     full: bool,
     tx: &tokio::sync::mpsc::UnboundedSender<Vec<WireSession>>,
 ) -> Result<(), ApiError> {
-    let mut cursor: Option<String> = None;
+    let mut cursor: Option<ListCursor> = None;
+    // Tokens and ids this scan has been sent to: one seen again is a loop, not more sessions.
+    let mut visited: HashSet<ListCursor> = HashSet::new();
     for page_no in 0..MAX_DISCOVERY_PAGES {
         if page_no > 0 {
             tokio::time::sleep(gap).await;
         }
-        let body = client.list_sessions(cursor.as_deref()).await?;
+        let body = client.list_sessions(cursor.as_ref()).await?;
         let page: Page<'_> =
             serde_json::from_slice(&body).map_err(|e| decode_failure(client, "sessions", &e))?;
         let mut any_new = false;
@@ -768,12 +827,15 @@ async fn discover(
             return Err(ApiError::Cancelled);
         }
         // Known ground: a page with nothing new means the rest is known too.
-        let Some(next) = page
-            .next_cursor(last, cursor.as_deref())
-            .filter(|_| any_new || full)
-        else {
+        if !(any_new || full) {
             break;
-        };
+        }
+        let next = page.next_list_cursor(last, cursor.as_ref());
+        let Some(next) = next else { break };
+        if !visited.insert(next.clone()) {
+            tracing::warn!(cursor = ?next, "the session list pointed back to a page already read; listing stopped there");
+            break;
+        }
         cursor = Some(next);
     }
     Ok(())
@@ -784,22 +846,35 @@ fn decode_failure(client: &Client, endpoint: &str, e: &serde_json::Error) -> Api
     ApiError::Decode(e.to_string())
 }
 
-/// Reads one session: its metadata when not known yet, then up to `max_pages` pages of events.
-async fn read_session(
-    client: &Client,
-    pipeline: &PipelineHandle,
-    metrics: &ProcessMetrics,
-    input: JobInput,
+/// What a job needs besides its input.
+struct JobCtx<'a> {
+    client: &'a Client,
+    pipeline: &'a PipelineHandle,
+    metrics: &'a ProcessMetrics,
     max_pages: usize,
     gap: Duration,
-    cancel: &CancellationToken,
-) -> JobOutput {
+    cancel: &'a CancellationToken,
+}
+
+/// Where a stream has been read to.
+#[derive(Debug, Clone, Default)]
+struct Position {
+    cursor: Option<String>,
+    consumed: u64,
+}
+
+/// Reads one session: its metadata when not known yet, up to `max_pages` pages of its own
+/// events, then the streams of its sub-agent threads that the session's stream says are
+/// running or changed, then the object's usage when the listing showed a new snapshot (or,
+/// once, when the session has ended and is drained).
+async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
     let mut out = JobOutput {
         id: input.id.clone(),
         cursor: input.cursor.clone(),
         consumed: input.consumed,
         status: None,
         meta_sent: false,
+        usage_sent: None,
         new_events: 0,
         more: false,
         gone: false,
@@ -809,19 +884,12 @@ async fn read_session(
         listed_updated: input.listed_updated.clone(),
     };
     let id = input.id.as_str();
+    let mut threads = Vec::new();
     if input.need_meta {
         let meta = match input.meta {
             Some(m) if m.agent_name.is_some() || m.agent_id.is_some() => m,
-            _ => match client.get_session(id).await {
-                Ok(body) => match wire::decode_session(&String::from_utf8_lossy(&body)) {
-                    Some(s) => meta_of(&s),
-                    None => {
-                        client.count_failure("session", "decode");
-                        out.error =
-                            Some(ApiError::Decode("session object without an id".to_owned()));
-                        return out;
-                    }
-                },
+            _ => match fetch_meta(ctx.client, id).await {
+                Ok(m) => m,
                 Err(e) => {
                     out.gone = e.status() == Some(404);
                     out.error = (!out.gone).then_some(e);
@@ -830,48 +898,140 @@ async fn read_session(
             },
         };
         out.status = meta.status.clone();
-        if let Err(e) = pipeline.meta(id.to_owned(), meta).await {
-            return stopped_or_failed(out, e);
+        out.usage_sent = meta.usage.clone();
+        match ctx.pipeline.meta(id.to_owned(), meta).await {
+            Ok(o) => threads = o.threads,
+            Err(e) => return stopped_or_failed(out, e),
         }
         out.meta_sent = true;
     }
+    let mut pos = Position {
+        cursor: out.cursor.clone(),
+        consumed: out.consumed,
+    };
+    if let Some(t) = read_stream(ctx, id, None, &mut pos, &mut out).await {
+        threads = t;
+    }
+    out.cursor = pos.cursor;
+    out.consumed = pos.consumed;
+    if out.error.is_some() || out.gone || out.stopped || out.store_failed {
+        return out;
+    }
+    for (tid, cursor) in threads {
+        let mut pos = Position {
+            cursor,
+            consumed: 0,
+        };
+        read_stream(ctx, id, Some(&tid), &mut pos, &mut out).await;
+        if out.error.is_some() || out.stopped || out.store_failed {
+            return out;
+        }
+    }
+    if out.more {
+        return out;
+    }
+    // The object's usage: a new snapshot from the listing; or, where no listing shows it, the
+    // object read after new events; and the final one of an ended session (the only one a
+    // session whose events carry none has).
+    let ended = out.status.as_deref().is_some_and(is_terminal);
+    let refresh = ended || (input.refresh_object && out.new_events > 0);
+    let usage = match input.listed_usage {
+        Some(u) if Some(&u) != input.usage_sent.as_ref() && !refresh => Some(u),
+        _ if refresh => match fetch_meta(ctx.client, id).await {
+            Ok(m) => m.usage,
+            Err(e) => {
+                out.error = (e.status() != Some(404)).then_some(e);
+                return out;
+            }
+        },
+        _ => None,
+    };
+    if let Some(u) = usage {
+        let meta = SessionMeta {
+            usage: Some(u.clone()),
+            ..SessionMeta::default()
+        };
+        if let Err(e) = ctx.pipeline.meta(id.to_owned(), meta).await {
+            return stopped_or_failed(out, e);
+        }
+        out.usage_sent = Some(u);
+    }
+    out
+}
+
+/// `GET /sessions/{id}`, as what the pipeline learns from it.
+async fn fetch_meta(client: &Client, id: &str) -> Result<SessionMeta, ApiError> {
+    let body = client.get_session(id).await?;
+    match wire::decode_session(&String::from_utf8_lossy(&body)) {
+        Some(s) => Ok(meta_of(&s)),
+        None => {
+            client.count_failure("session", "decode");
+            Err(ApiError::Decode("session object without an id".to_owned()))
+        }
+    }
+}
+
+/// Reads up to `max_pages` pages of one stream (the session's, or thread `thread`'s) from
+/// `pos`, committing each page before moving on. Failures land in `out`; the session's stream
+/// also sets `out`'s status. Returns the threads the last committed batch said need reading.
+async fn read_stream(
+    ctx: &JobCtx<'_>,
+    id: &str,
+    thread: Option<&str>,
+    pos: &mut Position,
+    out: &mut JobOutput,
+) -> Option<Vec<(String, Option<String>)>> {
+    let mut threads = None;
     // Events to skip when the log is being re-read after a refused cursor.
     let mut skip: u64 = 0;
     let mut reset_done = false;
     let mut pages = 0;
     loop {
-        if cancel.is_cancelled() {
+        if ctx.cancel.is_cancelled() {
             out.stopped = true;
-            return out;
+            return threads;
         }
-        let body = match client.list_events(id, out.cursor.as_deref()).await {
+        let result = match thread {
+            None => ctx.client.list_events(id, pos.cursor.as_deref()).await,
+            Some(t) => {
+                ctx.client
+                    .list_thread_events(id, t, pos.cursor.as_deref())
+                    .await
+            }
+        };
+        let body = match result {
             Ok(b) => b,
-            Err(e) if e.status() == Some(400) && out.cursor.is_some() && !reset_done => {
-                tracing::warn!(session = id, error = %e, skip = out.consumed, "event cursor refused; re-reading the log from the start and skipping what was counted");
-                metrics.cursor_resets.inc();
+            Err(e) if e.status() == Some(400) && pos.cursor.is_some() && !reset_done => {
+                tracing::warn!(session = id, thread, error = %e, skip = pos.consumed, "event cursor refused; re-reading the log from the start and skipping what was counted");
+                ctx.metrics.cursor_resets.inc();
                 reset_done = true;
-                skip = out.consumed;
-                out.cursor = None;
+                skip = pos.consumed;
+                pos.cursor = None;
                 continue;
             }
+            Err(e) if thread.is_some() && e.status() == Some(404) => {
+                // A thread that is gone has nothing more to read; the session goes on.
+                tracing::info!(session = id, thread, "thread is gone (404)");
+                return threads;
+            }
             Err(e) => {
-                out.gone = e.status() == Some(404);
+                out.gone = thread.is_none() && e.status() == Some(404);
                 out.error = (!out.gone).then_some(e);
-                return out;
+                return threads;
             }
         };
         let page: Page<'_> = match serde_json::from_slice(&body) {
             Ok(p) => p,
             Err(e) => {
-                out.error = Some(decode_failure(client, "events", &e));
-                return out;
+                out.error = Some(decode_failure(ctx.client, "events", &e));
+                return threads;
             }
         };
         // We ask for 100 per page; a page far longer than that is cut, read on from where
         // the cut fell (counted), so a hostile page cannot hold a session's memory hostage.
         let cut = page.data.len() > MAX_EVENTS_PER_PAGE;
         if cut {
-            metrics.pages_cut.inc();
+            ctx.metrics.pages_cut.inc();
         }
         let kept = &page.data[..page.data.len().min(MAX_EVENTS_PER_PAGE)];
         let mut items = Vec::with_capacity(kept.len());
@@ -894,46 +1054,53 @@ async fn read_session(
             skip -= n as u64;
         }
         let next_cursor = if cut {
-            last_id.or(out.cursor.clone())
+            last_id.or(pos.cursor.clone())
         } else {
-            page.last_id.clone().or(last_id).or(out.cursor.clone())
+            page.last_id.clone().or(last_id).or(pos.cursor.clone())
         };
-        let advanced = next_cursor != out.cursor;
-        if !items.is_empty() || advanced {
+        let advanced = next_cursor != pos.cursor;
+        let has_more = (cut || page.has_more.unwrap_or(false)) && !page.data.is_empty() && advanced;
+        if !items.is_empty() || advanced || (thread.is_some() && !has_more) {
             let n = items.len();
             let batch = Batch {
                 session_id: id.to_owned(),
+                thread: thread.map(str::to_owned),
+                at_end: !has_more,
                 items,
                 cursor: next_cursor.clone(),
                 bad_fields,
                 meta: None,
             };
-            match pipeline.batch(batch).await {
+            match ctx.pipeline.batch(batch).await {
                 Ok(outcome) => {
-                    out.consumed = outcome.consumed;
-                    out.status = Some(outcome.status);
-                    out.cursor = next_cursor;
+                    pos.consumed = outcome.consumed;
+                    if thread.is_none() {
+                        out.status = Some(outcome.status);
+                    }
+                    threads = Some(outcome.threads);
+                    pos.cursor = next_cursor;
                     out.new_events += n;
                 }
-                Err(e) => return stopped_or_failed(out, e),
+                Err(e) => {
+                    *out = stopped_or_failed(std::mem::replace(out, JobOutput::empty()), e);
+                    return threads;
+                }
             }
         }
-        let has_more = (cut || page.has_more.unwrap_or(false)) && !page.data.is_empty() && advanced;
         pages += 1;
         if !has_more {
-            out.more = false;
-            return out;
+            return threads;
         }
-        if pages >= max_pages {
+        if pages >= ctx.max_pages {
             out.more = true;
-            return out;
+            return threads;
         }
         tokio::select! {
-            () = tokio::time::sleep(gap) => {}
-            () = cancel.cancelled() => {
+            () = tokio::time::sleep(ctx.gap) => {}
+            () = ctx.cancel.cancelled() => {
                 out.more = true;
                 out.stopped = true;
-                return out;
+                return threads;
             }
         }
     }

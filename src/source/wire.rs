@@ -73,6 +73,9 @@ pub enum WireError {
         message: Option<String>,
         #[serde(default)]
         retry_status: Option<Typed>,
+        /// SDK 0.11: diagnostic only (a span attribute, never a label).
+        #[serde(default)]
+        qoder_error_code: Option<StrOrNum>,
     },
     Str(String),
 }
@@ -113,6 +116,31 @@ pub struct WireUsage {
     pub cache_creation_input_tokens: Option<f64>,
     #[serde(default)]
     pub credits: Option<f64>,
+    // The session-snapshot shape (SDK 0.11 `SessionUsage`, on `session.usage`, the session
+    // object and possibly `session.status_idle`): cumulative, never per request.
+    #[serde(default)]
+    pub model_credits: Option<f64>,
+    #[serde(default)]
+    pub sandbox_runtime_credits: Option<f64>,
+    #[serde(default)]
+    pub total_credits: Option<f64>,
+    #[serde(default)]
+    pub active_seconds: Option<f64>,
+    /// `{web_search_requests, web_fetch_requests, …}`: counts by server tool.
+    #[serde(default)]
+    pub server_tool_use: Option<std::collections::BTreeMap<String, f64>>,
+}
+
+impl WireUsage {
+    /// Whether this is a cumulative session snapshot rather than one request's or turn's use:
+    /// it carries a field only the snapshot shape has.
+    pub fn is_snapshot(&self) -> bool {
+        self.model_credits.is_some()
+            || self.sandbox_runtime_credits.is_some()
+            || self.total_credits.is_some()
+            || self.active_seconds.is_some()
+            || self.server_tool_use.is_some()
+    }
 }
 
 /// Message content: a string (G1 list output) or content blocks (G2, G3).
@@ -160,6 +188,19 @@ pub struct WireEvent {
     pub processed_at: Option<String>,
     #[serde(default)]
     pub created_at: Option<String>,
+    /// SDK 0.11: the thread an event belongs to (sub-agents run in threads).
+    #[serde(default)]
+    pub session_thread_id: Option<String>,
+    /// `session.thread_*`: the thread's agent name.
+    #[serde(default)]
+    pub agent_name: Option<String>,
+    // session.usage writes the snapshot's credit fields at top level (and/or in `usage`).
+    #[serde(default)]
+    pub model_credits: Option<f64>,
+    #[serde(default)]
+    pub sandbox_runtime_credits: Option<f64>,
+    #[serde(default)]
+    pub total_credits: Option<f64>,
     // session.status_idle
     #[serde(default)]
     pub stop_reason: Option<Typed>,
@@ -251,6 +292,41 @@ impl Page<'_> {
     }
 }
 
+/// Where the next page of the session list starts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListCursor {
+    /// SDK 0.11: the opaque `next_page` token of the previous page.
+    Page(String),
+    /// Older deployments: the last id of the previous page.
+    AfterId(String),
+}
+
+impl Page<'_> {
+    /// Where the session list's next page starts, or `None` at its end. SDK 0.11 pages with an
+    /// opaque `next_page` token and stops where there is none, whatever `has_more` says; a page
+    /// without the field comes from an older deployment that pages by id. Detected per page,
+    /// never configured.
+    pub fn next_list_cursor(
+        &self,
+        last_seen: Option<String>,
+        current: Option<&ListCursor>,
+    ) -> Option<ListCursor> {
+        match &self.next_page {
+            Some(token) if self.has_more != Some(false) && !token.is_empty() => {
+                Some(ListCursor::Page(token.clone()))
+            }
+            Some(_) => None,
+            None => {
+                let current = match current {
+                    Some(ListCursor::AfterId(a)) => Some(a.as_str()),
+                    _ => None,
+                };
+                self.next_cursor(last_seen, current).map(ListCursor::AfterId)
+            }
+        }
+    }
+}
+
 /// Decodes one event. The fast path is one typed parse; when it fails the event is read as a
 /// JSON object and every field that does not fit its type is dropped and counted.
 pub fn decode_event(raw: &str) -> Result<Decoded, InvalidReason> {
@@ -322,6 +398,9 @@ pub struct WireSession {
     pub archived_at: Option<String>,
     #[serde(default)]
     pub updated_at: Option<String>,
+    /// SDK 0.11 `SessionUsage`: the session's cumulative billed usage.
+    #[serde(default)]
+    pub usage: Option<WireUsage>,
 }
 
 /// Decodes a session leniently (same two-step rule as events); `None` without an id.

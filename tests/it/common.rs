@@ -49,6 +49,8 @@ pub fn settings(sim: &Sim, state: &Path) -> Settings {
         state_path: state.to_owned(),
         max_turn_age: Duration::from_secs(6 * 3600),
         log_level: "warn".into(),
+        workspace_id: None,
+        credit_price: None,
         otlp: None,
         shard: Default::default(),
     }

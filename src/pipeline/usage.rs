@@ -1,0 +1,249 @@
+//! Billed usage: a session's cumulative snapshots (SDK 0.11 `SessionUsage`) turned into counter
+//! increases, exactly once.
+//!
+//! A snapshot is the session's total so far, never an increment. What a snapshot adds is its
+//! increase over the highest value already applied for that quantity, so snapshots are never
+//! summed, and a snapshot seen twice (a re-read page, a replay, the same total in the object
+//! and in an event) adds nothing the second time. The applied values are part of the session's
+//! durable state and commit with the batch that moved them, so a crash can neither lose nor
+//! repeat an increase.
+//!
+//! Two sources, one watermark: `session.usage` events (ordered, on the session's own stream) and
+//! the session object (`GET /sessions/{id}` or a listing), which is read at other moments and
+//! may be older or newer than the last event read. An event snapshot lower than the previous
+//! event snapshot is the API contradicting itself: it is counted invalid and adds nothing. An
+//! object snapshot lower than the watermark is merely an older view, and adds nothing quietly.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::UsageSnapshot;
+use crate::sinks::metrics::{COUNTER_SCALE, Delta, Family};
+
+/// Where a snapshot was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotSource {
+    /// A `session.usage` (or snapshot-shaped idle) event of the session's stream.
+    Event,
+    /// The session object's `usage`.
+    Object,
+}
+
+/// What applying a snapshot did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotOutcome {
+    Applied,
+    /// An event snapshot below the previous one: nothing was added.
+    Decreased,
+}
+
+/// The per-session record of applied snapshots. Quantities are keyed `credits:<kind>`,
+/// `active_seconds` and `server_tool:<tool>`; values are in the counters' millionths, so the
+/// increases add up to the snapshot exactly, whatever the float arithmetic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageState {
+    /// The highest value applied per quantity, from either source.
+    #[serde(default)]
+    pub applied: BTreeMap<String, u64>,
+    /// The last event snapshot per quantity: a later event below it is a decrease.
+    #[serde(default)]
+    pub last_event: BTreeMap<String, u64>,
+}
+
+fn micros(v: f64) -> Option<u64> {
+    // Negative, NaN and infinite values are not usage; absurd ones saturate (and are then
+    // never exceeded, so they cannot add twice).
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "checked finite and non-negative; saturating float to int"
+    )]
+    (v.is_finite() && v >= 0.0).then(|| (v * COUNTER_SCALE).round() as u64)
+}
+
+/// One quantity of a snapshot: its key, the family and labels it counts into, its value.
+struct Quantity {
+    key: String,
+    family: Family,
+    labels: Vec<String>,
+    value: u64,
+}
+
+fn quantities(s: &UsageSnapshot, agent: &str) -> Vec<Quantity> {
+    let mut out = Vec::new();
+    let mut push = |key: String, family, labels: Vec<String>, v: Option<f64>| {
+        if let Some(value) = v.and_then(micros) {
+            out.push(Quantity {
+                key,
+                family,
+                labels,
+                value,
+            });
+        }
+    };
+    for (kind, v) in [
+        ("model", s.model_credits),
+        ("sandbox_runtime", s.sandbox_runtime_credits),
+    ] {
+        push(
+            format!("credits:{kind}"),
+            Family::SessionCredits,
+            vec![agent.to_owned(), kind.to_owned()],
+            v,
+        );
+    }
+    push(
+        "active_seconds".to_owned(),
+        Family::SessionActiveSeconds,
+        vec![agent.to_owned()],
+        s.active_seconds,
+    );
+    for (tool, v) in &s.server_tools {
+        push(
+            format!("server_tool:{tool}"),
+            Family::ServerToolUses,
+            vec![agent.to_owned(), tool.clone()],
+            Some(*v),
+        );
+    }
+    out
+}
+
+impl UsageState {
+    pub fn is_empty(&self) -> bool {
+        self.applied.is_empty() && self.last_event.is_empty()
+    }
+
+    /// Applies a snapshot of the session whose `agent` label is given, adding its increases
+    /// over what was applied before to `delta`.
+    pub fn apply(
+        &mut self,
+        snapshot: &UsageSnapshot,
+        source: SnapshotSource,
+        agent: &str,
+        delta: &mut Delta,
+    ) -> SnapshotOutcome {
+        let qs = quantities(snapshot, agent);
+        if source == SnapshotSource::Event {
+            let decreased = qs
+                .iter()
+                .any(|q| self.last_event.get(&q.key).is_some_and(|last| q.value < *last));
+            if decreased {
+                return SnapshotOutcome::Decreased;
+            }
+            for q in &qs {
+                self.last_event.insert(q.key.clone(), q.value);
+            }
+        }
+        for q in qs {
+            let applied = self.applied.get(&q.key).copied().unwrap_or(0);
+            if q.value > applied {
+                let labels: Vec<&str> = q.labels.iter().map(String::as_str).collect();
+                delta.inc(
+                    q.family,
+                    &labels,
+                    (q.value - applied) as f64 / COUNTER_SCALE,
+                );
+                self.applied.insert(q.key, q.value);
+            }
+        }
+        SnapshotOutcome::Applied
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::metrics::DurableMetrics;
+
+    fn snap(model: f64, sandbox: f64) -> UsageSnapshot {
+        UsageSnapshot {
+            model_credits: Some(model),
+            sandbox_runtime_credits: Some(sandbox),
+            active_seconds: None,
+            server_tools: vec![("web_search".into(), 2.0)],
+        }
+    }
+
+    fn publish(delta: &Delta) -> DurableMetrics {
+        let m = DurableMetrics::new();
+        m.publish(m.stage(delta));
+        m
+    }
+
+    #[test]
+    fn cumulative_snapshots_add_their_increases_never_their_sum() {
+        let mut u = UsageState::default();
+        let mut d = Delta::default();
+        for s in [snap(0.4, 0.1), snap(0.4, 0.1), snap(1.3, 0.35)] {
+            assert_eq!(
+                u.apply(&s, SnapshotSource::Event, "a", &mut d),
+                SnapshotOutcome::Applied
+            );
+        }
+        let m = publish(&d);
+        assert_eq!(m.counter(Family::SessionCredits, &["a", "model"]), 1.3);
+        assert_eq!(
+            m.counter(Family::SessionCredits, &["a", "sandbox_runtime"]),
+            0.35
+        );
+        assert_eq!(m.counter(Family::ServerToolUses, &["a", "web_search"]), 2.0);
+    }
+
+    #[test]
+    fn an_event_snapshot_that_decreases_adds_nothing() {
+        let mut u = UsageState::default();
+        let mut d = Delta::default();
+        u.apply(&snap(1.0, 0.2), SnapshotSource::Event, "a", &mut d);
+        assert_eq!(
+            u.apply(&snap(0.5, 0.3), SnapshotSource::Event, "a", &mut d),
+            SnapshotOutcome::Decreased
+        );
+        u.apply(&snap(1.5, 0.3), SnapshotSource::Event, "a", &mut d);
+        let m = publish(&d);
+        assert_eq!(m.counter(Family::SessionCredits, &["a", "model"]), 1.5);
+        assert_eq!(
+            m.counter(Family::SessionCredits, &["a", "sandbox_runtime"]),
+            0.3
+        );
+    }
+
+    #[test]
+    fn an_object_ahead_of_the_events_is_not_counted_again() {
+        let mut u = UsageState::default();
+        let mut d = Delta::default();
+        // The object is read first (newer), then the older event snapshots arrive.
+        u.apply(&snap(1.3, 0.35), SnapshotSource::Object, "a", &mut d);
+        for s in [snap(0.4, 0.1), snap(1.3, 0.35)] {
+            assert_eq!(
+                u.apply(&s, SnapshotSource::Event, "a", &mut d),
+                SnapshotOutcome::Applied
+            );
+        }
+        // An older object view later is quiet, and adds nothing.
+        u.apply(&snap(0.4, 0.1), SnapshotSource::Object, "a", &mut d);
+        let m = publish(&d);
+        assert_eq!(m.counter(Family::SessionCredits, &["a", "model"]), 1.3);
+        assert_eq!(
+            m.counter(Family::SessionCredits, &["a", "sandbox_runtime"]),
+            0.35
+        );
+    }
+
+    #[test]
+    fn hundredths_add_up_exactly() {
+        let mut u = UsageState::default();
+        let mut d = Delta::default();
+        let mut v = 0.0;
+        for _ in 0..1000 {
+            v += 0.01;
+            u.apply(&snap(v, 0.0), SnapshotSource::Event, "a", &mut d);
+        }
+        let m = publish(&d);
+        assert_eq!(
+            m.counter(Family::SessionCredits, &["a", "model"]),
+            (v * COUNTER_SCALE).round() / COUNTER_SCALE
+        );
+    }
+}
