@@ -7,15 +7,51 @@
 Dashboards use the classic JSON model: fixed uid, datasource/job/agent template variables,
 a unit on every panel, $__rate_interval in every rate. Panels that show an agent, model or
 error type link to a trace search (TraceQL) for exactly what they show.
+
+The alerts' runbook_url values come from RUNBOOK_BASE_URL below (or the environment variable
+QODER_RUNBOOK_BASE_URL): this script rewrites them in deploy/prometheus/rules.yml and in the rule
+tests (tests/rules/*.yml), and --check fails when they differ, when an alert has no section in
+docs/runbooks.md, lacks severity/class labels, lacks `for:` without being listed as immediate
+below, or has no promtool test.
 """
 import json
+import os
 import pathlib
+import re
 import sys
 
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SEL = 'job=~"$job", agent=~"$agent"'
+J = 'job=~"$job"'
+
+# The one place the runbooks' address is written: every alert's runbook_url is this + "#" + the
+# alert name in lower case (the GitHub anchor of its "## Name" section in docs/runbooks.md).
+RUNBOOK_BASE_URL = os.environ.get(
+    "QODER_RUNBOOK_BASE_URL", "https://github.com/qoder-exporter/qoder-exporter/blob/main/docs/runbooks.md")
+
+RULES = ROOT / "deploy/prometheus/rules.yml"
+RUNBOOKS = ROOT / "docs/runbooks.md"
+RULE_TESTS = sorted((ROOT / "tests/rules").glob("*.yml"))
+
+# Alerts without `for:` on purpose (each says why in rules.yml): a counted event the API already
+# reported; the expression stays true for its whole window, so `for:` would only delay it.
+IMMEDIATE = {"QoderSessionRetriesExhausted", "QoderSessionTerminalErrors", "QoderSpansDropped"}
+SEVERITIES = {"critical", "warning", "info"}
+CLASSES = {"exporter", "data"}
+
+
+def new_or_increase(selector, window, job=J):
+    """What a counter added over `window`, counting series born inside it in full.
+
+    A labelled counter series is born with its first value (often 1) and increase() over a
+    series whose samples all carry that value is 0. A series with fewer samples in the window
+    than its exporter has successful scrapes (qoder_exporter_build_info is in every one) was
+    absent from one and is new. See the header of deploy/prometheus/rules.yml."""
+    return (f"({selector} and count_over_time({selector}[{window}]) < on (job, instance) group_left "
+            f"sum by (job, instance) (count_over_time(qoder_exporter_build_info{{{job}}}[{window}]))) "
+            f"or increase({selector}[{window}])")
 
 # Explore link into the trace datasource: spans carry the same agent/model/error values the
 # metrics use as labels (see README, "From metrics to traces").
@@ -92,6 +128,9 @@ def variables(with_agent):
     return v
 
 
+EXHAUSTED = f'qoder_session_errors_total{{{SEL}, retry_status="exhausted"}}'
+
+
 def overview():
     b = Board("qoder-agents-overview", "Qoder agents overview", ["qoder", "agents"])
     b.row("Cost")
@@ -105,9 +144,10 @@ def overview():
             [(f'sum by (agent, model) (job_agent_model:qoder_credits:rate5m{{{SEL}}}) * 3600', "{{agent}} / {{model}}")],
             "short", links=[AGENT_TRACES, MODEL_TRACES])
     b.panel("Credits in range", "stat",
-            [(f'sum(increase(qoder_credits_total{{{SEL}}}[$__range]))', "credits")], "short", w=6)
+            [(f'sum({new_or_increase(f"qoder_credits_total{{{SEL}}}", "$__range")})', "credits")], "short", w=6,
+            description="Credits the model requests reported; a label set first seen in the range counts in full.")
     b.panel("Tokens in range", "stat",
-            [(f'sum(increase(qoder_tokens_total{{{SEL}}}[$__range]))', "tokens")], "short", w=6)
+            [(f'sum({new_or_increase(f"qoder_tokens_total{{{SEL}}}", "$__range")})', "tokens")], "short", w=6)
     b.row("Turns")
     b.panel("Turns per minute by stop reason", "timeseries",
             [(f'sum by (stop_reason) (rate(qoder_turns_total{{{SEL}}}[$__rate_interval])) * 60', "{{stop_reason}}")],
@@ -121,7 +161,7 @@ def overview():
             "short", links=[ERROR_TRACES], description="Per minute. retry_status=exhausted: the server gave up on the turn.",
             overrides=[{"matcher": {"id": "byRegexp", "options": ".*exhausted.*"}, "properties": [{"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}}, {"id": "custom.lineWidth", "value": 3}]}])
     b.panel("Retry exhaustion in range", "stat",
-            [(f'sum(increase(qoder_session_errors_total{{{SEL}, retry_status="exhausted"}}[$__range]))', "exhausted")],
+            [(f'sum({new_or_increase(EXHAUSTED, "$__range")})', "exhausted")],
             "short", w=6, links=[ERROR_TRACES], thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 1}])
     b.panel("Model request error ratio", "stat",
             [(f'sum(rate(qoder_model_request_errors_total{{{SEL}}}[$__rate_interval])) / sum(rate(qoder_model_requests_total{{{SEL}}}[$__rate_interval]))', "errors")],
@@ -151,12 +191,12 @@ def overview():
 
 def health():
     b = Board("qoder-exporter-health", "Qoder exporter health", ["qoder", "exporter"])
-    J = 'job=~"$job"'
     b.row("API")
     b.panel("API reachable, token accepted", "stat", [(f'min(qoder_up{{{J}}})', "up")], "bool_yes_no", w=6,
             thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}])
     b.panel("Time since last successful poll", "stat",
-            [(f'time() - max(qoder_exporter_last_successful_poll_timestamp_seconds{{{J}}})', "age")], "s", w=6,
+            [(f'time() - max(qoder_exporter_last_successful_poll_timestamp_seconds{{{J}}} > 0)', "age")], "s", w=6,
+            description="Empty until the first successful poll.",
             thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 120}, {"color": "red", "value": 600}])
     b.panel("Build", "stat", [(f'max by (version, revision) (qoder_exporter_build_info{{{J}}})', "{{version}} ({{revision}})")], "none", w=12)
     b.panel("API requests per second by endpoint", "timeseries",
@@ -183,22 +223,80 @@ def health():
     return b.json(variables(False))
 
 
-def prometheus_rule():
-    rules = yaml.safe_load((ROOT / "deploy/prometheus/rules.yml").read_text())
+def with_runbook_urls(text, alert_key):
+    """Rewrites every runbook_url line to RUNBOOK_BASE_URL#<alert>, the alert being the last
+    `alert_key: Name` line above it (`- alert:` in rules, `alertname:` in rule tests)."""
+    out, alert = [], None
+    key = re.compile(rf"^\s*(?:- )?{alert_key}:\s*(\S+)\s*$")
+    for line in text.splitlines(keepends=True):
+        m = key.match(line)
+        if m:
+            alert = m.group(1)
+        m = re.match(r"^(\s*runbook_url:\s*)\S.*?(\r?\n)?$", line)
+        if m and alert:
+            line = f"{m.group(1)}{RUNBOOK_BASE_URL}#{alert.lower()}{m.group(2) or ''}"
+        out.append(line)
+    return "".join(out)
+
+
+def rules_text():
+    return with_runbook_urls(RULES.read_text(), "alert")
+
+
+def prometheus_rule(text):
     return {
         "apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
         "metadata": {"name": "qoder-exporter", "labels": {"app.kubernetes.io/name": "qoder-exporter"}},
-        "spec": rules,
+        "spec": yaml.safe_load(text),
     }
+
+
+def github_anchor(heading):
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def problems(rules):
+    """What --check finds wrong beyond stale files."""
+    found = []
+    anchors = {github_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", RUNBOOKS.read_text(), re.M)}
+    tested = set()
+    for t in RULE_TESTS:
+        tested |= set(re.findall(r"alertname:\s*(\S+)", t.read_text()))
+    for group in rules["groups"]:
+        for r in group["rules"]:
+            name = r.get("alert")
+            if not name:
+                continue
+            url = r.get("annotations", {}).get("runbook_url", "")
+            base, _, anchor = url.partition("#")
+            if base != RUNBOOK_BASE_URL or anchor != name.lower():
+                found.append(f"{name}: runbook_url {url!r} is not {RUNBOOK_BASE_URL}#{name.lower()}")
+            if anchor not in anchors:
+                found.append(f"{name}: docs/runbooks.md has no section with anchor #{anchor}")
+            labels = r.get("labels", {})
+            if labels.get("severity") not in SEVERITIES:
+                found.append(f"{name}: severity {labels.get('severity')!r} not in {sorted(SEVERITIES)}")
+            if labels.get("class") not in CLASSES:
+                found.append(f"{name}: class {labels.get('class')!r} not in {sorted(CLASSES)} (the Alertmanager inhibition uses it)")
+            if "for" not in r and name not in IMMEDIATE:
+                found.append(f"{name}: no `for:` and not listed in IMMEDIATE")
+            if name not in tested:
+                found.append(f"{name}: no promtool test in tests/rules/")
+    return found
 
 
 def outputs():
     header = "# Generated by dashboards/generate.py from deploy/prometheus/rules.yml; do not edit.\n"
-    return {
+    rules = rules_text()
+    out = {
         ROOT / "dashboards/qoder-agents-overview.json": json.dumps(overview(), indent=2) + "\n",
         ROOT / "dashboards/qoder-exporter-health.json": json.dumps(health(), indent=2) + "\n",
-        ROOT / "deploy/kubernetes/base/prometheusrule.yaml": header + yaml.safe_dump(prometheus_rule(), sort_keys=False, width=1000),
+        RULES: rules,
+        ROOT / "deploy/kubernetes/base/prometheusrule.yaml": header + yaml.safe_dump(prometheus_rule(rules), sort_keys=False, width=1000),
     }
+    for t in RULE_TESTS:
+        out[t] = with_runbook_urls(t.read_text(), "alertname")
+    return out
 
 
 def main():
@@ -208,11 +306,15 @@ def main():
         if check:
             if not path.exists() or path.read_text() != text:
                 stale.append(str(path.relative_to(ROOT)))
-        else:
+        elif not path.exists() or path.read_text() != text:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+    found = problems(yaml.safe_load(rules_text()))
     if stale:
         print("out of date (run python3 dashboards/generate.py):", *stale, sep="\n  ")
+    if found:
+        print("problems:", *found, sep="\n  ")
+    if stale or found:
         sys.exit(1)
 
 
