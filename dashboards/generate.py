@@ -34,6 +34,7 @@ RUNBOOK_BASE_URL = os.environ.get(
 RULES = ROOT / "deploy/prometheus/rules.yml"
 RUNBOOKS = ROOT / "docs/runbooks.md"
 RULE_TESTS = sorted((ROOT / "tests/rules").glob("*.yml"))
+ALERTMANAGER = ROOT / "deploy/alertmanager/alertmanager.yml"
 
 # Alerts without `for:` on purpose (each says why in rules.yml): a counted event the API already
 # reported; the expression stays true for its whole window, so `for:` would only delay it.
@@ -282,6 +283,17 @@ def problems(rules):
                 found.append(f"{name}: no `for:` and not listed in IMMEDIATE")
             if name not in tested:
                 found.append(f"{name}: no promtool test in tests/rules/")
+    # The Alertmanager example names alerts and classes: they must exist.
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    am = yaml.safe_load(ALERTMANAGER.read_text())
+    for rule in am.get("inhibit_rules", []):
+        for m in rule.get("source_matchers", []) + rule.get("target_matchers", []):
+            key, value = re.match(r'(\w+)\s*=~?\s*"(.*)"', m).groups()
+            names = value.split("|")
+            if key == "alertname":
+                found += [f"{ALERTMANAGER.relative_to(ROOT)}: no alert {n}" for n in names if n not in alerts]
+            if key == "class":
+                found += [f"{ALERTMANAGER.relative_to(ROOT)}: no class {n}" for n in names if n not in CLASSES]
     return found
 
 
