@@ -251,7 +251,7 @@ impl Event {
             .filter(|t| !t.is_empty() && t.len() <= crate::source::wire::MAX_ID_BYTES);
         let thread_id = w
             .session_thread_id
-            .take()
+            .clone()
             .filter(|t| !t.is_empty() && t.len() <= crate::source::wire::MAX_ID_BYTES);
         let text = match w.content.take() {
             Some(c) => Some(c.text()),

@@ -77,6 +77,9 @@ impl Ack {
 
 #[derive(Default)]
 struct Pending {
+    session: String,
+    /// A sub-agent thread's stream (lines marked `qoder_exporter_stream`); `None`: the session's.
+    thread: Option<String>,
     items: Vec<Item>,
     bad_fields: u32,
     meta: Option<crate::pipeline::SessionMeta>,
@@ -114,10 +117,16 @@ impl Feeder<'_> {
         Ok(())
     }
 
-    fn flush(&mut self, session: &str) -> anyhow::Result<()> {
-        let Some(p) = self.pending.remove(session) else {
+    fn flush(&mut self, key: &str) -> anyhow::Result<()> {
+        let Some(p) = self.pending.remove(key) else {
             return Ok(());
         };
+        // A thread's events go after what the session's stream holds so far: its session
+        // object (agent, model) and the `session.thread_created` that names the thread.
+        if p.thread.is_some() {
+            let session = p.session.clone();
+            self.flush(&session)?;
+        }
         if p.items.is_empty() && p.meta.is_none() {
             return Ok(());
         }
@@ -128,12 +137,13 @@ impl Feeder<'_> {
             Item::Invalid(_) => None,
         });
         self.group.push(Batch {
-            session_id: session.to_owned(),
+            session_id: p.session,
+            thread: p.thread,
             items: p.items,
             cursor,
             bad_fields: p.bad_fields,
             meta: p.meta,
-            ..Batch::default()
+            at_end: false,
         });
         if self.group_events >= GROUP_EVENTS {
             self.send_group()?;
@@ -196,7 +206,9 @@ impl Feeder<'_> {
             if self.seen.insert(id.clone()) {
                 self.summary.sessions += 1;
             }
-            self.pending.entry(id).or_default().meta = Some(meta_of(&s));
+            let p = self.pending.entry(id.clone()).or_default();
+            p.session = id;
+            p.meta = Some(meta_of(&s));
             return Ok(());
         }
         let Some(session) = decoded.event.session_id.clone().filter(|s| !s.is_empty()) else {
@@ -206,7 +218,9 @@ impl Feeder<'_> {
         if !self.pending.contains_key(&session) && self.seen.insert(session.clone()) {
             self.summary.sessions += 1;
         }
-        if let Some(n) = self.skip.get_mut(&session)
+        let thread = decoded.event.dump_stream.clone().filter(|t| !t.is_empty());
+        let key = stream_key(&session, thread.as_deref());
+        if let Some(n) = self.skip.get_mut(&key)
             && *n > 0
         {
             *n -= 1;
@@ -216,20 +230,35 @@ impl Feeder<'_> {
         let e = Event::from_wire(decoded.event);
         self.summary.events += 1;
         self.buffered += 1;
-        let p = match self.pending.get_mut(&session) {
+        let p = match self.pending.get_mut(&key) {
             Some(p) => p,
-            None => self.pending.entry(session.clone()).or_default(),
+            None => self.pending.entry(key.clone()).or_insert_with(|| Pending {
+                session,
+                thread,
+                ..Pending::default()
+            }),
         };
         p.bad_fields += decoded.bad_fields;
         p.items.push(Item::Event(e));
         if p.items.len() >= self.batch_size {
-            self.flush(&session)?;
+            self.flush(&key)?;
         } else if self.buffered >= MAX_BUFFERED {
             self.flush_all()?;
         }
         Ok(())
     }
 }
+
+/// The key under which a stream's progress is kept: the session id, or `session#thread`.
+fn stream_key(session: &str, thread: Option<&str>) -> String {
+    match thread {
+        Some(t) => format!("{session}#{t}"),
+        None => session.to_owned(),
+    }
+}
+
+/// The line field that marks an event of a sub-agent thread's stream in a dump.
+const STREAM_FIELD: &str = "qoder_exporter_stream";
 
 fn open_input(path: &Path) -> anyhow::Result<Box<dyn Read + Send>> {
     if path.as_os_str() == "-" {
@@ -334,11 +363,13 @@ pub async fn replay(
     let batch = flags.batch_size;
     // Replaying into a state that already holds a session's head skips that head: replaying
     // the same file twice counts nothing twice.
-    let skip: HashMap<String, u64> = core
-        .stored
-        .iter()
-        .map(|s| (s.id.clone(), s.state.consumed))
-        .collect();
+    let mut skip: HashMap<String, u64> = HashMap::new();
+    for s in &core.stored {
+        skip.insert(s.id.clone(), s.state.consumed);
+        for (tid, t) in &s.state.threads {
+            skip.insert(stream_key(&s.id, Some(tid)), t.tracker.consumed);
+        }
+    }
     let fed = tokio::task::spawn_blocking(move || feed(&files, &handle, &m, batch, skip))
         .await
         .context("replay thread")?;
@@ -387,6 +418,53 @@ fn write_line(out: &mut dyn Write, v: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes one stream's events as lines; returns the sub-agent threads it announced.
+async fn dump_stream(
+    client: &Client,
+    id: &str,
+    thread: Option<&str>,
+    out: &mut dyn Write,
+    events: &mut u64,
+) -> anyhow::Result<Vec<String>> {
+    let mut threads = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let body = match thread {
+            None => client.list_events(id, cursor.as_deref()).await?,
+            Some(t) => client.list_thread_events(id, t, cursor.as_deref()).await?,
+        };
+        let page: Page<'_> =
+            serde_json::from_slice(&body).with_context(|| format!("events of {id}"))?;
+        let mut last = None;
+        for raw in &page.data {
+            let mut v: Value = serde_json::from_str(raw.get())?;
+            if let Value::Object(m) = &mut v {
+                m.entry("session_id")
+                    .or_insert_with(|| Value::from(id));
+                if let Some(t) = thread {
+                    m.insert(STREAM_FIELD.into(), Value::from(t));
+                }
+                last = m.get("id").and_then(Value::as_str).map(str::to_owned);
+                if thread.is_none()
+                    && m.get("type").and_then(Value::as_str) == Some("session.thread_created")
+                    && let Some(t) = m.get("session_thread_id").and_then(Value::as_str)
+                    && !threads.iter().any(|x| x == t)
+                {
+                    threads.push(t.to_owned());
+                }
+            }
+            write_line(out, &v)?;
+            *events += 1;
+        }
+        let Some(next) = page.next_cursor(last, cursor.as_deref()) else {
+            break;
+        };
+        cursor = Some(next);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(threads)
+}
+
 /// Writes the sessions' events as JSON Lines.
 pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> {
     let pat = settings.require_pat()?;
@@ -421,27 +499,11 @@ pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> 
         obj.entry("id").or_insert_with(|| Value::from(id.as_str()));
         write_line(&mut out, &Value::Object(obj))?;
         sessions += 1;
-        let mut cursor: Option<String> = None;
-        loop {
-            let body = client.list_events(id, cursor.as_deref()).await?;
-            let page: Page<'_> =
-                serde_json::from_slice(&body).with_context(|| format!("events of {id}"))?;
-            let mut last = None;
-            for raw in &page.data {
-                let mut v: Value = serde_json::from_str(raw.get())?;
-                if let Value::Object(m) = &mut v {
-                    m.entry("session_id")
-                        .or_insert_with(|| Value::from(id.as_str()));
-                    last = m.get("id").and_then(Value::as_str).map(str::to_owned);
-                }
-                write_line(&mut out, &v)?;
-                events += 1;
-            }
-            let Some(next) = page.next_cursor(last, cursor.as_deref()) else {
-                break;
-            };
-            cursor = Some(next);
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        // The session's stream names its sub-agent threads; each thread's stream follows it,
+        // its lines marked with the thread so replay reads them as that stream.
+        let threads = dump_stream(&client, id, None, &mut out, &mut events).await?;
+        for tid in &threads {
+            dump_stream(&client, id, Some(tid), &mut out, &mut events).await?;
         }
     }
     out.flush()?;

@@ -79,6 +79,9 @@ pub struct ThreadState {
     /// message text), so a cross-posted event counts once whichever stream shows it first.
     #[serde(default)]
     pub seen: VecDeque<String>,
+    /// Its `session.thread_created` was counted (it may come after the thread's own events).
+    #[serde(default)]
+    pub created: bool,
     /// The thread's own state machine; its `agent` is the sub-agent's name.
     pub tracker: SessionState,
 }
@@ -267,12 +270,22 @@ impl SessionState {
     ) -> Applied {
         if let EventKind::ThreadCreated { thread, agent } = &ev.kind
             && from_thread.is_none()
-            && !self.threads.contains_key(thread)
             && !self.recent.contains(&ev.id)
         {
-            let name = agent.clone().unwrap_or_else(|| "unknown".to_owned());
-            delta.inc(Family::ThreadsCreated, &[&name], 1.0);
-            self.add_thread(thread, agent.clone());
+            if !self.threads.contains_key(thread) {
+                self.add_thread(thread, agent.clone());
+            }
+            if let Some(t) = self.threads.get_mut(thread)
+                && !t.created
+            {
+                t.created = true;
+                if let Some(a) = agent
+                    && t.tracker.agent == "unknown"
+                {
+                    t.tracker.agent.clone_from(a);
+                }
+                delta.inc(Family::ThreadsCreated, &[&t.tracker.agent], 1.0);
+            }
         }
         let owner = match from_thread {
             Some(t) => {
@@ -298,10 +311,21 @@ impl SessionState {
             key: t.key.clone(),
             first_event_id: t.first_event_id.clone(),
         });
-        let Some(thread) = self.threads.get_mut(&tid) else {
+        if !self.threads.contains_key(&tid) {
             return self.apply_own(session_id, ev, delta, closed);
+        }
+        // Consumed from the stream it was read on, even when the other stream showed it first.
+        let admitted = match from_thread {
+            None => self.admit(&ev.id),
+            Some(_) => self
+                .threads
+                .get_mut(&tid)
+                .is_some_and(|t| t.tracker.admit(&ev.id)),
         };
-        if thread.seen.contains(&ev.id) {
+        let Some(thread) = self.threads.get_mut(&tid) else {
+            return Applied::Duplicate;
+        };
+        if !admitted || thread.seen.contains(&ev.id) {
             return Applied::Duplicate;
         }
         if may_be_cross_posted(&ev.type_name) {
@@ -321,7 +345,13 @@ impl SessionState {
                 thread.tracker.agent = a.clone();
             }
         }
-        let applied = thread.tracker.apply_own(session_id, ev, delta, closed);
+        // The session's agent snapshot may arrive after the thread was first seen (replay).
+        if thread.tracker.model.is_none() {
+            thread.tracker.model.clone_from(&self.model);
+        }
+        let applied = thread
+            .tracker
+            .apply_admitted(session_id, ev, delta, closed);
         if let Some(turn) = &mut thread.tracker.turn
             && turn.parent.is_none()
         {
@@ -363,6 +393,7 @@ impl SessionState {
         if let EventKind::ThreadStatus {
             agent: Some(agent), ..
         } = &ev.kind
+            && self.agent != "unknown"
             && *agent != self.agent
             && self.agent_id.as_deref() != Some(agent.as_str())
         {
@@ -422,15 +453,34 @@ impl SessionState {
         delta: &mut Delta,
         closed: &mut Vec<ClosedTurn>,
     ) -> Applied {
-        if self.recent.iter().any(|id| id == &ev.id) {
+        if !self.admit(&ev.id) {
             return Applied::Duplicate;
+        }
+        self.apply_admitted(session_id, ev, delta, closed)
+    }
+
+    /// Takes an event off this tracker's stream: `false` when the stream repeated it (the API
+    /// returned it twice), else it counts as consumed from the stream.
+    fn admit(&mut self, id: &str) -> bool {
+        if self.recent.iter().any(|r| r == id) {
+            return false;
         }
         if self.recent.len() == RECENT_IDS {
             self.recent.pop_front();
         }
-        self.recent.push_back(ev.id.clone());
+        self.recent.push_back(id.to_owned());
         self.consumed += 1;
+        true
+    }
 
+    /// Applies an event already admitted from whichever stream showed it.
+    fn apply_admitted(
+        &mut self,
+        session_id: &str,
+        ev: &Event,
+        delta: &mut Delta,
+        closed: &mut Vec<ClosedTurn>,
+    ) -> Applied {
         let agent = self.agent.clone();
         delta.inc(Family::Events, &[&ev.type_name, &agent], 1.0);
 
@@ -843,7 +893,8 @@ impl SessionState {
         let Some(mut turn) = self.turn.take() else {
             return;
         };
-        if let (Some(s), Some(e)) = (turn.start_ns, end_ns) {
+        // `qoder_turn_duration_seconds` times the session's turns; a thread's turn is inside one.
+        if let (Some(s), Some(e), None) = (turn.start_ns, end_ns, &self.thread_id) {
             delta.observe_ns(Family::TurnDuration, &[&self.agent], e - s);
         }
         // What is still open ends with the turn, marked incomplete. Requests are done with;

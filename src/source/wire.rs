@@ -191,6 +191,9 @@ pub struct WireEvent {
     /// SDK 0.11: the thread an event belongs to (sub-agents run in threads).
     #[serde(default)]
     pub session_thread_id: Option<String>,
+    /// In a `dump` file: the sub-agent thread whose stream the event was read from.
+    #[serde(default, rename = "qoder_exporter_stream")]
+    pub dump_stream: Option<String>,
     /// `session.thread_*`: the thread's agent name.
     #[serde(default)]
     pub agent_name: Option<String>,

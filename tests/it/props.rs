@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 
 use proptest::prelude::*;
-use qoder_exporter::event::Event;
+use qoder_exporter::event::{Event, UsageSnapshot};
 use qoder_exporter::pipeline::tracker::SessionState;
-use qoder_exporter::pipeline::{Batch, Item, Pipeline};
+use qoder_exporter::pipeline::{Batch, Item, Pipeline, SessionMeta};
 use qoder_exporter::sim::{ScenarioConfig, generate};
 use qoder_exporter::sinks::metrics::{Delta, Metrics};
 use qoder_exporter::source::poller::meta_of;
@@ -133,8 +133,24 @@ proptest! {
 /// One session's log as the poller would hand it over.
 struct Log {
     id: String,
-    meta: qoder_exporter::pipeline::SessionMeta,
+    /// A sub-agent thread's stream; `None`: the session's.
+    thread: Option<String>,
+    meta: SessionMeta,
     items: Vec<(Item, u32)>,
+}
+
+impl Log {
+    /// Where this stream has been read to is kept under this key.
+    fn key(&self) -> String {
+        stream_key(&self.id, self.thread.as_deref())
+    }
+}
+
+fn stream_key(id: &str, thread: Option<&str>) -> String {
+    match thread {
+        Some(t) => format!("{id}#{t}"),
+        None => id.to_owned(),
+    }
 }
 
 fn open(
@@ -149,10 +165,13 @@ fn open(
     let store = StateStore::open(path).expect("store");
     let (p, stored) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
     let (h, t) = p.spawn(8).expect("thread");
-    let at = stored
-        .into_iter()
-        .map(|s| (s.id, s.state.consumed))
-        .collect();
+    let mut at = HashMap::new();
+    for s in stored {
+        for (tid, t) in &s.state.threads {
+            at.insert(stream_key(&s.id, Some(tid)), t.tracker.consumed);
+        }
+        at.insert(s.id, s.state.consumed);
+    }
     (metrics, h, t, at)
 }
 
@@ -167,21 +186,49 @@ proptest! {
         choices in prop::collection::vec((any::<prop::sample::Index>(), 1usize..150, 0u8..100), 1..400),
     ) {
         let (log, totals) = generate(&ScenarioConfig { seed, sessions, max_turns: 4, stagger: 0, hostile });
-        let logs: Vec<Log> = log
-            .iter()
-            .map(|s| Log {
+        let decode = |events: &[qoder_exporter::sim::scenario::SimEvent]| -> Vec<(Item, u32)> {
+            events
+                .iter()
+                .map(|e| match wire::decode_event(&e.json) {
+                    Ok(d) => (Item::Event(Event::from_wire(d.event)), d.bad_fields),
+                    Err(r) => (Item::Invalid(r), 0),
+                })
+                .collect()
+        };
+        // Every stream on its own: the session's, and each sub-agent thread's, read in any
+        // interleaving (cross-posted events must count once whichever stream comes first).
+        let mut logs: Vec<Log> = Vec::new();
+        for s in &log {
+            logs.push(Log {
                 id: s.id.clone(),
+                thread: None,
                 meta: wire::decode_session(&serde_json::Value::Object(s.object.clone()).to_string())
                     .map(|w| meta_of(&w))
                     .unwrap_or_default(),
-                items: s
-                    .events
-                    .iter()
-                    .map(|e| match wire::decode_event(&e.json) {
-                        Ok(d) => (Item::Event(Event::from_wire(d.event)), d.bad_fields),
-                        Err(r) => (Item::Invalid(r), 0),
-                    })
-                    .collect(),
+                items: decode(&s.events),
+            });
+            for t in &s.threads {
+                logs.push(Log {
+                    id: s.id.clone(),
+                    thread: Some(t.id.clone()),
+                    meta: SessionMeta::default(),
+                    items: decode(&t.events),
+                });
+            }
+        }
+        // The session object's final usage, read once the streams are drained.
+        let final_usage: Vec<(String, SessionMeta)> = log
+            .iter()
+            .filter_map(|s| {
+                let (_, usage) = s.usage.last()?;
+                let wire: wire::WireUsage = serde_json::from_value(usage.clone()).ok()?;
+                Some((
+                    s.id.clone(),
+                    SessionMeta {
+                        usage: UsageSnapshot::from_wire(&wire, None),
+                        ..SessionMeta::default()
+                    },
+                ))
             })
             .collect();
         let dir = tempfile::tempdir().expect("dir");
@@ -190,14 +237,14 @@ proptest! {
         let mut restarts = 0;
         let metrics = rt.block_on(async {
             let (mut metrics, mut handle, mut thread, mut at) = open(&path);
-            for l in &logs {
+            for l in logs.iter().filter(|l| l.thread.is_none()) {
                 handle.meta(l.id.clone(), l.meta.clone()).await.expect("meta");
             }
             let mut choices = choices.into_iter();
             loop {
                 let open_logs: Vec<&Log> = logs
                     .iter()
-                    .filter(|l| at.get(&l.id).copied().unwrap_or(0) < l.items.len() as u64)
+                    .filter(|l| at.get(&l.key()).copied().unwrap_or(0) < l.items.len() as u64)
                     .collect();
                 if open_logs.is_empty() {
                     break;
@@ -214,20 +261,25 @@ proptest! {
                     (metrics, handle, thread, at) = open(&path);
                 }
                 let l = open_logs[pick];
-                let from = usize::try_from(at.get(&l.id).copied().unwrap_or(0)).expect("usize");
+                let from = usize::try_from(at.get(&l.key()).copied().unwrap_or(0)).expect("usize");
                 let to = (from + size).min(l.items.len());
                 let page = &l.items[from..to];
                 let outcome = handle
                     .batch(Batch {
                         session_id: l.id.clone(),
+                        thread: l.thread.clone(),
+                        at_end: to == l.items.len(),
                         items: page.iter().map(|(i, _)| i.clone()).collect(),
                         cursor: None,
                         bad_fields: page.iter().map(|(_, b)| *b).sum(),
-                        meta: None,
+                        ..Batch::default()
                     })
                     .await
                     .expect("batch");
-                at.insert(l.id.clone(), outcome.consumed);
+                at.insert(l.key(), outcome.consumed);
+            }
+            for (id, meta) in &final_usage {
+                handle.meta(id.clone(), meta.clone()).await.expect("final usage");
             }
             drop(handle);
             drop(thread.join().expect("pipeline thread"));
