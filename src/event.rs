@@ -104,7 +104,7 @@ impl UsageSnapshot {
 }
 
 /// Where a sub-agent thread is, from `session.thread_status_*`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ThreadPhase {
     Running,
     Idle { stop_reason: Option<String> },
@@ -154,7 +154,7 @@ pub enum ToolKind {
 }
 
 /// What an event means to the exporter.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum EventKind {
     /// `user.message`: opens a turn.
     UserMessage,
@@ -223,7 +223,7 @@ pub enum EventKind {
 }
 
 /// One event of a session's log in domain form.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub id: String,
     /// The wire `type`, verbatim (it is the `event_type` label).

@@ -102,6 +102,8 @@ struct Feeder<'a> {
     summary: ReplaySummary,
     /// Time the reader spent waiting for the pipeline (it is the bottleneck when this is large).
     waited: Duration,
+    /// The input is read to its end: every stream's last batch says so.
+    at_end: bool,
 }
 
 impl Feeder<'_> {
@@ -143,7 +145,7 @@ impl Feeder<'_> {
             cursor,
             bad_fields: p.bad_fields,
             meta: p.meta,
-            at_end: false,
+            at_end: self.at_end,
         });
         if self.group_events >= GROUP_EVENTS {
             self.send_group()?;
@@ -305,6 +307,7 @@ fn feed(
         skip,
         summary: ReplaySummary::default(),
         waited: Duration::ZERO,
+        at_end: false,
     };
     let mut buf = Vec::with_capacity(64 * 1024);
     for path in files {
@@ -339,6 +342,7 @@ fn feed(
             }
         }
     }
+    f.at_end = true;
     f.flush_all()?;
     while let Some(a) = f.acks.pop_front() {
         a.wait()?;

@@ -448,6 +448,7 @@ impl Pipeline {
                         }
                         match t.state.apply_from(&t.id, e, thread, &mut delta, &mut closed) {
                             Applied::Duplicate => duplicates += 1,
+                            Applied::Held => {}
                             Applied::DecreasingSnapshot => {
                                 tracing::warn!(session = %t.id, event = %e.id, "a usage snapshot is lower than the one before it; it adds nothing");
                                 *invalid.entry("decreasing_snapshot").or_default() += 1;
@@ -470,7 +471,17 @@ impl Pipeline {
                 t.state.apply_object_usage(snapshot, &mut delta);
             }
             let consumed = match thread {
-                Some(tid) => t.state.thread_read(tid, batch.cursor.clone(), batch.at_end, &batch.items),
+                Some(tid) => t.state.thread_read(
+                    &t.id,
+                    tid,
+                    tracker::ThreadRead {
+                        cursor: batch.cursor.clone(),
+                        at_end: batch.at_end,
+                        items: &batch.items,
+                    },
+                    &mut delta,
+                    &mut closed,
+                ),
                 None => {
                     if batch.cursor.is_some() {
                         t.cursor = batch.cursor;

@@ -58,6 +58,10 @@ pub struct SessionState {
     /// Sub-agent threads by thread id, each with its own stream cursor and tracker.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub threads: BTreeMap<String, ThreadState>,
+    /// The session's last closed turns, for placing a thread's turn read after its session
+    /// turn closed under the turn it ran in.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub recent_turns: VecDeque<TurnSpan>,
     /// Set on a sub-agent thread's tracker: its id (names its turns apart from the session's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<String>,
@@ -82,8 +86,31 @@ pub struct ThreadState {
     /// Its `session.thread_created` was counted (it may come after the thread's own events).
     #[serde(default)]
     pub created: bool,
+    /// Events of this thread the session's stream showed (cross-posts), held until the
+    /// thread's own stream shows them in their order; applied as they are if it never does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<Event>,
     /// The thread's own state machine; its `agent` is the sub-agent's name.
     pub tracker: SessionState,
+}
+
+/// A closed session turn: which turn, and when it ran (event time).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TurnSpan {
+    pub turn: ParentTurn,
+    pub start_ns: Option<i64>,
+    pub end_ns: Option<i64>,
+}
+
+/// Closed session turns remembered for placing threads' turns.
+const RECENT_TURNS: usize = 8;
+
+/// What a batch of a thread's stream did to the stream's position.
+#[derive(Debug)]
+pub struct ThreadRead<'a> {
+    pub cursor: Option<String>,
+    pub at_end: bool,
+    pub items: &'a [super::Item],
 }
 
 /// The session turn a thread's turn ran in: its trace, and the span it hangs under.
@@ -219,7 +246,13 @@ pub enum Applied {
     Duplicate,
     /// Counted, but its usage snapshot was below the previous one and added nothing.
     DecreasingSnapshot,
+    /// A thread's event cross-posted on the session's stream: it counts when the thread's own
+    /// stream shows it (in its order there), or when that stream is read to its end without it.
+    Held,
 }
+
+/// Cross-posted events held per thread at most; past that they are applied at once.
+const MAX_HELD: usize = 64;
 
 /// How many ids a thread remembers for cross-post dedupe.
 const THREAD_SEEN_IDS: usize = 512;
@@ -307,10 +340,7 @@ impl SessionState {
             }
             return applied;
         };
-        let parent = self.turn.as_ref().map(|t| ParentTurn {
-            key: t.key.clone(),
-            first_event_id: t.first_event_id.clone(),
-        });
+        let parent = self.turn_at(ev.time_ns);
         if !self.threads.contains_key(&tid) {
             return self.apply_own(session_id, ev, delta, closed);
         }
@@ -322,20 +352,46 @@ impl SessionState {
                 .get_mut(&tid)
                 .is_some_and(|t| t.tracker.admit(&ev.id)),
         };
+        let model = self.model.clone();
         let Some(thread) = self.threads.get_mut(&tid) else {
             return Applied::Duplicate;
         };
+        // The session's agent snapshot may arrive after the thread was first seen (replay).
+        if thread.tracker.model.is_none() {
+            thread.tracker.model = model;
+        }
         if !admitted || thread.seen.contains(&ev.id) {
             return Applied::Duplicate;
         }
+        match from_thread {
+            None => {
+                thread.dirty = true;
+                if thread.held.len() < MAX_HELD {
+                    if !thread.held.iter().any(|h| h.id == ev.id) {
+                        thread.held.push(ev.clone());
+                    }
+                    return Applied::Held;
+                }
+            }
+            Some(_) => thread.held.retain(|h| h.id != ev.id),
+        }
+        Self::apply_to_thread(thread, parent, session_id, ev, delta, closed)
+    }
+
+    /// Applies an event to a thread's tracker, under the sub-agent's name.
+    fn apply_to_thread(
+        thread: &mut ThreadState,
+        parent: Option<ParentTurn>,
+        session_id: &str,
+        ev: &Event,
+        delta: &mut Delta,
+        closed: &mut Vec<ClosedTurn>,
+    ) -> Applied {
         if may_be_cross_posted(&ev.type_name) {
             if thread.seen.len() == THREAD_SEEN_IDS {
                 thread.seen.pop_front();
             }
             thread.seen.push_back(ev.id.clone());
-        }
-        if from_thread.is_none() {
-            thread.dirty = true;
         }
         if let EventKind::ThreadStatus { agent, phase, .. } = &ev.kind {
             thread.active = *phase == ThreadPhase::Running;
@@ -344,10 +400,6 @@ impl SessionState {
             {
                 thread.tracker.agent = a.clone();
             }
-        }
-        // The session's agent snapshot may arrive after the thread was first seen (replay).
-        if thread.tracker.model.is_none() {
-            thread.tracker.model.clone_from(&self.model);
         }
         let applied = thread
             .tracker
@@ -358,6 +410,27 @@ impl SessionState {
             turn.parent = parent;
         }
         applied
+    }
+
+    /// The session turn that was running at event time `at`: the open one, or one of the last
+    /// closed ones (a thread's stream is read after the session's, often after its turn ended).
+    fn turn_at(&self, at: Option<i64>) -> Option<ParentTurn> {
+        let open = self.turn.as_ref().filter(|t| match (t.start_ns, at) {
+            (Some(s), Some(a)) => s <= a,
+            _ => true,
+        });
+        if let Some(t) = open {
+            return Some(ParentTurn {
+                key: t.key.clone(),
+                first_event_id: t.first_event_id.clone(),
+            });
+        }
+        let at = at?;
+        self.recent_turns
+            .iter()
+            .rev()
+            .find(|t| t.start_ns.is_some_and(|s| s <= at) && t.end_ns.is_none_or(|e| at <= e))
+            .map(|t| t.turn.clone())
     }
 
     /// Registers a sub-agent thread (bounded: past the limit, its events stay the session's).
@@ -423,11 +496,33 @@ impl SessionState {
     /// consumed from that stream so far.
     pub fn thread_read(
         &mut self,
+        session_id: &str,
         tid: &str,
-        cursor: Option<String>,
-        at_end: bool,
-        items: &[super::Item],
+        read: ThreadRead<'_>,
+        delta: &mut Delta,
+        closed: &mut Vec<ClosedTurn>,
     ) -> u64 {
+        let ThreadRead {
+            cursor,
+            at_end,
+            items,
+        } = read;
+        if at_end {
+            // Read to its end without showing them: the cross-posts count as they are.
+            let held = self
+                .threads
+                .get_mut(tid)
+                .map(|t| std::mem::take(&mut t.held))
+                .unwrap_or_default();
+            for ev in held {
+                let parent = self.turn_at(ev.time_ns);
+                if let Some(thread) = self.threads.get_mut(tid)
+                    && !thread.seen.contains(&ev.id)
+                {
+                    Self::apply_to_thread(thread, parent, session_id, &ev, delta, closed);
+                }
+            }
+        }
         let Some(thread) = self.threads.get_mut(tid) else {
             return 0;
         };
@@ -934,6 +1029,20 @@ impl SessionState {
                 incomplete: true,
             };
             push_child(&mut turn, child);
+        }
+        // Only sessions with sub-agents need them (and only they pay for storing them).
+        if self.thread_id.is_none() && !self.threads.is_empty() {
+            if self.recent_turns.len() == RECENT_TURNS {
+                self.recent_turns.pop_front();
+            }
+            self.recent_turns.push_back(TurnSpan {
+                turn: ParentTurn {
+                    key: turn.key.clone(),
+                    first_event_id: turn.first_event_id.clone(),
+                },
+                start_ns: turn.start_ns,
+                end_ns,
+            });
         }
         let model = turn
             .last_model

@@ -110,6 +110,8 @@ struct Tracked {
     listed_usage: Option<UsageSnapshot>,
     /// The object usage snapshot last handed to the pipeline.
     usage_sent: Option<UsageSnapshot>,
+    /// Sub-agent threads whose streams need reading, with their cursors (from the pipeline).
+    threads: Vec<(String, Option<String>)>,
 }
 
 /// What a job was asked to do.
@@ -128,6 +130,7 @@ struct JobInput {
     /// No listing tells this session's usage (named sessions): read the object after new
     /// events instead.
     refresh_object: bool,
+    threads: Vec<(String, Option<String>)>,
 }
 
 #[derive(Debug)]
@@ -149,6 +152,8 @@ struct JobOutput {
     listed_updated: Option<String>,
     /// The object usage snapshot last handed to the pipeline.
     usage_sent: Option<UsageSnapshot>,
+    /// Threads still to read after this job (`None`: unchanged).
+    threads: Option<Vec<(String, Option<String>)>>,
 }
 
 impl JobOutput {
@@ -167,6 +172,7 @@ impl JobOutput {
             stopped: false,
             store_failed: false,
             listed_updated: None,
+            threads: None,
         }
     }
 }
@@ -287,6 +293,7 @@ impl Poller {
                     attempted: false,
                     listed_usage: None,
                     usage_sent: None,
+                    threads: s.state.threads_to_read(),
                 },
             );
         }
@@ -351,6 +358,7 @@ impl Poller {
                 attempted: false,
                 listed_usage,
                 usage_sent: None,
+                threads: Vec::new(),
             },
         );
         self.queue.insert((now, id.to_owned()));
@@ -464,6 +472,7 @@ impl Poller {
                     break;
                 }
                 self.queue.remove(&(due, id.clone()));
+                let refresh_object = !self.discovery_mode();
                 let Some(t) = self.sessions.get_mut(&id) else {
                     continue;
                 };
@@ -477,7 +486,8 @@ impl Poller {
                     listed_updated: t.listed_updated.clone(),
                     listed_usage: t.listed_usage.clone(),
                     usage_sent: t.usage_sent.clone(),
-                    refresh_object: !self.discovery_mode(),
+                    refresh_object,
+                    threads: t.threads.clone(),
                 };
                 if probe_only {
                     self.auth.probe_at = Some(now + self.auth_backoff());
@@ -692,6 +702,9 @@ impl Poller {
         if out.usage_sent.is_some() {
             t.usage_sent = out.usage_sent;
         }
+        if let Some(threads) = out.threads {
+            t.threads = threads;
+        }
         if let Some(s) = out.status {
             t.status = s;
         }
@@ -882,9 +895,10 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
         stopped: false,
         store_failed: false,
         listed_updated: input.listed_updated.clone(),
+        threads: None,
     };
     let id = input.id.as_str();
-    let mut threads = Vec::new();
+    let mut threads = input.threads.clone();
     if input.need_meta {
         let meta = match input.meta {
             Some(m) if m.agent_name.is_some() || m.agent_id.is_some() => m,
@@ -917,12 +931,15 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
     if out.error.is_some() || out.gone || out.stopped || out.store_failed {
         return out;
     }
+    out.threads = Some(threads.clone());
     for (tid, cursor) in threads {
         let mut pos = Position {
             cursor,
             consumed: 0,
         };
-        read_stream(ctx, id, Some(&tid), &mut pos, &mut out).await;
+        if let Some(t) = read_stream(ctx, id, Some(&tid), &mut pos, &mut out).await {
+            out.threads = Some(t);
+        }
         if out.error.is_some() || out.stopped || out.store_failed {
             return out;
         }

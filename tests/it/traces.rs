@@ -257,6 +257,8 @@ pub async fn grpc_receiver() -> Receiver {
 
 struct Expected {
     roots: usize,
+    /// Sub-agents' turns: an `invoke_agent` span each, under the session turn they ran in.
+    sub_turns: usize,
     chats: usize,
     chat_errors: usize,
     tools: BTreeMap<String, usize>,
@@ -297,8 +299,15 @@ impl Expected {
                 }
             }
         }
+        let sub_turns = t
+            .thread_turns
+            .iter()
+            .filter(|((agent, _), _)| agent == "researcher")
+            .map(|(_, v)| count(*v))
+            .sum();
         Expected {
             roots: n(&t.turns),
+            sub_turns,
             chats: n(&t.model_requests),
             chat_errors: n(&t.model_request_errors),
             tools,
@@ -315,7 +324,12 @@ impl Expected {
     }
 
     fn total(&self) -> usize {
-        self.roots + self.chats + self.tools.values().sum::<usize>()
+        self.turns() + self.chats + self.tools.values().sum::<usize>()
+    }
+
+    /// Closed turns of sessions and sub-agents: each a batch of the outbox.
+    fn turns(&self) -> usize {
+        self.roots + self.sub_turns
     }
 }
 
@@ -346,6 +360,21 @@ fn check_spans(spans: &[Span], want: &Expected) {
         .collect();
     assert_eq!(roots.len(), want.roots, "one root span per turn");
     assert!(roots.iter().all(|r| r.name.starts_with("invoke_agent ")));
+    // A sub-agent's turn hangs under the session turn it ran in, in that turn's trace.
+    let sub_turns: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name.starts_with("invoke_agent ") && !s.parent.is_empty())
+        .collect();
+    assert_eq!(sub_turns.len(), want.sub_turns, "one span per sub-agent turn");
+    for s in &sub_turns {
+        assert_eq!(s.name, "invoke_agent researcher");
+        assert!(
+            roots
+                .iter()
+                .any(|r| r.trace == s.trace && r.id == s.parent),
+            "a sub-agent turn's parent is a session turn of its trace"
+        );
+    }
     assert_eq!(chats.len(), want.chats, "one chat span per model request");
     assert_eq!(spans.len(), want.total(), "no other spans");
     let mut tool_counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -363,8 +392,10 @@ fn check_spans(spans: &[Span], want: &Expected) {
         tool_counts, want.tools,
         "one execute_tool span per tool call"
     );
+    // Turn spans (sessions' and sub-agents') are what request, tool and sub-agent spans hang on.
     let root_of: BTreeMap<(&str, &str), &Span> = roots
         .iter()
+        .chain(sub_turns.iter())
         .map(|r| ((r.trace.as_str(), r.id.as_str()), *r))
         .collect();
     let traces: BTreeSet<&str> = roots.iter().map(|r| r.trace.as_str()).collect();
@@ -636,7 +667,7 @@ async fn a_dead_endpoint_blocks_nothing_and_the_outbox_catches_up() {
     assert_eq!(p.spans_exported.get(), 0);
     assert_eq!(
         p.span_outbox_turns.get(),
-        want.roots as i64,
+        want.turns() as i64,
         "every closed turn waits"
     );
     // The endpoint comes back: everything waiting arrives, once.
@@ -713,9 +744,15 @@ async fn a_full_outbox_drops_oldest_first_and_counts_it() {
         rx.received.spans().len()
     );
     assert_eq!(p.spans_exported.get() + dropped(), total);
-    // What survived is the newest five turns, complete.
+    // What survived is the newest five turns (of sessions or sub-agents), complete.
     let spans = rx.received.spans();
-    assert_eq!(spans.iter().filter(|s| s.parent.is_empty()).count(), 5);
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|s| s.name.starts_with("invoke_agent "))
+            .count(),
+        5
+    );
     assert_eq!(spans.len() as u64, p.spans_exported.get());
 }
 
