@@ -216,6 +216,11 @@ pub struct Flags {
     /// trailing number (a StatefulSet pod `qoder-exporter-2` is shard 2) [default: 0]
     #[arg(long = "shard.index", env = "QODER_SHARD_INDEX", global = true)]
     pub shard_index: Option<String>,
+    /// Per-session series (`qoder_session_info`, `qoder_session_credits`,
+    /// `qoder_session_budget_credits`) for at most this many of the most recently active
+    /// sessions; 0 turns them off [default: 100]
+    #[arg(long = "metrics.session-series-limit", env = "QODER_METRICS_SESSION_SERIES_LIMIT", global = true)]
+    pub session_series_limit: Option<usize>,
     /// Send the `qoder-workspace-id` header with every request (a workspace-scoped token)
     #[arg(long = "qoder.workspace-id", env = "QODER_WORKSPACE_ID", global = true)]
     pub workspace_id: Option<String>,
@@ -268,6 +273,14 @@ pub struct FileConfig {
     pub shard: ShardSection,
     #[serde(default)]
     pub cost: CostSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MetricsSection {
+    pub session_series_limit: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -543,6 +556,8 @@ pub struct Settings {
     pub workspace_id: Option<String>,
     /// `--cost.credit-price` and `--cost.currency`: `None`, credits only.
     pub credit_price: Option<CreditPrice>,
+    /// `--metrics.session-series-limit`.
+    pub session_series_limit: usize,
     /// `None`: traces off.
     pub otlp: Option<OtlpSettings>,
     pub shard: Shard,
@@ -658,6 +673,10 @@ impl Settings {
             otlp,
             workspace_id,
             credit_price,
+            session_series_limit: flags
+                .session_series_limit
+                .or(file.metrics.session_series_limit)
+                .unwrap_or(crate::sinks::metrics::DEFAULT_SESSION_SERIES_LIMIT),
             api_url,
             pat,
             pat_file,

@@ -169,6 +169,8 @@ pub enum EventKind {
     },
     /// `session.usage`: a cumulative snapshot of the session's billed usage.
     Usage(UsageSnapshot),
+    /// `session.updated` with a budget: the session's credit budget from now on.
+    BudgetUpdated(f64),
     /// `session.thread_created`: a sub-agent started in thread `thread`.
     ThreadCreated {
         thread: String,
@@ -305,6 +307,10 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
                 None => EventKind::Other,
             }
         }
+        "session.updated" => match w.budget.as_ref().and_then(|b| b.credits()) {
+            Some(b) => EventKind::BudgetUpdated(b),
+            None => EventKind::Other,
+        },
         "session.thread_created" => match w.session_thread_id {
             Some(thread) => EventKind::ThreadCreated {
                 thread,

@@ -17,6 +17,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::event::{Event, UsageSnapshot};
 use crate::sinks::metrics::{Delta, Metrics};
+use crate::sinks::session_series::SessionView;
 use crate::source::wire::InvalidReason;
 use crate::state::{BatchWrite, StateError, StateStore, StoredSession};
 use tracker::{Applied, ClosedTurn, SessionState};
@@ -57,6 +58,8 @@ pub struct SessionMeta {
     pub status: Option<String>,
     /// The object's cumulative usage snapshot, applied after the batch's events.
     pub usage: Option<UsageSnapshot>,
+    /// The object's credit budget.
+    pub budget: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +197,9 @@ fn merge_meta(state: &mut SessionState, meta: SessionMeta) {
     }
     if let Some(s) = meta.status {
         state.status = s;
+    }
+    if meta.budget.is_some() {
+        state.budget_credits = meta.budget;
     }
 }
 
@@ -409,6 +415,8 @@ impl Pipeline {
             state: SessionState,
             old_status: String,
             cursor: Option<String>,
+            /// Events or a usage snapshot came: the session is active now.
+            active: bool,
         }
         let started = std::time::Instant::now();
         let mut delta = Delta::default();
@@ -429,12 +437,14 @@ impl Pipeline {
                         old_status: state.status.clone(),
                         state,
                         cursor: None,
+                        active: false,
                     });
                     touched.len() - 1
                 }
             };
             let t = &mut touched[pos];
             let usage = batch.meta.as_ref().and_then(|m| m.usage.clone());
+            t.active |= !batch.items.is_empty() || usage.is_some();
             if let Some(meta) = batch.meta {
                 merge_meta(&mut t.state, meta);
             }
@@ -535,6 +545,16 @@ impl Pipeline {
             }
         }
         for t in touched {
+            self.metrics.sessions.update(
+                &t.id,
+                SessionView {
+                    agent: t.state.agent.clone(),
+                    status: t.state.status.clone(),
+                    credits: t.state.billed_credits(),
+                    budget: t.state.budget_credits,
+                },
+                t.active,
+            );
             self.set_status(&t.old_status, &t.state.status);
             self.sessions.insert(t.id, t.state);
         }

@@ -62,6 +62,9 @@ pub struct SessionState {
     /// turn closed under the turn it ran in.
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub recent_turns: VecDeque<TurnSpan>,
+    /// The session's credit budget (`budget.max_credit_cost`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_credits: Option<f64>,
     /// Set on a sub-agent thread's tracker: its id (names its turns apart from the session's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<String>,
@@ -482,6 +485,18 @@ impl SessionState {
             .apply(snapshot, SnapshotSource::Object, &self.agent, delta);
     }
 
+    /// Billed credits so far by kind, from the snapshots applied.
+    pub fn billed_credits(&self) -> BTreeMap<String, f64> {
+        self.usage
+            .applied
+            .iter()
+            .filter_map(|(k, v)| {
+                let kind = k.strip_prefix("credits:")?;
+                Some((kind.to_owned(), *v as f64 / crate::sinks::metrics::COUNTER_SCALE))
+            })
+            .collect()
+    }
+
     /// The threads whose streams need reading: running, or named since last read to the end.
     pub fn threads_to_read(&self) -> Vec<(String, Option<String>)> {
         self.threads
@@ -819,6 +834,7 @@ impl SessionState {
                     self.thread_status(session_id, ev, phase, delta, closed);
                 }
             }
+            EventKind::BudgetUpdated(b) => self.budget_credits = Some(*b),
             EventKind::Usage(_) | EventKind::ThreadCreated { .. } | EventKind::Other => {}
         }
         if let Some(turn) = &mut self.turn

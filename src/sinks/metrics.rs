@@ -700,6 +700,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub durable: std::sync::Arc<DurableMetrics>,
     pub process: ProcessMetrics,
+    /// The bounded per-session series.
+    pub sessions: std::sync::Arc<super::session_series::SessionSeries>,
     /// Serialises renders: the encoder's buffers are reused (see `render`).
     render_lock: std::sync::Arc<Mutex<()>>,
 }
@@ -713,10 +715,15 @@ impl Metrics {
         let process = ProcessMetrics::register(&registry)?;
         let durable = std::sync::Arc::new(DurableMetrics::new());
         registry.register(Box::new(DurableCollector(durable.clone())))?;
+        let sessions = std::sync::Arc::new(super::session_series::SessionSeries::new(
+            DEFAULT_SESSION_SERIES_LIMIT,
+        ));
+        registry.register(Box::new(SessionCollector(sessions.clone())))?;
         Ok(Metrics {
             registry,
             durable,
             process,
+            sessions,
             render_lock: std::sync::Arc::new(Mutex::new(())),
         })
     }
@@ -742,6 +749,22 @@ impl Metrics {
 }
 
 /// Registers the shared [`DurableMetrics`] in a registry.
+/// `--metrics.session-series-limit` when not given.
+pub const DEFAULT_SESSION_SERIES_LIMIT: usize = 100;
+
+#[derive(Debug)]
+struct SessionCollector(std::sync::Arc<super::session_series::SessionSeries>);
+
+impl Collector for SessionCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<proto::MetricFamily> {
+        self.0.collect()
+    }
+}
+
 #[derive(Debug)]
 struct DurableCollector(std::sync::Arc<DurableMetrics>);
 

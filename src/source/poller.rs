@@ -30,7 +30,7 @@ use crate::pipeline::{Batch, Item, PipelineHandle, SendError, SessionMeta};
 use crate::secret::Pat;
 use crate::sinks::metrics::ProcessMetrics;
 use crate::source::client::{ApiError, Client, backoff};
-use crate::source::wire::{self, ListCursor, Page, WireAgent, WireModel, WireSession};
+use crate::source::wire::{self, ListCursor, Page, WireAgent, WireBudget, WireModel, WireSession};
 use crate::state::StoredSession;
 
 #[derive(Debug, Clone)]
@@ -798,6 +798,7 @@ pub fn meta_of(s: &WireSession) -> SessionMeta {
             .usage
             .as_ref()
             .and_then(|u| UsageSnapshot::from_wire(u, None)),
+        budget: s.budget.as_ref().and_then(WireBudget::credits),
     }
 }
 

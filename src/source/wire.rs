@@ -143,6 +143,24 @@ impl WireUsage {
     }
 }
 
+/// `budget`: `{type: "limit", max_credit_cost: "25.00"}` (a decimal string of credits).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct WireBudget {
+    #[serde(default)]
+    pub max_credit_cost: Option<StrOrNum>,
+}
+
+impl WireBudget {
+    /// The budget in credits; `None` unless a finite, non-negative number.
+    pub fn credits(&self) -> Option<f64> {
+        let v: f64 = match self.max_credit_cost.as_ref()? {
+            StrOrNum::Str(s) => s.trim().parse().ok()?,
+            StrOrNum::Num(n) => n.as_f64()?,
+        };
+        (v.is_finite() && v >= 0.0).then_some(v)
+    }
+}
+
 /// Message content: a string (G1 list output) or content blocks (G2, G3).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -191,6 +209,9 @@ pub struct WireEvent {
     /// SDK 0.11: the thread an event belongs to (sub-agents run in threads).
     #[serde(default)]
     pub session_thread_id: Option<String>,
+    /// `session.updated`: the session's new budget.
+    #[serde(default)]
+    pub budget: Option<WireBudget>,
     /// In a `dump` file: the sub-agent thread whose stream the event was read from.
     #[serde(default, rename = "qoder_exporter_stream")]
     pub dump_stream: Option<String>,
@@ -404,6 +425,8 @@ pub struct WireSession {
     /// SDK 0.11 `SessionUsage`: the session's cumulative billed usage.
     #[serde(default)]
     pub usage: Option<WireUsage>,
+    #[serde(default)]
+    pub budget: Option<WireBudget>,
 }
 
 /// Decodes a session leniently (same two-step rule as events); `None` without an id.

@@ -51,6 +51,7 @@ pub fn settings(sim: &Sim, state: &Path) -> Settings {
         log_level: "warn".into(),
         workspace_id: None,
         credit_price: None,
+        session_series_limit: 100,
         otlp: None,
         shard: Default::default(),
     }

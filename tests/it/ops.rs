@@ -203,9 +203,13 @@ async fn a_real_prometheus_finds_data_for_every_panel_and_rule() {
     })
     .await;
     let dir = tempfile::tempdir().expect("dir");
-    let running = app::start(settings(&sim, &dir.path().join("s.db")))
-        .await
-        .expect("start");
+    // Priced, so the money panels and rules have data.
+    let mut s = settings(&sim, &dir.path().join("s.db"));
+    s.credit_price = Some(qoder_exporter::config::CreditPrice {
+        price: 0.01,
+        currency: "USD".into(),
+    });
+    let running = app::start(s).await.expect("start");
 
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
