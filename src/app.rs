@@ -132,7 +132,9 @@ pub async fn join_pipeline(pipeline: std::thread::JoinHandle<StateStore>) -> any
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let pat = settings.require_pat()?;
     let metrics = Metrics::new().context("metrics registry")?;
-    metrics.process.set_credit_price(settings.credit_price.as_ref());
+    metrics
+        .process
+        .set_credit_price(settings.credit_price.as_ref());
     metrics.sessions.set_limit(settings.session_series_limit);
     // Read before anything starts: a bad web config is a startup error.
     let web = match &settings.web_config_file {

@@ -219,7 +219,11 @@ pub struct Flags {
     /// Per-session series (`qoder_session_info`, `qoder_session_credits`,
     /// `qoder_session_budget_credits`) for at most this many of the most recently active
     /// sessions; 0 turns them off [default: 100]
-    #[arg(long = "metrics.session-series-limit", env = "QODER_METRICS_SESSION_SERIES_LIMIT", global = true)]
+    #[arg(
+        long = "metrics.session-series-limit",
+        env = "QODER_METRICS_SESSION_SERIES_LIMIT",
+        global = true
+    )]
     pub session_series_limit: Option<usize>,
     /// Send the `qoder-workspace-id` header with every request (a workspace-scoped token)
     #[arg(long = "qoder.workspace-id", env = "QODER_WORKSPACE_ID", global = true)]
@@ -298,12 +302,17 @@ pub struct CreditPrice {
 }
 
 impl CreditPrice {
-    fn resolve(price: Option<f64>, currency: Option<String>) -> anyhow::Result<Option<CreditPrice>> {
+    fn resolve(
+        price: Option<f64>,
+        currency: Option<String>,
+    ) -> anyhow::Result<Option<CreditPrice>> {
         let currency = currency.map(|c| c.trim().to_ascii_uppercase());
         if let Some(c) = &currency
             && !(c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()))
         {
-            anyhow::bail!("--cost.currency {c:?}: an ISO 4217 code of three letters (e.g. USD, CNY)");
+            anyhow::bail!(
+                "--cost.currency {c:?}: an ISO 4217 code of three letters (e.g. USD, CNY)"
+            );
         }
         match price {
             None if currency.is_some() => {

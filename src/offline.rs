@@ -443,8 +443,7 @@ async fn dump_stream(
         for raw in &page.data {
             let mut v: Value = serde_json::from_str(raw.get())?;
             if let Value::Object(m) = &mut v {
-                m.entry("session_id")
-                    .or_insert_with(|| Value::from(id));
+                m.entry("session_id").or_insert_with(|| Value::from(id));
                 if let Some(t) = thread {
                     m.insert(STREAM_FIELD.into(), Value::from(t));
                 }

@@ -76,7 +76,7 @@ pub type Ack<T> = oneshot::Sender<Result<T, StateError>>;
 
 #[derive(Debug)]
 pub enum Command {
-    Batch(Batch, Ack<BatchOutcome>),
+    Batch(Box<Batch>, Ack<BatchOutcome>),
     /// Several batches committed in one transaction (`replay`: one commit per many sessions).
     Batches(Vec<Batch>, Ack<Vec<BatchOutcome>>),
     /// The session is done (drained after termination, or gone): never read again.
@@ -143,7 +143,7 @@ impl PipelineHandle {
     }
 
     pub async fn batch(&self, batch: Batch) -> Result<BatchOutcome, SendError> {
-        self.call(|ack| Command::Batch(batch, ack)).await
+        self.call(|ack| Command::Batch(Box::new(batch), ack)).await
     }
 
     /// Applies what a session object says (agent, status, usage snapshot), committed like a
@@ -154,7 +154,7 @@ impl PipelineHandle {
             meta: Some(meta),
             ..Batch::default()
         };
-        self.call(|ack| Command::Batch(batch, ack)).await
+        self.call(|ack| Command::Batch(Box::new(batch), ack)).await
     }
 
     pub async fn finish(&self, id: String) -> Result<(), SendError> {
@@ -289,7 +289,7 @@ impl Pipeline {
                 .set(i64::try_from(rx.len()).unwrap_or(0));
             match cmd {
                 Command::Batch(batch, ack) => {
-                    let _ = ack.send(self.apply_batch(batch));
+                    let _ = ack.send(self.apply_batch(*batch));
                 }
                 Command::Batches(batches, ack) => {
                     let _ = ack.send(self.apply_group(batches));
@@ -456,7 +456,10 @@ impl Pipeline {
                             t.state
                                 .close_stale(&t.id, e.time_ns, max, &mut delta, &mut closed);
                         }
-                        match t.state.apply_from(&t.id, e, thread, &mut delta, &mut closed) {
+                        match t
+                            .state
+                            .apply_from(&t.id, e, thread, &mut delta, &mut closed)
+                        {
                             Applied::Duplicate => duplicates += 1,
                             Applied::Held => {}
                             Applied::DecreasingSnapshot => {

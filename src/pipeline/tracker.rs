@@ -336,7 +336,9 @@ impl SessionState {
             let applied = self.apply_own(session_id, ev, delta, closed);
             if applied == Applied::Counted
                 && let Some(snap) = session_snapshot(&ev.kind)
-                && self.usage.apply(snap, SnapshotSource::Event, &self.agent, delta)
+                && self
+                    .usage
+                    .apply(snap, SnapshotSource::Event, &self.agent, delta)
                     == SnapshotOutcome::Decreased
             {
                 return Applied::DecreasingSnapshot;
@@ -404,9 +406,7 @@ impl SessionState {
                 thread.tracker.agent = a.clone();
             }
         }
-        let applied = thread
-            .tracker
-            .apply_admitted(session_id, ev, delta, closed);
+        let applied = thread.tracker.apply_admitted(session_id, ev, delta, closed);
         if let Some(turn) = &mut thread.tracker.turn
             && turn.parent.is_none()
         {
@@ -492,7 +492,10 @@ impl SessionState {
             .iter()
             .filter_map(|(k, v)| {
                 let kind = k.strip_prefix("credits:")?;
-                Some((kind.to_owned(), *v as f64 / crate::sinks::metrics::COUNTER_SCALE))
+                Some((
+                    kind.to_owned(),
+                    *v as f64 / crate::sinks::metrics::COUNTER_SCALE,
+                ))
             })
             .collect()
     }

@@ -126,9 +126,11 @@ impl UsageState {
     ) -> SnapshotOutcome {
         let qs = quantities(snapshot, agent);
         if source == SnapshotSource::Event {
-            let decreased = qs
-                .iter()
-                .any(|q| self.last_event.get(&q.key).is_some_and(|last| q.value < *last));
+            let decreased = qs.iter().any(|q| {
+                self.last_event
+                    .get(&q.key)
+                    .is_some_and(|last| q.value < *last)
+            });
             if decreased {
                 return SnapshotOutcome::Decreased;
             }

@@ -589,7 +589,12 @@ async fn list_sessions(
         .filter(|s| s.created_step <= clock)
         .collect();
     if let Some(size) = st.session_page_tokens {
-        return token_page(&visible, q.get("page").map(String::as_str), limit.min(size), clock);
+        return token_page(
+            &visible,
+            q.get("page").map(String::as_str),
+            limit.min(size),
+            clock,
+        );
     }
     let (slice, has_more) = match cursor_slice(
         &visible,
@@ -637,7 +642,11 @@ fn token_page(visible: &[&SimSession], page: Option<&str>, limit: usize, clock: 
         "has_more": has_more,
         "next_page": has_more.then(|| format!("pg_{end}")),
     });
-    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn get_session(

@@ -202,11 +202,7 @@ impl Totals {
             ));
         }
         for (a, v) in &self.threads_created {
-            out.push((
-                "qoder_threads_created_total".into(),
-                l(&[("agent", a)]),
-                *v,
-            ));
+            out.push(("qoder_threads_created_total".into(), l(&[("agent", a)]), *v));
         }
         for ((t, a), v) in &self.tool_durations {
             out.push((
@@ -340,11 +336,7 @@ impl Writer<'_> {
         bump(&mut self.totals.credits, key, credits);
         let tool = TOOLS[self.rng.usize(0..TOOLS.len())];
         let is_error = self.rng.u32(0..4) == 0;
-        let use_id = self.emit_thread(
-            "agent.tool_use",
-            json!({"name": tool, "input": {}}),
-            true,
-        );
+        let use_id = self.emit_thread("agent.tool_use", json!({"name": tool, "input": {}}), true);
         self.emit_thread(
             "agent.tool_result",
             json!({"tool_use_id": use_id, "is_error": is_error}),
@@ -361,7 +353,11 @@ impl Writer<'_> {
             json!({"agent_name": agent, "stop_reason": {"type": "end_turn"}}),
             true,
         );
-        bump(&mut self.totals.thread_turns, (agent, "end_turn".into()), 1.0);
+        bump(
+            &mut self.totals.thread_turns,
+            (agent, "end_turn".into()),
+            1.0,
+        );
     }
 
     /// The session's usage grows with every turn; G3 reports it as a `session.usage` snapshot
@@ -414,7 +410,11 @@ impl Writer<'_> {
         ];
         for (kind, v) in pairs {
             if v > 0.0 {
-                bump(&mut self.totals.session_credits, (agent.clone(), kind.into()), v);
+                bump(
+                    &mut self.totals.session_credits,
+                    (agent.clone(), kind.into()),
+                    v,
+                );
             }
         }
         #[allow(clippy::cast_precision_loss, reason = "small counts")]
@@ -423,7 +423,11 @@ impl Writer<'_> {
             bump(&mut self.totals.active_seconds, agent.clone(), active);
         }
         if searches > 0.0 {
-            bump(&mut self.totals.server_tools, (agent, "web_search".into()), searches);
+            bump(
+                &mut self.totals.server_tools,
+                (agent, "web_search".into()),
+                searches,
+            );
         }
     }
 

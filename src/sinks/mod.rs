@@ -1,6 +1,6 @@
 //! Where the pipeline's results go: Prometheus metrics and OTLP traces.
 
 pub mod metrics;
-pub mod session_series;
 pub mod otlp;
+pub mod session_series;
 pub mod traces;

@@ -184,7 +184,11 @@ impl Collector for SessionSeries {
         let mut budget = Vec::new();
         for (id, v) in self.shown() {
             info.push(gauge(
-                &[("session_id", &id), ("agent", &v.agent), ("status", &v.status)],
+                &[
+                    ("session_id", &id),
+                    ("agent", &v.agent),
+                    ("status", &v.status),
+                ],
                 1.0,
             ));
             for (kind, c) in &v.credits {
@@ -231,7 +235,8 @@ mod tests {
             s.update_at(id, view(1.0), true, t0 + Duration::from_secs(i as u64));
         }
         let at = |secs| t0 + Duration::from_secs(secs);
-        let shown = |now| -> Vec<String> { s.shown_at(now).into_iter().map(|(id, _)| id).collect() };
+        let shown =
+            |now| -> Vec<String> { s.shown_at(now).into_iter().map(|(id, _)| id).collect() };
         assert_eq!(shown(at(3)), ["s2", "s3"]);
         // s1 is active again: it is shown, the least recent (s2) is not.
         s.update_at("s1", view(2.0), true, at(4));

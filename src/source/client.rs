@@ -16,9 +16,9 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER
 use reqwest::{StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 
-use crate::source::wire::ListCursor;
 use crate::secret::Pat;
 use crate::sinks::metrics::ProcessMetrics;
+use crate::source::wire::ListCursor;
 
 /// The endpoints, as the `endpoint` label names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +148,6 @@ pub struct ClientConfig {
     pub workspace_id: Option<String>,
 }
 
-
 impl ClientConfig {
     /// The client the settings ask for (timeouts, body cap, request budget).
     pub fn from_settings(s: &crate::config::Settings) -> ClientConfig {
@@ -232,8 +231,9 @@ impl Client {
         // The events URL answers as an SSE stream to `text/event-stream` (since 2026-08-24).
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         if let Some(w) = &config.workspace_id {
-            let value = HeaderValue::from_str(w)
-                .map_err(|_| anyhow::anyhow!("--qoder.workspace-id {w:?}: not a valid header value"))?;
+            let value = HeaderValue::from_str(w).map_err(|_| {
+                anyhow::anyhow!("--qoder.workspace-id {w:?}: not a valid header value")
+            })?;
             headers.insert("qoder-workspace-id", value);
         }
         let http = reqwest::Client::builder()

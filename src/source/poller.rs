@@ -179,7 +179,7 @@ impl JobOutput {
 
 #[derive(Debug)]
 enum Done {
-    Session(JobOutput),
+    Session(Box<JobOutput>),
     /// The listing ended (its pages went to the poller one by one as they came).
     Discovery(Result<(), ApiError>),
 }
@@ -507,7 +507,7 @@ impl Poller {
                         gap,
                         cancel: &cancel,
                     };
-                    Done::Session(read_session(&ctx, input).await)
+                    Done::Session(Box::new(read_session(&ctx, input).await))
                 });
                 if probe_only {
                     break;
@@ -530,7 +530,7 @@ impl Poller {
             }
             tokio::select! {
                 Some(done) = jobs.join_next() => match done {
-                    Ok(Done::Session(out)) => self.on_session(out),
+                    Ok(Done::Session(out)) => self.on_session(*out),
                     Ok(Done::Discovery(result)) => {
                         while let Ok(found) = list_rx.try_recv() {
                             self.on_listed(found);
@@ -551,7 +551,7 @@ impl Poller {
         // stopped half-way loses nothing, but one that finishes saves a re-read.
         while let Some(done) = jobs.join_next().await {
             if let Ok(Done::Session(out)) = done {
-                self.on_session(out);
+                self.on_session(*out);
             }
         }
     }

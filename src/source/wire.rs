@@ -345,7 +345,8 @@ impl Page<'_> {
                     Some(ListCursor::AfterId(a)) => Some(a.as_str()),
                     _ => None,
                 };
-                self.next_cursor(last_seen, current).map(ListCursor::AfterId)
+                self.next_cursor(last_seen, current)
+                    .map(ListCursor::AfterId)
             }
         }
     }

@@ -30,9 +30,14 @@ pub async fn sim_with(cfg: SimConfig) -> Sim {
 
 /// Settings for an in-process exporter against `sim`, fast timings, state at `state`.
 pub fn settings(sim: &Sim, state: &Path) -> Settings {
+    settings_for(&sim.base_url(), &sim.token(), state)
+}
+
+/// Settings for an in-process exporter against the API at `api_url`.
+pub fn settings_for(api_url: &str, token: &str, state: &Path) -> Settings {
     Settings {
-        api_url: sim.base_url(),
-        pat: Pat::new(&sim.token()),
+        api_url: api_url.to_owned(),
+        pat: Pat::new(token),
         pat_file: None,
         sessions: Vec::new(),
         poll_interval: Duration::from_millis(100),
@@ -128,7 +133,7 @@ pub fn get(series: &Series, name: &str) -> f64 {
 }
 
 /// The event-derived families whose every series must match the totals.
-const EVENT_FAMILIES: [&str; 11] = [
+const EVENT_FAMILIES: [&str; 17] = [
     "qoder_events_total",
     "qoder_tokens_total",
     "qoder_credits_total",
@@ -140,6 +145,12 @@ const EVENT_FAMILIES: [&str; 11] = [
     "qoder_tool_calls_total",
     "qoder_tool_call_errors_total",
     "qoder_session_errors_total",
+    "qoder_session_credits_total",
+    "qoder_session_active_seconds_total",
+    "qoder_server_tool_uses_total",
+    "qoder_thread_turns_total",
+    "qoder_threads_created_total",
+    "qoder_tool_call_duration_seconds_count",
 ];
 
 /// Every event-derived series equals the totals, and there is no series the totals lack.

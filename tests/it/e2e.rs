@@ -541,3 +541,59 @@ async fn new_sessions_are_noticed_within_one_discovery_interval() {
     assert!(took < interval * 2 + Duration::from_millis(500), "{took:?}");
     running.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_list_paged_by_token_is_read_to_its_end() {
+    // SDK 0.11 lists: `next_page` tokens, three a page, and `after_id` ignored (it would give
+    // the first page again and again). Every session is found and counted once.
+    let sim = sim_with(SimConfig {
+        scenario: ScenarioConfig {
+            seed: 41,
+            sessions: 14,
+            ..ScenarioConfig::default()
+        },
+        session_page_tokens: Some(3),
+        ..SimConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+    // Exact totals: every session of every page was read, none twice.
+    let series = wait_exact(running.addr, &sim.totals, WAIT).await;
+    assert!(
+        sim.stats().sessions_requests.load(Ordering::Relaxed) >= 5,
+        "five pages"
+    );
+    assert!(
+        get(&series, "qoder_session_credits_total") > 0.0,
+        "billed credits of the listed sessions"
+    );
+    running.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_without_sub_agents_cost_no_thread_requests() {
+    // Only every other G3 session runs a sub-agent (the third of each six); with two sessions
+    // there is none, and no thread stream may be asked for.
+    let sim = sim(ScenarioConfig {
+        seed: 12,
+        sessions: 2,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    assert!(sim.sessions().iter().all(|s| s.threads.is_empty()));
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+    wait_exact(running.addr, &sim.totals, WAIT).await;
+    assert_eq!(
+        sim.stats().thread_events_requests.load(Ordering::Relaxed),
+        0
+    );
+    running.stop().await.expect("stops");
+}

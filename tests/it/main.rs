@@ -6,5 +6,6 @@ mod common;
 mod e2e;
 mod ops;
 mod props;
+mod sdk;
 mod traces;
 mod web;

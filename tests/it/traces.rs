@@ -365,13 +365,15 @@ fn check_spans(spans: &[Span], want: &Expected) {
         .iter()
         .filter(|s| s.name.starts_with("invoke_agent ") && !s.parent.is_empty())
         .collect();
-    assert_eq!(sub_turns.len(), want.sub_turns, "one span per sub-agent turn");
+    assert_eq!(
+        sub_turns.len(),
+        want.sub_turns,
+        "one span per sub-agent turn"
+    );
     for s in &sub_turns {
         assert_eq!(s.name, "invoke_agent researcher");
         assert!(
-            roots
-                .iter()
-                .any(|r| r.trace == s.trace && r.id == s.parent),
+            roots.iter().any(|r| r.trace == s.trace && r.id == s.parent),
             "a sub-agent turn's parent is a session turn of its trace"
         );
     }
