@@ -21,6 +21,9 @@ fn main() -> anyhow::Result<()> {
     for s in &log {
         let mut obj = s.object.clone();
         obj.insert("type".into(), "session".into());
+        if let Some((_, usage)) = s.usage.last() {
+            obj.insert("usage".into(), usage.clone());
+        }
         serde_json::to_writer(&mut out, &obj)?;
         out.write_all(b"\n")?;
         for e in &s.events {
@@ -30,6 +33,18 @@ fn main() -> anyhow::Result<()> {
             }
             serde_json::to_writer(&mut out, &v)?;
             out.write_all(b"\n")?;
+        }
+        // Sub-agent threads' streams, marked as `dump` marks them.
+        for t in &s.threads {
+            for e in &t.events {
+                let mut v: serde_json::Value = serde_json::from_str(&e.json)?;
+                if let Some(m) = v.as_object_mut() {
+                    m.entry("session_id").or_insert_with(|| s.id.clone().into());
+                    m.insert("qoder_exporter_stream".into(), t.id.clone().into());
+                }
+                serde_json::to_writer(&mut out, &v)?;
+                out.write_all(b"\n")?;
+            }
         }
     }
     out.flush()?;
