@@ -165,10 +165,11 @@ pub enum EventKind {
         stop_reason: Option<String>,
         tokens: Option<Tokens>,
         /// SDK 0.11 may put a cumulative session snapshot here instead of the turn's tokens.
-        snapshot: Option<UsageSnapshot>,
+        /// Boxed, as in `Usage`: rare, and every event would otherwise carry its size.
+        snapshot: Option<Box<UsageSnapshot>>,
     },
     /// `session.usage`: a cumulative snapshot of the session's billed usage.
-    Usage(UsageSnapshot),
+    Usage(Box<UsageSnapshot>),
     /// `session.updated` with a budget: the session's credit budget from now on.
     BudgetUpdated(f64),
     /// `session.thread_created`: a sub-agent started in thread `thread`.
@@ -281,7 +282,8 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
                 .usage
                 .as_ref()
                 .filter(|u| u.is_snapshot())
-                .and_then(|u| UsageSnapshot::from_wire(u, None));
+                .and_then(|u| UsageSnapshot::from_wire(u, None))
+                .map(Box::new);
             EventKind::Idle {
                 stop_reason: w
                     .stop_reason
@@ -303,7 +305,7 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
                 ..WireUsage::default()
             };
             match UsageSnapshot::from_wire(&top, w.usage.as_ref()) {
-                Some(s) => EventKind::Usage(s),
+                Some(s) => EventKind::Usage(Box::new(s)),
                 None => EventKind::Other,
             }
         }

@@ -23,7 +23,7 @@ use axum::routing::get;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-pub use scenario::{Generation, ScenarioConfig, SimSession, SimThread, Totals, generate};
+pub use scenario::{Generation, ScenarioConfig, SimEvent, SimSession, SimThread, Totals, generate};
 
 /// The faults the simulator can inject, each on a share of requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -722,14 +722,19 @@ async fn list_events(
             "after_id is not a known event",
         );
     }
-    let visible: Vec<_> = s.events.iter().filter(|e| e.step <= clock).collect();
-    let (slice, has_more) = match cursor_slice(
-        &visible,
-        |e| &e.id,
-        after.as_deref(),
-        before.as_deref(),
-        limit,
-    ) {
+    events_page(&s.events, clock, after.as_deref(), before.as_deref(), limit)
+}
+
+/// The page of a stream's events visible at `clock` that a cursor selects.
+fn events_page(
+    events: &[SimEvent],
+    clock: u64,
+    after: Option<&str>,
+    before: Option<&str>,
+    limit: usize,
+) -> Response {
+    let visible: Vec<_> = events.iter().filter(|e| e.step <= clock).collect();
+    let (slice, has_more) = match cursor_slice(&visible, |e| &e.id, after, before, limit) {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -763,20 +768,13 @@ async fn list_thread_events(
     else {
         return error(StatusCode::NOT_FOUND, "not_found_error", "thread not found");
     };
-    let visible: Vec<_> = thread.events.iter().filter(|e| e.step <= clock).collect();
-    let (slice, has_more) = match cursor_slice(
-        &visible,
-        |e| &e.id,
+    events_page(
+        &thread.events,
+        clock,
         after.as_deref(),
         before.as_deref(),
         limit,
-    ) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let items = slice.iter().map(|e| e.json.clone()).collect();
-    let ids: Vec<&str> = slice.iter().map(|e| e.id.as_str()).collect();
-    page(items, &ids, has_more)
+    )
 }
 
 #[cfg(test)]

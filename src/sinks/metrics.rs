@@ -518,6 +518,27 @@ pub struct ProcessMetrics {
     pub credit_price: GaugeVec,
 }
 
+/// The `reason` values of `qoder_exporter_api_request_failures_total`: a fixed set, so every
+/// endpoint × reason series exists at zero from the first scrape (alerts over `rate()` and
+/// `increase()` see a failure's first occurrence).
+pub const FAILURE_REASONS: [&str; 15] = [
+    "timeout",
+    "connect",
+    "status_400",
+    "status_401",
+    "status_403",
+    "status_404",
+    "status_413",
+    "status_429",
+    "status_4xx",
+    "status_529",
+    "status_5xx",
+    "too_large",
+    "body",
+    "decode",
+    "transport",
+];
+
 /// The API endpoints, as the `endpoint` label names them.
 pub const ENDPOINTS: [&str; 4] = ["sessions", "session", "events", "thread_events"];
 
@@ -663,6 +684,9 @@ impl ProcessMetrics {
         // Series that alerts rate() over exist from the start, at zero.
         for e in ENDPOINTS {
             m.api_requests.with_label_values(&[e]);
+            for r in FAILURE_REASONS {
+                m.api_failures.with_label_values(&[e, r]);
+            }
         }
         for r in [
             "not_object",

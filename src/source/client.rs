@@ -567,6 +567,28 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_is_pre_created() {
+        use crate::sinks::metrics::FAILURE_REASONS;
+        for status in [400, 403, 404, 408, 413, 418, 429, 500, 503, 529] {
+            let e = ApiError::Status {
+                status,
+                error_type: None,
+                message: None,
+                retry_after: None,
+            };
+            assert!(FAILURE_REASONS.contains(&e.reason()), "{status}");
+        }
+        for e in [
+            ApiError::Timeout,
+            ApiError::Unauthorized { error_type: None },
+            ApiError::TooLarge { limit: 1 },
+            ApiError::Decode("x".into()),
+        ] {
+            assert!(FAILURE_REASONS.contains(&e.reason()), "{e}");
+        }
+    }
+
+    #[test]
     fn reasons_are_a_small_fixed_set() {
         let s = |status| ApiError::Status {
             status,

@@ -133,7 +133,7 @@ struct JobInput {
     threads: Vec<(String, Option<String>)>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct JobOutput {
     id: String,
     cursor: Option<String>,
@@ -154,27 +154,6 @@ struct JobOutput {
     usage_sent: Option<UsageSnapshot>,
     /// Threads still to read after this job (`None`: unchanged).
     threads: Option<Vec<(String, Option<String>)>>,
-}
-
-impl JobOutput {
-    fn empty() -> JobOutput {
-        JobOutput {
-            id: String::new(),
-            cursor: None,
-            consumed: 0,
-            status: None,
-            meta_sent: false,
-            usage_sent: None,
-            new_events: 0,
-            more: false,
-            gone: false,
-            error: None,
-            stopped: false,
-            store_failed: false,
-            listed_updated: None,
-            threads: None,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -886,17 +865,8 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
         id: input.id.clone(),
         cursor: input.cursor.clone(),
         consumed: input.consumed,
-        status: None,
-        meta_sent: false,
-        usage_sent: None,
-        new_events: 0,
-        more: false,
-        gone: false,
-        error: None,
-        stopped: false,
-        store_failed: false,
         listed_updated: input.listed_updated.clone(),
-        threads: None,
+        ..JobOutput::default()
     };
     let id = input.id.as_str();
     let mut threads = input.threads.clone();
@@ -1100,7 +1070,7 @@ async fn read_stream(
                     out.new_events += n;
                 }
                 Err(e) => {
-                    *out = stopped_or_failed(std::mem::replace(out, JobOutput::empty()), e);
+                    *out = stopped_or_failed(std::mem::take(out), e);
                     return threads;
                 }
             }
