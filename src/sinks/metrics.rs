@@ -739,6 +739,12 @@ impl Metrics {
         let process = ProcessMetrics::register(&registry)?;
         let durable = std::sync::Arc::new(DurableMetrics::new());
         registry.register(Box::new(DurableCollector(durable.clone())))?;
+        // `process_*` (CPU, resident memory, open and maximum file descriptors, start time),
+        // as every Prometheus exporter has them: from the first scrape.
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let sessions = std::sync::Arc::new(super::session_series::SessionSeries::new(
             DEFAULT_SESSION_SERIES_LIMIT,
         ));
@@ -907,6 +913,28 @@ mod tests {
         m.publish(m.stage(&d));
         assert_eq!(m.counter(Family::Events, &["t00", "a"]), 2.0);
         assert_eq!(m.counter(Family::Events, &["other", "a"]), 7.0);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_fresh_registry_has_the_process_families_and_every_failure_series() {
+        let metrics = Metrics::new().expect("metrics");
+        let (text, _) = metrics.render(false);
+        let text = String::from_utf8(text).expect("utf8");
+        for family in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+        }
+        let failures = text
+            .lines()
+            .filter(|l| l.starts_with("qoder_exporter_api_request_failures_total{"))
+            .count();
+        assert_eq!(failures, ENDPOINTS.len() * FAILURE_REASONS.len());
     }
 
     #[test]
