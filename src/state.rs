@@ -510,6 +510,7 @@ mod tests {
                 span_events: vec![],
                 messages: vec![],
                 parent: None,
+                error_code: None,
             },
             end_ns: None,
             end: crate::pipeline::tracker::TurnEnd::Terminated,

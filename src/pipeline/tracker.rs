@@ -147,6 +147,9 @@ pub struct Turn {
     /// A sub-agent's turn: the session turn it ran in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentTurn>,
+    /// `error.qoder_error_code` of the error that failed the turn (diagnostic, SDK 0.11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
 }
 
 /// A captured message of a turn (opt-in), already truncated.
@@ -703,6 +706,7 @@ impl SessionState {
                     }
                     if retry_status.ends_turn() {
                         turn.failed = Some((error_type.clone(), ev.time_ns));
+                        turn.error_code.clone_from(code);
                     }
                 }
                 if *retry_status == RetryStatus::Terminal {
@@ -909,6 +913,7 @@ impl SessionState {
             span_events: Vec::new(),
             messages: Vec::new(),
             parent: None,
+            error_code: None,
         });
     }
 

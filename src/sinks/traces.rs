@@ -212,6 +212,10 @@ pub fn turn_spans(t: &ClosedTurn, scope: &InstrumentationScope) -> Option<Vec<Sp
     let status = match failed {
         Some(error_type) => {
             attrs.push(KeyValue::new(semconv::ERROR_TYPE, error_type.clone()));
+            // Diagnostic only (SDK 0.11): an attribute, never a label.
+            if let Some(code) = &turn.error_code {
+                attrs.push(KeyValue::new("qoder.error.code", code.clone()));
+            }
             Status::error(format!("the turn ended with a {error_type} error"))
         }
         None => Status::Unset,
@@ -448,6 +452,7 @@ mod tests {
                 }],
                 messages: Vec::new(),
                 parent: None,
+                error_code: None,
             },
             end_ns: Some(5_000_000_000),
             end,
@@ -541,6 +546,16 @@ mod tests {
         assert_eq!(
             attr(&spans[0], "error.type").map(ToString::to_string),
             Some("overloaded".into())
+        );
+        assert_eq!(attr(&spans[0], "qoder.error.code"), None, "none reported");
+        let mut t = closed(TurnEnd::Failed {
+            error_type: "overloaded".into(),
+        });
+        t.turn.error_code = Some("QCA-5291".into());
+        let spans = turn_spans(&t, &scope()).expect("timed");
+        assert_eq!(
+            attr(&spans[0], "qoder.error.code").map(ToString::to_string),
+            Some("QCA-5291".into())
         );
     }
 
