@@ -146,6 +146,7 @@ impl Feeder<'_> {
             bad_fields: p.bad_fields,
             meta: p.meta,
             at_end: self.at_end,
+            thread_gone: false,
         });
         if self.group_events >= GROUP_EVENTS {
             self.send_group()?;

@@ -41,6 +41,8 @@ pub struct Batch {
     pub thread: Option<String>,
     /// The stream was read to its end with this batch (a thread is then clean until named).
     pub at_end: bool,
+    /// The thread is gone (404): its stream has ended for good.
+    pub thread_gone: bool,
     pub items: Vec<Item>,
     pub cursor: Option<String>,
     /// Fields dropped for having the wrong shape (the events themselves were kept).
@@ -490,6 +492,7 @@ impl Pipeline {
                     tracker::ThreadRead {
                         cursor: batch.cursor.clone(),
                         at_end: batch.at_end,
+                        gone: batch.thread_gone,
                         items: &batch.items,
                     },
                     &mut delta,

@@ -113,6 +113,8 @@ const RECENT_TURNS: usize = 8;
 pub struct ThreadRead<'a> {
     pub cursor: Option<String>,
     pub at_end: bool,
+    /// The thread is gone: nothing more will come, running or not.
+    pub gone: bool,
     pub items: &'a [super::Item],
 }
 
@@ -526,6 +528,7 @@ impl SessionState {
         let ThreadRead {
             cursor,
             at_end,
+            gone,
             items,
         } = read;
         if at_end {
@@ -557,6 +560,9 @@ impl SessionState {
         }
         if at_end {
             thread.dirty = false;
+        }
+        if gone {
+            thread.active = false;
         }
         thread.tracker.consumed
     }
@@ -1137,6 +1143,74 @@ mod tests {
         }
         m.publish(m.stage(&delta));
         (m, closed)
+    }
+
+    fn ev(raw: &str) -> Event {
+        Event::from_wire(decode_event(raw).expect("valid").event)
+    }
+
+    #[test]
+    fn a_cross_post_counts_once_whichever_stream_shows_it_and_a_gone_thread_releases_it() {
+        let created = ev(
+            r#"{"id":"c","type":"session.thread_created","session_thread_id":"t1","agent_name":"sub"}"#,
+        );
+        let tool_use =
+            r#"{"id":"x","type":"agent.tool_use","name":"Read","session_thread_id":"t1"}"#;
+        let idle = r#"{"id":"i","type":"session.thread_status_idle","session_thread_id":"t1","agent_name":"sub","stop_reason":{"type":"end_turn"}}"#;
+        let m = DurableMetrics::new();
+        let mut d = Delta::default();
+        let mut closed = Vec::new();
+        // Session stream first: the cross-posts are held, then the thread's stream shows them.
+        let mut s = SessionState::new("coord".into());
+        s.apply("s", &created, &mut d, &mut closed);
+        assert_eq!(
+            s.apply("s", &ev(tool_use), &mut d, &mut closed),
+            Applied::Held
+        );
+        assert_eq!(s.apply("s", &ev(idle), &mut d, &mut closed), Applied::Held);
+        for raw in [tool_use, idle] {
+            assert_eq!(
+                s.apply_from("s", &ev(raw), Some("t1"), &mut d, &mut closed),
+                Applied::Counted
+            );
+        }
+        assert_eq!(
+            s.threads["t1"].tracker.consumed, 2,
+            "consumed from the thread's stream"
+        );
+        assert_eq!(s.consumed, 3, "and from the session's");
+        // Thread's stream first: the session stream's copies are duplicates.
+        let mut s2 = SessionState::new("coord".into());
+        s2.apply("s", &created, &mut d, &mut closed);
+        for raw in [tool_use, idle] {
+            s2.apply_from("s", &ev(raw), Some("t1"), &mut d, &mut closed);
+            assert_eq!(
+                s2.apply("s", &ev(raw), &mut d, &mut closed),
+                Applied::Duplicate
+            );
+        }
+        // A thread that is gone: what was held counts as it is, and it is not read again.
+        let mut s3 = SessionState::new("coord".into());
+        s3.apply("s", &created, &mut d, &mut closed);
+        s3.apply("s", &ev(tool_use), &mut d, &mut closed);
+        assert_eq!(s3.threads_to_read().len(), 1);
+        let read = ThreadRead {
+            cursor: None,
+            at_end: true,
+            gone: true,
+            items: &[],
+        };
+        s3.thread_read("s", "t1", read, &mut d, &mut closed);
+        assert!(s3.threads_to_read().is_empty());
+        m.publish(m.stage(&d));
+        assert_eq!(
+            m.counter(Family::ToolCalls, &["Read", "sub"]),
+            3.0,
+            "once per session"
+        );
+        assert_eq!(m.counter(Family::ThreadTurns, &["sub", "end_turn"]), 2.0);
+        assert_eq!(m.counter(Family::ThreadsCreated, &["sub"]), 3.0);
+        assert_eq!(m.counter(Family::ToolCalls, &["Read", "coord"]), 0.0);
     }
 
     const G1_TURN: &[&str] = &[

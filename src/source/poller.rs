@@ -998,8 +998,25 @@ async fn read_stream(
                 continue;
             }
             Err(e) if thread.is_some() && e.status() == Some(404) => {
-                // A thread that is gone has nothing more to read; the session goes on.
-                tracing::info!(session = id, thread, "thread is gone (404)");
+                // A thread that is gone has nothing more to read: its stream ends here, so
+                // what the session's stream cross-posted of it counts as it is, and it is not
+                // asked for again until the session's stream names it.
+                tracing::info!(
+                    session = id,
+                    thread,
+                    "thread is gone (404); its stream ends here"
+                );
+                let end = Batch {
+                    session_id: id.to_owned(),
+                    thread: thread.map(str::to_owned),
+                    at_end: true,
+                    thread_gone: true,
+                    ..Batch::default()
+                };
+                match ctx.pipeline.batch(end).await {
+                    Ok(outcome) => threads = Some(outcome.threads),
+                    Err(e) => *out = stopped_or_failed(std::mem::take(out), e),
+                }
                 return threads;
             }
             Err(e) => {
@@ -1054,6 +1071,7 @@ async fn read_stream(
                 session_id: id.to_owned(),
                 thread: thread.map(str::to_owned),
                 at_end: !has_more,
+                thread_gone: false,
                 items,
                 cursor: next_cursor.clone(),
                 bad_fields,
