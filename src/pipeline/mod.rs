@@ -151,12 +151,12 @@ impl PipelineHandle {
     /// Applies what a session object says (agent, status, usage snapshot), committed like a
     /// batch: a usage snapshot moves durable counters.
     pub async fn meta(&self, id: String, meta: SessionMeta) -> Result<BatchOutcome, SendError> {
-        let batch = Batch {
+        self.batch(Batch {
             session_id: id,
             meta: Some(meta),
             ..Batch::default()
-        };
-        self.call(|ack| Command::Batch(Box::new(batch), ack)).await
+        })
+        .await
     }
 
     pub async fn finish(&self, id: String) -> Result<(), SendError> {
@@ -475,11 +475,10 @@ impl Pipeline {
                             }
                         }
                     }
-                    Item::Invalid(_) if thread.is_some() => {}
-                    Item::Invalid(_) => t.state.consumed += 1,
-                }
-                if let Item::Invalid(reason) = item {
-                    *invalid.entry(reason.as_label()).or_default() += 1;
+                    Item::Invalid(reason) => {
+                        t.state.skip_unreadable(thread);
+                        *invalid.entry(reason.as_label()).or_default() += 1;
+                    }
                 }
             }
             if let Some(snapshot) = &usage {
@@ -493,7 +492,6 @@ impl Pipeline {
                         cursor: batch.cursor.clone(),
                         at_end: batch.at_end,
                         gone: batch.thread_gone,
-                        items: &batch.items,
                     },
                     &mut delta,
                     &mut closed,

@@ -110,12 +110,11 @@ const RECENT_TURNS: usize = 8;
 
 /// What a batch of a thread's stream did to the stream's position.
 #[derive(Debug)]
-pub struct ThreadRead<'a> {
+pub struct ThreadRead {
     pub cursor: Option<String>,
     pub at_end: bool,
     /// The thread is gone: nothing more will come, running or not.
     pub gone: bool,
-    pub items: &'a [super::Item],
 }
 
 /// The session turn a thread's turn ran in: its trace, and the span it hangs under.
@@ -515,13 +514,13 @@ impl SessionState {
     }
 
     /// Records that a batch of thread `tid`'s stream was applied: its cursor (when it moved),
-    /// its unreadable items, and whether the stream was read to its end. Returns the events
+    /// and whether the stream was read to its end (or is gone). Returns the events
     /// consumed from that stream so far.
     pub fn thread_read(
         &mut self,
         session_id: &str,
         tid: &str,
-        read: ThreadRead<'_>,
+        read: ThreadRead,
         delta: &mut Delta,
         closed: &mut Vec<ClosedTurn>,
     ) -> u64 {
@@ -529,7 +528,6 @@ impl SessionState {
             cursor,
             at_end,
             gone,
-            items,
         } = read;
         if at_end {
             // Read to its end without showing them: the cross-posts count as they are.
@@ -550,11 +548,6 @@ impl SessionState {
         let Some(thread) = self.threads.get_mut(tid) else {
             return 0;
         };
-        let unreadable = items
-            .iter()
-            .filter(|i| matches!(i, super::Item::Invalid(_)))
-            .count();
-        thread.tracker.consumed += unreadable as u64;
         if cursor.is_some() {
             thread.cursor = cursor;
         }
@@ -565,6 +558,19 @@ impl SessionState {
             thread.active = false;
         }
         thread.tracker.consumed
+    }
+
+    /// An event of a stream (the session's, or thread `thread`'s) that could not be read: it
+    /// is consumed from that stream all the same, so a re-read skips it.
+    pub fn skip_unreadable(&mut self, thread: Option<&str>) {
+        match thread {
+            None => self.consumed += 1,
+            Some(t) => {
+                if let Some(th) = self.threads.get_mut(t) {
+                    th.tracker.consumed += 1;
+                }
+            }
+        }
     }
 
     /// One readable event of this tracker's own stream.
@@ -1198,7 +1204,6 @@ mod tests {
             cursor: None,
             at_end: true,
             gone: true,
-            items: &[],
         };
         s3.thread_read("s", "t1", read, &mut d, &mut closed);
         assert!(s3.threads_to_read().is_empty());
