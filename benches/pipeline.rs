@@ -17,6 +17,7 @@ fn pages() -> (Vec<String>, Vec<(String, Vec<Event>)>) {
         max_turns: 20,
         stagger: 0,
         hostile: false,
+        sub_agents: true,
     });
     let mut pages = Vec::new();
     let mut decoded = Vec::new();

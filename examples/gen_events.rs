@@ -16,9 +16,20 @@ fn main() -> anyhow::Result<()> {
         max_turns,
         stagger: 0,
         hostile: false,
+        sub_agents: true,
     });
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut agents_written = std::collections::HashSet::new();
     for s in &log {
+        // An agent named by id alone: its object first, as `dump` writes it.
+        if let Some(id) = s.object.get("agent_id").and_then(|v| v.as_str())
+            && agents_written.insert(id.to_owned())
+            && let Some(mut agent) = qoder_exporter::sim::agent_object(id)
+        {
+            agent["type"] = "agent".into();
+            serde_json::to_writer(&mut out, &agent)?;
+            out.write_all(b"\n")?;
+        }
         let mut obj = s.object.clone();
         obj.insert("type".into(), "session".into());
         if let Some((_, usage)) = s.usage.last() {

@@ -9,6 +9,8 @@
 //! the exporter and the fake API to one core together, or set `LOAD_PIN=1` to pin only the
 //! exporter to CPU 1.
 //! `idle`: after the catch-up, CPU share, requests per minute and RSS while every session idles.
+//! `active SESSIONS SECONDS`: the log grows one step a second; requests per hour by endpoint.
+//! `LOAD_NO_THREADS=1`: no session runs a sub-agent; `LOAD_SDK_LIST=1`: the SDK 0.11 list.
 
 #![allow(
     clippy::print_stdout,
@@ -111,6 +113,19 @@ fn free_port() -> u16 {
         .expect("port")
 }
 
+/// Requests per hour since `before`, in all and per endpoint.
+fn per_hour(before: &[(&'static str, u64); 6], sim: &Sim, secs: f64) -> String {
+    let now = sim.stats().by_endpoint();
+    let rate = |n: u64| n as f64 / secs * 3600.0;
+    let parts: Vec<String> = now
+        .iter()
+        .zip(before)
+        .map(|((name, n), (_, b))| format!("{name} {:.0}", rate(n - b)))
+        .collect();
+    let total: u64 = now.iter().zip(before).map(|((_, n), (_, b))| n - b).sum();
+    format!("{:.0} ({})", rate(total), parts.join(", "))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -118,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
     let mode = args.first().cloned().unwrap_or_else(|| "backfill".into());
     let sessions = usize::try_from(arg(1, 500))?;
     let turns = usize::try_from(arg(2, 20))?;
-    let third = if mode == "idle" {
+    let third = if mode == "idle" || mode == "active" {
         arg(2, 60)
     } else {
         arg(3, 64)
@@ -131,13 +146,20 @@ async fn main() -> anyhow::Result<()> {
                 max_turns: if mode == "idle" { 2 } else { turns },
                 stagger: 0,
                 hostile: false,
+                sub_agents: std::env::var_os("LOAD_NO_THREADS").is_none(),
             },
+            // `active`: the log grows one step a second, as sessions work.
+            step_interval: (mode == "active").then_some(Duration::from_secs(1)),
+            // LOAD_SDK_LIST=1: the SDK 0.11 session list (page tokens, `statuses[]` honoured).
+            session_page_tokens: std::env::var_os("LOAD_SDK_LIST").map(|_| 100),
             ..SimConfig::default()
         },
         "127.0.0.1:0".parse()?,
     )
     .await?;
-    sim.release_all();
+    if mode != "active" {
+        sim.release_all();
+    }
     let total = sim.totals.event_count();
     let dir = tempfile::tempdir()?;
     let port = free_port();
@@ -201,10 +223,12 @@ async fn main() -> anyhow::Result<()> {
             let caught_up = started.elapsed().as_secs_f64();
             let followed = metric(addr, "qoder_sessions").await;
             let (cpu0, req0, t0) = (cpu_seconds(pid), sim.stats().total(), Instant::now());
+            let by0 = sim.stats().by_endpoint();
             tokio::time::sleep(Duration::from_secs(seconds)).await;
             let secs = t0.elapsed().as_secs_f64();
             let cpu = cpu_seconds(pid) - cpu0;
             let reqs = sim.stats().total() - req0;
+            println!("idle requests per hour: {}", per_hour(&by0, &sim, secs));
             // /metrics with every session followed: 200 scrapes, one at a time.
             let scraper = reqwest::Client::new();
             let mut times = Vec::new();
@@ -234,7 +258,25 @@ async fn main() -> anyhow::Result<()> {
             );
             drop(child);
         }
-        other => anyhow::bail!("unknown mode {other}: backfill or idle"),
+        "active" => {
+            let seconds = third;
+            let extra = std::env::var("LOAD_ARGS").unwrap_or_default();
+            let extra: Vec<&str> = extra.split_whitespace().collect();
+            let child = spawn(&sim, port, &extra, dir.path());
+            let by0 = sim.stats().by_endpoint();
+            let t0 = Instant::now();
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            let secs = t0.elapsed().as_secs_f64();
+            let counted = metric(addr, "qoder_events_total").await;
+            let running = metric(addr, "qoder_sessions{status=\"running\"}").await
+                + metric(addr, "qoder_sessions{status=\"processing\"}").await;
+            println!(
+                "active: {sessions} sessions growing one step a second, {counted} events counted in {secs:.0} s, {running} running at the end; requests per hour: {}",
+                per_hour(&by0, &sim, secs)
+            );
+            drop(child);
+        }
+        other => anyhow::bail!("unknown mode {other}: backfill, idle or active"),
     }
     sim.stop();
     Ok(())

@@ -123,6 +123,7 @@ async fn demo_run(mut settings: Settings, d: DemoFlags) -> anyhow::Result<()> {
                 max_turns: 5,
                 stagger: 20,
                 hostile: false,
+                sub_agents: true,
             },
             step_interval: Some(Duration::from_secs(1)),
             ..SimConfig::default()

@@ -20,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{Core, join_pipeline, stop_shipper};
 use crate::config::{DumpFlags, ReplayFlags, Settings};
 use crate::event::Event;
+use crate::pipeline::tracker::ListedThread;
 use crate::pipeline::{Batch, BatchOutcome, Item, PipelineHandle};
 use crate::sinks::metrics::Metrics;
-use crate::source::client::{Client, ClientConfig, TokenSource};
+use crate::source::client::{Client, ClientConfig, ListScope, TokenSource};
 use crate::source::poller::meta_of;
 use crate::source::wire::{self, ListCursor, Page};
 use crate::state::StateError;
@@ -83,6 +84,7 @@ struct Pending {
     items: Vec<Item>,
     bad_fields: u32,
     meta: Option<crate::pipeline::SessionMeta>,
+    threads_listed: Vec<ListedThread>,
 }
 
 /// Groups lines into per-session batches and keeps a window of them in flight.
@@ -104,6 +106,8 @@ struct Feeder<'a> {
     waited: Duration,
     /// The input is read to its end: every stream's last batch says so.
     at_end: bool,
+    /// Agent names from the file's agent lines, for sessions that name their agent by id.
+    agent_names: HashMap<String, String>,
 }
 
 impl Feeder<'_> {
@@ -129,7 +133,7 @@ impl Feeder<'_> {
             let session = p.session.clone();
             self.flush(&session)?;
         }
-        if p.items.is_empty() && p.meta.is_none() {
+        if p.items.is_empty() && p.meta.is_none() && p.threads_listed.is_empty() {
             return Ok(());
         }
         self.buffered -= p.items.len();
@@ -147,6 +151,7 @@ impl Feeder<'_> {
             meta: p.meta,
             at_end: self.at_end,
             thread_gone: false,
+            threads_listed: p.threads_listed,
         });
         if self.group_events >= GROUP_EVENTS {
             self.send_group()?;
@@ -197,6 +202,40 @@ impl Feeder<'_> {
                 return Ok(());
             }
         };
+        match decoded.event.kind.as_deref() {
+            Some(AGENT_LINE) => {
+                if let Ok(wire::WireAgentObject {
+                    id: Some(id),
+                    name: Some(name),
+                }) = serde_json::from_str(raw)
+                {
+                    self.agent_names.insert(id, name);
+                } else {
+                    self.invalid("missing_id");
+                }
+                return Ok(());
+            }
+            Some(THREAD_LINE) => {
+                let thread = serde_json::from_str::<wire::WireThread>(raw).ok();
+                let (Some(t), Some(session)) = (thread, decoded.event.session_id.clone()) else {
+                    self.invalid("missing_session_id");
+                    return Ok(());
+                };
+                let (Some(tid), Some(_)) = (t.id.clone(), t.parent_thread_id.as_ref()) else {
+                    return Ok(());
+                };
+                let listed = ListedThread {
+                    id: tid,
+                    agent: t.agent_name().map(str::to_owned),
+                    updated_at: t.updated_at.clone(),
+                };
+                let p = self.pending.entry(session.clone()).or_default();
+                p.session = session;
+                p.threads_listed.push(listed);
+                return Ok(());
+            }
+            _ => {}
+        }
         if decoded.event.kind.as_deref() == Some("session") {
             let Some(s) = wire::decode_session(raw) else {
                 self.invalid("missing_id");
@@ -211,7 +250,15 @@ impl Feeder<'_> {
             }
             let p = self.pending.entry(id.clone()).or_default();
             p.session = id;
-            p.meta = Some(meta_of(&s));
+            let mut meta = meta_of(&s);
+            if meta.agent_name.is_none() {
+                meta.agent_name = meta
+                    .agent_id
+                    .as_ref()
+                    .and_then(|a| self.agent_names.get(a))
+                    .cloned();
+            }
+            p.meta = Some(meta);
             return Ok(());
         }
         let Some(session) = decoded.event.session_id.clone().filter(|s| !s.is_empty()) else {
@@ -259,6 +306,12 @@ fn stream_key(session: &str, thread: Option<&str>) -> String {
         None => session.to_owned(),
     }
 }
+
+/// A dump line holding an agent object (`GET /agents/{id}`), written before the first
+/// session that names the agent by id only.
+const AGENT_LINE: &str = "agent";
+/// A dump line holding a thread object of a session's thread list (`session_id` set).
+const THREAD_LINE: &str = "session_thread";
 
 /// The line field that marks an event of a sub-agent thread's stream in a dump.
 const STREAM_FIELD: &str = "qoder_exporter_stream";
@@ -309,6 +362,7 @@ fn feed(
         summary: ReplaySummary::default(),
         waited: Duration::ZERO,
         at_end: false,
+        agent_names: HashMap::new(),
     };
     let mut buf = Vec::with_capacity(64 * 1024);
     for path in files {
@@ -394,7 +448,9 @@ async fn session_ids(client: &Client, settings: &Settings) -> anyhow::Result<Vec
     let mut cursor: Option<ListCursor> = None;
     let mut visited = std::collections::HashSet::new();
     loop {
-        let body = client.list_sessions(cursor.as_ref()).await?;
+        let body = client
+            .list_sessions(cursor.as_ref(), ListScope::All)
+            .await?;
         let page: Page<'_> = serde_json::from_slice(&body).context("listing sessions")?;
         let mut last = None;
         for raw in &page.data {
@@ -469,6 +525,60 @@ async fn dump_stream(
     Ok(threads)
 }
 
+/// Writes agent `id`'s object as an agent line, when the API has one.
+async fn dump_agent(client: &Client, id: &str, out: &mut dyn Write) -> anyhow::Result<()> {
+    match client.get_agent(id).await {
+        Ok(body) => {
+            let mut v: Map<String, Value> =
+                serde_json::from_slice(&body).with_context(|| format!("agent {id}"))?;
+            v.insert("type".into(), Value::from(AGENT_LINE));
+            v.entry("id").or_insert_with(|| Value::from(id));
+            write_line(out, &Value::Object(v))
+        }
+        Err(e) if e.status() == Some(404) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("agent {id}")),
+    }
+}
+
+/// Writes session `id`'s thread list as thread lines; returns its sub-agent threads.
+async fn dump_thread_list(
+    client: &Client,
+    id: &str,
+    out: &mut dyn Write,
+) -> anyhow::Result<Vec<String>> {
+    let mut threads = Vec::new();
+    let mut page_token: Option<String> = None;
+    let mut visited = std::collections::HashSet::new();
+    loop {
+        let body = match client.list_threads(id, page_token.as_deref()).await {
+            Ok(b) => b,
+            Err(e) if e.status() == Some(404) => return Ok(threads),
+            Err(e) => return Err(e).with_context(|| format!("threads of {id}")),
+        };
+        let page: Page<'_> =
+            serde_json::from_slice(&body).with_context(|| format!("threads of {id}"))?;
+        for raw in &page.data {
+            let mut v: Map<String, Value> = serde_json::from_str(raw.get())?;
+            v.insert("type".into(), Value::from(THREAD_LINE));
+            v.insert("session_id".into(), Value::from(id));
+            let sub = v.get("parent_thread_id").is_some_and(|p| !p.is_null());
+            if let Some(tid) = v.get("id").and_then(Value::as_str)
+                && sub
+            {
+                threads.push(tid.to_owned());
+            }
+            write_line(out, &Value::Object(v))?;
+        }
+        match page.next_page {
+            Some(next) if page.has_more.unwrap_or(false) && visited.insert(next.clone()) => {
+                page_token = Some(next);
+            }
+            _ => break,
+        }
+    }
+    Ok(threads)
+}
+
 /// Writes the sessions' events as JSON Lines.
 pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> {
     let pat = settings.require_pat()?;
@@ -488,6 +598,7 @@ pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> 
     let started = Instant::now();
     let ids = session_ids(&client, settings).await?;
     let (mut events, mut sessions) = (0u64, 0u64);
+    let mut agents_written = std::collections::HashSet::new();
     for id in &ids {
         let body = match client.get_session(id).await {
             Ok(b) => b,
@@ -501,11 +612,30 @@ pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> 
             serde_json::from_slice(&body).with_context(|| format!("session {id}"))?;
         obj.insert("type".into(), Value::from("session"));
         obj.entry("id").or_insert_with(|| Value::from(id.as_str()));
+        let session = wire::decode_session(&Value::Object(obj.clone()).to_string());
+        let meta = session.as_ref().map(meta_of).unwrap_or_default();
+        // An agent named by id alone: its object goes first, so replay labels it by name.
+        if meta.agent_name.is_none()
+            && let Some(agent_id) = meta.agent_id.as_deref()
+            && agents_written.insert(agent_id.to_owned())
+        {
+            dump_agent(&client, agent_id, &mut out).await?;
+        }
         write_line(&mut out, &Value::Object(obj))?;
         sessions += 1;
-        // The session's stream names its sub-agent threads; each thread's stream follows it,
-        // its lines marked with the thread so replay reads them as that stream.
-        let threads = dump_stream(&client, id, None, &mut out, &mut events).await?;
+        // A coordinator's thread list, then the session's stream (which names its sub-agent
+        // threads too); each thread's stream follows, its lines marked with the thread so
+        // replay reads them as that stream.
+        let mut threads = if meta.multiagent {
+            dump_thread_list(&client, id, &mut out).await?
+        } else {
+            Vec::new()
+        };
+        for t in dump_stream(&client, id, None, &mut out, &mut events).await? {
+            if !threads.contains(&t) {
+                threads.push(t);
+            }
+        }
         for tid in &threads {
             dump_stream(&client, id, Some(tid), &mut out, &mut events).await?;
         }

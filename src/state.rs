@@ -74,6 +74,16 @@ pub struct BatchWrite<'a> {
     pub closed_turns: &'a [ClosedTurn],
 }
 
+/// An agent's name learned, and the series and sessions it moves from the id to the name.
+#[derive(Debug)]
+pub struct AgentRelabel<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub remove: &'a [SeriesKey],
+    pub put: &'a [(SeriesKey, SeriesValue)],
+    pub sessions: &'a [(String, SessionState)],
+}
+
 #[derive(Debug)]
 pub struct StateStore {
     conn: Connection,
@@ -188,6 +198,10 @@ impl StateStore {
             CREATE TABLE IF NOT EXISTS outbox (
                 seq  INTEGER PRIMARY KEY AUTOINCREMENT,
                 turn TEXT NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS agents (
+                id   TEXT PRIMARY KEY,
+                name TEXT NOT NULL
             );",
         )?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
@@ -249,6 +263,49 @@ impl StateStore {
             ));
         }
         Ok(out)
+    }
+
+    /// The agent directory: agent id → name, as learned from objects that show both.
+    pub fn load_agents(&self) -> Result<Vec<(String, String)>, StateError> {
+        let mut stmt = self.conn.prepare("SELECT id, name FROM agents")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Commits a learned agent name and the relabelling it causes, in one transaction: the
+    /// directory entry, the merged series (`put`) and the ones merged away (`remove`), and
+    /// the sessions whose label changed.
+    pub fn commit_agent(&mut self, r: &AgentRelabel<'_>) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO agents (id, name) VALUES (?1, ?2)
+             ON CONFLICT(id) DO UPDATE SET name = excluded.name",
+            params![r.id, r.name],
+        )?;
+        {
+            let mut del =
+                tx.prepare_cached("DELETE FROM series WHERE family = ?1 AND labels = ?2")?;
+            for (family, labels) in r.remove {
+                del.execute(params![family.name(), serde_json::to_string(labels)?])?;
+            }
+            let mut put = tx.prepare_cached(
+                "INSERT INTO series (family, labels, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(family, labels) DO UPDATE SET value = excluded.value",
+            )?;
+            for ((family, labels), value) in r.put {
+                put.execute(params![
+                    family.name(),
+                    serde_json::to_string(labels)?,
+                    serde_json::to_string(value)?
+                ])?;
+            }
+            let mut session = tx.prepare_cached("UPDATE sessions SET state = ?2 WHERE id = ?1")?;
+            for (id, state) in r.sessions {
+                session.execute(params![id, serde_json::to_string(state)?])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Records a session before its first batch (its agent and model), or updates them.

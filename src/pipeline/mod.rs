@@ -49,6 +49,8 @@ pub struct Batch {
     pub bad_fields: u32,
     /// Session metadata to apply before the items, in the same transaction (`replay`).
     pub meta: Option<SessionMeta>,
+    /// The session's sub-agent threads as its thread list shows them, applied before the items.
+    pub threads_listed: Vec<tracker::ListedThread>,
 }
 
 /// What the poller learns from a session object.
@@ -62,6 +64,8 @@ pub struct SessionMeta {
     pub usage: Option<UsageSnapshot>,
     /// The object's credit budget.
     pub budget: Option<f64>,
+    /// The agent is a coordinator of sub-agents (`agent.multiagent`).
+    pub multiagent: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +207,7 @@ fn merge_meta(state: &mut SessionState, meta: SessionMeta) {
     if meta.budget.is_some() {
         state.budget_credits = meta.budget;
     }
+    state.multiagent |= meta.multiagent;
 }
 
 /// The pipeline stage and its state.
@@ -210,6 +215,9 @@ fn merge_meta(state: &mut SessionState, meta: SessionMeta) {
 pub struct Pipeline {
     store: StateStore,
     sessions: HashMap<String, SessionState>,
+    /// Agent id → name, durable: a session that names its agent by id alone is counted under
+    /// the name when any object has shown both.
+    agents: HashMap<String, String>,
     metrics: Metrics,
     /// Traces on: where closed turns go.
     outbox: Option<OutboxConfig>,
@@ -236,6 +244,7 @@ impl Pipeline {
             .span_outbox_turns
             .set(i64::try_from(outbox_len).unwrap_or(i64::MAX));
         let stored = store.load_sessions()?;
+        let agents = store.load_agents()?.into_iter().collect();
         let mut sessions = HashMap::new();
         for s in &stored {
             if !s.finished {
@@ -251,6 +260,7 @@ impl Pipeline {
             Pipeline {
                 store,
                 sessions,
+                agents,
                 metrics,
                 outbox,
                 outbox_len,
@@ -400,6 +410,59 @@ impl Pipeline {
         }
     }
 
+    /// Records that agent `id` is called `name`. Where the id was used as the `agent` label
+    /// (a session that named its agent by id alone, read before any object showed the name),
+    /// its series and sessions move to the name in one transaction: one agent, one label.
+    /// The counters' sum is unchanged; the name's series steps up by what the id's had.
+    fn learn_agent(&mut self, id: &str, name: &str) -> Result<(), StateError> {
+        if id == name || self.agents.get(id).is_some_and(|n| n == name) {
+            return Ok(());
+        }
+        let relabel = self.metrics.durable.stage_relabel(id, name);
+        let sessions: Vec<(String, SessionState)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.agent == id)
+            .map(|(sid, s)| {
+                let mut s = s.clone();
+                name.clone_into(&mut s.agent);
+                (sid.clone(), s)
+            })
+            .collect();
+        self.store.commit_agent(&crate::state::AgentRelabel {
+            id,
+            name,
+            remove: &relabel.remove,
+            put: &relabel.put,
+            sessions: &sessions,
+        })?;
+        if !relabel.remove.is_empty() || !sessions.is_empty() {
+            tracing::info!(
+                agent_id = id,
+                agent = name,
+                series = relabel.remove.len(),
+                sessions = sessions.len(),
+                "agent name learned: what was counted under its id now counts under its name"
+            );
+        }
+        self.metrics.durable.publish_relabel(relabel);
+        self.agents.insert(id.to_owned(), name.to_owned());
+        for (sid, state) in sessions {
+            self.metrics.sessions.update(
+                &sid,
+                SessionView {
+                    agent: state.agent.clone(),
+                    status: state.status.clone(),
+                    credits: state.billed_credits(),
+                    budget: state.budget_credits,
+                },
+                false,
+            );
+            self.sessions.insert(sid, state);
+        }
+        Ok(())
+    }
+
     fn apply_batch(&mut self, batch: Batch) -> Result<BatchOutcome, StateError> {
         let mut out = self.apply_group(vec![batch])?;
         Ok(out.pop().unwrap_or(BatchOutcome {
@@ -421,6 +484,13 @@ impl Pipeline {
             active: bool,
         }
         let started = std::time::Instant::now();
+        // Names first: a batch's events are counted under the agent's name when any object
+        // of the group shows it, never under its id first.
+        for meta in batches.iter().filter_map(|b| b.meta.as_ref()) {
+            if let (Some(id), Some(name)) = (&meta.agent_id, &meta.agent_name) {
+                self.learn_agent(id, name)?;
+            }
+        }
         let mut delta = Delta::default();
         let mut closed: Vec<ClosedTurn> = Vec::new();
         let mut invalid: HashMap<&'static str, u64> = HashMap::new();
@@ -447,8 +517,18 @@ impl Pipeline {
             let t = &mut touched[pos];
             let usage = batch.meta.as_ref().and_then(|m| m.usage.clone());
             t.active |= !batch.items.is_empty() || usage.is_some();
-            if let Some(meta) = batch.meta {
+            if let Some(mut meta) = batch.meta {
+                if meta.agent_name.is_none() {
+                    meta.agent_name = meta
+                        .agent_id
+                        .as_ref()
+                        .and_then(|id| self.agents.get(id))
+                        .cloned();
+                }
                 merge_meta(&mut t.state, meta);
+            }
+            for listed in &batch.threads_listed {
+                t.state.thread_listed(listed);
             }
             let thread = batch.thread.as_deref();
             for item in &batch.items {
@@ -563,5 +643,142 @@ impl Pipeline {
             self.sessions.insert(t.id, t.state);
         }
         Ok(outcomes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::metrics::Family;
+    use crate::source::wire;
+
+    fn event(raw: &str) -> Item {
+        Item::Event(Event::from_wire(
+            wire::decode_event(raw).expect("event").event,
+        ))
+    }
+
+    fn request(id: &str) -> Item {
+        event(&format!(
+            r#"{{"id":"{id}","type":"span.model_request_end","model_usage":{{"credits":1.5,"input_tokens":10}}}}"#
+        ))
+    }
+
+    fn meta(id: Option<&str>, name: Option<&str>) -> SessionMeta {
+        SessionMeta {
+            agent_id: id.map(str::to_owned),
+            agent_name: name.map(str::to_owned),
+            model: Some("qwen".to_owned()),
+            ..SessionMeta::default()
+        }
+    }
+
+    fn batch(session: &str, meta: SessionMeta, items: Vec<Item>) -> Batch {
+        let cursor = items.iter().rev().find_map(|i| match i {
+            Item::Event(e) => Some(e.id.clone()),
+            Item::Invalid(_) => None,
+        });
+        Batch {
+            session_id: session.to_owned(),
+            meta: Some(meta),
+            items,
+            cursor,
+            ..Batch::default()
+        }
+    }
+
+    fn requests(m: &Metrics, agent: &str) -> f64 {
+        m.durable.counter(Family::ModelRequests, &[agent, "qwen"])
+    }
+
+    #[test]
+    fn an_agent_counted_under_its_id_moves_to_its_name_once_and_for_good() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("s.db");
+        {
+            let metrics = Metrics::new().expect("metrics");
+            let store = StateStore::open(&path).expect("store");
+            let (mut p, _) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+            // A session that names its agent by id alone, before anything names it.
+            p.apply_batch(batch(
+                "s1",
+                meta(Some("agent_7"), None),
+                vec![request("e1")],
+            ))
+            .expect("commit");
+            assert_eq!(requests(&metrics, "agent_7"), 1.0);
+            // Another session of the same agent shows its name: what the id had moves to it,
+            // the sum is unchanged, and the id's series are gone.
+            p.apply_batch(batch(
+                "s2",
+                meta(Some("agent_7"), Some("triage")),
+                vec![request("e2")],
+            ))
+            .expect("commit");
+            assert_eq!(requests(&metrics, "triage"), 2.0);
+            assert_eq!(requests(&metrics, "agent_7"), 0.0);
+            assert_eq!(metrics.durable.total(Family::ModelRequests), 2.0);
+            assert_eq!(
+                p.sessions.get("s1").map(|s| s.agent.as_str()),
+                Some("triage")
+            );
+            // Learning it again changes nothing.
+            p.apply_batch(batch("s2", meta(Some("agent_7"), Some("triage")), vec![]))
+                .expect("commit");
+            assert_eq!(requests(&metrics, "triage"), 2.0);
+        }
+        // After a restart the name is known before anything is counted: a new id-only session
+        // counts under the name, and the stored series hold the merged values.
+        let metrics = Metrics::new().expect("metrics");
+        let store = StateStore::open(&path).expect("store");
+        let (mut p, stored) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+        assert!(stored.iter().all(|s| s.state.agent == "triage"));
+        assert_eq!(requests(&metrics, "triage"), 2.0);
+        p.apply_batch(batch(
+            "s3",
+            meta(Some("agent_7"), None),
+            vec![request("e3")],
+        ))
+        .expect("commit");
+        assert_eq!(requests(&metrics, "triage"), 3.0);
+        assert_eq!(requests(&metrics, "agent_7"), 0.0);
+    }
+
+    #[test]
+    fn histograms_merge_bucket_by_bucket() {
+        let dir = tempfile::tempdir().expect("dir");
+        let metrics = Metrics::new().expect("metrics");
+        let store = StateStore::open(&dir.path().join("s.db")).expect("store");
+        let (mut p, _) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+        let tool = |id: &str, use_at: &str, result_at: &str| {
+            vec![
+                event(&format!(
+                    r#"{{"id":"{id}u","type":"agent.tool_use","name":"Read","processed_at":"{use_at}"}}"#
+                )),
+                event(&format!(
+                    r#"{{"id":"{id}r","type":"agent.tool_result","tool_use_id":"{id}u","processed_at":"{result_at}"}}"#
+                )),
+            ]
+        };
+        p.apply_batch(batch(
+            "s1",
+            meta(Some("agent_7"), None),
+            tool("a", "2026-10-01T00:00:00Z", "2026-10-01T00:00:02Z"),
+        ))
+        .expect("commit");
+        p.apply_batch(batch(
+            "s2",
+            meta(Some("agent_7"), Some("triage")),
+            tool("b", "2026-10-01T00:00:00Z", "2026-10-01T00:00:30Z"),
+        ))
+        .expect("commit");
+        let text = String::from_utf8(metrics.render(false).0).expect("utf8");
+        assert!(
+            text.contains(
+                r#"qoder_tool_call_duration_seconds_count{agent="triage",tool="Read"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("agent_7"), "{text}");
     }
 }

@@ -65,6 +65,9 @@ pub struct SessionState {
     /// The session's credit budget (`budget.max_credit_cost`), when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_credits: Option<f64>,
+    /// The session's agent is a coordinator (`agent.multiagent`): its thread list is read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub multiagent: bool,
     /// Set on a sub-agent thread's tracker: its id (names its turns apart from the session's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<String>,
@@ -93,8 +96,20 @@ pub struct ThreadState {
     /// thread's own stream shows them in their order; applied as they are if it never does.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<Event>,
+    /// `updated_at` of the thread object when the thread list last showed it: a listing
+    /// that shows another value means the thread changed and its stream is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listed_updated: Option<String>,
     /// The thread's own state machine; its `agent` is the sub-agent's name.
     pub tracker: SessionState,
+}
+
+/// A sub-agent thread as `GET /sessions/{id}/threads` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListedThread {
+    pub id: String,
+    pub agent: Option<String>,
+    pub updated_at: Option<String>,
 }
 
 /// A closed session turn: which turn, and when it ran (event time).
@@ -438,6 +453,32 @@ impl SessionState {
             .rev()
             .find(|t| t.start_ns.is_some_and(|s| s <= at) && t.end_ns.is_none_or(|e| at <= e))
             .map(|t| t.turn.clone())
+    }
+
+    /// What the thread list says: a thread not known yet is registered (and read once); a
+    /// known one whose object changed since the last listing is read again. Whether a
+    /// listing shows it or not, `qoder_threads_created_total` counts `session.thread_created`
+    /// events only, so a thread is never counted twice.
+    pub fn thread_listed(&mut self, listed: &ListedThread) {
+        if !self.threads.contains_key(&listed.id) {
+            self.add_thread(&listed.id, listed.agent.clone());
+            if let Some(t) = self.threads.get_mut(&listed.id) {
+                t.active = false;
+                t.listed_updated.clone_from(&listed.updated_at);
+            }
+            return;
+        }
+        if let Some(t) = self.threads.get_mut(&listed.id) {
+            if let Some(a) = &listed.agent
+                && t.tracker.agent == "unknown"
+            {
+                t.tracker.agent.clone_from(a);
+            }
+            if listed.updated_at.is_none() || t.listed_updated != listed.updated_at {
+                t.dirty = true;
+                t.listed_updated.clone_from(&listed.updated_at);
+            }
+        }
     }
 
     /// Registers a sub-agent thread (bounded: past the limit, its events stay the session's).
@@ -1479,5 +1520,43 @@ mod tests {
         let json = serde_json::to_string(&s).expect("ser");
         let back: SessionState = serde_json::from_str(&json).expect("de");
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn a_listed_thread_is_read_once_new_and_again_only_when_it_changed() {
+        let mut s = SessionState::new("coordinator".into());
+        let listed = |updated: &str| ListedThread {
+            id: "sthr_2".into(),
+            agent: Some("researcher".into()),
+            updated_at: Some(updated.into()),
+        };
+        // Not announced on the session's stream: the listing registers it, to be read once.
+        s.thread_listed(&listed("t1"));
+        assert_eq!(s.threads_to_read(), vec![("sthr_2".to_owned(), None)]);
+        assert_eq!(s.threads["sthr_2"].tracker.agent, "researcher");
+        let (mut delta, mut closed) = (Delta::default(), Vec::new());
+        s.thread_read(
+            "sess_1",
+            "sthr_2",
+            ThreadRead {
+                cursor: Some("e9".into()),
+                at_end: true,
+                gone: false,
+            },
+            &mut delta,
+            &mut closed,
+        );
+        assert!(s.threads_to_read().is_empty(), "read to its end: clean");
+        // The same listing again: unchanged, not read.
+        s.thread_listed(&listed("t1"));
+        assert!(s.threads_to_read().is_empty());
+        // Its object changed: read again from its cursor.
+        s.thread_listed(&listed("t2"));
+        assert_eq!(
+            s.threads_to_read(),
+            vec![("sthr_2".to_owned(), Some("e9".to_owned()))]
+        );
+        // A listing never counts a thread as created (only `session.thread_created` does).
+        assert!(delta.is_empty());
     }
 }

@@ -23,7 +23,9 @@ use axum::routing::get;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-pub use scenario::{Generation, ScenarioConfig, SimEvent, SimSession, SimThread, Totals, generate};
+pub use scenario::{
+    Generation, ScenarioConfig, SimEvent, SimSession, SimThread, Totals, agent_object, generate,
+};
 
 /// The faults the simulator can inject, each on a share of requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +87,11 @@ pub struct SimConfig {
     /// Page the session list as SDK 0.11 does: an opaque `next_page` token, `page=` to follow
     /// it, and `after_id` ignored (the first page again), with at most this many a page.
     pub session_page_tokens: Option<usize>,
+    /// Serve `GET /agents/{id}` (off: 404, as an API without agent objects answers).
+    pub agents_endpoint: bool,
+    /// Answer 400 to a session listing with `include_archived` or `statuses[]` (an API that
+    /// validates its parameters and knows neither).
+    pub reject_list_filters: bool,
 }
 
 impl Default for SimConfig {
@@ -98,6 +105,8 @@ impl Default for SimConfig {
             slow_delay: Duration::from_secs(3),
             step_interval: None,
             session_page_tokens: None,
+            agents_endpoint: true,
+            reject_list_filters: false,
         }
     }
 }
@@ -109,6 +118,9 @@ pub struct Stats {
     pub session_requests: AtomicU64,
     pub events_requests: AtomicU64,
     pub thread_events_requests: AtomicU64,
+    pub threads_requests: AtomicU64,
+    pub agent_requests: AtomicU64,
+    pub list_filters_refused: AtomicU64,
     pub unauthorized: AtomicU64,
     pub faults: AtomicU64,
     /// Requests that asked for an SSE stream from the list endpoint.
@@ -123,10 +135,20 @@ pub struct Stats {
 
 impl Stats {
     pub fn total(&self) -> u64 {
-        self.sessions_requests.load(Ordering::Relaxed)
-            + self.session_requests.load(Ordering::Relaxed)
-            + self.events_requests.load(Ordering::Relaxed)
-            + self.thread_events_requests.load(Ordering::Relaxed)
+        self.by_endpoint().iter().map(|(_, n)| n).sum()
+    }
+
+    /// Requests so far per endpoint, named as the exporter's `endpoint` label names them.
+    pub fn by_endpoint(&self) -> [(&'static str, u64); 6] {
+        [
+            ("sessions", &self.sessions_requests),
+            ("session", &self.session_requests),
+            ("events", &self.events_requests),
+            ("thread_events", &self.thread_events_requests),
+            ("threads", &self.threads_requests),
+            ("agent", &self.agent_requests),
+        ]
+        .map(|(name, n)| (name, n.load(Ordering::Relaxed)))
     }
 }
 
@@ -145,6 +167,8 @@ struct SimState {
     /// Serve event pages of up to 2 500 whatever the `limit` (a misbehaving API).
     oversize_pages: AtomicBool,
     session_page_tokens: Option<usize>,
+    agents_endpoint: bool,
+    reject_list_filters: bool,
     stats: Stats,
 }
 
@@ -179,6 +203,8 @@ impl Sim {
             refuse_next_cursor: AtomicBool::new(false),
             oversize_pages: AtomicBool::new(false),
             session_page_tokens: cfg.session_page_tokens,
+            agents_endpoint: cfg.agents_endpoint,
+            reject_list_filters: cfg.reject_list_filters,
             stats: Stats::default(),
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -291,10 +317,12 @@ fn router(state: Arc<SimState>) -> Router {
         .route("/api/v1/cloud/sessions", get(list_sessions))
         .route("/api/v1/cloud/sessions/{id}", get(get_session))
         .route("/api/v1/cloud/sessions/{id}/events", get(list_events))
+        .route("/api/v1/cloud/sessions/{id}/threads", get(list_threads))
         .route(
             "/api/v1/cloud/sessions/{id}/threads/{tid}/events",
             get(list_thread_events),
         )
+        .route("/api/v1/cloud/agents/{id}", get(get_agent))
         .with_state(state)
 }
 
@@ -530,8 +558,16 @@ fn status_of(s: &SimSession, clock: u64) -> &'static str {
     }
 }
 
+/// An ended session is archived once all of its events are out.
+fn archived(s: &SimSession, clock: u64) -> bool {
+    s.object.contains_key("archived_at") && s.events.iter().all(|e| e.step <= clock)
+}
+
 fn session_object(s: &SimSession, clock: u64) -> Value {
     let mut o = s.object.clone();
+    if !archived(s, clock) {
+        o.remove("archived_at");
+    }
     let status = status_of(s, clock);
     let status = match (s.generation, status) {
         (Generation::G1 | Generation::G2, "running") => "processing",
@@ -542,19 +578,21 @@ fn session_object(s: &SimSession, clock: u64) -> Value {
         o.insert("usage".into(), usage.clone());
     }
     // `updated_at` moves when an event becomes visible (as the API's does on activity).
-    let seen = s.events.partition_point(|e| e.step <= clock);
-    let step = s.events[..seen].last().map_or(s.created_step, |e| e.step);
-    let at =
-        time::OffsetDateTime::from_unix_timestamp(1_763_625_600 + i64::try_from(step).unwrap_or(0))
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     o.insert(
         "updated_at".into(),
-        json!(
-            at.format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
-        ),
+        json!(updated_at(&s.events, clock, s.created_step)),
     );
     Value::Object(o)
+}
+
+/// The time of the last event of `events` visible at `clock` (else of step `created`).
+fn updated_at(events: &[SimEvent], clock: u64, created: u64) -> String {
+    let seen = events.partition_point(|e| e.step <= clock);
+    let step = events[..seen].last().map_or(created, |e| e.step);
+    time::OffsetDateTime::from_unix_timestamp(1_763_625_600 + i64::try_from(step).unwrap_or(0))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn page(items: Vec<String>, ids: &[&str], has_more: bool) -> Response {
@@ -570,23 +608,47 @@ fn page(items: Vec<String>, ids: &[&str], has_more: bool) -> Response {
 async fn list_sessions(
     State(st): State<Arc<SimState>>,
     headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
+    Query(pairs): Query<Vec<(String, String)>>,
 ) -> Response {
     let _g = match admit(&st, &headers, &st.stats.sessions_requests).await {
         Ok(g) => g,
         Err(r) => return r,
     };
+    let statuses: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| k == "statuses[]")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let include_archived = pairs
+        .iter()
+        .any(|(k, v)| k == "include_archived" && v == "true");
+    let filtered = include_archived || !statuses.is_empty();
+    if filtered && st.reject_list_filters {
+        st.stats
+            .list_filters_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "unknown query parameter",
+        );
+    }
+    let q: HashMap<String, String> = pairs.iter().cloned().collect();
     let (limit, after, before) = match paging(&st, &q) {
         Ok(p) => p,
         Err(r) => return r,
     };
     let clock = st.clock.load(Ordering::Relaxed);
-    // Newest first.
+    // Newest first. The SDK 0.11 list (token paging) leaves archived sessions out unless
+    // asked, and honours `statuses[]`; the older list ignores both.
+    let sdk_list = st.session_page_tokens.is_some();
     let visible: Vec<&SimSession> = st
         .sessions
         .iter()
         .rev()
         .filter(|s| s.created_step <= clock)
+        .filter(|s| !sdk_list || include_archived || !archived(s, clock))
+        .filter(|s| !sdk_list || statuses.is_empty() || statuses.contains(&status_of(s, clock)))
         .collect();
     if let Some(size) = st.session_page_tokens {
         return token_page(
@@ -741,6 +803,75 @@ fn events_page(
     let items = slice.iter().map(|e| e.json.clone()).collect();
     let ids: Vec<&str> = slice.iter().map(|e| e.id.as_str()).collect();
     page(items, &ids, has_more)
+}
+
+/// `GET /sessions/{id}/threads`: the primary thread (no parent) and every sub-agent thread
+/// created by now, each with an `updated_at` that moves with its stream. One page.
+async fn list_threads(
+    State(st): State<Arc<SimState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let _g = match admit(&st, &headers, &st.stats.threads_requests).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let clock = st.clock.load(Ordering::Relaxed);
+    let Some(s) = st
+        .index
+        .get(&id)
+        .map(|i| &st.sessions[*i])
+        .filter(|s| s.created_step <= clock)
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "session not found",
+        );
+    };
+    let primary = json!({
+        "id": "sthr_main", "type": "session_thread", "session_id": s.id,
+        "parent_thread_id": null, "agent": s.object.get("agent"),
+        "updated_at": updated_at(&s.events, clock, s.created_step),
+    });
+    let mut items = vec![primary.to_string()];
+    let mut ids = vec!["sthr_main"];
+    for t in &s.threads {
+        let Some(first) = t.events.first().filter(|e| e.step <= clock) else {
+            continue;
+        };
+        items.push(
+            json!({
+                "id": t.id, "type": "session_thread", "session_id": s.id,
+                "parent_thread_id": "sthr_main", "status": "idle",
+                "agent": {"name": t.agent, "type": "agent"},
+                "updated_at": updated_at(&t.events, clock, first.step),
+            })
+            .to_string(),
+        );
+        ids.push(&t.id);
+    }
+    page(items, &ids, false)
+}
+
+/// `GET /agents/{id}`: the agent object (name and model), or 404 when switched off.
+async fn get_agent(
+    State(st): State<Arc<SimState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let _g = match admit(&st, &headers, &st.stats.agent_requests).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    match agent_object(&id).filter(|_| st.agents_endpoint) {
+        Some(agent) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            agent.to_string(),
+        )
+            .into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found_error", "agent not found"),
+    }
 }
 
 /// `GET /sessions/{id}/threads/{tid}/events`: a sub-agent thread's own stream.

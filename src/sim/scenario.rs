@@ -219,6 +219,14 @@ impl Totals {
     }
 }
 
+/// The agent object `GET /agents/{id}` returns, for the simulated agents.
+pub fn agent_object(id: &str) -> Option<Value> {
+    let a = AGENTS.iter().find(|a| a.id == id)?;
+    Some(
+        json!({"id": a.id, "type": "agent", "name": a.name, "model": {"id": a.model}, "version": 1}),
+    )
+}
+
 struct Agent {
     id: &'static str,
     name: &'static str,
@@ -816,6 +824,8 @@ pub struct ScenarioConfig {
     pub stagger: u64,
     /// Add unreadable events and wrong-shaped fields.
     pub hostile: bool,
+    /// Every sixth session (a G3 one) coordinates a sub-agent in a thread.
+    pub sub_agents: bool,
 }
 
 impl Default for ScenarioConfig {
@@ -826,6 +836,7 @@ impl Default for ScenarioConfig {
             max_turns: 4,
             stagger: 0,
             hostile: false,
+            sub_agents: true,
         }
     }
 }
@@ -845,13 +856,11 @@ pub fn generate(cfg: &ScenarioConfig) -> (Vec<SimSession>, Totals) {
                 .map(|_| char::from_digit(rng.u32(0..16), 16).unwrap_or('0'))
                 .collect::<String>()
         );
-        // Half of the G1 sessions name their agent by id only: the label falls back to the id.
+        // Half of the G1 sessions name their agent by id only; `GET /agents/{id}` names it,
+        // so the label is the name all the same.
         let id_only = generation == Generation::G1 && rng.bool();
-        let agent_label = if id_only {
-            agent.id.to_owned()
-        } else {
-            agent.name.to_owned()
-        };
+        let agent_label = agent.name.to_owned();
+        let multiagent = cfg.sub_agents && i % 6 == 2;
         let session_model = agent.model.to_owned();
         let created_step = i as u64 * cfg.stagger;
         let mut object = Map::new();
@@ -860,10 +869,11 @@ pub fn generate(cfg: &ScenarioConfig) -> (Vec<SimSession>, Totals) {
         if id_only {
             object.insert("agent_id".into(), json!(agent.id));
         } else {
-            object.insert(
-                "agent".into(),
-                json!({"id": agent.id, "type": "agent", "name": agent.name, "model": {"id": agent.model}, "version": 1}),
-            );
+            let mut a = json!({"id": agent.id, "type": "agent", "name": agent.name, "model": {"id": agent.model}, "version": 1});
+            if multiagent {
+                a["multiagent"] = json!({"type": "coordinator", "agents": [{"name": SUB_AGENT, "type": "agent"}]});
+            }
+            object.insert("agent".into(), a);
         }
         object.insert("environment_id".into(), json!("env_sim"));
         let anthropic_tokens = generation == Generation::G3 && rng.u32(0..3) == 0;
@@ -886,7 +896,7 @@ pub fn generate(cfg: &ScenarioConfig) -> (Vec<SimSession>, Totals) {
             web_searches: 0,
             usage: Vec::new(),
             // Every other G3 session runs a sub-agent in a thread.
-            sub_agent: (i % 6 == 2).then(|| (format!("sthr_{i:04}sub"), SUB_AGENT.to_owned())),
+            sub_agent: multiagent.then(|| (format!("sthr_{i:04}sub"), SUB_AGENT.to_owned())),
             thread_created: false,
             thread_events: Vec::new(),
         };
@@ -901,6 +911,11 @@ pub fn generate(cfg: &ScenarioConfig) -> (Vec<SimSession>, Totals) {
                 Generation::G1 => w.emit("terminated", json!({"reason": "closed"}), None),
                 _ => w.emit("session.status_terminated", json!({}), None),
             };
+        }
+        // Some ended sessions are archived afterwards (the SDK 0.11 list hides them unless
+        // asked with `include_archived=true`).
+        if terminal && generation == Generation::G3 && i % 4 == 1 {
+            object.insert("archived_at".into(), json!("2026-10-02T00:00:00+00:00"));
         }
         w.count_usage();
         let threads = w
@@ -984,8 +999,14 @@ mod tests {
             assert!(all.contains(needle), "{needle}");
         }
         assert!(
-            totals.events.keys().any(|(_, a)| a.starts_with("agent_")),
-            "an id-only agent label"
+            sessions
+                .iter()
+                .any(|s| s.object.contains_key("agent_id") && !s.object.contains_key("agent")),
+            "a session naming its agent by id only"
+        );
+        assert!(
+            !totals.events.keys().any(|(_, a)| a.starts_with("agent_")),
+            "every agent is counted under its name"
         );
         assert!(
             totals

@@ -292,6 +292,40 @@ pub struct Staged {
     new_labels: Inner,
 }
 
+/// Series moved from one `agent` label value to another (an agent's id to its name).
+#[derive(Debug, Default)]
+pub struct Relabel {
+    pub remove: Vec<SeriesKey>,
+    pub put: Vec<(SeriesKey, SeriesValue)>,
+}
+
+/// `base` + `add`, for two values of one family.
+fn merge_values(base: Option<SeriesValue>, add: &SeriesValue) -> SeriesValue {
+    match (base, add) {
+        (Some(SeriesValue::Counter(a)), SeriesValue::Counter(b)) => {
+            SeriesValue::Counter(a.saturating_add(*b))
+        }
+        (
+            Some(SeriesValue::Histogram { counts, sum_us }),
+            SeriesValue::Histogram {
+                counts: add_counts,
+                sum_us: add_sum,
+            },
+        ) => {
+            let mut counts = counts;
+            counts.resize(counts.len().max(add_counts.len()), 0);
+            for (c, a) in counts.iter_mut().zip(add_counts) {
+                *c = c.saturating_add(*a);
+            }
+            SeriesValue::Histogram {
+                counts,
+                sum_us: sum_us.saturating_add(*add_sum),
+            }
+        }
+        _ => add.clone(),
+    }
+}
+
 /// The event-derived series, held in memory and rendered as a Prometheus collector.
 #[derive(Debug)]
 pub struct DurableMetrics {
@@ -391,6 +425,47 @@ impl DurableMetrics {
     pub fn publish(&self, staged: Staged) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         for (key, value) in staged.values {
+            inner.remember(&key);
+            inner.series.insert(key, value);
+        }
+    }
+
+    /// What moving every series labelled `agent=from` to `agent=to` takes: the series to
+    /// remove and the merged values to write (counters added, histogram buckets added).
+    /// Nothing is published; call `publish_relabel` once it is committed.
+    pub fn stage_relabel(&self, from: &str, to: &str) -> Relabel {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let mut merged: BTreeMap<SeriesKey, SeriesValue> = BTreeMap::new();
+        let mut remove = Vec::new();
+        for ((family, labels), value) in &inner.series {
+            let Some(pos) = family.label_names().iter().position(|l| *l == "agent") else {
+                continue;
+            };
+            if labels[pos] != from {
+                continue;
+            }
+            remove.push((*family, labels.clone()));
+            let mut to_labels = labels.clone();
+            to_labels[pos] = to.to_owned();
+            let key = (*family, to_labels);
+            let base = merged
+                .remove(&key)
+                .or_else(|| inner.series.get(&key).cloned());
+            merged.insert(key, merge_values(base, value));
+        }
+        Relabel {
+            remove,
+            put: merged.into_iter().collect(),
+        }
+    }
+
+    /// Makes a committed relabel visible.
+    pub fn publish_relabel(&self, relabel: Relabel) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        for key in &relabel.remove {
+            inner.series.remove(key);
+        }
+        for (key, value) in relabel.put {
             inner.remember(&key);
             inner.series.insert(key, value);
         }
@@ -540,7 +615,14 @@ pub const FAILURE_REASONS: [&str; 15] = [
 ];
 
 /// The API endpoints, as the `endpoint` label names them.
-pub const ENDPOINTS: [&str; 4] = ["sessions", "session", "events", "thread_events"];
+pub const ENDPOINTS: [&str; 6] = [
+    "sessions",
+    "session",
+    "events",
+    "thread_events",
+    "threads",
+    "agent",
+];
 
 impl ProcessMetrics {
     /// Creates the process metrics and registers them in `registry`.

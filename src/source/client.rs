@@ -7,6 +7,7 @@
 //! are handed back to the caller ([`ApiError::retry_after`]) so the poller can park the session
 //! instead of holding a worker. Every attempt passes the global rate limiter first.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,8 @@ pub enum Endpoint {
     Session,
     Events,
     ThreadEvents,
+    Threads,
+    Agent,
 }
 
 impl Endpoint {
@@ -36,6 +39,8 @@ impl Endpoint {
             Endpoint::Session => "session",
             Endpoint::Events => "events",
             Endpoint::ThreadEvents => "thread_events",
+            Endpoint::Threads => "threads",
+            Endpoint::Agent => "agent",
         }
     }
 }
@@ -207,7 +212,23 @@ pub struct Client {
     metrics: ProcessMetrics,
     config: ClientConfig,
     cancel: CancellationToken,
+    /// The API answered 400 to a listing with filters (`include_archived`, `statuses[]`):
+    /// an older API that validates its parameters. Listings go without them from then on.
+    filters_refused: Arc<AtomicBool>,
 }
+
+/// Which sessions a listing asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListScope {
+    /// Every session, archived ones included.
+    All,
+    /// Only sessions that can still change (`statuses[]` of the live statuses, SDK 0.11):
+    /// refreshes what is followed without paging through every ended session.
+    Live,
+}
+
+/// The statuses of sessions that may still produce events, every generation's names.
+const LIVE_STATUSES: [&str; 5] = ["rescheduling", "running", "idle", "canceling", "processing"];
 
 impl Client {
     pub fn new(
@@ -255,6 +276,7 @@ impl Client {
             metrics,
             config,
             cancel,
+            filters_refused: Arc::default(),
         })
     }
 
@@ -282,21 +304,72 @@ impl Client {
     }
 
     /// `GET /sessions?limit=100[&page=…|&after_id=…]` (newest first). Never both cursors.
-    pub async fn list_sessions(&self, cursor: Option<&ListCursor>) -> Result<Bytes, ApiError> {
+    /// Archived sessions are asked for too (the SDK leaves them out by default, and their
+    /// events were billed like any other); `Live` adds `statuses[]`. An API that refuses
+    /// the filters (400) is asked again without them, and never with them again.
+    pub async fn list_sessions(
+        &self,
+        cursor: Option<&ListCursor>,
+        scope: ListScope,
+    ) -> Result<Bytes, ApiError> {
         let mut q = vec![("limit", "100")];
         match cursor {
             Some(ListCursor::Page(p)) => q.push(("page", p)),
             Some(ListCursor::AfterId(a)) => q.push(("after_id", a)),
             None => {}
         }
-        self.get(Endpoint::Sessions, self.url(&["sessions"], &q))
+        let plain = q.clone();
+        if !self.filters_refused.load(Ordering::Relaxed) {
+            q.push(("include_archived", "true"));
+            if scope == ListScope::Live {
+                q.extend(LIVE_STATUSES.iter().map(|s| ("statuses[]", *s)));
+            }
+            match self
+                .get(Endpoint::Sessions, self.url(&["sessions"], &q))
+                .await
+            {
+                Err(e) if e.status() == Some(400) => {
+                    self.filters_refused.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        error = %e,
+                        "the session list refuses include_archived/statuses[]; listing without them"
+                    );
+                }
+                other => return other,
+            }
+        }
+        self.get(Endpoint::Sessions, self.url(&["sessions"], &plain))
             .await
+    }
+
+    /// Listings can be narrowed to live sessions (`statuses[]` was not refused).
+    pub fn list_filters_work(&self) -> bool {
+        !self.filters_refused.load(Ordering::Relaxed)
     }
 
     /// `GET /sessions/{id}`.
     pub async fn get_session(&self, id: &str) -> Result<Bytes, ApiError> {
         self.get(Endpoint::Session, self.url(&["sessions", id], &[]))
             .await
+    }
+
+    /// `GET /agents/{id}`: an agent's name, for sessions that name their agent by id alone.
+    pub async fn get_agent(&self, id: &str) -> Result<Bytes, ApiError> {
+        self.get(Endpoint::Agent, self.url(&["agents", id], &[]))
+            .await
+    }
+
+    /// `GET /sessions/{id}/threads?limit=100[&page=…]`: a session's threads (SDK 0.11).
+    pub async fn list_threads(&self, id: &str, page: Option<&str>) -> Result<Bytes, ApiError> {
+        let mut q = vec![("limit", "100")];
+        if let Some(p) = page {
+            q.push(("page", p));
+        }
+        self.get(
+            Endpoint::Threads,
+            self.url(&["sessions", id, "threads"], &q),
+        )
+        .await
     }
 
     /// `GET /sessions/{id}/events?limit=100[&after_id=…]` (oldest first). Never more than one

@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
@@ -26,10 +27,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Event, UsageSnapshot};
+use crate::pipeline::tracker::ListedThread;
 use crate::pipeline::{Batch, Item, PipelineHandle, SendError, SessionMeta};
 use crate::secret::Pat;
 use crate::sinks::metrics::ProcessMetrics;
-use crate::source::client::{ApiError, Client, backoff};
+use crate::source::client::{ApiError, Client, ListScope, backoff};
 use crate::source::wire::{self, ListCursor, Page, WireAgent, WireBudget, WireModel, WireSession};
 use crate::state::StoredSession;
 
@@ -112,6 +114,8 @@ struct Tracked {
     usage_sent: Option<UsageSnapshot>,
     /// Sub-agent threads whose streams need reading, with their cursors (from the pipeline).
     threads: Vec<(String, Option<String>)>,
+    /// The session's agent coordinates sub-agents: its thread list is read when it changed.
+    multiagent: bool,
 }
 
 /// What a job was asked to do.
@@ -131,6 +135,7 @@ struct JobInput {
     /// events instead.
     refresh_object: bool,
     threads: Vec<(String, Option<String>)>,
+    multiagent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +159,8 @@ struct JobOutput {
     usage_sent: Option<UsageSnapshot>,
     /// Threads still to read after this job (`None`: unchanged).
     threads: Option<Vec<(String, Option<String>)>>,
+    /// The object read in this job says the agent coordinates sub-agents.
+    multiagent: bool,
 }
 
 #[derive(Debug)]
@@ -207,6 +214,9 @@ pub struct Poller {
     /// Sessions the running listing added so far (logged when it ends).
     discovered_new: usize,
     pat_file_stamp: Option<SystemTime>,
+    agent_names: Arc<AgentNames>,
+    /// Full listings started so far.
+    resyncs: u32,
 }
 
 #[derive(Debug, Default)]
@@ -224,6 +234,8 @@ const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(300);
 pub const UNCHANGED_POLL_INTERVAL: Duration = Duration::from_secs(600);
 /// Longest page of events read at once (we ask for 100).
 pub const MAX_EVENTS_PER_PAGE: usize = 1000;
+/// Every this many resync listings, one asks for every session rather than the live ones.
+const UNFILTERED_RESYNC_EVERY: u32 = 6;
 /// Discovery stops after this many pages in one round even without reaching known ground.
 const MAX_DISCOVERY_PAGES: usize = 10_000;
 
@@ -250,6 +262,8 @@ impl Poller {
             logs: LogLimiter::default(),
             discovered_new: 0,
             pat_file_stamp: None,
+            agent_names: Arc::default(),
+            resyncs: 0,
             cfg,
         };
         poller.pat_file_stamp = poller.pat_file_mtime();
@@ -261,8 +275,11 @@ impl Poller {
                     consumed: s.state.consumed,
                     status: s.state.status.clone(),
                     meta: None,
-                    // Stored sessions already carry their agent and model.
-                    meta_sent: s.state.agent != "unknown" || s.state.model.is_some(),
+                    // Stored sessions already carry their agent and model; one counted under
+                    // its agent's id (an older state file) reads its object again, so the
+                    // name is looked up and the id's series move to it.
+                    meta_sent: (s.state.agent != "unknown" || s.state.model.is_some())
+                        && s.state.agent_id.as_ref() != Some(&s.state.agent),
                     failures: 0,
                     in_flight: false,
                     finished: s.finished,
@@ -273,6 +290,7 @@ impl Poller {
                     listed_usage: None,
                     usage_sent: None,
                     threads: s.state.threads_to_read(),
+                    multiagent: s.state.multiagent,
                 },
             );
         }
@@ -320,6 +338,7 @@ impl Poller {
             .and_then(|m| m.status.clone())
             .unwrap_or_else(|| "unknown".to_owned());
         let listed_usage = meta.as_ref().and_then(|m| m.usage.clone());
+        let multiagent = meta.as_ref().is_some_and(|m| m.multiagent);
         self.sessions.insert(
             id.to_owned(),
             Tracked {
@@ -338,6 +357,7 @@ impl Poller {
                 listed_usage,
                 usage_sent: None,
                 threads: Vec::new(),
+                multiagent,
             },
         );
         self.queue.insert((now, id.to_owned()));
@@ -434,12 +454,21 @@ impl Poller {
                 let gap = self.cfg.page_gap;
                 let shard = self.cfg.shard;
                 let full = now >= next_full_listing;
+                // A resync lists to the end: every session at first and every
+                // `UNFILTERED_RESYNC_EVERY`th time (for a gap an earlier listing left), the
+                // live ones only otherwise (their status and `updated_at` are what it is for).
+                let scope = if !full || self.resyncs.is_multiple_of(UNFILTERED_RESYNC_EVERY) {
+                    ListScope::All
+                } else {
+                    ListScope::Live
+                };
                 if full {
                     next_full_listing = now + self.cfg.resync_interval;
+                    self.resyncs += 1;
                 }
                 let tx = list_tx.clone();
                 jobs.spawn(async move {
-                    Done::Discovery(discover(&client, &known, shard, gap, full, &tx).await)
+                    Done::Discovery(discover(&client, &known, shard, gap, full, scope, &tx).await)
                 });
             }
             let limit = if probe_only { 1 } else { self.cfg.concurrency };
@@ -467,6 +496,7 @@ impl Poller {
                     usage_sent: t.usage_sent.clone(),
                     refresh_object,
                     threads: t.threads.clone(),
+                    multiagent: t.multiagent,
                 };
                 if probe_only {
                     self.auth.probe_at = Some(now + self.auth_backoff());
@@ -477,11 +507,13 @@ impl Poller {
                 let gap = self.cfg.page_gap;
                 let metrics = self.metrics.clone();
                 let cancel = cancel.clone();
+                let agent_names = self.agent_names.clone();
                 jobs.spawn(async move {
                     let ctx = JobCtx {
                         client: &client,
                         pipeline: &pipeline,
                         metrics: &metrics,
+                        agent_names: &agent_names,
                         max_pages,
                         gap,
                         cancel: &cancel,
@@ -630,6 +662,7 @@ impl Poller {
             if t.finished {
                 continue;
             }
+            t.multiagent |= meta.multiagent;
             let mut read_now = false;
             if meta.usage.is_some() && meta.usage != t.listed_usage {
                 t.listed_usage.clone_from(&meta.usage);
@@ -678,6 +711,7 @@ impl Poller {
         t.cursor = out.cursor;
         t.consumed = out.consumed;
         t.meta_sent |= out.meta_sent;
+        t.multiagent |= out.multiagent;
         if out.usage_sent.is_some() {
             t.usage_sent = out.usage_sent;
         }
@@ -754,14 +788,20 @@ impl Poller {
 }
 
 pub fn meta_of(s: &WireSession) -> SessionMeta {
-    let (agent_name, agent_id, model) = match &s.agent {
-        Some(WireAgent::Obj { id, name, model }) => (
+    let (agent_name, agent_id, model, multiagent) = match &s.agent {
+        Some(WireAgent::Obj {
+            id,
+            name,
+            model,
+            multiagent,
+        }) => (
             name.clone().filter(|n| !n.is_empty()),
             id.clone(),
             model.clone().and_then(WireModel::name),
+            multiagent.is_some(),
         ),
-        Some(WireAgent::Id(id)) => (None, Some(id.clone()), None),
-        None => (None, None, None),
+        Some(WireAgent::Id(id)) => (None, Some(id.clone()), None, false),
+        None => (None, None, None, false),
     };
     let status = if s.archived_at.as_deref().is_some_and(|a| !a.is_empty()) {
         Some("archived".to_owned())
@@ -778,6 +818,7 @@ pub fn meta_of(s: &WireSession) -> SessionMeta {
             .as_ref()
             .and_then(|u| UsageSnapshot::from_wire(u, None)),
         budget: s.budget.as_ref().and_then(WireBudget::credits),
+        multiagent,
     }
 }
 
@@ -789,6 +830,7 @@ async fn discover(
     shard: crate::config::Shard,
     gap: Duration,
     full: bool,
+    scope: ListScope,
     tx: &tokio::sync::mpsc::UnboundedSender<Vec<WireSession>>,
 ) -> Result<(), ApiError> {
     let mut cursor: Option<ListCursor> = None;
@@ -798,7 +840,7 @@ async fn discover(
         if page_no > 0 {
             tokio::time::sleep(gap).await;
         }
-        let body = client.list_sessions(cursor.as_ref()).await?;
+        let body = client.list_sessions(cursor.as_ref(), scope).await?;
         let page: Page<'_> =
             serde_json::from_slice(&body).map_err(|e| decode_failure(client, "sessions", &e))?;
         let mut any_new = false;
@@ -844,6 +886,7 @@ struct JobCtx<'a> {
     client: &'a Client,
     pipeline: &'a PipelineHandle,
     metrics: &'a ProcessMetrics,
+    agent_names: &'a AgentNames,
     max_pages: usize,
     gap: Duration,
     cancel: &'a CancellationToken,
@@ -870,8 +913,9 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
     };
     let id = input.id.as_str();
     let mut threads = input.threads.clone();
+    let mut multiagent = input.multiagent;
     if input.need_meta {
-        let meta = match input.meta {
+        let mut meta = match input.meta {
             Some(m) if m.agent_name.is_some() || m.agent_id.is_some() => m,
             _ => match fetch_meta(ctx.client, id).await {
                 Ok(m) => m,
@@ -882,6 +926,9 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
                 }
             },
         };
+        resolve_agent(ctx, &mut meta).await;
+        multiagent |= meta.multiagent;
+        out.multiagent = meta.multiagent;
         out.status = meta.status.clone();
         out.usage_sent = meta.usage.clone();
         match ctx.pipeline.meta(id.to_owned(), meta).await {
@@ -901,6 +948,31 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
     out.consumed = pos.consumed;
     if out.error.is_some() || out.gone || out.stopped || out.store_failed {
         return out;
+    }
+    // A coordinator's thread list, read when the session changed (first read, new events,
+    // end): it finds threads the session's stream does not announce and threads that changed.
+    let ended = out.status.as_deref().is_some_and(is_terminal);
+    if multiagent && (input.need_meta || out.new_events > 0 || ended) {
+        match read_thread_list(ctx, id).await {
+            Ok(listed) if !listed.is_empty() => {
+                let batch = Batch {
+                    session_id: id.to_owned(),
+                    threads_listed: listed,
+                    ..Batch::default()
+                };
+                match ctx.pipeline.batch(batch).await {
+                    Ok(o) => threads = o.threads,
+                    Err(e) => return stopped_or_failed(out, e),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                out.error = (e.status() != Some(404)).then_some(e);
+                if out.error.is_some() {
+                    return out;
+                }
+            }
+        }
     }
     out.threads = Some(threads.clone());
     for (tid, cursor) in threads {
@@ -945,6 +1017,94 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
         out.usage_sent = Some(u);
     }
     out
+}
+
+/// Agent names looked up by id, for this run: `None` when the API could not name the agent
+/// (no such endpoint or agent), so it is not asked again.
+type AgentNames = std::sync::Mutex<HashMap<String, Option<String>>>;
+
+/// Gives an id-only session its agent's name before any of its events is counted: from an
+/// earlier lookup, or from `GET /agents/{id}`. When the API cannot say, the id stays the
+/// label until an object shows the name (the pipeline then moves the id's series to it).
+async fn resolve_agent(ctx: &JobCtx<'_>, meta: &mut SessionMeta) {
+    let Some(id) = meta.agent_id.clone().filter(|_| meta.agent_name.is_none()) else {
+        return;
+    };
+    let known = ctx
+        .agent_names
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)
+        .cloned();
+    if let Some(name) = known {
+        meta.agent_name = name;
+        return;
+    }
+    let name = match ctx.client.get_agent(&id).await {
+        Ok(body) => match serde_json::from_slice::<wire::WireAgentObject>(&body) {
+            Ok(a) if a.id.as_deref().is_none_or(|i| i == id) => a.name.filter(|n| !n.is_empty()),
+            Ok(_) => None,
+            Err(e) => {
+                ctx.client.count_failure("agent", "decode");
+                tracing::warn!(agent_id = %id, error = %e, "agent object did not decode; the id stays the label");
+                None
+            }
+        },
+        Err(e) if e.status() == Some(404) => {
+            tracing::info!(agent_id = %id, "the API has no agent object for this id; the id stays the label");
+            None
+        }
+        // A transient failure: this session keeps the id for now, the next one asks again.
+        Err(e) => {
+            tracing::warn!(agent_id = %id, error = %e, "looking up an agent's name failed");
+            return;
+        }
+    };
+    ctx.agent_names
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, name.clone());
+    meta.agent_name = name;
+}
+
+/// Most pages of one session's thread list read in one job.
+const MAX_THREAD_LIST_PAGES: usize = 20;
+
+/// `GET /sessions/{id}/threads`, every page: the sub-agent threads (the primary thread,
+/// without a parent, is the session's own stream and is left out).
+async fn read_thread_list(ctx: &JobCtx<'_>, id: &str) -> Result<Vec<ListedThread>, ApiError> {
+    let mut out = Vec::new();
+    let mut page_token: Option<String> = None;
+    let mut visited: HashSet<String> = HashSet::new();
+    for _ in 0..MAX_THREAD_LIST_PAGES {
+        let body = ctx.client.list_threads(id, page_token.as_deref()).await?;
+        let page: Page<'_> =
+            serde_json::from_slice(&body).map_err(|e| decode_failure(ctx.client, "threads", &e))?;
+        for raw in &page.data {
+            let Ok(t) = serde_json::from_str::<wire::WireThread>(raw.get()) else {
+                continue;
+            };
+            let Some(tid) = t.id.clone().filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            if t.parent_thread_id.is_none() {
+                continue;
+            }
+            out.push(ListedThread {
+                id: tid,
+                agent: t.agent_name().map(str::to_owned),
+                updated_at: t.updated_at.clone(),
+            });
+        }
+        // Paged like the SDK: `next_page` while `has_more`; a token seen before is a loop.
+        match page.next_page {
+            Some(next) if page.has_more.unwrap_or(false) && visited.insert(next.clone()) => {
+                page_token = Some(next);
+            }
+            _ => break,
+        }
+    }
+    Ok(out)
 }
 
 /// `GET /sessions/{id}`, as what the pipeline learns from it.
@@ -1076,6 +1236,7 @@ async fn read_stream(
                 cursor: next_cursor.clone(),
                 bad_fields,
                 meta: None,
+                threads_listed: Vec::new(),
             };
             match ctx.pipeline.batch(batch).await {
                 Ok(outcome) => {

@@ -405,6 +405,9 @@ pub enum WireAgent {
         name: Option<String>,
         #[serde(default)]
         model: Option<WireModel>,
+        /// SDK 0.11: `{type: "coordinator", agents: […]}` on an agent that runs sub-agents.
+        #[serde(default)]
+        multiagent: Option<serde::de::IgnoredAny>,
     },
 }
 
@@ -428,6 +431,41 @@ pub struct WireSession {
     pub usage: Option<WireUsage>,
     #[serde(default)]
     pub budget: Option<WireBudget>,
+}
+
+/// An agent object (`GET /agents/{id}`), as far as a label needs it.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct WireAgentObject {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A thread object (`GET /sessions/{id}/threads` items, SDK 0.11 `SessionThread`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct WireThread {
+    #[serde(default)]
+    pub id: Option<String>,
+    /// `None` on the primary (coordinator) thread, whose events are the session's stream.
+    #[serde(default)]
+    pub parent_thread_id: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub agent: Option<WireAgent>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+impl WireThread {
+    /// The thread's agent name, when the object shows one.
+    pub fn agent_name(&self) -> Option<&str> {
+        match &self.agent {
+            Some(WireAgent::Obj { name: Some(n), .. }) if !n.is_empty() => Some(n),
+            _ => None,
+        }
+    }
 }
 
 /// Decodes a session leniently (same two-step rule as events); `None` without an id.

@@ -366,6 +366,28 @@ async fn dump_then_replay_reproduces_the_totals() {
         .filter(|l| l.contains("\"type\":\"session\""))
         .count();
     assert_eq!(sessions, 9, "one session line per session");
+    // An agent named by id alone gets its object written once; a coordinator its thread list.
+    let id_only = sim
+        .sessions()
+        .iter()
+        .filter_map(|s| s.object.get("agent_id").and_then(|a| a.as_str()))
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    assert!(id_only > 0);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(
+        lines.iter().filter(|v| v["type"] == "agent").count(),
+        id_only
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["type"] == "session_thread" && v["parent_thread_id"] == "sthr_main"),
+        "a coordinator's thread list"
+    );
     assert!(
         !text.contains(&sim.token()),
         "the token never reaches the output"

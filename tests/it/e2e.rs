@@ -561,6 +561,13 @@ async fn a_session_list_paged_by_token_is_read_to_its_end() {
     let running = app::start(settings(&sim, &dir.path().join("s.db")))
         .await
         .expect("start");
+    // Archived sessions are listed only when asked for: they count like the others.
+    assert!(
+        sim.sessions()
+            .iter()
+            .any(|s| s.object.contains_key("archived_at")),
+        "an archived session"
+    );
     // Exact totals: every session of every page was read, none twice.
     let series = wait_exact(running.addr, &sim.totals, WAIT).await;
     assert!(
@@ -595,5 +602,97 @@ async fn sessions_without_sub_agents_cost_no_thread_requests() {
         sim.stats().thread_events_requests.load(Ordering::Relaxed),
         0
     );
+    assert_eq!(
+        sim.stats().threads_requests.load(Ordering::Relaxed),
+        0,
+        "no thread list for a session whose agent coordinates none"
+    );
+    running.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_named_by_id_alone_is_counted_under_its_name() {
+    // With agent objects (`GET /agents/{id}`), each id is asked for once and every series
+    // carries the name; the totals (by name) are exact.
+    let sim = sim(ScenarioConfig {
+        seed: 11,
+        sessions: 30,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    let id_only: std::collections::HashSet<String> = sim
+        .sessions()
+        .iter()
+        .filter_map(|s| s.object.get("agent_id").and_then(|a| a.as_str()))
+        .map(str::to_owned)
+        .collect();
+    assert!(!id_only.is_empty());
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+    wait_exact(running.addr, &sim.totals, WAIT).await;
+    let asked = sim.stats().agent_requests.load(Ordering::Relaxed);
+    assert!(
+        (1..=id_only.len() as u64 * 2).contains(&asked),
+        "{asked} agent lookups for {} ids",
+        id_only.len()
+    );
+    // Coordinators' thread lists are read; sessions without sub-agents cost none.
+    assert!(sim.stats().threads_requests.load(Ordering::Relaxed) > 0);
+    running.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_agent_objects_the_ids_series_move_to_the_name_when_it_is_seen() {
+    // An API without agent objects (404): an id-only session is counted under the id until
+    // another session's object shows the agent's name; then the id's series move to the name.
+    // Every agent here is named by some session, so in the end no id is left as a label.
+    let sim = sim_with(SimConfig {
+        scenario: ScenarioConfig {
+            seed: 11,
+            sessions: 30,
+            ..ScenarioConfig::default()
+        },
+        agents_endpoint: false,
+        ..SimConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+    wait_exact(running.addr, &sim.totals, WAIT).await;
+    let text = scrape(running.addr).await;
+    assert!(
+        !text.contains("agent=\"agent_"),
+        "an agent id left as a label"
+    );
+    running.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_that_refuses_filters_is_listed_without_them() {
+    // An API that validates its parameters and knows neither `include_archived` nor
+    // `statuses[]` answers 400 once; the exporter lists without them from then on.
+    let sim = sim_with(SimConfig {
+        scenario: ScenarioConfig {
+            seed: 43,
+            sessions: 12,
+            ..ScenarioConfig::default()
+        },
+        reject_list_filters: true,
+        ..SimConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+    wait_exact(running.addr, &sim.totals, WAIT).await;
+    assert_eq!(sim.stats().list_filters_refused.load(Ordering::Relaxed), 1);
     running.stop().await.expect("stops");
 }

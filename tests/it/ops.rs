@@ -155,6 +155,13 @@ fn deploy_files_parse_and_name_real_flags() {
         .arg(env!("CARGO_BIN_EXE_qoder-exporter")));
 }
 
+/// The image builds from `deploy/Dockerfile` (no Docker daemon here: the check reads the
+/// Dockerfile, `.dockerignore` and `Cargo.toml` and fails when a path cargo needs is not copied).
+#[test]
+fn docker_build_context_has_what_cargo_reads() {
+    run(Command::new("python3").arg(root().join("deploy/check_docker_context.py")));
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")

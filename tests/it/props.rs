@@ -185,7 +185,7 @@ proptest! {
         hostile in any::<bool>(),
         choices in prop::collection::vec((any::<prop::sample::Index>(), 1usize..150, 0u8..100), 1..400),
     ) {
-        let (log, totals) = generate(&ScenarioConfig { seed, sessions, max_turns: 4, stagger: 0, hostile });
+        let (log, totals) = generate(&ScenarioConfig { seed, sessions, max_turns: 4, stagger: 0, hostile, sub_agents: true });
         let decode = |events: &[qoder_exporter::sim::scenario::SimEvent]| -> Vec<(Item, u32)> {
             events
                 .iter()
@@ -195,6 +195,21 @@ proptest! {
                 })
                 .collect()
         };
+        // The session object as the poller hands it over: an agent named by id alone is
+        // named by the API's agent object (`GET /agents/{id}`) first.
+        fn resolved_meta(s: &qoder_exporter::sim::SimSession) -> SessionMeta {
+            let mut meta = wire::decode_session(&serde_json::Value::Object(s.object.clone()).to_string())
+                .map(|w| meta_of(&w))
+                .unwrap_or_default();
+            if meta.agent_name.is_none() {
+                meta.agent_name = meta
+                    .agent_id
+                    .as_deref()
+                    .and_then(qoder_exporter::sim::agent_object)
+                    .and_then(|a| a["name"].as_str().map(str::to_owned));
+            }
+            meta
+        }
         // Every stream on its own: the session's, and each sub-agent thread's, read in any
         // interleaving (cross-posted events must count once whichever stream comes first).
         let mut logs: Vec<Log> = Vec::new();
@@ -202,9 +217,7 @@ proptest! {
             logs.push(Log {
                 id: s.id.clone(),
                 thread: None,
-                meta: wire::decode_session(&serde_json::Value::Object(s.object.clone()).to_string())
-                    .map(|w| meta_of(&w))
-                    .unwrap_or_default(),
+                meta: resolved_meta(s),
                 items: decode(&s.events),
             });
             for t in &s.threads {
