@@ -65,10 +65,11 @@ impl Core {
             capture_bytes: o.capture_content,
         });
         // Built before anything starts, so a bad OTLP setting is a startup error.
+        let instance = crate::sinks::otlp::instance_id(&settings.state_path);
         let exporter = settings
             .otlp
             .as_ref()
-            .map(crate::sinks::otlp::exporter)
+            .map(|o| crate::sinks::otlp::exporter(o, &instance))
             .transpose()?;
         let (pipeline, stored) = Pipeline::new(store, metrics.clone(), outbox)?;
         let pipeline = pipeline.with_max_turn_age(settings.max_turn_age);
@@ -84,6 +85,7 @@ impl Core {
                     metrics: metrics.process.clone(),
                     notify,
                     endpoint: o.endpoint.clone(),
+                    shape: crate::sinks::traces::SpanShape::new(Some(&settings.api_url)),
                 };
                 Some((stop.clone(), tokio::spawn(shipper.run(stop, FLUSH_TIMEOUT))))
             }

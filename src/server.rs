@@ -168,8 +168,7 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
         .first()
         .map(|f| f.get_metric().iter().map(|m| m.get_gauge().value()).sum())
         .unwrap_or(0.0);
-    let last = p.last_poll.get();
-    let last_poll = if last > 0.0 {
+    let last_poll = if let Some(last) = p.last_poll() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(last);
         humantime::format_rfc3339_seconds(t).to_string()
     } else {

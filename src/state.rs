@@ -560,6 +560,8 @@ mod tests {
                 tokens_from_requests: false,
                 tokens: crate::event::Tokens::default(),
                 credits: 0.0,
+                tokens_reported: false,
+                credits_reported: false,
                 last_model: None,
                 failed: None,
                 children: vec![],

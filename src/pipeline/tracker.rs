@@ -139,6 +139,10 @@ pub struct ParentTurn {
     pub first_event_id: String,
 }
 
+fn reported() -> bool {
+    true
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Turn {
     /// `turn_id` when the API gives one, else `seq-N`.
@@ -151,6 +155,12 @@ pub struct Turn {
     pub tokens_from_requests: bool,
     pub tokens: Tokens,
     pub credits: f64,
+    /// Some event of the turn reported tokens / credits: only then do its sums become span
+    /// attributes (no false zeros). Turns stored before these flags existed say yes.
+    #[serde(default = "reported")]
+    pub tokens_reported: bool,
+    #[serde(default = "reported")]
+    pub credits_reported: bool,
     pub last_model: Option<String>,
     /// Set by an error that ends the turn: `(error_type, time)`.
     pub failed: Option<(String, Option<i64>)>,
@@ -698,6 +708,7 @@ impl SessionState {
                     count_tokens(delta, tokens, &agent, &model);
                     if let Some(turn) = &mut self.turn {
                         turn.tokens.add(tokens);
+                        turn.tokens_reported = true;
                     }
                 }
                 self.status = "idle".to_owned();
@@ -808,9 +819,13 @@ impl SessionState {
                 if let Some(turn) = &mut self.turn {
                     if let Some(t) = tokens {
                         turn.tokens_from_requests = true;
+                        turn.tokens_reported = true;
                         turn.tokens.add(t);
                     }
-                    turn.credits += credits.unwrap_or(0.0);
+                    if let Some(c) = credits {
+                        turn.credits += c;
+                        turn.credits_reported = true;
+                    }
                     turn.last_model = Some(model.clone());
                     push_child(
                         turn,
@@ -957,6 +972,8 @@ impl SessionState {
             start_ns: ev.time_ns,
             last_ns: ev.time_ns,
             tokens_from_requests: false,
+            tokens_reported: false,
+            credits_reported: false,
             tokens: Tokens::default(),
             credits: 0.0,
             last_model: None,

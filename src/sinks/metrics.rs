@@ -15,7 +15,7 @@ use std::sync::{Mutex, RwLock};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricType};
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
 use serde::{Deserialize, Serialize};
@@ -574,7 +574,9 @@ pub struct ProcessMetrics {
     pub api_requests: IntCounterVec,
     pub api_failures: IntCounterVec,
     pub api_duration: HistogramVec,
-    pub last_poll: Gauge,
+    /// No labels; a vector only so the series is absent until the first successful poll (a
+    /// timestamp of 0 would make every staleness query see an age of fifty years).
+    last_poll: GaugeVec,
     pub events_invalid: IntCounterVec,
     pub fields_dropped: IntCounter,
     pub events_duplicate: IntCounter,
@@ -663,9 +665,12 @@ impl ProcessMetrics {
                 ]),
                 &["endpoint"],
             )?,
-            last_poll: Gauge::new(
-                "qoder_exporter_last_successful_poll_timestamp_seconds",
-                "Unix time of the last poll round that succeeded; tells how fresh the data is.",
+            last_poll: GaugeVec::new(
+                Opts::new(
+                    "qoder_exporter_last_successful_poll_timestamp_seconds",
+                    "Unix time of the last poll round that succeeded; tells how fresh the data is. Absent until the first one.",
+                ),
+                &[],
             )?,
             events_invalid: IntCounterVec::new(
                 Opts::new(
@@ -791,6 +796,21 @@ impl ProcessMetrics {
     }
 
     /// Exports the configured credit price (`--cost.credit-price`, `--cost.currency`).
+    /// Records a successful poll round at `unix` seconds.
+    pub fn set_last_poll(&self, unix: f64) {
+        self.last_poll.with_label_values::<&str>(&[]).set(unix);
+    }
+
+    /// The last successful poll, if there was one.
+    pub fn last_poll(&self) -> Option<f64> {
+        // Read through `collect`: asking for the child would create it (at 0).
+        self.last_poll
+            .collect()
+            .first()
+            .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().value()))
+            .filter(|t| *t > 0.0)
+    }
+
     pub fn set_credit_price(&self, price: Option<&crate::config::CreditPrice>) {
         if let Some(p) = price {
             self.credit_price

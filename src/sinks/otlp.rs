@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use opentelemetry::InstrumentationScope;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
@@ -34,8 +33,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// The resource every span is reported under: `service.name` defaults to `qoder-exporter`
-/// unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` names one.
-pub fn resource() -> Resource {
+/// unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` names one; `service.instance.id`
+/// to `instance_id` unless `OTEL_RESOURCE_ATTRIBUTES` sets one.
+pub fn resource(instance_id: &str) -> Resource {
     let detected = Resource::builder().build();
     let named = detected
         .get(&opentelemetry::Key::from_static_str("service.name"))
@@ -47,12 +47,53 @@ pub fn resource() -> Resource {
     if !named {
         b = b.with_service_name("qoder-exporter");
     }
+    if detected
+        .get(&opentelemetry::Key::from_static_str("service.instance.id"))
+        .is_none()
+    {
+        b = b.with_attribute(opentelemetry::KeyValue::new(
+            "service.instance.id",
+            instance_id.to_owned(),
+        ));
+    }
     b.build()
+}
+
+/// A `service.instance.id` that stays the same across restarts of one exporter and differs
+/// between exporters: a UUID (version 5 layout) from the host name and the state file, which
+/// no two running exporters share (the state file is locked).
+pub fn instance_id(state_path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default();
+    let path = std::fs::canonicalize(state_path).unwrap_or_else(|_| state_path.to_owned());
+    let mut h = sha2::Sha256::new();
+    h.update(host.trim().as_bytes());
+    h.update([0]);
+    h.update(path.to_string_lossy().as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    b[6] = (b[6] & 0x0f) | 0x50;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 /// Builds the OTLP span exporter. Headers and timeout come from the standard
 /// `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS` / `_TIMEOUT` variables, read by the library.
-pub fn exporter(s: &OtlpSettings) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+pub fn exporter(
+    s: &OtlpSettings,
+    instance_id: &str,
+) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
     let mut e = match s.protocol {
         OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -65,7 +106,7 @@ pub fn exporter(s: &OtlpSettings) -> anyhow::Result<opentelemetry_otlp::SpanExpo
             .build(),
     }
     .with_context(|| format!("OTLP exporter for {}", s.endpoint))?;
-    e.set_resource(&resource());
+    e.set_resource(&resource(instance_id));
     Ok(e)
 }
 
@@ -90,6 +131,8 @@ pub struct Shipper<E> {
     pub metrics: ProcessMetrics,
     pub notify: Arc<Notify>,
     pub endpoint: String,
+    /// The scope and API server every span carries.
+    pub shape: traces::SpanShape,
 }
 
 enum Round {
@@ -107,13 +150,13 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
     /// Runs until `stop` is cancelled, then makes a last attempt to empty the outbox, for at
     /// most `flush_within`.
     pub async fn run(self, stop: CancellationToken, flush_within: Duration) {
-        let scope = traces::scope();
+        let shape = self.shape.clone();
         let mut batch = BATCH_TURNS;
         let mut backoff = BACKOFF_MIN;
         let mut failing = false;
         loop {
             let round = tokio::select! {
-                r = self.round(&scope, &mut batch, &mut failing) => r,
+                r = self.round(&shape, &mut batch, &mut failing) => r,
                 () = stop.cancelled() => break,
             };
             match round {
@@ -138,7 +181,7 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
         // Shutting down: the pipeline has committed what it will; send what is left.
         let flush = async {
             loop {
-                match self.round(&scope, &mut batch, &mut failing).await {
+                match self.round(&shape, &mut batch, &mut failing).await {
                     Round::Progress => {}
                     Round::Idle | Round::Stopped => return true,
                     Round::Failed => return false,
@@ -156,7 +199,7 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
 
     async fn round(
         &self,
-        scope: &InstrumentationScope,
+        shape: &traces::SpanShape,
         batch: &mut usize,
         failing: &mut bool,
     ) -> Round {
@@ -169,7 +212,7 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
         let mut spans: Vec<SpanData> = Vec::new();
         let mut unusable = 0u64;
         for (_, turn) in &rows {
-            match turn.as_ref().and_then(|t| traces::turn_spans(t, scope)) {
+            match turn.as_ref().and_then(|t| traces::turn_spans(t, shape)) {
                 Some(s) => spans.extend(s),
                 None => unusable += 1,
             }

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::trace::{
     Event as SpanEventData, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
-use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use sha2::{Digest, Sha256};
 
@@ -48,6 +48,10 @@ mod semconv {
     pub const GEN_AI_AGENT_NAME: &str = "gen_ai.agent.name";
     pub const GEN_AI_CONVERSATION_ID: &str = "gen_ai.conversation.id";
     pub const GEN_AI_REQUEST_MODEL: &str = "gen_ai.request.model";
+    pub const GEN_AI_RESPONSE_MODEL: &str = "gen_ai.response.model";
+    pub const GEN_AI_RESPONSE_FINISH_REASONS: &str = "gen_ai.response.finish_reasons";
+    pub const SERVER_ADDRESS: &str = "server.address";
+    pub const SERVER_PORT: &str = "server.port";
     pub const GEN_AI_USAGE_INPUT_TOKENS: &str = "gen_ai.usage.input_tokens";
     pub const GEN_AI_USAGE_OUTPUT_TOKENS: &str = "gen_ai.usage.output_tokens";
     pub const GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: &str = "gen_ai.usage.cache_read.input_tokens";
@@ -60,6 +64,27 @@ mod semconv {
 }
 /// `gen_ai.provider.name` of every span.
 pub const PROVIDER: &str = "qoder";
+
+/// What every span of a run shares: the instrumentation scope, and the Qoder API server the
+/// model requests went through (`server.address`, `server.port` on chat spans).
+#[derive(Debug, Clone)]
+pub struct SpanShape {
+    pub scope: InstrumentationScope,
+    pub server: Option<(String, u16)>,
+}
+
+impl SpanShape {
+    /// For spans of sessions read from `api_url` (`None`: the server is not known).
+    pub fn new(api_url: Option<&str>) -> SpanShape {
+        let server = api_url
+            .and_then(|u| reqwest::Url::parse(u).ok())
+            .and_then(|u| Some((u.host_str()?.to_owned(), u.port_or_known_default()?)));
+        SpanShape {
+            scope: scope(),
+            server,
+        }
+    }
+}
 
 /// The instrumentation scope every span is reported under.
 pub fn scope() -> InstrumentationScope {
@@ -113,6 +138,12 @@ fn int(v: f64) -> i64 {
     v.round() as i64
 }
 
+/// Credits as the API states them: sums of 2-decimal values carry float noise
+/// (3.1300000000000003); six decimals, the precision the counters keep, removes it.
+fn api_precision(credits: f64) -> f64 {
+    (credits * 1e6).round() / 1e6
+}
+
 fn token_attributes(attrs: &mut Vec<KeyValue>, t: &Tokens) {
     // The GenAI rule for Anthropic-style usage: input tokens include the cached ones.
     attrs.push(KeyValue::new(
@@ -162,7 +193,8 @@ fn messages_json(messages: &[Message], role: &str) -> Option<String> {
 
 /// Builds a turn's spans, root first. `None` when no event of the turn carried a time: a span
 /// needs times, and they never come from the clock.
-pub fn turn_spans(t: &ClosedTurn, scope: &InstrumentationScope) -> Option<Vec<SpanData>> {
+pub fn turn_spans(t: &ClosedTurn, shape: &SpanShape) -> Option<Vec<SpanData>> {
+    let scope = &shape.scope;
     let turn = &t.turn;
     let child_start = turn.children.iter().filter_map(|c| c.start_ns).min();
     let start = turn.start_ns.or(child_start).or(t.end_ns)?;
@@ -190,11 +222,20 @@ pub fn turn_spans(t: &ClosedTurn, scope: &InstrumentationScope) -> Option<Vec<Sp
         semconv::GEN_AI_REQUEST_MODEL,
         t.model.clone(),
     ));
-    token_attributes(&mut attrs, &turn.tokens);
-    attrs.push(KeyValue::new("qoder.credits", turn.credits));
+    // No false zeros: token and credit sums only where an event of the turn reported them.
+    if turn.tokens_reported {
+        token_attributes(&mut attrs, &turn.tokens);
+    }
+    if turn.credits_reported {
+        attrs.push(KeyValue::new("qoder.credits", api_precision(turn.credits)));
+    }
     let end_kind = match &t.end {
         TurnEnd::Idle { stop_reason } => {
             attrs.push(KeyValue::new("qoder.stop_reason", stop_reason.clone()));
+            attrs.push(KeyValue::new(
+                semconv::GEN_AI_RESPONSE_FINISH_REASONS,
+                Value::Array(Array::String(vec![stop_reason.clone().into()])),
+            ));
             "idle"
         }
         TurnEnd::Failed { .. } => "failed",
@@ -262,7 +303,7 @@ pub fn turn_spans(t: &ClosedTurn, scope: &InstrumentationScope) -> Option<Vec<Sp
         scope,
     ));
     for c in &turn.children {
-        spans.push(child_span(t, c, trace, root_id, (start, end), scope));
+        spans.push(child_span(t, c, trace, root_id, (start, end), shape));
     }
     Some(spans)
 }
@@ -273,8 +314,9 @@ fn child_span(
     trace: TraceId,
     parent: SpanId,
     (turn_start, turn_end): (i64, i64),
-    scope: &InstrumentationScope,
+    shape: &SpanShape,
 ) -> SpanData {
+    let scope = &shape.scope;
     let start = c.start_ns.or(c.end_ns).unwrap_or(turn_start);
     let end = c.end_ns.unwrap_or(turn_end).max(start);
     let mut attrs = common(t);
@@ -286,11 +328,19 @@ fn child_span(
         } => {
             attrs.push(KeyValue::new(semconv::GEN_AI_OPERATION_NAME, "chat"));
             attrs.push(KeyValue::new(semconv::GEN_AI_REQUEST_MODEL, model.clone()));
+            // The event log names the model a request ran on; there is no separate request.
+            if model != "unknown" {
+                attrs.push(KeyValue::new(semconv::GEN_AI_RESPONSE_MODEL, model.clone()));
+            }
+            if let Some((address, port)) = &shape.server {
+                attrs.push(KeyValue::new(semconv::SERVER_ADDRESS, address.clone()));
+                attrs.push(KeyValue::new(semconv::SERVER_PORT, i64::from(*port)));
+            }
             if let Some(tk) = tokens {
                 token_attributes(&mut attrs, tk);
             }
             if let Some(cr) = credits {
-                attrs.push(KeyValue::new("qoder.credits", *cr));
+                attrs.push(KeyValue::new("qoder.credits", api_precision(*cr)));
             }
             (
                 "chat",
@@ -416,6 +466,8 @@ mod tests {
                     cache_creation: 5.0,
                 },
                 credits: 0.5,
+                tokens_reported: true,
+                credits_reported: true,
                 last_model: Some("qwen3-coder".into()),
                 failed: None,
                 children: vec![
@@ -459,7 +511,7 @@ mod tests {
         }
     }
 
-    fn attr<'a>(s: &'a SpanData, k: &str) -> Option<&'a opentelemetry::Value> {
+    fn attr<'a>(s: &'a SpanData, k: &str) -> Option<&'a Value> {
         s.attributes
             .iter()
             .find(|kv| kv.key.as_str() == k)
@@ -472,7 +524,7 @@ mod tests {
             &closed(TurnEnd::Idle {
                 stop_reason: "end_turn".into(),
             }),
-            &scope(),
+            &SpanShape::new(None),
         )
         .expect("timed");
         assert_eq!(spans.len(), 3);
@@ -487,7 +539,7 @@ mod tests {
         // input = input + cache_read + cache_creation
         assert_eq!(
             attr(root, "gen_ai.usage.input_tokens"),
-            Some(&opentelemetry::Value::I64(115))
+            Some(&Value::I64(115))
         );
         assert_eq!(root.status, Status::Unset);
         assert_eq!(root.events.len(), 1);
@@ -500,10 +552,7 @@ mod tests {
         assert_eq!(tool.name, "execute_tool bash");
         assert_eq!(tool.span_kind, SpanKind::Internal);
         assert!(matches!(tool.status, Status::Error { .. }));
-        assert_eq!(
-            attr(tool, "qoder.incomplete"),
-            Some(&opentelemetry::Value::Bool(true))
-        );
+        assert_eq!(attr(tool, "qoder.incomplete"), Some(&Value::Bool(true)));
         // An open tool ends with the turn.
         assert_eq!(tool.end_time, at(5_000_000_000));
         for s in &spans {
@@ -521,7 +570,7 @@ mod tests {
             stop_reason: "retries_exhausted".into(),
         });
         t.turn.failed = Some(("model_overloaded_error".into(), Some(4_000_000_000)));
-        let spans = turn_spans(&t, &scope()).expect("timed");
+        let spans = turn_spans(&t, &SpanShape::new(None)).expect("timed");
         assert!(matches!(spans[0].status, Status::Error { .. }));
         assert_eq!(
             attr(&spans[0], "error.type").map(ToString::to_string),
@@ -539,7 +588,7 @@ mod tests {
             &closed(TurnEnd::Failed {
                 error_type: "overloaded".into(),
             }),
-            &scope(),
+            &SpanShape::new(None),
         )
         .expect("timed");
         assert!(matches!(spans[0].status, Status::Error { .. }));
@@ -552,7 +601,7 @@ mod tests {
             error_type: "overloaded".into(),
         });
         t.turn.error_code = Some("QCA-5291".into());
-        let spans = turn_spans(&t, &scope()).expect("timed");
+        let spans = turn_spans(&t, &SpanShape::new(None)).expect("timed");
         assert_eq!(
             attr(&spans[0], "qoder.error.code").map(ToString::to_string),
             Some("QCA-5291".into())
@@ -575,8 +624,8 @@ mod tests {
             span_id("sess_1", "invoke_agent", "ev_1").to_string(),
             "df1660610004912f"
         );
-        let a = turn_spans(&closed(TurnEnd::Terminated), &scope()).expect("timed");
-        let b = turn_spans(&closed(TurnEnd::Terminated), &scope()).expect("timed");
+        let a = turn_spans(&closed(TurnEnd::Terminated), &SpanShape::new(None)).expect("timed");
+        let b = turn_spans(&closed(TurnEnd::Terminated), &SpanShape::new(None)).expect("timed");
         let ids = |v: &[SpanData]| {
             v.iter()
                 .map(|s| (s.span_context.trace_id(), s.span_context.span_id()))
@@ -593,13 +642,13 @@ mod tests {
         for c in &mut t.turn.children {
             c.start_ns = None;
         }
-        assert!(turn_spans(&t, &scope()).is_none());
+        assert!(turn_spans(&t, &SpanShape::new(None)).is_none());
     }
 
     #[test]
     fn content_is_exported_only_when_captured() {
         let t = closed(TurnEnd::Terminated);
-        let spans = turn_spans(&t, &scope()).expect("timed");
+        let spans = turn_spans(&t, &SpanShape::new(None)).expect("timed");
         assert!(attr(&spans[0], "gen_ai.input.messages").is_none());
         let mut t = t;
         t.turn.messages.push(Message {
@@ -607,7 +656,7 @@ mod tests {
             part: "text".into(),
             content: "fix the bug".into(),
         });
-        let spans = turn_spans(&t, &scope()).expect("timed");
+        let spans = turn_spans(&t, &SpanShape::new(None)).expect("timed");
         let v = attr(&spans[0], "gen_ai.input.messages")
             .expect("captured")
             .to_string();

@@ -578,7 +578,7 @@ impl Poller {
         let unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        self.metrics.last_poll.set(unix);
+        self.metrics.set_last_poll(unix);
         if self.auth.failing {
             tracing::info!("Qoder API accepts the token again; resuming");
             self.auth = AuthState::default();

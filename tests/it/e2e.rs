@@ -411,6 +411,17 @@ async fn an_unreachable_api_is_reported_not_fatal() {
         .await;
         assert!(counted, "{url}: connect failures counted");
         assert_eq!(get(&parse(&scrape(addr).await), "qoder_up"), 0.0);
+        // Never a successful poll: no timestamp at all (a 0 would read as 56 years stale),
+        // even after the landing page, which shows it, was asked for.
+        reqwest::get(format!("http://{addr}/"))
+            .await
+            .expect("landing page");
+        assert!(
+            !scrape(addr)
+                .await
+                .contains("qoder_exporter_last_successful_poll_timestamp_seconds "),
+            "{url}: no timestamp before the first successful poll"
+        );
         let ready = eventually(WAIT, async || {
             reqwest::get(format!("http://{addr}/readyz"))
                 .await
