@@ -221,6 +221,15 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             let caught_up = started.elapsed().as_secs_f64();
+            // A session that had new events is read once more soon after (it may be mid-turn);
+            // measure the idle state once those re-reads are done: no event-list request in 5 s.
+            loop {
+                let before = sim.stats().events_requests.load(Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if sim.stats().events_requests.load(Ordering::Relaxed) == before {
+                    break;
+                }
+            }
             let followed = metric(addr, "qoder_sessions").await;
             let (cpu0, req0, t0) = (cpu_seconds(pid), sim.stats().total(), Instant::now());
             let by0 = sim.stats().by_endpoint();

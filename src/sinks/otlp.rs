@@ -293,4 +293,19 @@ mod tests {
         assert!(!is_rejection("HTTP export failed with status code: 503"));
         assert!(!is_rejection("HTTP export failed: network error"));
     }
+
+    #[test]
+    fn the_instance_id_is_a_stable_uuid_per_state_file() {
+        let a = instance_id(std::path::Path::new("/var/lib/qoder-exporter/shard-0.db"));
+        let b = instance_id(std::path::Path::new("/var/lib/qoder-exporter/shard-1.db"));
+        assert_eq!(
+            a,
+            instance_id(std::path::Path::new("/var/lib/qoder-exporter/shard-0.db"))
+        );
+        assert_ne!(a, b);
+        let groups: Vec<usize> = a.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{a}");
+        assert!(a.as_bytes()[14] == b'5', "version 5 layout: {a}");
+        assert!(a.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
+    }
 }

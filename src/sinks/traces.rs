@@ -444,6 +444,16 @@ fn span(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_server_comes_from_the_api_url() {
+        let s = SpanShape::new(Some("https://api.qoder.com/api/v1/cloud"));
+        assert_eq!(s.server, Some(("api.qoder.com".to_owned(), 443)));
+        let s = SpanShape::new(Some("http://127.0.0.1:8080/api/v1/cloud"));
+        assert_eq!(s.server, Some(("127.0.0.1".to_owned(), 8080)));
+        assert_eq!(SpanShape::new(Some("not a url")).server, None);
+        assert_eq!(SpanShape::new(None).server, None);
+    }
     use crate::pipeline::tracker::{SpanEvent, Turn};
 
     fn closed(end: TurnEnd) -> ClosedTurn {

@@ -116,6 +116,8 @@ struct Tracked {
     threads: Vec<(String, Option<String>)>,
     /// The session's agent coordinates sub-agents: its thread list is read when it changed.
     multiagent: bool,
+    /// When its thread list was last read.
+    threads_listed_at: Option<Instant>,
 }
 
 /// What a job was asked to do.
@@ -136,6 +138,8 @@ struct JobInput {
     refresh_object: bool,
     threads: Vec<(String, Option<String>)>,
     multiagent: bool,
+    /// The thread list may be read if the session changed (its last reading is old enough).
+    thread_list_due: bool,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +165,8 @@ struct JobOutput {
     threads: Option<Vec<(String, Option<String>)>>,
     /// The object read in this job says the agent coordinates sub-agents.
     multiagent: bool,
+    /// The thread list was read in this job.
+    threads_listed: bool,
 }
 
 #[derive(Debug)]
@@ -291,6 +297,7 @@ impl Poller {
                     usage_sent: None,
                     threads: s.state.threads_to_read(),
                     multiagent: s.state.multiagent,
+                    threads_listed_at: None,
                 },
             );
         }
@@ -358,6 +365,7 @@ impl Poller {
                 usage_sent: None,
                 threads: Vec::new(),
                 multiagent,
+                threads_listed_at: None,
             },
         );
         self.queue.insert((now, id.to_owned()));
@@ -497,6 +505,9 @@ impl Poller {
                     refresh_object,
                     threads: t.threads.clone(),
                     multiagent: t.multiagent,
+                    thread_list_due: t
+                        .threads_listed_at
+                        .is_none_or(|at| now.duration_since(at) >= self.cfg.resync_interval),
                 };
                 if probe_only {
                     self.auth.probe_at = Some(now + self.auth_backoff());
@@ -712,6 +723,9 @@ impl Poller {
         t.consumed = out.consumed;
         t.meta_sent |= out.meta_sent;
         t.multiagent |= out.multiagent;
+        if out.threads_listed {
+            t.threads_listed_at = Some(now);
+        }
         if out.usage_sent.is_some() {
             t.usage_sent = out.usage_sent;
         }
@@ -949,10 +963,12 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
     if out.error.is_some() || out.gone || out.stopped || out.store_failed {
         return out;
     }
-    // A coordinator's thread list, read when the session changed (first read, new events,
-    // end): it finds threads the session's stream does not announce and threads that changed.
+    // A coordinator's thread list: on the first read, at the end, and while it changes at most
+    // once per resync interval. It finds threads the session's stream does not announce and
+    // threads that changed; between readings, the session's stream names the busy ones.
     let ended = out.status.as_deref().is_some_and(is_terminal);
-    if multiagent && (input.need_meta || out.new_events > 0 || ended) {
+    if multiagent && (input.need_meta || ended || (out.new_events > 0 && input.thread_list_due)) {
+        out.threads_listed = true;
         match read_thread_list(ctx, id).await {
             Ok(listed) if !listed.is_empty() => {
                 let batch = Batch {

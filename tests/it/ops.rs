@@ -193,6 +193,160 @@ async fn query(client: &reqwest::Client, base: &str, expr: &str) -> Value {
     v
 }
 
+/// A real Prometheus (Debian's package) with the shipped rules, scraping `target` every second
+/// and evaluating every second. Returns it (killed on drop) and its base URL.
+fn start_prometheus(dir: &Path, target: std::net::SocketAddr) -> (Prometheus, String) {
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: qoder-exporter\n    static_configs:\n      - targets: ['{target}']\n",
+            rules = root().join("deploy/prometheus/rules.yml").display(),
+        ),
+    )
+    .expect("config");
+    let port = free_port();
+    let prom = Prometheus(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus is installed (.ci/run installs Debian's prometheus package)"),
+    );
+    (prom, format!("http://127.0.0.1:{port}"))
+}
+
+/// The number of scrapes of the exporter Prometheus has made in the last minute.
+async fn scrapes(client: &reqwest::Client, base: &str) -> f64 {
+    let Ok(r) = client
+        .get(format!("{base}/api/v1/query"))
+        .query(&[("query", "count_over_time(up{job=\"qoder-exporter\"}[1m])")])
+        .send()
+        .await
+    else {
+        return 0.0;
+    };
+    r.json::<Value>()
+        .await
+        .ok()
+        .and_then(|v| {
+            v["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Alerts of these names that are pending or firing now.
+async fn active_alerts(client: &reqwest::Client, base: &str, names: &[&str]) -> Vec<Value> {
+    let v = query(client, base, "ALERTS").await;
+    v["data"]["result"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| names.contains(&r["metric"]["alertname"].as_str().unwrap_or_default()))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The alerts that say "it happened" page on the first occurrence of a new series (born at
+/// 1) and never for counts that come back unchanged: not on Prometheus' first scrape of an
+/// exporter with history, not after the exporter restarts, not after an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_exhausted_error_pages_and_a_restart_pages_nothing() {
+    const PAGE: [&str; 2] = ["QoderSessionRetriesExhausted", "QoderSessionTerminalErrors"];
+    let sim = sim(ScenarioConfig {
+        seed: 31,
+        sessions: 24,
+        max_turns: 5,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    // The first `exhausted` error of the log: everything before it is history.
+    let first = sim
+        .sessions()
+        .iter()
+        .flat_map(|s| &s.events)
+        .filter(|e| e.json.contains("\"exhausted\""))
+        .map(|e| e.step)
+        .min()
+        .expect("the log has an exhausted error");
+    assert!(first > 0);
+    sim.set_clock(first - 1);
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = settings(&sim, &dir.path().join("s.db"));
+    s.listen_address = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let addr = s.listen_address;
+    let exhausted_seen = async || scrape(addr).await.contains("retry_status=\"exhausted\"");
+    // History read before Prometheus ever looks.
+    let running = app::start(s.clone()).await.expect("start");
+    assert!(
+        eventually(Duration::from_secs(20), async || {
+            get(
+                &parse(&scrape(addr).await),
+                "qoder_exporter_last_successful_poll_timestamp_seconds",
+            ) > 0.0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !exhausted_seen().await,
+        "no exhausted error before its step"
+    );
+    running.stop().await.expect("stop");
+
+    let (_prom, base) = start_prometheus(dir.path(), addr);
+    let client = reqwest::Client::new();
+    // A restart: Prometheus' first scrapes show the stored counts beside build_info.
+    let running = app::start(s.clone()).await.expect("restart");
+    assert!(
+        eventually(Duration::from_secs(30), async || scrapes(&client, &base)
+            .await
+            >= 5.0)
+        .await
+    );
+    let after_restart = active_alerts(&client, &base, &PAGE).await;
+    assert!(
+        after_restart.is_empty(),
+        "a restart paged: {after_restart:?}"
+    );
+    // An outage of a few scrapes, then the same counts again.
+    running.stop().await.expect("stop");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let running = app::start(s).await.expect("back");
+    let before = scrapes(&client, &base).await;
+    assert!(
+        eventually(Duration::from_secs(30), async || scrapes(&client, &base)
+            .await
+            >= before + 4.0)
+        .await
+    );
+    let after_outage = active_alerts(&client, &base, &PAGE).await;
+    assert!(after_outage.is_empty(), "an outage paged: {after_outage:?}");
+
+    // The first exhausted error: its series is born at 1, and the alert fires at once.
+    sim.release_all();
+    assert!(eventually(Duration::from_secs(30), exhausted_seen).await);
+    let fired = eventually(Duration::from_secs(10), async || {
+        active_alerts(&client, &base, &["QoderSessionRetriesExhausted"])
+            .await
+            .iter()
+            .any(|a| a["metric"]["alertstate"] == "firing")
+    })
+    .await;
+    assert!(fired, "the first exhausted error did not page");
+    running.stop().await.expect("stop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_finds_data_for_every_panel_and_rule() {
     // A few 503s, so the failure panels have something to show.
@@ -218,31 +372,7 @@ async fn a_real_prometheus_finds_data_for_every_panel_and_rule() {
     });
     let running = app::start(s).await.expect("start");
 
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: qoder-exporter\n    static_configs:\n      - targets: ['{addr}']\n",
-            rules = root().join("deploy/prometheus/rules.yml").display(),
-            addr = running.addr
-        ),
-    )
-    .expect("config");
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let _prom = Prometheus(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus is installed (.ci/run installs Debian's prometheus package)"),
-    );
+    let (_prom, base) = start_prometheus(dir.path(), running.addr);
     let client = reqwest::Client::new();
     // The log grows while Prometheus scrapes, so rates are not all zero.
     let last = sim.last_step();
