@@ -10,7 +10,8 @@
 //! exporter to CPU 1.
 //! `idle`: after the catch-up, CPU share, requests per minute and RSS while every session idles.
 //! `active SESSIONS SECONDS`: the log grows one step a second; requests per hour by endpoint.
-//! `LOAD_NO_THREADS=1`: no session runs a sub-agent; `LOAD_SDK_LIST=1`: the SDK 0.11 list.
+//! `LOAD_NO_THREADS=1`: no session runs a sub-agent; `LOAD_SDK_LIST=1`: the SDK 0.11 list;
+//! `LOAD_EXPORTER=path`: measure that exporter binary instead (e.g. an older commit's).
 
 #![allow(
     clippy::print_stdout,
@@ -25,6 +26,10 @@ use std::time::{Duration, Instant};
 use qoder_exporter::sim::{ScenarioConfig, Sim, SimConfig};
 
 fn exporter_bin() -> std::path::PathBuf {
+    // LOAD_EXPORTER=path: another build (an older commit, for before/after).
+    if let Some(p) = std::env::var_os("LOAD_EXPORTER") {
+        return p.into();
+    }
     let exe = std::env::current_exe().expect("exe");
     exe.parent()
         .and_then(|p| p.parent())

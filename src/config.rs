@@ -84,8 +84,11 @@ pub struct ReplayFlags {
     #[arg(id = "replay_serve", long = "serve")]
     pub serve: bool,
     /// Events per session batch (one state commit each).
-    #[arg(id = "replay_batch", long = "batch-size", default_value_t = 2000)]
-    pub batch_size: usize,
+    #[arg(id = "replay_batch", long = "batch-size", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Exit 0 even when some lines could not be read (they are reported and counted either way).
+    #[arg(id = "replay_allow_invalid", long = "allow-invalid")]
+    pub allow_invalid: bool,
 }
 
 #[derive(Debug, Args, Default)]
@@ -235,7 +238,8 @@ pub struct Flags {
     /// Currency of --cost.credit-price (an ISO 4217 code) [default: USD]
     #[arg(long = "cost.currency", env = "QODER_COST_CURRENCY", global = true)]
     pub currency: Option<String>,
-    /// Log filter, as RUST_LOG (e.g. `info`, `qoder_exporter=debug`) [default: info]
+    /// Only log messages with this severity or above: debug, info, warn, error [default: info].
+    /// RUST_LOG, when set, overrides it (an expert filter, e.g. `qoder_exporter::source=debug`)
     #[arg(long = "log.level", env = "QODER_EXPORTER_LOG_LEVEL", global = true)]
     pub log_level: Option<String>,
 }
@@ -731,11 +735,20 @@ impl Settings {
                 .max_turn_age
                 .or(file.state.max_turn_age)
                 .unwrap_or(Duration::from_secs(6 * 3600)),
-            log_level: flags
-                .log_level
-                .or(file.log.level)
-                .unwrap_or_else(|| "info".to_owned()),
+            log_level: log_level(flags.log_level.or(file.log.level))?,
         })
+    }
+}
+
+/// The levels the Prometheus exporter toolkit accepts; anything else is refused (a typo must
+/// not silently turn the logs off).
+pub const LOG_LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
+
+fn log_level(given: Option<String>) -> anyhow::Result<String> {
+    match given {
+        None => Ok("info".to_owned()),
+        Some(l) if LOG_LEVELS.contains(&l.as_str()) => Ok(l),
+        Some(l) => anyhow::bail!("--log.level {l:?}: must be one of debug, info, warn, error"),
     }
 }
 

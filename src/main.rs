@@ -100,16 +100,30 @@ fn healthcheck(url: &str, insecure: bool) -> std::process::ExitCode {
     }
 }
 
+/// Logs to stderr at `level` (checked by `Settings`); `RUST_LOG`, when set and valid, is an
+/// expert override and says so once.
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let expert = rust_log
+        .as_deref()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok());
+    let overridden = expert.is_some();
+    let filter = expert.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    match rust_log {
+        Some(v) if overridden => {
+            tracing::info!(rust_log = %v, "RUST_LOG is set: it overrides --log.level");
+        }
+        Some(v) => {
+            tracing::warn!(rust_log = %v, level, "RUST_LOG is not a valid filter; using --log.level")
+        }
+        None => {}
+    }
 }
 
 /// Starts the simulated API and the exporter against it.
@@ -176,6 +190,19 @@ async fn replay_run(mut settings: Settings, r: ReplayFlags) -> anyhow::Result<()
         out.flush().context("writing the metrics")?;
     }
     eprintln!("{summary}");
+    for line in &summary.invalid_lines {
+        eprintln!("{line}");
+    }
+    let unreported = summary.invalid - summary.invalid_lines.len() as u64;
+    if unreported > 0 {
+        eprintln!("… and {unreported} more invalid lines");
+    }
+    if summary.invalid > 0 && !r.allow_invalid {
+        anyhow::bail!(
+            "{} line(s) could not be read (listed above; counted in qoder_exporter_events_invalid_total); --allow-invalid accepts them",
+            summary.invalid
+        );
+    }
     if r.serve {
         let (_tx, ready) = tokio::sync::watch::channel(true);
         let web = match &settings.web_config_file {

@@ -50,7 +50,12 @@ pub struct ReplaySummary {
     /// Events the state already held (an earlier replay into the same state): not applied.
     pub skipped: u64,
     pub elapsed: Duration,
+    /// The first invalid lines, as `file:line: why` (at most `REPORTED_INVALID`).
+    pub invalid_lines: Vec<String>,
 }
+
+/// Invalid lines reported one by one; past this many, only counted.
+pub const REPORTED_INVALID: usize = 20;
 
 impl std::fmt::Display for ReplaySummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,6 +113,9 @@ struct Feeder<'a> {
     at_end: bool,
     /// Agent names from the file's agent lines, for sessions that name their agent by id.
     agent_names: HashMap<String, String>,
+    /// Where the line being read is, for reports of invalid lines.
+    file: String,
+    line_no: u64,
 }
 
 impl Feeder<'_> {
@@ -182,6 +190,11 @@ impl Feeder<'_> {
 
     fn invalid(&mut self, reason: &str) {
         self.summary.invalid += 1;
+        if self.summary.invalid_lines.len() < REPORTED_INVALID {
+            self.summary
+                .invalid_lines
+                .push(format!("{}:{}: {reason}", self.file, self.line_no));
+        }
         self.metrics
             .process
             .events_invalid
@@ -316,13 +329,24 @@ const THREAD_LINE: &str = "session_thread";
 /// The line field that marks an event of a sub-agent thread's stream in a dump.
 const STREAM_FIELD: &str = "qoder_exporter_stream";
 
-fn open_input(path: &Path) -> anyhow::Result<Box<dyn Read + Send>> {
-    if path.as_os_str() == "-" {
-        return Ok(Box::new(std::io::stdin()));
+/// Opens a replay input, decompressing gzip when its first bytes say so (whatever its name).
+fn open_input(path: &Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
+    let raw: Box<dyn Read + Send> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| format!("replay: {}", path.display()))?)
+    };
+    let mut r = BufReader::with_capacity(1 << 20, raw);
+    let head = r
+        .fill_buf()
+        .with_context(|| format!("replay: reading {}", path.display()))?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        return Ok(Box::new(BufReader::with_capacity(
+            1 << 20,
+            flate2::bufread::MultiGzDecoder::new(r),
+        )));
     }
-    Ok(Box::new(
-        std::fs::File::open(path).with_context(|| format!("replay: {}", path.display()))?,
-    ))
+    Ok(Box::new(r))
 }
 
 /// Reads every file and feeds the pipeline; runs on a blocking thread.
@@ -363,12 +387,21 @@ fn feed(
         waited: Duration::ZERO,
         at_end: false,
         agent_names: HashMap::new(),
+        file: String::new(),
+        line_no: 0,
     };
     let mut buf = Vec::with_capacity(64 * 1024);
     for path in files {
-        let mut r = BufReader::with_capacity(1 << 20, open_input(path)?);
+        let mut r = open_input(path)?;
+        f.file = if path.as_os_str() == "-" {
+            "<stdin>".to_owned()
+        } else {
+            path.display().to_string()
+        };
+        f.line_no = 0;
         loop {
             buf.clear();
+            f.line_no += 1;
             let n = (&mut r)
                 .take(MAX_LINE as u64 + 1)
                 .read_until(b'\n', &mut buf)
@@ -419,7 +452,7 @@ pub async fn replay(
     let handle = core.handle.clone();
     let files = flags.files.clone();
     let m = metrics.clone();
-    let batch = flags.batch_size;
+    let batch = usize::try_from(flags.batch_size).unwrap_or(usize::MAX);
     // Replaying into a state that already holds a session's head skips that head: replaying
     // the same file twice counts nothing twice.
     let mut skip: HashMap<String, u64> = HashMap::new();
@@ -589,10 +622,25 @@ pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> 
         metrics.process.clone(),
         CancellationToken::new(),
     )?;
-    let mut out: Box<dyn Write> = match &flags.output {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("--output {}", p.display()))?,
-        )),
+    // To a temporary file beside --output, renamed over it only when the dump is whole: a
+    // refused token or a failure half-way leaves no empty or partial file behind.
+    let mut tmp = match &flags.output {
+        Some(p) => {
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            Some(
+                tempfile::Builder::new()
+                    .prefix(".qoder-dump-")
+                    .tempfile_in(dir)
+                    .with_context(|| format!("--output {}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let mut out: Box<dyn Write> = match &mut tmp {
+        Some(f) => Box::new(std::io::BufWriter::new(f.as_file_mut())),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let started = Instant::now();
@@ -641,6 +689,12 @@ pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> 
         }
     }
     out.flush()?;
+    drop(out);
+    if let (Some(tmp), Some(path)) = (tmp, &flags.output) {
+        tmp.as_file().sync_all()?;
+        tmp.persist(path)
+            .with_context(|| format!("--output {}", path.display()))?;
+    }
     tracing::info!(
         sessions,
         events,

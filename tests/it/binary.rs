@@ -316,6 +316,53 @@ fn startup_errors_are_clear_and_touch_nothing() {
 }
 
 #[test]
+fn values_are_checked_before_anything_is_created() {
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("state.db");
+    let s = state.to_str().expect("utf8");
+    // A log level that would silently turn every line off.
+    for level in ["verbose", "warning", "trace"] {
+        let (code, err) = run_to_exit(
+            &["--state.path", s, "--log.level", level],
+            &[("QODER_PAT", "pt-x")],
+        );
+        assert_eq!(code, 2, "{level}: {err}");
+        assert!(
+            err.contains("must be one of debug, info, warn, error"),
+            "{err}"
+        );
+    }
+    let (code, err) = run_to_exit(&["replay", "--batch-size", "0", "-"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--batch-size"), "{err}");
+    assert!(
+        std::fs::read_dir(dir.path()).expect("dir").next().is_none(),
+        "nothing created for a refused run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_with_a_rejected_token_leaves_no_file() {
+    let sim = sim(ScenarioConfig::default()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("log.jsonl");
+    let out = Command::new(BIN)
+        .args(["dump", "--qoder.api-url", &sim.base_url(), "--output"])
+        .arg(&file)
+        .env("QODER_PAT", "pt-wrong-token")
+        .output()
+        .expect("dump runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(
+        std::fs::read_dir(dir.path()).expect("dir").next().is_none(),
+        "no output and no temporary file left: {:?}",
+        std::fs::read_dir(dir.path()).map(|d| d.count())
+    );
+}
+
+#[test]
 fn help_reads_well() {
     let out = Command::new(BIN).arg("--help").output().expect("runs");
     let help = String::from_utf8_lossy(&out.stdout);
@@ -403,15 +450,19 @@ async fn dump_then_replay_reproduces_the_totals() {
         .arg(&junk_file)
         .output()
         .expect("replay runs");
+    // Invalid lines are reported by file and line, and fail the run (the metrics are still
+    // printed: everything readable was counted).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let junk_line = text.lines().count() + 1;
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains(&format!("{}:{junk_line}: not_object", junk_file.display())),
+        "{stderr}"
     );
+    assert!(stderr.contains("--allow-invalid"), "{stderr}");
     let series = parse(&String::from_utf8(out.stdout).expect("utf8"));
     let problems = mismatches(&series, &sim.totals);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("replayed"), "{stderr}");
     // The simulator's own unreadable events plus the two junk lines.
     assert_eq!(
@@ -420,11 +471,36 @@ async fn dump_then_replay_reproduces_the_totals() {
         "{stderr}"
     );
 
+    // Gzip is read by content, whatever the file's name.
+    let gz = dir.path().join("log.backup");
+    {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(
+            std::fs::File::create(&gz).expect("create"),
+            flate2::Compression::fast(),
+        );
+        e.write_all(text.as_bytes()).expect("gzip");
+        e.finish().expect("gzip");
+    }
+    let out = Command::new(BIN)
+        .args(["replay", "--allow-invalid"])
+        .arg(&gz)
+        .output()
+        .expect("replay runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let series = parse(&String::from_utf8(out.stdout).expect("utf8"));
+    let problems = mismatches(&series, &sim.totals);
+    assert!(problems.is_empty(), "gzip: {}", problems.join("\n"));
+
     // From stdin, into a state file: a second replay of the same file counts nothing twice.
     let state = dir.path().join("backfill.db");
     for _ in 0..2 {
         let mut child = Command::new(BIN)
-            .args(["replay", "-", "--state.path"])
+            .args(["replay", "-", "--allow-invalid", "--state.path"])
             .arg(&state)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -498,9 +574,10 @@ async fn the_token_never_appears_in_logs_or_responses() {
             "--qoder.max-requests-per-second",
             "0",
         ])
-        .args(["--log.level", "trace"])
+        .args(["--log.level", "debug"])
+        // The expert override, to see HTTP internals too.
+        .env("RUST_LOG", "trace")
         .env_remove("QODER_PAT")
-        .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
