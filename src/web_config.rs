@@ -137,7 +137,7 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> anyhow::Result<rustls::Server
             "web config: cipher_suites, curve_preferences and prefer_server_cipher_suites are ignored (rustls chooses safe ones)"
         );
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = match (
         t.min_version.as_deref(),
         t.max_version.as_deref(),
@@ -203,7 +203,7 @@ fn load_key(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
     let certs = read_certs(cert)?;
     let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("{}: no private key in it", key.display()))?;
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
     let signing = provider
         .key_provider
         .load_private_key(key)

@@ -557,9 +557,12 @@ impl SessionState {
 
     /// The threads whose streams need reading: running, or named since last read to the end.
     pub fn threads_to_read(&self) -> Vec<(String, Option<String>)> {
+        // Once the session has ended, a thread that never said it stopped is not waited for:
+        // it is read while the session's stream names it, then left.
+        let ended = matches!(self.status.as_str(), "terminated" | "archived" | "deleted");
         self.threads
             .iter()
-            .filter(|(_, t)| t.active || t.dirty)
+            .filter(|(_, t)| t.dirty || (t.active && !ended))
             .map(|(id, t)| (id.clone(), t.cursor.clone()))
             .collect()
     }

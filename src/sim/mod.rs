@@ -77,8 +77,11 @@ pub struct SimConfig {
     pub scenario: ScenarioConfig,
     /// The token the API accepts.
     pub token: String,
-    /// Share of requests (0..=1) that get a fault.
+    /// Share of requests (0..=1) that get a fault, drawn at random (seeded by `fault_seed`).
     pub fault_rate: f64,
+    /// Instead of `fault_rate`: every this many requests, one gets the next fault of `faults`
+    /// in turn, so a run of N requests has N / every faults, each kind as often as the others.
+    pub fault_every: Option<u64>,
     pub faults: Vec<Fault>,
     pub fault_seed: u64,
     pub slow_delay: Duration,
@@ -89,6 +92,8 @@ pub struct SimConfig {
     pub session_page_tokens: Option<usize>,
     /// Serve `GET /agents/{id}` (off: 404, as an API without agent objects answers).
     pub agents_endpoint: bool,
+    /// The first thread list asked for is cut short (a body that does not decode).
+    pub break_first_thread_list: bool,
     /// Answer 400 to a session listing with `include_archived` or `statuses[]` (an API that
     /// validates its parameters and knows neither).
     pub reject_list_filters: bool,
@@ -100,12 +105,14 @@ impl Default for SimConfig {
             scenario: ScenarioConfig::default(),
             token: "pt-sim-token".to_owned(),
             fault_rate: 0.0,
+            fault_every: None,
             faults: Fault::ALL.to_vec(),
             fault_seed: 1,
             slow_delay: Duration::from_secs(3),
             step_interval: None,
             session_page_tokens: None,
             agents_endpoint: true,
+            break_first_thread_list: false,
             reject_list_filters: false,
         }
     }
@@ -160,6 +167,9 @@ struct SimState {
     clock: AtomicU64,
     faults_on: AtomicBool,
     fault_rate: f64,
+    fault_every: Option<u64>,
+    /// Requests that could get a fault so far (the schedule's clock).
+    fault_ticks: AtomicU64,
     faults: Vec<Fault>,
     rng: Mutex<fastrand::Rng>,
     slow_delay: Duration,
@@ -169,6 +179,7 @@ struct SimState {
     session_page_tokens: Option<usize>,
     agents_endpoint: bool,
     reject_list_filters: bool,
+    break_thread_list: AtomicBool,
     stats: Stats,
 }
 
@@ -195,8 +206,10 @@ impl Sim {
             index,
             token: Mutex::new(cfg.token),
             clock: AtomicU64::new(0),
-            faults_on: AtomicBool::new(cfg.fault_rate > 0.0),
+            faults_on: AtomicBool::new(cfg.fault_rate > 0.0 || cfg.fault_every.is_some()),
             fault_rate: cfg.fault_rate,
+            fault_every: cfg.fault_every.filter(|n| *n > 0),
+            fault_ticks: AtomicU64::new(0),
             faults: cfg.faults,
             rng: Mutex::new(fastrand::Rng::with_seed(cfg.fault_seed)),
             slow_delay: cfg.slow_delay,
@@ -205,6 +218,7 @@ impl Sim {
             session_page_tokens: cfg.session_page_tokens,
             agents_endpoint: cfg.agents_endpoint,
             reject_list_filters: cfg.reject_list_filters,
+            break_thread_list: AtomicBool::new(cfg.break_first_thread_list),
             stats: Stats::default(),
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -382,6 +396,11 @@ impl Drop for InFlight<'_> {
 fn pick_fault(st: &SimState) -> Option<Fault> {
     if !st.faults_on.load(Ordering::Relaxed) || st.faults.is_empty() {
         return None;
+    }
+    if let Some(every) = st.fault_every {
+        let n = st.fault_ticks.fetch_add(1, Ordering::Relaxed) + 1;
+        let k = usize::try_from(n / every).unwrap_or(0);
+        return n.is_multiple_of(every).then(|| st.faults[(k - 1) % st.faults.len()]);
     }
     let mut rng = st.rng.lock().unwrap_or_else(|e| e.into_inner());
     (rng.f64() < st.fault_rate).then(|| st.faults[rng.usize(0..st.faults.len())])
@@ -816,6 +835,9 @@ async fn list_threads(
         Ok(g) => g,
         Err(r) => return r,
     };
+    if st.break_thread_list.swap(false, Ordering::Relaxed) {
+        return fault_response(&st, Fault::Truncated).await;
+    }
     let clock = st.clock.load(Ordering::Relaxed);
     let Some(s) = st
         .index

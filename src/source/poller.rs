@@ -118,6 +118,8 @@ struct Tracked {
     multiagent: bool,
     /// When its thread list was last read.
     threads_listed_at: Option<Instant>,
+    /// Reading its thread list failed: the next job reads it, changed or not.
+    thread_list_failed: bool,
 }
 
 /// What a job was asked to do.
@@ -140,6 +142,8 @@ struct JobInput {
     multiagent: bool,
     /// The thread list may be read if the session changed (its last reading is old enough).
     thread_list_due: bool,
+    /// The last attempt to read the thread list failed.
+    thread_list_failed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -167,6 +171,8 @@ struct JobOutput {
     multiagent: bool,
     /// The thread list was read in this job.
     threads_listed: bool,
+    /// Reading the thread list failed in this job.
+    thread_list_failed: bool,
 }
 
 #[derive(Debug)]
@@ -298,6 +304,7 @@ impl Poller {
                     threads: s.state.threads_to_read(),
                     multiagent: s.state.multiagent,
                     threads_listed_at: None,
+                    thread_list_failed: false,
                 },
             );
         }
@@ -366,6 +373,7 @@ impl Poller {
                 threads: Vec::new(),
                 multiagent,
                 threads_listed_at: None,
+                thread_list_failed: false,
             },
         );
         self.queue.insert((now, id.to_owned()));
@@ -508,6 +516,7 @@ impl Poller {
                     thread_list_due: t
                         .threads_listed_at
                         .is_none_or(|at| now.duration_since(at) >= self.cfg.resync_interval),
+                    thread_list_failed: t.thread_list_failed,
                 };
                 if probe_only {
                     self.auth.probe_at = Some(now + self.auth_backoff());
@@ -725,7 +734,9 @@ impl Poller {
         t.multiagent |= out.multiagent;
         if out.threads_listed {
             t.threads_listed_at = Some(now);
+            t.thread_list_failed = false;
         }
+        t.thread_list_failed |= out.thread_list_failed;
         if out.usage_sent.is_some() {
             t.usage_sent = out.usage_sent;
         }
@@ -767,7 +778,8 @@ impl Poller {
             )
         } else {
             t.failures = 0;
-            if is_terminal(&t.status) && !out.more {
+            // Ended, read to its end, and no sub-agent thread left to read.
+            if is_terminal(&t.status) && !out.more && t.threads.is_empty() {
                 t.finished = true;
                 tracing::info!(session = %id, events = t.consumed, "session ended and is drained; no longer followed");
                 self.spawn_finish(id);
@@ -778,7 +790,9 @@ impl Poller {
             }
             if out.more {
                 now
-            } else if out.new_events > 0 || is_running(&t.status) {
+            } else if out.new_events > 0 || is_running(&t.status) || !t.threads.is_empty() {
+                // Running, just changed, or a sub-agent thread still to read (active, or
+                // named by the session's stream since its last reading).
                 now + poll
             } else if t.read_updated.is_some() && t.read_updated == t.listed_updated {
                 // Read to the end as of the listing's `updated_at`: nothing to fetch until a
@@ -963,26 +977,39 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
     if out.error.is_some() || out.gone || out.stopped || out.store_failed {
         return out;
     }
+    // What the session's stream said about its threads is kept even if what follows fails.
+    out.threads = Some(threads.clone());
     // A coordinator's thread list: on the first read, at the end, and while it changes at most
     // once per resync interval. It finds threads the session's stream does not announce and
     // threads that changed; between readings, the session's stream names the busy ones.
     let ended = out.status.as_deref().is_some_and(is_terminal);
-    if multiagent && (input.need_meta || ended || (out.new_events > 0 && input.thread_list_due)) {
-        out.threads_listed = true;
+    if multiagent
+        && (input.need_meta
+            || ended
+            || input.thread_list_failed
+            || (out.new_events > 0 && input.thread_list_due))
+    {
         match read_thread_list(ctx, id).await {
             Ok(listed) if !listed.is_empty() => {
+                out.threads_listed = true;
                 let batch = Batch {
                     session_id: id.to_owned(),
                     threads_listed: listed,
                     ..Batch::default()
                 };
                 match ctx.pipeline.batch(batch).await {
-                    Ok(o) => threads = o.threads,
+                    Ok(o) => {
+                        threads = o.threads;
+                        out.threads = Some(threads.clone());
+                    }
                     Err(e) => return stopped_or_failed(out, e),
                 }
             }
-            Ok(_) => {}
+            Ok(_) => out.threads_listed = true,
             Err(e) => {
+                // 404: an API without thread lists; don't ask again this interval.
+                out.threads_listed = e.status() == Some(404);
+                out.thread_list_failed = !out.threads_listed;
                 out.error = (e.status() != Some(404)).then_some(e);
                 if out.error.is_some() {
                     return out;
@@ -990,7 +1017,6 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
             }
         }
     }
-    out.threads = Some(threads.clone());
     for (tid, cursor) in threads {
         let mut pos = Position {
             cursor,

@@ -633,3 +633,21 @@ async fn the_token_never_appears_in_logs_or_responses() {
         }
     }
 }
+
+/// `build_info{revision}` is the commit the binary was built from (`unknown` outside git).
+#[test]
+fn the_revision_is_the_git_commit() {
+    let git = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let expected = std::env::var("QODER_EXPORTER_REVISION")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .or(git)
+        .unwrap_or_else(|| "unknown".to_owned());
+    assert_eq!(qoder_exporter::REVISION, expected);
+}

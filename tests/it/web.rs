@@ -173,7 +173,7 @@ async fn tls_with_client_certificates_and_basic_auth() {
         let key =
             rustls::pki_types::PrivateKeyDer::from_pem_slice(client_id.1.as_bytes()).expect("key");
         let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("versions")
