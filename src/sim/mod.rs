@@ -400,7 +400,9 @@ fn pick_fault(st: &SimState) -> Option<Fault> {
     if let Some(every) = st.fault_every {
         let n = st.fault_ticks.fetch_add(1, Ordering::Relaxed) + 1;
         let k = usize::try_from(n / every).unwrap_or(0);
-        return n.is_multiple_of(every).then(|| st.faults[(k - 1) % st.faults.len()]);
+        return n
+            .is_multiple_of(every)
+            .then(|| st.faults[(k - 1) % st.faults.len()]);
     }
     let mut rng = st.rng.lock().unwrap_or_else(|e| e.into_inner());
     (rng.f64() < st.fault_rate).then(|| st.faults[rng.usize(0..st.faults.len())])
