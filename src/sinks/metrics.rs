@@ -570,6 +570,9 @@ impl Collector for DurableMetrics {
 #[derive(Debug, Clone)]
 pub struct ProcessMetrics {
     pub up: IntGauge,
+    /// What went wrong with the API last, in words for the landing page (`None`: nothing
+    /// since the last success). Not a series.
+    api_problem: std::sync::Arc<RwLock<Option<String>>>,
     pub sessions: IntGaugeVec,
     pub api_requests: IntCounterVec,
     pub api_failures: IntCounterVec,
@@ -598,9 +601,10 @@ pub struct ProcessMetrics {
 /// The `reason` values of `qoder_exporter_api_request_failures_total`: a fixed set, so every
 /// endpoint × reason series exists at zero from the first scrape (alerts over `rate()` and
 /// `increase()` see a failure's first occurrence).
-pub const FAILURE_REASONS: [&str; 15] = [
+pub const FAILURE_REASONS: [&str; 16] = [
     "timeout",
     "connect",
+    "tls",
     "status_400",
     "status_401",
     "status_403",
@@ -630,6 +634,7 @@ impl ProcessMetrics {
     /// Creates the process metrics and registers them in `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<ProcessMetrics> {
         let m = ProcessMetrics {
+            api_problem: std::sync::Arc::default(),
             up: IntGauge::new(
                 "qoder_up",
                 "1 when the last round of Qoder API requests succeeded (reachable, token accepted), else 0.",
@@ -796,6 +801,18 @@ impl ProcessMetrics {
     }
 
     /// Exports the configured credit price (`--cost.credit-price`, `--cost.currency`).
+    /// Says what went wrong with the API (`None`: it works again).
+    pub fn set_api_problem(&self, problem: Option<String>) {
+        *self.api_problem.write().unwrap_or_else(|e| e.into_inner()) = problem;
+    }
+
+    pub fn api_problem(&self) -> Option<String> {
+        self.api_problem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Records a successful poll round at `unix` seconds.
     pub fn set_last_poll(&self, unix: f64) {
         self.last_poll.with_label_values::<&str>(&[]).set(unix);

@@ -51,6 +51,11 @@ pub enum ApiError {
     Timeout,
     #[error("could not connect: {0}")]
     Connect(#[source] reqwest::Error),
+    /// The TLS handshake failed: an untrusted or wrong certificate, or not TLS at all.
+    #[error(
+        "TLS handshake failed ({detail}): check the URL's scheme and port, and the server's certificate"
+    )]
+    Tls { detail: String },
     #[error("token rejected (HTTP 401{})", fmt_type(.error_type))]
     Unauthorized { error_type: Option<String> },
     #[error("HTTP {status}{}{}", fmt_type(.error_type), fmt_message(.message))]
@@ -86,6 +91,7 @@ impl ApiError {
         match self {
             ApiError::Timeout => "timeout",
             ApiError::Connect(_) => "connect",
+            ApiError::Tls { .. } => "tls",
             ApiError::Unauthorized { .. } => "status_401",
             ApiError::Status { status, .. } => match status {
                 400 => "status_400",
@@ -509,13 +515,34 @@ impl Client {
 }
 
 fn classify(e: reqwest::Error) -> ApiError {
-    if e.is_timeout() {
+    if let Some(detail) = tls_failure(&e) {
+        ApiError::Tls { detail }
+    } else if e.is_timeout() {
         ApiError::Timeout
     } else if e.is_connect() {
         ApiError::Connect(e)
     } else {
         ApiError::Transport(e)
     }
+}
+
+/// The rustls error somewhere in `e`'s causes. An `io::Error` hides what it wraps from
+/// `source()`, so its inner error is followed too.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        cause = match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner),
+            None => c.source(),
+        };
+    }
+    None
 }
 
 /// `{"type":"error","error":{"type":…,"message":…}}`, when the body is one.
@@ -659,6 +686,48 @@ mod tests {
         ] {
             assert!(FAILURE_REASONS.contains(&e.reason()), "{e}");
         }
+    }
+
+    /// A server that does not speak TLS behind an `https://` URL: a TLS failure, counted as
+    /// `reason="tls"`, not as a connection failure.
+    #[tokio::test]
+    async fn a_tls_failure_has_its_own_reason() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let _ = sock
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let registry = prometheus::Registry::new();
+        let metrics = ProcessMetrics::register(&registry).expect("metrics");
+        let client = Client::new(
+            ClientConfig {
+                base_url: format!("https://{addr}/api/v1/cloud"),
+                retries: 0,
+                max_requests_per_second: None,
+                ..ClientConfig::default()
+            },
+            TokenSource::new(Pat::new("pt-x").expect("pat")),
+            metrics.clone(),
+            CancellationToken::new(),
+        )
+        .expect("client");
+        let e = client.get_session("sess_1").await.expect_err("not TLS");
+        assert_eq!(e.reason(), "tls", "{e}");
+        assert!(e.to_string().contains("TLS handshake failed"), "{e}");
+        assert_eq!(
+            metrics
+                .api_failures
+                .with_label_values(&["session", "tls"])
+                .get(),
+            1
+        );
     }
 
     #[test]

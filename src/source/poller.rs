@@ -599,6 +599,7 @@ impl Poller {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         self.metrics.set_last_poll(unix);
+        self.metrics.set_api_problem(None);
         if self.auth.failing {
             tracing::info!("Qoder API accepts the token again; resuming");
             self.auth = AuthState::default();
@@ -611,6 +612,10 @@ impl Poller {
             return false;
         }
         self.metrics.up.set(0);
+        self.metrics.set_api_problem(Some(match e {
+            ApiError::Unauthorized { .. } => "the token is rejected (HTTP 401): check QODER_PAT, QODER_PERSONAL_ACCESS_TOKEN or --qoder.pat-file".to_owned(),
+            other => other.to_string(),
+        }));
         if let ApiError::Unauthorized { .. } = e {
             self.auth.failures += 1;
             if !self.auth.failing {

@@ -252,11 +252,31 @@ async fn a_wrong_token_keeps_serving_reports_down_and_barely_asks() {
         *running.ready.borrow(),
         "a failed first round still ends the first round"
     );
+    // The landing page says it plainly.
+    let page = reqwest::get(format!("http://{}/", running.addr))
+        .await
+        .expect("landing")
+        .text()
+        .await
+        .expect("text");
+    assert!(page.contains("the token is rejected (HTTP 401)"), "{page}");
+    assert!(
+        page.contains("<td>Sessions followed</td><td>0</td>"),
+        "{page}"
+    );
+    assert!(page.contains("<td>never</td>"), "{page}");
     // Rotating the token file brings it back without a restart.
     tokio::time::sleep(Duration::from_millis(1100)).await; // mtime granularity
     std::fs::write(&pat_file, format!("{}\n", sim.token())).expect("rotate");
     let series = wait_exact(running.addr, &sim.totals, WAIT).await;
     assert_eq!(get(&series, "qoder_up"), 1.0);
+    let page = reqwest::get(format!("http://{}/", running.addr))
+        .await
+        .expect("landing")
+        .text()
+        .await
+        .expect("text");
+    assert!(!page.contains("rejected"), "{page}");
     running.stop().await.expect("stop");
 }
 
