@@ -23,7 +23,8 @@ const SCHEMA_VERSION: i32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("state file {path}: {source}")]
+    // Causes are `#[source]` and not repeated in the message: `{:#}` prints each once.
+    #[error("state file {path}")]
     Open {
         path: PathBuf,
         #[source]
@@ -41,12 +42,16 @@ pub enum StateError {
     TooNew { path: PathBuf, found: i32 },
     #[error("state file {path} is in use by another qoder-exporter (lock {lock} is held)")]
     Locked { path: PathBuf, lock: PathBuf },
-    #[error("state file lock {lock}: {source}")]
+    #[error("state file lock {lock}")]
     Lock {
         lock: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "state directory {dir} does not exist, nor does its parent: create it, or point --state.path elsewhere"
+    )]
+    NoDirectory { dir: PathBuf },
     #[error("state store: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("state store: bad stored value: {0}")]
@@ -95,6 +100,16 @@ pub struct StateStore {
 impl StateStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<StateStore, StateError> {
+        // A missing directory is made when its parent exists (a fresh volume mount point's
+        // subdirectory); a deeper miss is more likely a typo and is refused.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            std::fs::create_dir(dir).map_err(|_| StateError::NoDirectory {
+                dir: dir.to_owned(),
+            })?;
+            tracing::info!(dir = %dir.display(), "state directory created");
+        }
         let lock_path = lock_path(path);
         let lock = OpenOptions::new()
             .create(true)

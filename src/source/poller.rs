@@ -229,6 +229,9 @@ pub struct Poller {
     agent_names: Arc<AgentNames>,
     /// Full listings started so far.
     resyncs: u32,
+    /// Sessions drained and dropped since the last summary line.
+    ended_since_summary: usize,
+    summary_logged_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -246,6 +249,8 @@ const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(300);
 pub const UNCHANGED_POLL_INTERVAL: Duration = Duration::from_secs(600);
 /// Longest page of events read at once (we ask for 100).
 pub const MAX_EVENTS_PER_PAGE: usize = 1000;
+/// The "sessions: new, ended, followed" line comes at most this often.
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 /// Every this many resync listings, one asks for every session rather than the live ones.
 const UNFILTERED_RESYNC_EVERY: u32 = 6;
 /// Discovery stops after this many pages in one round even without reaching known ground.
@@ -276,6 +281,8 @@ impl Poller {
             pat_file_stamp: None,
             agent_names: Arc::default(),
             resyncs: 0,
+            ended_since_summary: 0,
+            summary_logged_at: None,
             cfg,
         };
         poller.pat_file_stamp = poller.pat_file_mtime();
@@ -645,13 +652,21 @@ impl Poller {
             return;
         }
         self.on_success();
-        if self.discovered_new > 0 {
+        // One summary line at most a minute (the first round's at once), not a line per
+        // session found or ended.
+        let due = self
+            .summary_logged_at
+            .is_none_or(|at| at.elapsed() >= SUMMARY_INTERVAL);
+        if (self.discovered_new > 0 || self.ended_since_summary > 0) && due {
             tracing::info!(
                 new = self.discovered_new,
+                ended = self.ended_since_summary,
                 followed = self.sessions.values().filter(|t| !t.finished).count(),
-                "discovered sessions"
+                "sessions"
             );
             self.discovered_new = 0;
+            self.ended_since_summary = 0;
+            self.summary_logged_at = Some(Instant::now());
         }
         if !self.discovered_once {
             // Ready once every session known now has been read (or failed) once.
@@ -786,7 +801,8 @@ impl Poller {
             // Ended, read to its end, and no sub-agent thread left to read.
             if is_terminal(&t.status) && !out.more && t.threads.is_empty() {
                 t.finished = true;
-                tracing::info!(session = %id, events = t.consumed, "session ended and is drained; no longer followed");
+                tracing::debug!(session = %id, events = t.consumed, "session ended and is drained; no longer followed");
+                self.ended_since_summary += 1;
                 self.spawn_finish(id);
                 return;
             }

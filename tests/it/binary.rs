@@ -341,6 +341,39 @@ fn values_are_checked_before_anything_is_created() {
     );
 }
 
+#[test]
+fn a_missing_state_directory_is_made_or_refused_in_one_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    // Its parent exists: made.
+    let made = dir.path().join("state");
+    let out = Command::new(BIN)
+        .args(["replay", "-", "--state.path"])
+        .arg(made.join("s.db"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(made.join("s.db").exists());
+    // Two levels missing: refused, said once, nothing created.
+    let deep = dir.path().join("a/b/s.db");
+    let (code, err) = run_to_exit(
+        &[
+            "--state.path",
+            deep.to_str().expect("utf8"),
+            "--web.listen-address",
+            "127.0.0.1:0",
+        ],
+        &[("QODER_PAT", "pt-x")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.matches("does not exist").count(), 1, "{err}");
+    assert!(!dir.path().join("a").exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dump_with_a_rejected_token_leaves_no_file() {
     let sim = sim(ScenarioConfig::default()).await;
