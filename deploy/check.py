@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Checks the deploy files: YAML parses, every flag they pass exists in the binary's --help,
+the probes use only the paths that answer without credentials,
 the compose stack's Prometheus config passes promtool, the systemd unit passes
 systemd-analyze verify (when available), and the Dockerfile's commands exist.
 
@@ -52,6 +53,21 @@ def main(binary):
     demo_cmd = compose["services"]["qoder-exporter"]["command"]
     if demo_cmd[0] not in subcommands:
         problems.append(f"docker-compose.yml: unknown subcommand {demo_cmd[0]}")
+
+    # The probes must work with basic auth on: only /healthz and /readyz answer without
+    # credentials (src/server.rs), so an HTTP probe may use nothing else.
+    open_paths = {"/healthz", "/readyz"}
+    sts = yaml.safe_load((DEPLOY / "kubernetes/base/statefulset.yaml").read_text())
+    for c in sts["spec"]["template"]["spec"]["containers"]:
+        for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+            probe = c.get(kind)
+            if probe and "httpGet" in probe and probe["httpGet"].get("path") not in open_paths:
+                problems.append(f"statefulset.yaml: {kind} uses {probe['httpGet'].get('path')}, which needs credentials when basic auth is on")
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        for path in re.findall(r"http://127\.0\.0\.1:\d+(/[a-z]*)", line):
+            if "HEALTHCHECK" in line or "healthcheck" in line:
+                if path not in open_paths:
+                    problems.append(f"Dockerfile: the healthcheck asks {path}, which needs credentials when basic auth is on")
 
     r = subprocess.run(["promtool", "check", "config", "--syntax-only", str(DEPLOY / "docker-compose/prometheus.yml")], capture_output=True, text=True)
     if r.returncode != 0:

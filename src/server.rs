@@ -36,7 +36,10 @@ pub fn router(state: AppState, web: &WebConfig) -> Router {
 /// [`router`] with a given cap on concurrent scrapes. Layers, outermost first: the
 /// configured headers (they win), the security headers (on refusals too), gzip when the
 /// client asks for it (Prometheus always does: a large `/metrics` shrinks about tenfold),
-/// basic auth, the body cap, the routes.
+/// basic auth (not on the probes), the body cap, the routes.
+///
+/// `/healthz` and `/readyz` answer without credentials even when basic auth is on: they say
+/// only "ok" or "not ready", and Kubernetes' HTTP probes cannot send a password.
 pub fn router_with(state: AppState, web: &WebConfig, max_scrapes: usize) -> Router {
     let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(max_scrapes));
     let mut router = Router::new()
@@ -57,16 +60,17 @@ pub fn router_with(state: AppState, web: &WebConfig, max_scrapes: usize) -> Rout
                 }
             }),
         )
-        .route("/", get(landing))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .layer(axum::middleware::from_fn(refuse_bodies));
+        .route("/", get(landing));
     if let Some(auth) = &web.auth {
         router = router.layer(axum::middleware::from_fn_with_state(
             auth.clone(),
             crate::web_config::require_auth,
         ));
     }
+    router = router
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .layer(axum::middleware::from_fn(refuse_bodies));
     router = router.layer(tower_http::compression::CompressionLayer::new().gzip(true));
     router = router.layer(axum::middleware::map_response(security_headers));
     if !web.headers.is_empty() {
