@@ -612,6 +612,54 @@ async fn dump_thread_list(
     Ok(threads)
 }
 
+/// Writes one session: its agent object when it names the agent by id alone, the session
+/// object, a coordinator's thread list, the session's stream, then each sub-agent thread's
+/// stream (its lines marked with the thread, so replay reads them as that stream). `false`:
+/// the session is gone (404) and was skipped.
+async fn dump_session(
+    client: &Client,
+    id: &str,
+    out: &mut dyn Write,
+    events: &mut u64,
+    agents_written: &mut std::collections::HashSet<String>,
+) -> anyhow::Result<bool> {
+    let body = match client.get_session(id).await {
+        Ok(b) => b,
+        Err(e) if e.status() == Some(404) => {
+            tracing::warn!(session = %id, "session not found; skipped");
+            return Ok(false);
+        }
+        Err(e) => return Err(e).with_context(|| format!("session {id}")),
+    };
+    let mut obj: Map<String, Value> =
+        serde_json::from_slice(&body).with_context(|| format!("session {id}"))?;
+    obj.insert("type".into(), Value::from("session"));
+    obj.entry("id").or_insert_with(|| Value::from(id));
+    let session = wire::decode_session(&Value::Object(obj.clone()).to_string());
+    let meta = session.as_ref().map(meta_of).unwrap_or_default();
+    if meta.agent_name.is_none()
+        && let Some(agent_id) = meta.agent_id.as_deref()
+        && agents_written.insert(agent_id.to_owned())
+    {
+        dump_agent(client, agent_id, out).await?;
+    }
+    write_line(out, &Value::Object(obj))?;
+    let mut threads = if meta.multiagent {
+        dump_thread_list(client, id, out).await?
+    } else {
+        Vec::new()
+    };
+    for t in dump_stream(client, id, None, out, events).await? {
+        if !threads.contains(&t) {
+            threads.push(t);
+        }
+    }
+    for tid in &threads {
+        dump_stream(client, id, Some(tid), out, events).await?;
+    }
+    Ok(true)
+}
+
 /// Writes the sessions' events as JSON Lines.
 pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> {
     let pat = settings.require_pat()?;
@@ -647,47 +695,22 @@ pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> 
     let ids = session_ids(&client, settings).await?;
     let (mut events, mut sessions) = (0u64, 0u64);
     let mut agents_written = std::collections::HashSet::new();
+    // On a terminal: sessions done of all, events, rate and time left (hidden otherwise).
+    let bar = indicatif::ProgressBar::new(ids.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} sessions, {msg} events, {per_sec}, eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     for id in &ids {
-        let body = match client.get_session(id).await {
-            Ok(b) => b,
-            Err(e) if e.status() == Some(404) => {
-                tracing::warn!(session = %id, "session not found; skipped");
-                continue;
-            }
-            Err(e) => return Err(e).with_context(|| format!("session {id}")),
-        };
-        let mut obj: Map<String, Value> =
-            serde_json::from_slice(&body).with_context(|| format!("session {id}"))?;
-        obj.insert("type".into(), Value::from("session"));
-        obj.entry("id").or_insert_with(|| Value::from(id.as_str()));
-        let session = wire::decode_session(&Value::Object(obj.clone()).to_string());
-        let meta = session.as_ref().map(meta_of).unwrap_or_default();
-        // An agent named by id alone: its object goes first, so replay labels it by name.
-        if meta.agent_name.is_none()
-            && let Some(agent_id) = meta.agent_id.as_deref()
-            && agents_written.insert(agent_id.to_owned())
-        {
-            dump_agent(&client, agent_id, &mut out).await?;
+        if dump_session(&client, id, &mut out, &mut events, &mut agents_written).await? {
+            sessions += 1;
         }
-        write_line(&mut out, &Value::Object(obj))?;
-        sessions += 1;
-        // A coordinator's thread list, then the session's stream (which names its sub-agent
-        // threads too); each thread's stream follows, its lines marked with the thread so
-        // replay reads them as that stream.
-        let mut threads = if meta.multiagent {
-            dump_thread_list(&client, id, &mut out).await?
-        } else {
-            Vec::new()
-        };
-        for t in dump_stream(&client, id, None, &mut out, &mut events).await? {
-            if !threads.contains(&t) {
-                threads.push(t);
-            }
-        }
-        for tid in &threads {
-            dump_stream(&client, id, Some(tid), &mut out, &mut events).await?;
-        }
+        bar.inc(1);
+        bar.set_message(events.to_string());
     }
+    bar.finish_and_clear();
     out.flush()?;
     drop(out);
     if let (Some(tmp), Some(path)) = (tmp, &flags.output) {
