@@ -143,6 +143,49 @@ impl WireUsage {
     }
 }
 
+/// Largest token count, credit amount, second count or tool use count taken from the wire, per
+/// request or as a session's running total. A billion of any of them is far beyond what one
+/// session does; a larger number (1e308, u64::MAX) is hostile or broken, and counting it would
+/// pin a counter at its ceiling for good.
+pub const MAX_QUANTITY: f64 = 1e9;
+
+/// Keeps `v` when it is a plausible quantity; `false` when it had to be dropped.
+fn plausible(v: &mut Option<f64>) -> bool {
+    match *v {
+        Some(x) if !x.is_finite() || x.abs() > MAX_QUANTITY => {
+            *v = None;
+            false
+        }
+        _ => true,
+    }
+}
+
+impl WireUsage {
+    /// Drops every quantity beyond [`MAX_QUANTITY`]; returns how many.
+    pub fn drop_absurd(&mut self) -> u32 {
+        let mut dropped = 0;
+        for v in [
+            &mut self.input_tokens,
+            &mut self.output_tokens,
+            &mut self.cache_read_input_tokens,
+            &mut self.cache_creation_input_tokens,
+            &mut self.credits,
+            &mut self.model_credits,
+            &mut self.sandbox_runtime_credits,
+            &mut self.total_credits,
+            &mut self.active_seconds,
+        ] {
+            dropped += u32::from(!plausible(v));
+        }
+        if let Some(tools) = &mut self.server_tool_use {
+            let before = tools.len();
+            tools.retain(|_, n| n.is_finite() && n.abs() <= MAX_QUANTITY);
+            dropped += u32::try_from(before - tools.len()).unwrap_or(u32::MAX);
+        }
+        dropped
+    }
+}
+
 /// `budget`: `{type: "limit", max_credit_cost: "25.00"}` (a decimal string of credits).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct WireBudget {
@@ -367,8 +410,31 @@ pub fn decode_event(raw: &str) -> Result<Decoded, InvalidReason> {
         (Some(id), Some(kind)) if id.len() > MAX_ID_BYTES || kind.len() > MAX_TYPE_BYTES => {
             Err(InvalidReason::TooLong)
         }
-        _ => Ok(Decoded { event, bad_fields }),
+        _ => {
+            let mut event = event;
+            let absurd = drop_absurd(&mut event);
+            Ok(Decoded {
+                event,
+                bad_fields: bad_fields + absurd,
+            })
+        }
     }
+}
+
+/// Drops an event's implausible quantities (counted with the fields of the wrong shape).
+fn drop_absurd(e: &mut WireEvent) -> u32 {
+    let mut dropped = 0;
+    for v in [
+        &mut e.model_credits,
+        &mut e.sandbox_runtime_credits,
+        &mut e.total_credits,
+    ] {
+        dropped += u32::from(!plausible(v));
+    }
+    for u in [&mut e.usage, &mut e.model_usage].into_iter().flatten() {
+        dropped += u.drop_absurd();
+    }
+    dropped
 }
 
 /// Parses `raw` as a JSON object into `T`, keeping every field that fits `T` on its own and
@@ -475,12 +541,42 @@ pub fn decode_session(raw: &str) -> Option<WireSession> {
         Err(_) => decode_leniently::<WireSession>(raw)?.0,
     };
     session.id.as_ref().filter(|id| !id.is_empty())?;
+    let mut session = session;
+    if let Some(u) = &mut session.usage
+        && u.drop_absurd() > 0
+    {
+        tracing::warn!(session = ?session.id, "a session object's usage had implausible numbers (over {MAX_QUANTITY}); they are ignored");
+    }
     Some(session)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_numbers_are_dropped_and_counted_not_counted() {
+        let raw = r#"{"id":"e1","type":"span.model_request_end","model_usage":{"input_tokens":1e308,"output_tokens":18446744073709551615,"cache_read_input_tokens":12,"credits":-1e300},"model_credits":1e12}"#;
+        let d = decode_event(raw).expect("still an event");
+        let u = d.event.model_usage.as_ref().expect("usage");
+        assert_eq!(u.input_tokens, None);
+        assert_eq!(u.output_tokens, None);
+        assert_eq!(u.credits, None);
+        assert_eq!(u.cache_read_input_tokens, Some(12.0), "plausible fields stay");
+        assert_eq!(d.event.model_credits, None);
+        assert_eq!(d.bad_fields, 4);
+        // The session object's usage too.
+        let s = decode_session(
+            r#"{"id":"sess_1","usage":{"model_credits":2.5,"sandbox_runtime_credits":1e300,"server_tool_use":{"web_search_requests":1e200,"web_fetch_requests":3}}}"#,
+        )
+        .expect("session");
+        let u = s.usage.expect("usage");
+        assert_eq!(u.model_credits, Some(2.5));
+        assert_eq!(u.sandbox_runtime_credits, None);
+        let tools = u.server_tool_use.expect("tools");
+        assert_eq!(tools.get("web_fetch_requests"), Some(&3.0));
+        assert!(!tools.contains_key("web_search_requests"));
+    }
 
     #[test]
     fn seed_page_events_decode() {
