@@ -94,6 +94,9 @@ pub struct SimConfig {
     pub agents_endpoint: bool,
     /// The first thread list asked for is cut short (a body that does not decode).
     pub break_first_thread_list: bool,
+    /// A session's event list misbehaves: it ignores `after_id` (every page is the first),
+    /// or, from the end of the second page on, leads back to the first page (a cycle).
+    pub events_cursor: EventsCursor,
     /// Answer 400 to a session listing with `include_archived` or `statuses[]` (an API that
     /// validates its parameters and knows neither).
     pub reject_list_filters: bool,
@@ -113,9 +116,20 @@ impl Default for SimConfig {
             session_page_tokens: None,
             agents_endpoint: true,
             break_first_thread_list: false,
+            events_cursor: EventsCursor::Honoured,
             reject_list_filters: false,
         }
     }
+}
+
+/// How the simulated event list treats `after_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventsCursor {
+    Honoured,
+    /// Ignored: every page is the first one.
+    Ignored,
+    /// Honoured up to the end of the second page; from there it leads back to the first.
+    Cycle,
 }
 
 /// Request counts the tests check the exporter's manners by.
@@ -180,6 +194,7 @@ struct SimState {
     agents_endpoint: bool,
     reject_list_filters: bool,
     break_thread_list: AtomicBool,
+    events_cursor: EventsCursor,
     stats: Stats,
 }
 
@@ -219,6 +234,7 @@ impl Sim {
             agents_endpoint: cfg.agents_endpoint,
             reject_list_filters: cfg.reject_list_filters,
             break_thread_list: AtomicBool::new(cfg.break_first_thread_list),
+            events_cursor: cfg.events_cursor,
             stats: Stats::default(),
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -805,6 +821,16 @@ async fn list_events(
             "after_id is not a known event",
         );
     }
+    let after = match st.events_cursor {
+        EventsCursor::Honoured => after,
+        EventsCursor::Ignored => None,
+        EventsCursor::Cycle => after.filter(|a| {
+            s.events
+                .iter()
+                .position(|e| e.id == *a)
+                .is_none_or(|i| i + 1 < 2 * limit)
+        }),
+    };
     events_page(&s.events, clock, after.as_deref(), before.as_deref(), limit)
 }
 

@@ -120,6 +120,7 @@ struct Tracked {
     threads_listed_at: Option<Instant>,
     /// Reading its thread list failed: the next job reads it, changed or not.
     thread_list_failed: bool,
+    cursor_history: CursorHistory,
 }
 
 /// What a job was asked to do.
@@ -144,6 +145,7 @@ struct JobInput {
     thread_list_due: bool,
     /// The last attempt to read the thread list failed.
     thread_list_failed: bool,
+    cursor_history: CursorHistory,
 }
 
 #[derive(Debug, Default)]
@@ -173,6 +175,7 @@ struct JobOutput {
     threads_listed: bool,
     /// Reading the thread list failed in this job.
     thread_list_failed: bool,
+    cursor_history: CursorHistory,
 }
 
 #[derive(Debug)]
@@ -312,6 +315,7 @@ impl Poller {
                     multiagent: s.state.multiagent,
                     threads_listed_at: None,
                     thread_list_failed: false,
+                    cursor_history: CursorHistory::new(),
                 },
             );
         }
@@ -381,6 +385,7 @@ impl Poller {
                 multiagent,
                 threads_listed_at: None,
                 thread_list_failed: false,
+                cursor_history: CursorHistory::new(),
             },
         );
         self.queue.insert((now, id.to_owned()));
@@ -524,6 +529,7 @@ impl Poller {
                         .threads_listed_at
                         .is_none_or(|at| now.duration_since(at) >= self.cfg.resync_interval),
                     thread_list_failed: t.thread_list_failed,
+                    cursor_history: std::mem::take(&mut t.cursor_history),
                 };
                 if probe_only {
                     self.auth.probe_at = Some(now + self.auth_backoff());
@@ -724,7 +730,7 @@ impl Poller {
         }
     }
 
-    fn on_session(&mut self, out: JobOutput) {
+    fn on_session(&mut self, mut out: JobOutput) {
         let now = Instant::now();
         let id = out.id.clone();
         if let Some(pending) = &mut self.initial
@@ -757,6 +763,7 @@ impl Poller {
             t.thread_list_failed = false;
         }
         t.thread_list_failed |= out.thread_list_failed;
+        t.cursor_history = std::mem::take(&mut out.cursor_history);
         if out.usage_sent.is_some() {
             t.usage_sent = out.usage_sent;
         }
@@ -948,6 +955,13 @@ struct Position {
     consumed: u64,
 }
 
+/// Cursors a session's streams have stood at lately, per stream (`""`: the session's own,
+/// else the thread id), kept between jobs in memory: a page that ends at one of them again
+/// is the API leading back to what was read (a loop), and nothing of it is new.
+type CursorHistory = HashMap<String, std::collections::VecDeque<String>>;
+/// Cursors remembered per stream.
+const CURSOR_HISTORY: usize = 64;
+
 /// Reads one session: its metadata when not known yet, up to `max_pages` pages of its own
 /// events, then the streams of its sub-agent threads that the session's stream says are
 /// running or changed, then the object's usage when the listing showed a new snapshot (or,
@@ -958,6 +972,7 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
         cursor: input.cursor.clone(),
         consumed: input.consumed,
         listed_updated: input.listed_updated.clone(),
+        cursor_history: input.cursor_history.clone(),
         ..JobOutput::default()
     };
     let id = input.id.as_str();
@@ -1197,6 +1212,7 @@ async fn read_stream(
     let mut skip: u64 = 0;
     let mut reset_done = false;
     let mut pages = 0;
+    let stream = thread.unwrap_or_default().to_owned();
     loop {
         if ctx.cancel.is_cancelled() {
             out.stopped = true;
@@ -1218,6 +1234,8 @@ async fn read_stream(
                 reset_done = true;
                 skip = pos.consumed;
                 pos.cursor = None;
+                // The log is read again from its start on purpose: not a loop.
+                out.cursor_history.remove(&stream);
                 continue;
             }
             Err(e) if thread.is_some() && e.status() == Some(404) => {
@@ -1286,6 +1304,49 @@ async fn read_stream(
         } else {
             page.last_id.clone().or(last_id).or(pos.cursor.clone())
         };
+        // An API that ignores the cursor answers with events at or before it: those up to
+        // and including the cursor's event were counted already.
+        if let Some(at) = pos.cursor.as_deref()
+            && let Some(i) = items
+                .iter()
+                .position(|it| matches!(it, Item::Event(e) if e.id == at))
+        {
+            let repeated = i + 1;
+            items.drain(..repeated);
+            ctx.metrics.events_duplicate.inc_by(repeated as u64);
+            tracing::warn!(
+                session = id,
+                thread,
+                repeated,
+                cursor = at,
+                "the API answered with events before the cursor (is after_id ignored?); they are not counted again"
+            );
+        }
+        // A page that ends where this stream has already been: a loop. Nothing of it is new.
+        let history = out.cursor_history.entry(stream.clone()).or_default();
+        if let Some(next) = next_cursor.as_deref()
+            && next_cursor != pos.cursor
+            && history.iter().any(|c| c == next)
+        {
+            let repeated = items.len();
+            ctx.metrics.events_duplicate.inc_by(repeated as u64);
+            tracing::warn!(
+                session = id,
+                thread,
+                repeated,
+                cursor = next,
+                "the API's pages lead back to one already read; reading stops here until the next poll"
+            );
+            return threads;
+        }
+        if let Some(next) = &next_cursor
+            && next_cursor != pos.cursor
+        {
+            if history.len() == CURSOR_HISTORY {
+                history.pop_front();
+            }
+            history.push_back(next.clone());
+        }
         let advanced = next_cursor != pos.cursor;
         let has_more = (cut || page.has_more.unwrap_or(false)) && !page.data.is_empty() && advanced;
         if !items.is_empty() || advanced || (thread.is_some() && !has_more) {

@@ -562,7 +562,11 @@ mod tests {
         assert_eq!(u.input_tokens, None);
         assert_eq!(u.output_tokens, None);
         assert_eq!(u.credits, None);
-        assert_eq!(u.cache_read_input_tokens, Some(12.0), "plausible fields stay");
+        assert_eq!(
+            u.cache_read_input_tokens,
+            Some(12.0),
+            "plausible fields stay"
+        );
         assert_eq!(d.event.model_credits, None);
         assert_eq!(d.bad_fields, 4);
         // The session object's usage too.

@@ -762,3 +762,59 @@ async fn a_failed_thread_list_loses_no_thread() {
     assert!(sim.stats().threads_requests.load(Ordering::Relaxed) >= 2);
     running.stop().await.expect("stops");
 }
+
+/// An event list that ignores `after_id` (every page is the first) or leads back to a page
+/// already read: the repeats are dropped and counted as duplicates, and the counts do not
+/// grow with every poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_list_that_loops_inflates_nothing() {
+    use qoder_exporter::sim::EventsCursor;
+    for mode in [EventsCursor::Ignored, EventsCursor::Cycle] {
+        let sim = sim_with(SimConfig {
+            scenario: ScenarioConfig {
+                seed: 21,
+                sessions: 2,
+                max_turns: 80,
+                sub_agents: false,
+                ..ScenarioConfig::default()
+            },
+            events_cursor: mode,
+            ..SimConfig::default()
+        })
+        .await;
+        let longest = sim
+            .sessions()
+            .iter()
+            .map(|s| s.events.len())
+            .max()
+            .unwrap_or(0);
+        assert!(longest > 300, "a log of more than three pages: {longest}");
+        sim.release_all();
+        let dir = tempfile::tempdir().expect("dir");
+        let running = app::start(settings(&sim, &dir.path().join("s.db")))
+            .await
+            .expect("start");
+        let addr = running.addr;
+        // Many polls (100 ms apart in the tests' settings) of a list that loops.
+        assert!(
+            eventually(WAIT, async || {
+                get(
+                    &parse(&scrape(addr).await),
+                    "qoder_exporter_events_duplicate_total",
+                ) >= 200.0
+            })
+            .await,
+            "{mode:?}: repeats counted as duplicates"
+        );
+        let first = get(&parse(&scrape(addr).await), "qoder_events_total");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let second = get(&parse(&scrape(addr).await), "qoder_events_total");
+        assert_eq!(first, second, "{mode:?}: counts grow with every poll");
+        assert!(
+            second <= sim.totals.event_count(),
+            "{mode:?}: {second} events counted, the log has {}",
+            sim.totals.event_count()
+        );
+        running.stop().await.expect("stops");
+    }
+}
