@@ -426,7 +426,8 @@ fn feed(
             }
             match std::str::from_utf8(&buf) {
                 Ok(line) => f.line(line)?,
-                Err(_) => f.invalid("not_object"),
+                // A byte that is not UTF-8 costs the string it sits in, not the line.
+                Err(_) => f.line(&String::from_utf8_lossy(&buf))?,
             }
         }
     }
@@ -527,8 +528,9 @@ async fn dump_stream(
             None => client.list_events(id, cursor.as_deref()).await?,
             Some(t) => client.list_thread_events(id, t, cursor.as_deref()).await?,
         };
-        let page: Page<'_> =
-            serde_json::from_slice(&body).with_context(|| format!("events of {id}"))?;
+        let mut repaired = None;
+        let (page, _) =
+            wire::parse_page(&body, &mut repaired).with_context(|| format!("events of {id}"))?;
         let mut last = None;
         for raw in &page.data {
             let mut v: Value = serde_json::from_str(raw.get())?;

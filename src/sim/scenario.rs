@@ -639,6 +639,14 @@ impl Writer<'_> {
                 msg["usage"] = json!("lots");
             }
             self.emit("agent.message", msg, tid);
+            if self.hostile && self.rng.u32(0..8) == 0 {
+                // Not quite JSON, as some encoders write it: the event still counts.
+                if let Some(last) = self.events.last_mut()
+                    && let Some(body) = last.json.strip_suffix('}')
+                {
+                    last.json = format!("{body},\"score\":NaN}}");
+                }
+            }
             if r == 0 && self.rng.u32(0..8) == 0 {
                 self.session_error("retrying", tid);
             }

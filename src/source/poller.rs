@@ -1266,13 +1266,24 @@ async fn read_stream(
                 return threads;
             }
         };
-        let page: Page<'_> = match serde_json::from_slice(&body) {
+        // A page that is not quite JSON (a bad byte, a `NaN`) is repaired, so the one field
+        // costs one field and not the session's progress; anything worse is a decode failure.
+        let mut repaired = None;
+        let (page, repairs) = match wire::parse_page(&body, &mut repaired) {
             Ok(p) => p,
             Err(e) => {
                 out.error = Some(decode_failure(ctx.client, "events", &e));
                 return threads;
             }
         };
+        if repairs > 0 {
+            tracing::warn!(
+                session = id,
+                thread,
+                repairs,
+                "an event page was not valid JSON (bytes that are not UTF-8, NaN or Infinity); repaired, the fields are dropped"
+            );
+        }
         // We ask for 100 per page; a page far longer than that is cut, read on from where
         // the cut fell (counted), so a hostile page cannot hold a session's memory hostage.
         let cut = page.data.len() > MAX_EVENTS_PER_PAGE;
@@ -1281,7 +1292,7 @@ async fn read_stream(
         }
         let kept = &page.data[..page.data.len().min(MAX_EVENTS_PER_PAGE)];
         let mut items = Vec::with_capacity(kept.len());
-        let mut bad_fields = 0;
+        let mut bad_fields = repairs;
         let mut last_id = None;
         for raw in kept {
             match wire::decode_event(raw.get()) {

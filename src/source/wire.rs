@@ -400,7 +400,16 @@ impl Page<'_> {
 pub fn decode_event(raw: &str) -> Result<Decoded, InvalidReason> {
     let (event, bad_fields) = match serde_json::from_str::<WireEvent>(raw) {
         Ok(event) => (event, 0),
-        Err(_) => decode_leniently(raw).ok_or(InvalidReason::NotObject)?,
+        Err(_) => match decode_leniently(raw) {
+            Some(d) => d,
+            // Not JSON as written: `NaN`, `Infinity` (which some encoders emit) become null.
+            None => {
+                let (fixed, repairs) =
+                    repair_json(raw.as_bytes()).ok_or(InvalidReason::NotObject)?;
+                let (event, bad) = decode_leniently(&fixed).ok_or(InvalidReason::NotObject)?;
+                (event, bad + repairs)
+            }
+        },
     };
     match (&event.id, &event.kind) {
         (None, _) => Err(InvalidReason::MissingId),
@@ -435,6 +444,63 @@ fn drop_absurd(e: &mut WireEvent) -> u32 {
         dropped += u.drop_absurd();
     }
     dropped
+}
+
+/// Makes a body that is almost JSON readable: bytes that are not UTF-8 become U+FFFD, and the
+/// bare `NaN`, `Infinity` and `-Infinity` some encoders write become `null`. Returns the text
+/// and how many repairs it took; `None` when there was nothing to repair (it is broken in
+/// another way). One bad byte or number must cost one field, not the page it sits in.
+pub fn repair_json(raw: &[u8]) -> Option<(String, u32)> {
+    let text = String::from_utf8_lossy(raw);
+    let mut repairs = u32::from(matches!(text, std::borrow::Cow::Owned(_)));
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text.as_ref();
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| rest.starts_with(t))
+        {
+            out.push_str("null");
+            rest = &rest[token.len()..];
+            repairs += 1;
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    (repairs > 0).then_some((out, repairs))
+}
+
+/// Parses a list page; a body that is not quite JSON is repaired (see [`repair_json`]) into
+/// `repaired`, which the page then borrows from. Returns the page and the repairs it took;
+/// the error is the original one when no repair helps.
+pub fn parse_page<'a>(
+    body: &'a [u8],
+    repaired: &'a mut Option<String>,
+) -> Result<(Page<'a>, u32), serde_json::Error> {
+    let error = match serde_json::from_slice(body) {
+        Ok(page) => return Ok((page, 0)),
+        Err(e) => e,
+    };
+    let Some((text, repairs)) = repair_json(body) else {
+        return Err(error);
+    };
+    *repaired = Some(text);
+    let text: &'a Option<String> = repaired;
+    match serde_json::from_str(text.as_deref().unwrap_or_default()) {
+        Ok(page) => Ok((page, repairs)),
+        Err(_) => Err(error),
+    }
 }
 
 /// Parses `raw` as a JSON object into `T`, keeping every field that fits `T` on its own and
@@ -553,6 +619,25 @@ pub fn decode_session(raw: &str) -> Option<WireSession> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nan_and_bad_bytes_cost_a_field_not_the_event() {
+        let d = decode_event(
+            r#"{"id":"e1","type":"agent.message","score":NaN,"x":-Infinity,"text":"NaN stays"}"#,
+        )
+        .expect("repaired");
+        assert_eq!(d.event.id.as_deref(), Some("e1"));
+        assert_eq!(d.bad_fields, 2);
+        // Inside strings nothing changes; outside, each bad token is one repair.
+        let (fixed, n) =
+            repair_json(br#"{"a":"NaN \" Infinity","b":[NaN,Infinity]}"#).expect("fixed");
+        assert_eq!(fixed, r#"{"a":"NaN \" Infinity","b":[null,null]}"#);
+        assert_eq!(n, 2);
+        let (fixed, n) = repair_json(b"{\"id\":\"e\xff2\",\"type\":\"t\"}").expect("fixed");
+        assert_eq!(n, 1);
+        assert!(fixed.contains('\u{fffd}'));
+        assert_eq!(repair_json(br#"{"ok":1}"#), None);
+    }
 
     #[test]
     fn absurd_numbers_are_dropped_and_counted_not_counted() {
