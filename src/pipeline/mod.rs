@@ -75,7 +75,7 @@ pub struct BatchOutcome {
     /// Session status after the batch.
     pub status: String,
     /// Sub-agent threads whose streams need reading, with their cursors.
-    pub threads: Vec<(String, Option<String>)>,
+    pub threads: Vec<tracker::ThreadCursor>,
 }
 
 pub type Ack<T> = oneshot::Sender<Result<T, StateError>>;

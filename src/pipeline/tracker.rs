@@ -104,6 +104,15 @@ pub struct ThreadState {
     pub tracker: SessionState,
 }
 
+/// Where a sub-agent thread's stream is to be read from: its cursor, and how many of its
+/// events were consumed (what a re-read from the start after a refused cursor skips).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThreadCursor {
+    pub id: String,
+    pub cursor: Option<String>,
+    pub consumed: u64,
+}
+
 /// A sub-agent thread as `GET /sessions/{id}/threads` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListedThread {
@@ -556,14 +565,15 @@ impl SessionState {
     }
 
     /// The threads whose streams need reading: running, or named since last read to the end.
-    pub fn threads_to_read(&self) -> Vec<(String, Option<String>)> {
-        // Once the session has ended, a thread that never said it stopped is not waited for:
-        // it is read while the session's stream names it, then left.
-        let ended = matches!(self.status.as_str(), "terminated" | "archived" | "deleted");
+    pub fn threads_to_read(&self) -> Vec<ThreadCursor> {
         self.threads
             .iter()
-            .filter(|(_, t)| t.dirty || (t.active && !ended))
-            .map(|(id, t)| (id.clone(), t.cursor.clone()))
+            .filter(|(_, t)| t.active || t.dirty)
+            .map(|(id, t)| ThreadCursor {
+                id: id.clone(),
+                cursor: t.cursor.clone(),
+                consumed: t.tracker.consumed,
+            })
             .collect()
     }
 
@@ -1552,7 +1562,13 @@ mod tests {
         };
         // Not announced on the session's stream: the listing registers it, to be read once.
         s.thread_listed(&listed("t1"));
-        assert_eq!(s.threads_to_read(), vec![("sthr_2".to_owned(), None)]);
+        let to_read = |s: &SessionState| -> Vec<(String, Option<String>)> {
+            s.threads_to_read()
+                .into_iter()
+                .map(|t| (t.id, t.cursor))
+                .collect()
+        };
+        assert_eq!(to_read(&s), vec![("sthr_2".to_owned(), None)]);
         assert_eq!(s.threads["sthr_2"].tracker.agent, "researcher");
         let (mut delta, mut closed) = (Delta::default(), Vec::new());
         s.thread_read(
@@ -1573,7 +1589,7 @@ mod tests {
         // Its object changed: read again from its cursor.
         s.thread_listed(&listed("t2"));
         assert_eq!(
-            s.threads_to_read(),
+            to_read(&s),
             vec![("sthr_2".to_owned(), Some("e9".to_owned()))]
         );
         // A listing never counts a thread as created (only `session.thread_created` does).

@@ -188,6 +188,7 @@ struct SimState {
     rng: Mutex<fastrand::Rng>,
     slow_delay: Duration,
     refuse_next_cursor: AtomicBool,
+    refuse_next_thread_cursor: AtomicBool,
     /// Serve event pages of up to 2 500 whatever the `limit` (a misbehaving API).
     oversize_pages: AtomicBool,
     session_page_tokens: Option<usize>,
@@ -229,6 +230,7 @@ impl Sim {
             rng: Mutex::new(fastrand::Rng::with_seed(cfg.fault_seed)),
             slow_delay: cfg.slow_delay,
             refuse_next_cursor: AtomicBool::new(false),
+            refuse_next_thread_cursor: AtomicBool::new(false),
             oversize_pages: AtomicBool::new(false),
             session_page_tokens: cfg.session_page_tokens,
             agents_endpoint: cfg.agents_endpoint,
@@ -327,6 +329,13 @@ impl Sim {
     /// From now on, event pages ignore `limit` and hold up to 2 500 events.
     pub fn set_oversize_pages(&self, on: bool) {
         self.state.oversize_pages.store(on, Ordering::Relaxed);
+    }
+
+    /// The next thread-events request that carries a cursor gets a 400.
+    pub fn refuse_next_thread_cursor(&self) {
+        self.state
+            .refuse_next_thread_cursor
+            .store(true, Ordering::Relaxed);
     }
 
     pub fn refuse_next_cursor(&self) {
@@ -949,6 +958,13 @@ async fn list_thread_events(
     else {
         return error(StatusCode::NOT_FOUND, "not_found_error", "thread not found");
     };
+    if after.is_some() && st.refuse_next_thread_cursor.swap(false, Ordering::Relaxed) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "after_id is not a known event",
+        );
+    }
     events_page(
         &thread.events,
         clock,

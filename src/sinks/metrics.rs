@@ -434,6 +434,8 @@ impl DurableMetrics {
     /// remove and the merged values to write (counters added, histogram buckets added).
     /// Nothing is published; call `publish_relabel` once it is committed.
     pub fn stage_relabel(&self, from: &str, to: &str) -> Relabel {
+        // As the values were stored: cut like every label value.
+        let (from, to) = (label(from), label(to));
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let mut merged: BTreeMap<SeriesKey, SeriesValue> = BTreeMap::new();
         let mut remove = Vec::new();

@@ -334,7 +334,9 @@ impl Client {
                 .get(Endpoint::Sessions, self.url(&["sessions"], &q))
                 .await
             {
-                Err(e) if e.status() == Some(400) => {
+                // Only a first page's 400 says the filters are refused: a later page's may be
+                // about its token or cursor.
+                Err(e) if e.status() == Some(400) && cursor.is_none() => {
                     self.filters_refused.store(true, Ordering::Relaxed);
                     tracing::info!(
                         error = %e,

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Event, UsageSnapshot};
-use crate::pipeline::tracker::ListedThread;
+use crate::pipeline::tracker::{ListedThread, ThreadCursor};
 use crate::pipeline::{Batch, Item, PipelineHandle, SendError, SessionMeta};
 use crate::secret::Pat;
 use crate::sinks::metrics::ProcessMetrics;
@@ -113,7 +113,7 @@ struct Tracked {
     /// The object usage snapshot last handed to the pipeline.
     usage_sent: Option<UsageSnapshot>,
     /// Sub-agent threads whose streams need reading, with their cursors (from the pipeline).
-    threads: Vec<(String, Option<String>)>,
+    threads: Vec<ThreadCursor>,
     /// The session's agent coordinates sub-agents: its thread list is read when it changed.
     multiagent: bool,
     /// When its thread list was last read.
@@ -139,7 +139,7 @@ struct JobInput {
     /// No listing tells this session's usage (named sessions): read the object after new
     /// events instead.
     refresh_object: bool,
-    threads: Vec<(String, Option<String>)>,
+    threads: Vec<ThreadCursor>,
     multiagent: bool,
     /// The thread list may be read if the session changed (its last reading is old enough).
     thread_list_due: bool,
@@ -168,7 +168,7 @@ struct JobOutput {
     /// The object usage snapshot last handed to the pipeline.
     usage_sent: Option<UsageSnapshot>,
     /// Threads still to read after this job (`None`: unchanged).
-    threads: Option<Vec<(String, Option<String>)>>,
+    threads: Option<Vec<ThreadCursor>>,
     /// The object read in this job says the agent coordinates sub-agents.
     multiagent: bool,
     /// The thread list was read in this job.
@@ -805,8 +805,10 @@ impl Poller {
             )
         } else {
             t.failures = 0;
-            // Ended, read to its end, and no sub-agent thread left to read.
-            if is_terminal(&t.status) && !out.more && t.threads.is_empty() {
+            // Ended and read to its end: no thread left to read, or a job that read them all
+            // found nothing new (a thread that never said it stopped is not waited for).
+            if is_terminal(&t.status) && !out.more && (t.threads.is_empty() || out.new_events == 0)
+            {
                 t.finished = true;
                 tracing::debug!(session = %id, events = t.consumed, "session ended and is drained; no longer followed");
                 self.ended_since_summary += 1;
@@ -818,10 +820,12 @@ impl Poller {
             }
             if out.more {
                 now
-            } else if out.new_events > 0 || is_running(&t.status) || !t.threads.is_empty() {
-                // Running, just changed, or a sub-agent thread still to read (active, or
-                // named by the session's stream since its last reading).
+            } else if out.new_events > 0 || is_running(&t.status) {
                 now + poll
+            } else if !t.threads.is_empty() {
+                // A sub-agent thread still running (or named since its last reading): read
+                // at the idle cadence, not parked until the safety read.
+                now + idle
             } else if t.read_updated.is_some() && t.read_updated == t.listed_updated {
                 // Read to the end as of the listing's `updated_at`: nothing to fetch until a
                 // listing shows it moved (that reschedules it), with a slow safety poll.
@@ -1010,11 +1014,12 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
     }
     out.cursor = pos.cursor;
     out.consumed = pos.consumed;
+    // What the session's stream said about its threads (as far as it was committed) is kept,
+    // whatever fails next.
+    out.threads = Some(threads.clone());
     if out.error.is_some() || out.gone || out.stopped || out.store_failed {
         return out;
     }
-    // What the session's stream said about its threads is kept even if what follows fails.
-    out.threads = Some(threads.clone());
     // A coordinator's thread list: on the first read, at the end, and while it changes at most
     // once per resync interval. It finds threads the session's stream does not announce and
     // threads that changed; between readings, the session's stream names the busy ones.
@@ -1053,11 +1058,13 @@ async fn read_session(ctx: &JobCtx<'_>, input: JobInput) -> JobOutput {
             }
         }
     }
-    for (tid, cursor) in threads {
-        let mut pos = Position {
-            cursor,
-            consumed: 0,
-        };
+    for ThreadCursor {
+        id: tid,
+        cursor,
+        consumed,
+    } in threads
+    {
+        let mut pos = Position { cursor, consumed };
         if let Some(t) = read_stream(ctx, id, Some(&tid), &mut pos, &mut out).await {
             out.threads = Some(t);
         }
@@ -1206,7 +1213,7 @@ async fn read_stream(
     thread: Option<&str>,
     pos: &mut Position,
     out: &mut JobOutput,
-) -> Option<Vec<(String, Option<String>)>> {
+) -> Option<Vec<ThreadCursor>> {
     let mut threads = None;
     // Events to skip when the log is being re-read after a refused cursor.
     let mut skip: u64 = 0;
@@ -1334,10 +1341,12 @@ async fn read_stream(
             );
         }
         // A page that ends where this stream has already been: a loop. Nothing of it is new.
-        let history = out.cursor_history.entry(stream.clone()).or_default();
         if let Some(next) = next_cursor.as_deref()
             && next_cursor != pos.cursor
-            && history.iter().any(|c| c == next)
+            && out
+                .cursor_history
+                .get(&stream)
+                .is_some_and(|h| h.iter().any(|c| c == next))
         {
             let repeated = items.len();
             ctx.metrics.events_duplicate.inc_by(repeated as u64);
@@ -1349,14 +1358,6 @@ async fn read_stream(
                 "the API's pages lead back to one already read; reading stops here until the next poll"
             );
             return threads;
-        }
-        if let Some(next) = &next_cursor
-            && next_cursor != pos.cursor
-        {
-            if history.len() == CURSOR_HISTORY {
-                history.pop_front();
-            }
-            history.push_back(next.clone());
         }
         let advanced = next_cursor != pos.cursor;
         let has_more = (cut || page.has_more.unwrap_or(false)) && !page.data.is_empty() && advanced;
@@ -1380,6 +1381,17 @@ async fn read_stream(
                         out.status = Some(outcome.status);
                     }
                     threads = Some(outcome.threads);
+                    // Remembered only once committed: a failed commit reads the page again,
+                    // and that is no loop.
+                    if let Some(next) = &next_cursor
+                        && advanced
+                    {
+                        let history = out.cursor_history.entry(stream.clone()).or_default();
+                        if history.len() == CURSOR_HISTORY {
+                            history.pop_front();
+                        }
+                        history.push_back(next.clone());
+                    }
                     pos.cursor = next_cursor;
                     out.new_events += n;
                 }
@@ -1393,7 +1405,9 @@ async fn read_stream(
         if !has_more {
             return threads;
         }
-        if pages >= ctx.max_pages {
+        // While skipping what a refused cursor made us read again, go on past the page
+        // limit: the skip count lives only in this job.
+        if pages >= ctx.max_pages && skip == 0 {
             out.more = true;
             return threads;
         }

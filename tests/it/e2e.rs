@@ -826,3 +826,43 @@ async fn an_event_list_that_loops_inflates_nothing() {
         running.stop().await.expect("stops");
     }
 }
+
+/// A thread's cursor refused (400): its stream is read again from the start, skipping what
+/// its own state says was consumed: nothing lost, nothing counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_thread_cursor_is_recovered_without_double_count() {
+    let sim = sim(ScenarioConfig {
+        seed: 12,
+        sessions: 6,
+        max_turns: 60,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    let with_thread = sim
+        .sessions()
+        .iter()
+        .find(|s| !s.threads.is_empty())
+        .map(|s| s.threads[0].events.len())
+        .expect("a session with a sub-agent");
+    // Longer than the ring of recent ids, so only the skip count can keep it exact.
+    assert!(with_thread > 100, "{with_thread}");
+    sim.set_clock(sim.last_step() / 2);
+    let dir = tempfile::tempdir().expect("dir");
+    let running = app::start(settings(&sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+    assert!(
+        eventually(WAIT, async || sim
+            .stats()
+            .thread_events_requests
+            .load(Ordering::Relaxed)
+            > 0)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sim.refuse_next_thread_cursor();
+    sim.release_all();
+    let series = wait_exact(running.addr, &sim.totals, WAIT).await;
+    assert_eq!(get(&series, "qoder_exporter_cursor_resets_total"), 1.0);
+    running.stop().await.expect("stop");
+}
