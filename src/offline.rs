@@ -217,14 +217,16 @@ impl Feeder<'_> {
         };
         match decoded.event.kind.as_deref() {
             Some(AGENT_LINE) => {
-                if let Ok(wire::WireAgentObject {
-                    id: Some(id),
-                    name: Some(name),
-                }) = serde_json::from_str(raw)
-                {
-                    self.agent_names.insert(id, name);
-                } else {
-                    self.invalid("missing_id");
+                match serde_json::from_str::<wire::WireAgentObject>(raw) {
+                    // An agent without a name names nothing: the id stays the label, as live.
+                    Ok(wire::WireAgentObject {
+                        id: Some(id),
+                        name: Some(name),
+                    }) if !name.is_empty() => {
+                        self.agent_names.insert(id, name);
+                    }
+                    Ok(wire::WireAgentObject { id: Some(_), .. }) => {}
+                    _ => self.invalid("missing_id"),
                 }
                 return Ok(());
             }
@@ -336,17 +338,28 @@ fn open_input(path: &Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
     } else {
         Box::new(std::fs::File::open(path).with_context(|| format!("replay: {}", path.display()))?)
     };
-    let mut r = BufReader::with_capacity(1 << 20, raw);
-    let head = r
-        .fill_buf()
-        .with_context(|| format!("replay: reading {}", path.display()))?;
-    if head.starts_with(&[0x1f, 0x8b]) {
+    // The first two bytes, however the input hands them out (a pipe may give one at a time).
+    let mut raw = raw;
+    let mut head = [0u8; 2];
+    let mut got = 0;
+    while got < head.len() {
+        match raw.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("replay: reading {}", path.display()));
+            }
+        }
+    }
+    let whole = std::io::Cursor::new(head[..got].to_vec()).chain(raw);
+    if head[..got] == [0x1f, 0x8b] {
         return Ok(Box::new(BufReader::with_capacity(
             1 << 20,
-            flate2::bufread::MultiGzDecoder::new(r),
+            flate2::read::MultiGzDecoder::new(whole),
         )));
     }
-    Ok(Box::new(r))
+    Ok(Box::new(BufReader::with_capacity(1 << 20, whole)))
 }
 
 /// Reads every file and feeds the pipeline; runs on a blocking thread.
@@ -674,7 +687,13 @@ pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> 
     )?;
     // To a temporary file beside --output, renamed over it only when the dump is whole: a
     // refused token or a failure half-way leaves no empty or partial file behind.
+    // Not a regular file (`/dev/stdout`, a FIFO): written as it is, there is nothing to rename.
+    let direct = flags
+        .output
+        .as_deref()
+        .is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| !m.is_file()));
     let mut tmp = match &flags.output {
+        Some(_) if direct => None,
         Some(p) => {
             let dir = p
                 .parent()
@@ -689,9 +708,15 @@ pub async fn dump(settings: &Settings, flags: &DumpFlags) -> anyhow::Result<()> 
         }
         None => None,
     };
-    let mut out: Box<dyn Write> = match &mut tmp {
-        Some(f) => Box::new(std::io::BufWriter::new(f.as_file_mut())),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    let mut out: Box<dyn Write> = match (&mut tmp, &flags.output) {
+        (Some(f), _) => Box::new(std::io::BufWriter::new(f.as_file_mut())),
+        (None, Some(p)) => Box::new(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .with_context(|| format!("--output {}", p.display()))?,
+        )),
+        (None, None) => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let started = Instant::now();
     let ids = session_ids(&client, settings).await?;

@@ -441,6 +441,28 @@ async fn dump_then_replay_reproduces_the_totals() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(&file).expect("dump file");
+    // To a path that is not a regular file: written as it is (nothing to rename).
+    let out = Command::new(BIN)
+        .args(["dump", "--qoder.api-url", &sim.base_url()])
+        .args([
+            "--qoder.max-requests-per-second",
+            "0",
+            "--output",
+            "/dev/stdout",
+        ])
+        .env("QODER_PAT", sim.token())
+        .output()
+        .expect("dump runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        text,
+        "--output /dev/stdout"
+    );
     let sessions = text
         .lines()
         .filter(|l| l.contains("\"type\":\"session\""))
@@ -528,6 +550,34 @@ async fn dump_then_replay_reproduces_the_totals() {
     let series = parse(&String::from_utf8(out.stdout).expect("utf8"));
     let problems = mismatches(&series, &sim.totals);
     assert!(problems.is_empty(), "gzip: {}", problems.join("\n"));
+    // The same through a pipe, which hands out its first bytes as they come.
+    let mut child = Command::new(BIN)
+        .args(["replay", "--allow-invalid", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("replay runs");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(&std::fs::read(&gz).expect("gz"))
+            .expect("feed");
+    }
+    let out = child.wait_with_output().expect("replay ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let series = parse(&String::from_utf8(out.stdout).expect("utf8"));
+    let problems = mismatches(&series, &sim.totals);
+    assert!(
+        problems.is_empty(),
+        "gzip on stdin: {}",
+        problems.join("\n")
+    );
 
     // From stdin, into a state file: a second replay of the same file counts nothing twice.
     let state = dir.path().join("backfill.db");
