@@ -187,7 +187,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             metrics: metrics.clone(),
             ready: ready_rx.clone(),
             telemetry_path: settings.telemetry_path.clone(),
-            api_url: settings.api_url.clone(),
+            api_url: crate::source::client::shown_url(&settings.api_url),
         },
         &web,
     );
@@ -195,7 +195,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let tls = web.tls.is_some();
     let auth = web.auth.is_some();
     let server = tokio::spawn(async move { crate::server::serve(listener, app, &web, sc).await });
-    tracing::info!(%addr, path = %settings.telemetry_path, api = %settings.api_url,
+    tracing::info!(%addr, path = %settings.telemetry_path, api = %crate::source::client::shown_url(&settings.api_url),
         sessions = if settings.sessions.is_empty() { "all (discovery)".to_owned() } else { settings.sessions.join(",") },
         shard = %format!("{}/{}", settings.shard.index, settings.shard.count),
         tls, basic_auth = auth,

@@ -254,6 +254,20 @@ impl Client {
         // Path joins below append segments; the base must end without a slash.
         let trimmed = base.path().trim_end_matches('/').to_owned();
         base.set_path(&trimmed);
+        // The token goes with every request: over plain HTTP to another host, in clear.
+        let host = base.host_str().unwrap_or_default();
+        let this_machine = host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if base.scheme() == "http" && !this_machine {
+            tracing::warn!(
+                api = %shown_url(base.as_str()),
+                "--qoder.api-url is plain http:// to a host that is not this machine: the token is sent in clear"
+            );
+        }
         let mut headers = HeaderMap::new();
         // The events URL answers as an SSE stream to `text/event-stream` (since 2026-08-24).
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
@@ -483,6 +497,10 @@ impl Client {
             return Ok(body);
         }
         let (error_type, message) = error_envelope(&body);
+        // What the API says goes to the logs: never the token, never a forged line.
+        let token = self.token.get();
+        let clean = |s: Option<String>| s.map(|s| log_safe(&s, token.expose()));
+        let (error_type, message) = (clean(error_type), clean(message));
         if status == StatusCode::UNAUTHORIZED {
             return Err(ApiError::Unauthorized { error_type });
         }
@@ -563,6 +581,39 @@ fn error_envelope(body: &[u8]) -> (Option<String>, Option<String>) {
         Ok(Envelope { error: Some(i) }) => (i.kind, i.message.map(|m| truncate(&m, 200))),
         _ => (None, None),
     }
+}
+
+/// The API URL as logs and the landing page show it: without credentials written into it.
+pub fn shown_url(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            format!("{u} (credentials in the URL not shown)")
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(not a URL)".to_owned(),
+    }
+}
+
+/// Text from the API made safe to log: the token (which a hostile or buggy server may echo
+/// back) becomes `[redacted]`, control characters (newlines that would forge a log line, ANSI
+/// escapes) are shown escaped, and the length is bounded.
+pub fn log_safe(s: &str, token: &str) -> String {
+    let s = if token.len() >= 4 {
+        s.replace(token, "[redacted]")
+    } else {
+        s.to_owned()
+    };
+    let mut escaped = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    truncate(&escaped, 200)
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -648,6 +699,35 @@ mod tests {
         h.clear();
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn credentials_in_the_api_url_are_not_shown() {
+        let shown = shown_url("https://user:hunter2@api.qoder.com/api/v1/cloud");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("user@"),
+            "{shown}"
+        );
+        assert!(
+            shown.starts_with("https://api.qoder.com/api/v1/cloud"),
+            "{shown}"
+        );
+        assert_eq!(
+            shown_url("https://api.qoder.com/api/v1/cloud"),
+            "https://api.qoder.com/api/v1/cloud"
+        );
+    }
+
+    #[test]
+    fn what_the_api_says_is_logged_safely() {
+        let token = "pt-SECRET-0123456789";
+        let said =
+            format!("bad token {token}\n2026-11-30T00:00:00Z INFO forged line \u{1b}[31mred");
+        let safe = log_safe(&said, token);
+        assert!(!safe.contains(token), "{safe}");
+        assert!(safe.contains("[redacted]"));
+        assert!(!safe.contains('\n') && !safe.contains('\u{1b}'), "{safe}");
+        assert!(safe.contains("\\n2026"), "{safe}");
     }
 
     #[test]
