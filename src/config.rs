@@ -242,6 +242,9 @@ pub struct Flags {
     /// RUST_LOG, when set, overrides it (an expert filter, e.g. `qoder_exporter::source=debug`)
     #[arg(long = "log.level", env = "QODER_EXPORTER_LOG_LEVEL", global = true)]
     pub log_level: Option<String>,
+    /// Log line format: text (for people), logfmt or json (for log shippers) [default: text]
+    #[arg(long = "log.format", env = "QODER_EXPORTER_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
 }
 
 fn parse_price(s: &str) -> Result<f64, String> {
@@ -529,6 +532,7 @@ pub struct StateSection {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LogSection {
     pub level: Option<String>,
+    pub format: Option<String>,
 }
 
 /// Durations in the file are humantime strings, as on the command line.
@@ -565,6 +569,7 @@ pub struct Settings {
     pub state_path: PathBuf,
     pub max_turn_age: Duration,
     pub log_level: String,
+    pub log_format: LogFormat,
     /// `--qoder.workspace-id`: sent as the `qoder-workspace-id` header.
     pub workspace_id: Option<String>,
     /// `--cost.credit-price` and `--cost.currency`: `None`, credits only.
@@ -736,8 +741,28 @@ impl Settings {
                 .or(file.state.max_turn_age)
                 .unwrap_or(Duration::from_secs(6 * 3600)),
             log_level: log_level(flags.log_level.or(file.log.level))?,
+            log_format: match flags.log_format.or(file.log.format).as_deref() {
+                None | Some("text") => LogFormat::Text,
+                Some("logfmt") => LogFormat::Logfmt,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    anyhow::bail!("--log.format {other:?}: must be one of text, logfmt, json")
+                }
+            },
         })
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// tracing's human format (colours on a terminal).
+    #[default]
+    Text,
+    /// `ts=… level=… msg="…" key=value`, as the Prometheus exporters write it.
+    Logfmt,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The levels the Prometheus exporter toolkit accepts; anything else is refused (a typo must

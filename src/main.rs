@@ -41,7 +41,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging(&settings.log_level);
+    init_logging(&settings.log_level, settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -102,19 +102,26 @@ fn healthcheck(url: &str, insecure: bool) -> std::process::ExitCode {
 
 /// Logs to stderr at `level` (checked by `Settings`); `RUST_LOG`, when set and valid, is an
 /// expert override and says so once.
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: config::LogFormat) {
     let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
     let expert = rust_log
         .as_deref()
         .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok());
     let overridden = expert.is_some();
     let filter = expert.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
+    use qoder_exporter::config::LogFormat;
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Logfmt => logs
+            .with_ansi(false)
+            .event_format(qoder_exporter::logfmt::Logfmt)
+            .init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
+    }
     match rust_log {
         Some(v) if overridden => {
             tracing::info!(rust_log = %v, "RUST_LOG is set: it overrides --log.level");

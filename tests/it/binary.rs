@@ -332,6 +332,12 @@ fn values_are_checked_before_anything_is_created() {
             "{err}"
         );
     }
+    let (code, err) = run_to_exit(
+        &["--state.path", s, "--log.format", "xml"],
+        &[("QODER_PAT", "pt-x")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("must be one of text, logfmt, json"), "{err}");
     let (code, err) = run_to_exit(&["replay", "--batch-size", "0", "-"], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--batch-size"), "{err}");
@@ -733,4 +739,39 @@ fn the_revision_is_the_git_commit() {
         .or(git)
         .unwrap_or_else(|| "unknown".to_owned());
     assert_eq!(qoder_exporter::REVISION, expected);
+}
+
+/// `--log.format logfmt` and `json`: one parseable record a line, for log shippers.
+#[test]
+fn log_formats_for_shippers() {
+    for format in ["logfmt", "json"] {
+        let out = Command::new(BIN)
+            .args([
+                "replay",
+                "-",
+                "--log.format",
+                format,
+                "--log.level",
+                "debug",
+            ])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("replayed")).collect();
+        assert!(!lines.is_empty(), "{format}: {err}");
+        for line in lines {
+            match format {
+                "logfmt" => assert!(
+                    line.starts_with("ts=") && line.contains(" level=") && line.contains(" msg="),
+                    "{line}"
+                ),
+                _ => {
+                    let v: serde_json::Value = serde_json::from_str(line).expect(line);
+                    assert!(v["message"].is_string() && v["level"].is_string(), "{line}");
+                }
+            }
+        }
+    }
 }

@@ -54,6 +54,7 @@ pub fn settings_for(api_url: &str, token: &str, state: &Path) -> Settings {
         state_path: state.to_owned(),
         max_turn_age: Duration::from_secs(6 * 3600),
         log_level: "warn".into(),
+        log_format: qoder_exporter::config::LogFormat::Text,
         workspace_id: None,
         credit_price: None,
         session_series_limit: 100,
