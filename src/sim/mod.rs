@@ -767,22 +767,13 @@ async fn get_session(
         Err(r) => return r,
     };
     let clock = st.clock.load(Ordering::Relaxed);
-    match st
-        .index
-        .get(&id)
-        .map(|i| &st.sessions[*i])
-        .filter(|s| s.created_step <= clock)
-    {
+    match visible_session(&st, &id, clock) {
         Some(s) => (
             [(header::CONTENT_TYPE, "application/json")],
             session_object(s, clock).to_string(),
         )
             .into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "not_found_error",
-            "session not found",
-        ),
+        None => session_not_found(),
     }
 }
 
@@ -811,24 +802,11 @@ async fn list_events(
         limit = 2500;
     }
     let clock = st.clock.load(Ordering::Relaxed);
-    let Some(s) = st
-        .index
-        .get(&id)
-        .map(|i| &st.sessions[*i])
-        .filter(|s| s.created_step <= clock)
-    else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found_error",
-            "session not found",
-        );
+    let Some(s) = visible_session(&st, &id, clock) else {
+        return session_not_found();
     };
     if after.is_some() && st.refuse_next_cursor.swap(false, Ordering::Relaxed) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "after_id is not a known event",
-        );
+        return refused_cursor();
     }
     let after = match st.events_cursor {
         EventsCursor::Honoured => after,
@@ -841,6 +819,32 @@ async fn list_events(
         }),
     };
     events_page(&s.events, clock, after.as_deref(), before.as_deref(), limit)
+}
+
+/// The session `id` if it exists at `clock`.
+fn visible_session<'a>(st: &'a SimState, id: &str, clock: u64) -> Option<&'a SimSession> {
+    st.index
+        .get(id)
+        .map(|i| &st.sessions[*i])
+        .filter(|s| s.created_step <= clock)
+}
+
+/// The API's 404 for a session it does not have.
+fn session_not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        "session not found",
+    )
+}
+
+/// The 400 the API answers to an event cursor it does not know.
+fn refused_cursor() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "after_id is not a known event",
+    )
 }
 
 /// The page of a stream's events visible at `clock` that a cursor selects.
@@ -876,17 +880,8 @@ async fn list_threads(
         return fault_response(&st, Fault::Truncated).await;
     }
     let clock = st.clock.load(Ordering::Relaxed);
-    let Some(s) = st
-        .index
-        .get(&id)
-        .map(|i| &st.sessions[*i])
-        .filter(|s| s.created_step <= clock)
-    else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found_error",
-            "session not found",
-        );
+    let Some(s) = visible_session(&st, &id, clock) else {
+        return session_not_found();
     };
     let primary = json!({
         "id": "sthr_main", "type": "session_thread", "session_id": s.id,
@@ -949,21 +944,13 @@ async fn list_thread_events(
         Err(r) => return r,
     };
     let clock = st.clock.load(Ordering::Relaxed);
-    let Some(thread) = st
-        .index
-        .get(&id)
-        .map(|i| &st.sessions[*i])
-        .filter(|s| s.created_step <= clock)
-        .and_then(|s| s.threads.iter().find(|t| t.id == tid))
+    let Some(thread) =
+        visible_session(&st, &id, clock).and_then(|s| s.threads.iter().find(|t| t.id == tid))
     else {
         return error(StatusCode::NOT_FOUND, "not_found_error", "thread not found");
     };
     if after.is_some() && st.refuse_next_thread_cursor.swap(false, Ordering::Relaxed) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "after_id is not a known event",
-        );
+        return refused_cursor();
     }
     events_page(
         &thread.events,
