@@ -228,3 +228,15 @@ pub fn grow_log(sim: &Sim) -> tokio::task::JoinHandle<()> {
         }
     })
 }
+
+/// The whole log released, the app started on a fresh state against it, and its metrics once
+/// they equal the log's totals. The state directory lives as long as the returned guard.
+pub async fn run_to_exact(sim: &Sim) -> (tempfile::TempDir, qoder_exporter::app::Running, Series) {
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let running = qoder_exporter::app::start(settings(sim, &dir.path().join("s.db")))
+        .await
+        .expect("start");
+    let series = wait_exact(running.addr, &sim.totals, Duration::from_secs(60)).await;
+    (dir, running, series)
+}

@@ -641,12 +641,7 @@ async fn sessions_without_sub_agents_cost_no_thread_requests() {
     })
     .await;
     assert!(sim.sessions().iter().all(|s| s.threads.is_empty()));
-    sim.release_all();
-    let dir = tempfile::tempdir().expect("dir");
-    let running = app::start(settings(&sim, &dir.path().join("s.db")))
-        .await
-        .expect("start");
-    wait_exact(running.addr, &sim.totals, WAIT).await;
+    let (_dir, running, _) = run_to_exact(&sim).await;
     assert_eq!(
         sim.stats().thread_events_requests.load(Ordering::Relaxed),
         0
@@ -676,12 +671,7 @@ async fn an_agent_named_by_id_alone_is_counted_under_its_name() {
         .map(str::to_owned)
         .collect();
     assert!(!id_only.is_empty());
-    sim.release_all();
-    let dir = tempfile::tempdir().expect("dir");
-    let running = app::start(settings(&sim, &dir.path().join("s.db")))
-        .await
-        .expect("start");
-    wait_exact(running.addr, &sim.totals, WAIT).await;
+    let (_dir, running, _) = run_to_exact(&sim).await;
     let asked = sim.stats().agent_requests.load(Ordering::Relaxed);
     assert!(
         (1..=id_only.len() as u64 * 2).contains(&asked),
@@ -708,12 +698,7 @@ async fn without_agent_objects_the_ids_series_move_to_the_name_when_it_is_seen()
         ..SimConfig::default()
     })
     .await;
-    sim.release_all();
-    let dir = tempfile::tempdir().expect("dir");
-    let running = app::start(settings(&sim, &dir.path().join("s.db")))
-        .await
-        .expect("start");
-    wait_exact(running.addr, &sim.totals, WAIT).await;
+    let (_dir, running, _) = run_to_exact(&sim).await;
     let text = scrape(running.addr).await;
     assert!(
         !text.contains("agent=\"agent_"),
@@ -736,12 +721,7 @@ async fn a_list_that_refuses_filters_is_listed_without_them() {
         ..SimConfig::default()
     })
     .await;
-    sim.release_all();
-    let dir = tempfile::tempdir().expect("dir");
-    let running = app::start(settings(&sim, &dir.path().join("s.db")))
-        .await
-        .expect("start");
-    wait_exact(running.addr, &sim.totals, WAIT).await;
+    let (_dir, running, _) = run_to_exact(&sim).await;
     assert_eq!(sim.stats().list_filters_refused.load(Ordering::Relaxed), 1);
     running.stop().await.expect("stops");
 }
@@ -761,12 +741,7 @@ async fn a_failed_thread_list_loses_no_thread() {
     })
     .await;
     assert!(sim.sessions().iter().any(|s| !s.threads.is_empty()));
-    sim.release_all();
-    let dir = tempfile::tempdir().expect("dir");
-    let running = app::start(settings(&sim, &dir.path().join("s.db")))
-        .await
-        .expect("start");
-    wait_exact(running.addr, &sim.totals, WAIT).await;
+    let (_dir, running, _) = run_to_exact(&sim).await;
     assert!(sim.stats().threads_requests.load(Ordering::Relaxed) >= 2);
     running.stop().await.expect("stops");
 }
