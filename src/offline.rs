@@ -594,35 +594,23 @@ async fn dump_thread_list(
     id: &str,
     out: &mut dyn Write,
 ) -> anyhow::Result<Vec<String>> {
+    let objects = match client.thread_objects(id).await {
+        Ok(o) => o,
+        Err(e) if e.status() == Some(404) => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("threads of {id}")),
+    };
     let mut threads = Vec::new();
-    let mut page_token: Option<String> = None;
-    let mut visited = std::collections::HashSet::new();
-    loop {
-        let body = match client.list_threads(id, page_token.as_deref()).await {
-            Ok(b) => b,
-            Err(e) if e.status() == Some(404) => return Ok(threads),
-            Err(e) => return Err(e).with_context(|| format!("threads of {id}")),
-        };
-        let page: Page<'_> =
-            serde_json::from_slice(&body).with_context(|| format!("threads of {id}"))?;
-        for raw in &page.data {
-            let mut v: Map<String, Value> = serde_json::from_str(raw.get())?;
-            v.insert("type".into(), Value::from(THREAD_LINE));
-            v.insert("session_id".into(), Value::from(id));
-            let sub = v.get("parent_thread_id").is_some_and(|p| !p.is_null());
-            if let Some(tid) = v.get("id").and_then(Value::as_str)
-                && sub
-            {
-                threads.push(tid.to_owned());
-            }
-            write_line(out, &Value::Object(v))?;
+    for raw in objects {
+        let mut v: Map<String, Value> = serde_json::from_str(raw.get())?;
+        v.insert("type".into(), Value::from(THREAD_LINE));
+        v.insert("session_id".into(), Value::from(id));
+        let sub = v.get("parent_thread_id").is_some_and(|p| !p.is_null());
+        if let Some(tid) = v.get("id").and_then(Value::as_str)
+            && sub
+        {
+            threads.push(tid.to_owned());
         }
-        match page.next_page {
-            Some(next) if page.has_more.unwrap_or(false) && visited.insert(next.clone()) => {
-                page_token = Some(next);
-            }
-            _ => break,
-        }
+        write_line(out, &Value::Object(v))?;
     }
     Ok(threads)
 }

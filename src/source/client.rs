@@ -45,6 +45,9 @@ impl Endpoint {
     }
 }
 
+/// Most pages of one session's thread list read at once.
+const MAX_THREAD_LIST_PAGES: usize = 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("request timed out")]
@@ -379,6 +382,34 @@ impl Client {
     pub async fn get_agent(&self, id: &str) -> Result<Bytes, ApiError> {
         self.get(Endpoint::Agent, self.url(&["agents", id], &[]))
             .await
+    }
+
+    /// Every page of a session's thread list, as the objects the API sent: paged like the SDK
+    /// (`next_page` while `has_more`), at most `MAX_THREAD_LIST_PAGES` pages, and a page token
+    /// seen twice (a loop) ends it.
+    pub async fn thread_objects(
+        &self,
+        id: &str,
+    ) -> Result<Vec<Box<serde_json::value::RawValue>>, ApiError> {
+        let mut out = Vec::new();
+        let mut page_token: Option<String> = None;
+        let mut visited = std::collections::HashSet::new();
+        for _ in 0..MAX_THREAD_LIST_PAGES {
+            let body = self.list_threads(id, page_token.as_deref()).await?;
+            let page: crate::source::wire::Page<'_> =
+                serde_json::from_slice(&body).map_err(|e| {
+                    self.count_failure("threads", "decode");
+                    ApiError::Decode(e.to_string())
+                })?;
+            out.extend(page.data.iter().map(|raw| (*raw).to_owned()));
+            match page.next_page {
+                Some(next) if page.has_more.unwrap_or(false) && visited.insert(next.clone()) => {
+                    page_token = Some(next);
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
     }
 
     /// `GET /sessions/{id}/threads?limit=100[&page=…]`: a session's threads (SDK 0.11).

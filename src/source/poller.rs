@@ -1152,44 +1152,24 @@ async fn resolve_agent(ctx: &JobCtx<'_>, meta: &mut SessionMeta) {
     meta.agent_name = name;
 }
 
-/// Most pages of one session's thread list read in one job.
-const MAX_THREAD_LIST_PAGES: usize = 20;
-
-/// `GET /sessions/{id}/threads`, every page: the sub-agent threads (the primary thread,
-/// without a parent, is the session's own stream and is left out).
+/// A session's sub-agent threads from its thread list (the primary thread, without a
+/// parent, is the session's own stream and is left out).
 async fn read_thread_list(ctx: &JobCtx<'_>, id: &str) -> Result<Vec<ListedThread>, ApiError> {
-    let mut out = Vec::new();
-    let mut page_token: Option<String> = None;
-    let mut visited: HashSet<String> = HashSet::new();
-    for _ in 0..MAX_THREAD_LIST_PAGES {
-        let body = ctx.client.list_threads(id, page_token.as_deref()).await?;
-        let page: Page<'_> =
-            serde_json::from_slice(&body).map_err(|e| decode_failure(ctx.client, "threads", &e))?;
-        for raw in &page.data {
-            let Ok(t) = serde_json::from_str::<wire::WireThread>(raw.get()) else {
-                continue;
-            };
-            let Some(tid) = t.id.clone().filter(|t| !t.is_empty()) else {
-                continue;
-            };
-            if t.parent_thread_id.is_none() {
-                continue;
-            }
-            out.push(ListedThread {
-                id: tid,
+    Ok(ctx
+        .client
+        .thread_objects(id)
+        .await?
+        .iter()
+        .filter_map(|raw| serde_json::from_str::<wire::WireThread>(raw.get()).ok())
+        .filter(|t| t.parent_thread_id.is_some())
+        .filter_map(|t| {
+            Some(ListedThread {
+                id: t.id.clone().filter(|i| !i.is_empty())?,
                 agent: t.agent_name().map(str::to_owned),
                 updated_at: t.updated_at.clone(),
-            });
-        }
-        // Paged like the SDK: `next_page` while `has_more`; a token seen before is a loop.
-        match page.next_page {
-            Some(next) if page.has_more.unwrap_or(false) && visited.insert(next.clone()) => {
-                page_token = Some(next);
-            }
-            _ => break,
-        }
-    }
-    Ok(out)
+            })
+        })
+        .collect())
 }
 
 /// `GET /sessions/{id}`, as what the pipeline learns from it.
