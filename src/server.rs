@@ -207,6 +207,10 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
     ))
 }
 
+/// A client must have sent a request's headers within this long (slowloris, idle
+/// keep-alive connections): then the connection is closed and its descriptor freed.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `app` on `listener`, over TLS when the web config has it, until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -214,15 +218,26 @@ pub async fn serve(
     web: &WebConfig,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    let Some(tls) = web.tls.clone() else {
-        return axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_with(listener, app, web, shutdown, HEADER_READ_TIMEOUT).await
+}
+
+/// [`serve`] with a given header read timeout. One connection loop for plain HTTP and TLS,
+/// so both get the same timeouts.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    web: &WebConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+    header_read_timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    let acceptor = web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder =
+    let mut builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -240,11 +255,15 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                acceptor.accept(tcp),
-            )
-            .await
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let Some(acceptor) = acceptor else {
+                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            };
+            let stream = match tokio::time::timeout(header_read_timeout, acceptor.accept(tcp)).await
             {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -256,7 +275,6 @@ pub async fn serve(
                     return;
                 }
             };
-            let svc = hyper_util::service::TowerToHyperService::new(app);
             let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -275,6 +293,53 @@ mod tests {
     use axum::http::Request;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
+
+    /// A client that never finishes its headers (slowloris) is cut off, and the server keeps
+    /// answering others.
+    #[tokio::test]
+    async fn a_connection_that_never_sends_its_headers_is_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (router, _tx) = app(true);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let server = tokio::spawn(async move {
+            let web = WebConfig::default();
+            serve_with(
+                listener,
+                router,
+                &web,
+                stopped,
+                std::time::Duration::from_millis(200),
+            )
+            .await
+        });
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        // Bounded wait for the server to close it (without the timeout it never would).
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            slow.read_to_end(&mut buf),
+        )
+        .await;
+        assert!(closed.is_ok(), "the half-sent request is still open");
+        // A whole request on a new connection is answered.
+        let mut ok = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut reply = String::new();
+        ok.read_to_string(&mut reply).await.expect("read");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        stop.cancel();
+        server.await.expect("join").expect("serve");
+    }
 
     #[tokio::test]
     async fn metrics_are_gzipped_when_asked_for() {
