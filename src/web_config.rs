@@ -97,10 +97,21 @@ impl WebConfig {
         };
         let mut users = HashMap::new();
         for (user, hash) in file.basic_auth_users {
-            if !(hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$")) {
+            let parts =
+                (hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$"))
+                    .then(|| hash.parse::<bcrypt::HashParts>().ok())
+                    .flatten();
+            let Some(parts) = parts else {
                 bail!(
                     "{}: basic_auth_users.{user}: not a bcrypt hash (make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)",
                     ctx()
+                );
+            };
+            if parts.get_cost() > MAX_BCRYPT_COST {
+                bail!(
+                    "{}: basic_auth_users.{user}: bcrypt cost {} is over {MAX_BCRYPT_COST}: each check would take seconds of CPU, and anyone could pin a core with wrong guesses",
+                    ctx(),
+                    parts.get_cost()
                 );
             }
             users.insert(user, hash);
@@ -287,26 +298,41 @@ impl ResolvesServerCert for ReloadingCert {
 pub struct BasicAuth {
     users: HashMap<String, String>,
     cache: Mutex<HashMap<[u8; 32], bool>>,
+    /// A hash of a random password at the highest cost in use, checked for unknown users so
+    /// their answer takes as long as a known user's (timing tells no user names).
+    dummy: String,
+    /// bcrypt checks running at once: wrong guesses queue here instead of taking every core;
+    /// a scraper whose credentials were accepted before is answered from the cache.
+    pub checks: tokio::sync::Semaphore,
 }
 
-/// A hash of a random password, checked for unknown users so their answer takes as long.
-fn dummy_hash() -> &'static str {
-    static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    H.get_or_init(|| bcrypt::hash(format!("{:x}", fastrand::u128(..)), 10).unwrap_or_default())
-}
+/// Highest bcrypt cost accepted (about 1 s a check at 14; 31 would be days).
+pub const MAX_BCRYPT_COST: u32 = 14;
 
 impl BasicAuth {
     pub fn new(users: HashMap<String, String>) -> BasicAuth {
+        let cost = users
+            .values()
+            .filter_map(|h| h.parse::<bcrypt::HashParts>().ok())
+            .map(|p| p.get_cost())
+            .max()
+            .unwrap_or(10)
+            .clamp(4, MAX_BCRYPT_COST);
+        let dummy = bcrypt::hash(format!("{:x}", fastrand::u128(..)), cost).unwrap_or_default();
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
         BasicAuth {
             users,
+            dummy,
+            checks: tokio::sync::Semaphore::new(cores),
             cache: Mutex::new(HashMap::new()),
         }
     }
 
     /// Checks an `Authorization` header value.
-    pub fn check(&self, authorization: Option<&HeaderValue>) -> bool {
+    /// `user:password` of a `Basic` authorization header.
+    fn credentials(authorization: Option<&HeaderValue>) -> Option<(String, String)> {
         use base64::Engine;
-        let Some(creds) = authorization
+        let creds = authorization
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Basic "))
             .and_then(|b| {
@@ -314,22 +340,43 @@ impl BasicAuth {
                     .decode(b.trim())
                     .ok()
             })
-            .and_then(|b| String::from_utf8(b).ok())
-        else {
-            return false;
-        };
-        let Some((user, pass)) = creds.split_once(':') else {
-            return false;
-        };
-        let hash = self.users.get(user);
-        let key: [u8; 32] = Sha256::new()
+            .and_then(|b| String::from_utf8(b).ok())?;
+        let (user, pass) = creds.split_once(':')?;
+        Some((user.to_owned(), pass.to_owned()))
+    }
+
+    /// The cache key of a user, a password and the user's hash (a changed hash misses).
+    fn key(user: &str, pass: &str, hash: Option<&String>) -> [u8; 32] {
+        Sha256::new()
             .chain_update(user.as_bytes())
             .chain_update([0])
             .chain_update(pass.as_bytes())
             .chain_update([0])
             .chain_update(hash.map_or("", String::as_str).as_bytes())
             .finalize()
-            .into();
+            .into()
+    }
+
+    /// These credentials were accepted before: no bcrypt check needed.
+    pub fn is_cached_success(&self, authorization: Option<&HeaderValue>) -> bool {
+        let Some((user, pass)) = Self::credentials(authorization) else {
+            return false;
+        };
+        let key = Self::key(&user, &pass, self.users.get(&user));
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .is_some_and(|ok| *ok)
+    }
+
+    pub fn check(&self, authorization: Option<&HeaderValue>) -> bool {
+        let Some((user, pass)) = Self::credentials(authorization) else {
+            return false;
+        };
+        let (user, pass) = (user.as_str(), pass.as_str());
+        let hash = self.users.get(user);
+        let key = Self::key(user, pass, hash);
         if let Some(ok) = self
             .cache
             .lock()
@@ -341,7 +388,7 @@ impl BasicAuth {
         let ok = match hash {
             Some(h) => bcrypt::verify(pass, h).unwrap_or(false),
             None => {
-                let _ = bcrypt::verify(pass, dummy_hash());
+                let _ = bcrypt::verify(pass, &self.dummy);
                 false
             }
         };
@@ -364,10 +411,16 @@ pub async fn require_auth(
     next: axum::middleware::Next,
 ) -> Response {
     let header = req.headers().get(header::AUTHORIZATION).cloned();
-    let a = auth.clone();
-    let ok = tokio::task::spawn_blocking(move || a.check(header.as_ref()))
-        .await
-        .unwrap_or(false);
+    let ok = if auth.is_cached_success(header.as_ref()) {
+        true
+    } else {
+        // A bcrypt check takes a core for its while: at most one per core at once.
+        let _permit = auth.checks.acquire().await;
+        let a = auth.clone();
+        tokio::task::spawn_blocking(move || a.check(header.as_ref()))
+            .await
+            .unwrap_or(false)
+    };
     if ok {
         next.run(req).await
     } else {
@@ -403,9 +456,14 @@ mod tests {
         assert!(!auth.check(None));
         assert!(!auth.check(Some(&HeaderValue::from_static("Bearer x"))));
         assert!(
-            bcrypt::verify("x", dummy_hash()).is_ok(),
+            bcrypt::verify("x", &auth.dummy).is_ok(),
             "the dummy hash is valid bcrypt"
         );
+        assert!(auth.is_cached_success(Some(&h("alice", "s3cret"))));
+        // Unknown users are checked at the known users' cost: timing tells no names.
+        let cost = |h: &str| h.parse::<bcrypt::HashParts>().map(|p| p.get_cost()).ok();
+        assert_eq!(cost(&auth.dummy), cost(&auth.users["alice"]));
+        assert!(!auth.is_cached_success(Some(&h("alice", "wrong"))));
     }
 
     #[test]
@@ -415,6 +473,15 @@ mod tests {
         std::fs::write(&p, "basic_auth_users:\n  alice: plain\n").expect("write");
         let e = format!("{:#}", WebConfig::load(&p).expect_err("not bcrypt"));
         assert!(e.contains("not a bcrypt hash"), "{e}");
+        // Looks like bcrypt, is not: refused at load, not at the first request.
+        std::fs::write(&p, "basic_auth_users:\n  alice: $2y$10$short\n").expect("write");
+        let e = format!("{:#}", WebConfig::load(&p).expect_err("malformed"));
+        assert!(e.contains("not a bcrypt hash"), "{e}");
+        // A cost that would let anyone pin a core.
+        let costly = "$2y$31$abcdefghijklmnopqrstuu5ZHsQ8cYnTLNcABp0e7NZCkuhKGkDTm";
+        std::fs::write(&p, format!("basic_auth_users:\n  alice: '{costly}'\n")).expect("write");
+        let e = format!("{:#}", WebConfig::load(&p).expect_err("cost 31"));
+        assert!(e.contains("bcrypt cost 31 is over 14"), "{e}");
         std::fs::write(
             &p,
             "tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n",
