@@ -466,13 +466,28 @@ impl StateStore {
     }
 }
 
+/// `<file>.lock` beside the state file, for the file itself: symlinks and other spellings of
+/// its path (`./s.db`, `dir/../s.db`) are resolved first, so two exporters handed the same
+/// file under two names still meet at one lock.
 fn lock_path(path: &Path) -> PathBuf {
-    let mut name = path
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| {
+        // Not created yet: its directory is real, its name is the one given.
+        match (path.parent(), path.file_name()) {
+            (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            })
+            .map_or_else(|_| path.to_owned(), |d| d.join(name)),
+            _ => path.to_owned(),
+        }
+    });
+    let mut name = real
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
     name.push(".lock");
-    path.with_file_name(name)
+    real.with_file_name(name)
 }
 
 #[cfg(test)]
@@ -528,6 +543,15 @@ mod tests {
         let err = StateStore::open(&path).expect_err("locked");
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
         assert!(err.to_string().contains("in use by another qoder-exporter"));
+        // The same file under other names: a symlink, a path through `..`.
+        let link = dir.path().join("other-name.db");
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        let err = StateStore::open(&link).expect_err("locked through a symlink");
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
+        std::fs::create_dir(dir.path().join("sub")).expect("dir");
+        let dotted = dir.path().join("sub/../s.db");
+        let err = StateStore::open(&dotted).expect_err("locked through ..");
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
     }
 
     #[test]
