@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use qoder_exporter::sim::{ScenarioConfig, Sim};
+use qoder_exporter::sim::{ScenarioConfig, Sim, Totals};
 
 use crate::common::*;
 
@@ -401,6 +401,36 @@ async fn a_dump_with_a_rejected_token_leaves_no_file() {
     );
 }
 
+/// `replay - ARGS…` with `input` on its standard input.
+fn replay_from_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(["replay", "-"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("replay runs");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input).expect("feed");
+    }
+    child.wait_with_output().expect("replay ends")
+}
+
+/// A replay that succeeded and printed metrics equal to the log's totals.
+fn assert_replayed_exactly(out: &std::process::Output, totals: &Totals, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let series = parse(std::str::from_utf8(&out.stdout).expect("utf8"));
+    let problems = mismatches(&series, totals);
+    assert!(problems.is_empty(), "{what}: {}", problems.join("\n"));
+}
+
 #[test]
 fn help_reads_well() {
     let out = Command::new(BIN).arg("--help").output().expect("runs");
@@ -548,68 +578,20 @@ async fn dump_then_replay_reproduces_the_totals() {
         .arg(&gz)
         .output()
         .expect("replay runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let series = parse(&String::from_utf8(out.stdout).expect("utf8"));
-    let problems = mismatches(&series, &sim.totals);
-    assert!(problems.is_empty(), "gzip: {}", problems.join("\n"));
+    assert_replayed_exactly(&out, &sim.totals, "gzip");
     // The same through a pipe, which hands out its first bytes as they come.
-    let mut child = Command::new(BIN)
-        .args(["replay", "--allow-invalid", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("replay runs");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin
-            .write_all(&std::fs::read(&gz).expect("gz"))
-            .expect("feed");
-    }
-    let out = child.wait_with_output().expect("replay ends");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let series = parse(&String::from_utf8(out.stdout).expect("utf8"));
-    let problems = mismatches(&series, &sim.totals);
-    assert!(
-        problems.is_empty(),
-        "gzip on stdin: {}",
-        problems.join("\n")
-    );
+    let out = replay_from_stdin(&["--allow-invalid"], &std::fs::read(&gz).expect("gz"));
+    assert_replayed_exactly(&out, &sim.totals, "gzip on stdin");
 
     // From stdin, into a state file: a second replay of the same file counts nothing twice.
     let state = dir.path().join("backfill.db");
-    for _ in 0..2 {
-        let mut child = Command::new(BIN)
-            .args(["replay", "-", "--allow-invalid", "--state.path"])
-            .arg(&state)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("replay runs");
-        {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().expect("stdin");
-            stdin.write_all(text.as_bytes()).expect("feed");
-        }
-        let out = child.wait_with_output().expect("replay ends");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+    let state_arg = state.to_str().expect("utf8");
+    for round in ["first", "second"] {
+        let out = replay_from_stdin(
+            &["--allow-invalid", "--state.path", state_arg],
+            text.as_bytes(),
         );
-        let series = parse(&String::from_utf8(out.stdout).expect("utf8"));
-        let problems = mismatches(&series, &sim.totals);
-        assert!(problems.is_empty(), "{}", problems.join("\n"));
+        assert_replayed_exactly(&out, &sim.totals, round);
     }
     // The backfilled state then goes live: the exporter carries on from the replayed cursors
     // and counts nothing twice.
