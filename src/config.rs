@@ -18,6 +18,7 @@ use crate::secret::Pat;
 pub const DEFAULT_API_URL: &str = "https://api.qoder.com/api/v1/cloud";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9874";
 pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
+pub const DEFAULT_STATE_PATH: &str = "qoder-exporter.db";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,11 +29,13 @@ pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
         exact Prometheus metrics (tokens, credits, turns, model requests, tool calls, errors) on \
         /metrics. Counts survive restarts through an embedded state file.\n\n\
         The token is read from QODER_PAT (or QODER_PERSONAL_ACCESS_TOKEN) or from --qoder.pat-file. \
-        Try it without an account: `qoder-exporter demo`."
+        Try it without an account: `qoder-exporter demo`. Each subcommand's --help lists the \
+        flags it reads."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// The exporter's own flags (no subcommand): every group.
     #[command(flatten)]
     pub flags: Flags,
 }
@@ -58,6 +61,87 @@ pub enum Command {
     },
 }
 
+impl Cli {
+    /// Parses the command line; exits with clap's message on an error, as `Parser::parse`.
+    ///
+    /// A subcommand reads only its own groups, written after it: an exporter flag written
+    /// before a subcommand (`qoder-exporter --state.path s.db replay f`) would be ignored,
+    /// so it is refused with a hint instead. Environment variables are not refused (one
+    /// environment serves every subcommand). The shared flags (`--log.*`, `--config.file`)
+    /// go anywhere.
+    pub fn parse_checked() -> Cli {
+        Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// [`Cli::parse_checked`] on the given arguments, returning the error.
+    pub fn try_parse_checked<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut command = Cli::command();
+        let matches = command.try_get_matches_from_mut(args)?;
+        if let Some((sub, _)) = matches.subcommand() {
+            let misplaced = command.get_arguments().find(|a| {
+                !a.is_global_set()
+                    && matches.value_source(a.get_id().as_str())
+                        == Some(clap::parser::ValueSource::CommandLine)
+            });
+            if let Some(arg) = misplaced {
+                let flag = arg.get_long().unwrap_or_else(|| arg.get_id().as_str());
+                return Err(command.error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "--{flag} is written before `{sub}`: write it after the subcommand if `{sub}` reads it (see `qoder-exporter {sub} --help`)"
+                    ),
+                ));
+            }
+        }
+        Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))
+    }
+
+    /// The subcommand and the flags it reads, as one [`Flags`] for [`Settings::resolve`]
+    /// (the groups a subcommand does not read are left at their defaults).
+    pub fn into_parts(self) -> (Option<Command>, Flags) {
+        let Some(mut command) = self.command else {
+            return (None, self.flags);
+        };
+        let common = self.flags.common;
+        use std::mem::take;
+        let flags = match &mut command {
+            Command::Demo(d) => Flags {
+                common,
+                poll: take(&mut d.poll),
+                web: take(&mut d.web),
+                state: take(&mut d.state),
+                otlp: take(&mut d.otlp),
+                metrics: take(&mut d.metrics),
+                ..Flags::default()
+            },
+            Command::Dump(d) => Flags {
+                common,
+                api: take(&mut d.api),
+                shard: take(&mut d.shard),
+                ..Flags::default()
+            },
+            Command::Replay(r) => Flags {
+                common,
+                web: take(&mut r.web),
+                state: take(&mut r.state),
+                otlp: take(&mut r.otlp),
+                metrics: take(&mut r.metrics),
+                ..Flags::default()
+            },
+            Command::Healthcheck { .. } => Flags {
+                common,
+                ..Flags::default()
+            },
+        };
+        (Some(command), flags)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DemoFlags {
     /// Sessions the simulator starts with; more arrive while it runs.
@@ -66,19 +150,33 @@ pub struct DemoFlags {
     /// Seed for the simulated sessions (same seed, same event log).
     #[arg(id = "demo_seed", long = "demo.seed", default_value_t = 42)]
     pub seed: u64,
+    #[command(flatten)]
+    pub poll: PollFlags,
+    #[command(flatten)]
+    pub web: WebFlags,
+    #[command(flatten)]
+    pub state: StateFlags,
+    #[command(flatten)]
+    pub otlp: OtlpFlags,
+    #[command(flatten)]
+    pub metrics: MetricsFlags,
 }
 
 #[derive(Debug, Args)]
 pub struct DumpFlags {
     /// Write to this file instead of stdout.
-    #[arg(id = "dump_output", long = "output", short = 'o')]
+    #[arg(id = "dump_output", long = "output", short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub api: ApiFlags,
+    #[command(flatten)]
+    pub shard: ShardFlags,
 }
 
 #[derive(Debug, Args)]
 pub struct ReplayFlags {
     /// JSON Lines files, `-` for stdin.
-    #[arg(id = "replay_files", required = true)]
+    #[arg(id = "replay_files", required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
     /// Keep serving the metrics on --web.listen-address after the replay (until SIGTERM).
     #[arg(id = "replay_serve", long = "serve")]
@@ -89,85 +187,41 @@ pub struct ReplayFlags {
     /// Exit 0 even when some lines could not be read (they are reported and counted either way).
     #[arg(id = "replay_allow_invalid", long = "allow-invalid")]
     pub allow_invalid: bool,
+    #[command(flatten)]
+    pub state: StateFlags,
+    #[command(flatten)]
+    pub otlp: OtlpFlags,
+    #[command(flatten)]
+    pub metrics: MetricsFlags,
+    #[command(flatten)]
+    pub web: WebFlags,
 }
 
+/// Every flag, by group; a subcommand flattens the groups it reads.
 #[derive(Debug, Args, Default)]
 pub struct Flags {
-    /// Qoder API base URL (CN: https://api.qoder.com.cn/api/v1/cloud) [default: https://api.qoder.com/api/v1/cloud]
-    #[arg(long = "qoder.api-url", env = "QODER_API_URL", global = true)]
-    pub api_url: Option<String>,
-    /// File holding the personal access token; re-read when it changes.
-    #[arg(long = "qoder.pat-file", env = "QODER_PAT_FILE", global = true)]
-    pub pat_file: Option<PathBuf>,
-    /// Follow only this session (repeatable); without it, every session the token can see.
-    #[arg(
-        long = "qoder.session",
-        env = "QODER_SESSIONS",
-        value_delimiter = ',',
-        global = true
-    )]
-    pub sessions: Vec<String>,
-    /// How often a running session is polled [default: 2s]
-    #[arg(long = "qoder.poll-interval", env = "QODER_POLL_INTERVAL", value_parser = parse_duration, global = true)]
-    pub poll_interval: Option<Duration>,
-    /// How often an idle session is polled [default: 15s]
-    #[arg(long = "qoder.idle-poll-interval", env = "QODER_IDLE_POLL_INTERVAL", value_parser = parse_duration, global = true)]
-    pub idle_poll_interval: Option<Duration>,
-    /// How often the session list is checked for new sessions [default: 10s]
-    #[arg(long = "qoder.discovery-interval", env = "QODER_DISCOVERY_INTERVAL", value_parser = parse_duration, global = true)]
-    pub discovery_interval: Option<Duration>,
-    /// How often the whole session list is read to learn, from `updated_at`, which idle
-    /// sessions changed (unchanged ones are not polled) [default: 60s]
-    #[arg(long = "qoder.resync-interval", env = "QODER_RESYNC_INTERVAL", value_parser = parse_duration, global = true)]
-    pub resync_interval: Option<Duration>,
-    /// Timeout of one API request, body included [default: 30s]
-    #[arg(long = "qoder.request-timeout", env = "QODER_REQUEST_TIMEOUT", value_parser = parse_duration, global = true)]
-    pub request_timeout: Option<Duration>,
-    /// Request budget for the whole exporter; 0 turns the limiter off [default: 50]
-    #[arg(
-        long = "qoder.max-requests-per-second",
-        env = "QODER_MAX_REQUESTS_PER_SECOND",
-        global = true
-    )]
-    pub max_requests_per_second: Option<u32>,
-    /// Sessions read at the same time [default: 8]
-    #[arg(long = "qoder.concurrency", env = "QODER_CONCURRENCY", global = true)]
-    pub concurrency: Option<usize>,
-    /// Largest API response accepted, in bytes [default: 33554432]
-    #[arg(
-        long = "qoder.max-response-bytes",
-        env = "QODER_MAX_RESPONSE_BYTES",
-        global = true
-    )]
-    pub max_response_bytes: Option<usize>,
-    /// Address to serve /metrics, /, /healthz and /readyz on [default: 0.0.0.0:9874]
-    #[arg(
-        long = "web.listen-address",
-        env = "QODER_EXPORTER_WEB_LISTEN_ADDRESS",
-        global = true
-    )]
-    pub listen_address: Option<String>,
-    /// Path of the metrics endpoint [default: /metrics]
-    #[arg(
-        long = "web.telemetry-path",
-        env = "QODER_EXPORTER_WEB_TELEMETRY_PATH",
-        global = true
-    )]
-    pub telemetry_path: Option<String>,
-    /// TLS and basic auth for the endpoints, in the Prometheus exporter-toolkit format (YAML)
-    #[arg(
-        long = "web.config.file",
-        env = "QODER_EXPORTER_WEB_CONFIG_FILE",
-        global = true
-    )]
-    pub web_config_file: Option<PathBuf>,
-    /// The state file (SQLite) that keeps counts exact across restarts [default: qoder-exporter.db]
-    #[arg(long = "state.path", env = "QODER_EXPORTER_STATE_PATH", global = true)]
-    pub state_path: Option<PathBuf>,
-    /// A turn whose session stays quiet this long (by event time) mid-turn is closed as
-    /// incomplete (`qoder.turn.end=stale`) [default: 6h]
-    #[arg(long = "state.max-turn-age", env = "QODER_EXPORTER_MAX_TURN_AGE", value_parser = parse_duration, global = true)]
-    pub max_turn_age: Option<Duration>,
+    #[command(flatten)]
+    pub common: CommonFlags,
+    #[command(flatten)]
+    pub api: ApiFlags,
+    #[command(flatten)]
+    pub poll: PollFlags,
+    #[command(flatten)]
+    pub web: WebFlags,
+    #[command(flatten)]
+    pub state: StateFlags,
+    #[command(flatten)]
+    pub otlp: OtlpFlags,
+    #[command(flatten)]
+    pub shard: ShardFlags,
+    #[command(flatten)]
+    pub metrics: MetricsFlags,
+}
+
+/// Read by every subcommand, and accepted before or after it.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Config file and logs")]
+pub struct CommonFlags {
     /// TOML file with the same settings (flags and environment win over it).
     #[arg(
         long = "config.file",
@@ -175,69 +229,6 @@ pub struct Flags {
         global = true
     )]
     pub config_file: Option<PathBuf>,
-    /// Where spans go (OTLP); without it traces are off. For HTTP the base URL, `/v1/traces` is
-    /// added (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, taken as is, wins)
-    #[arg(
-        long = "otlp.endpoint",
-        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
-        global = true
-    )]
-    pub otlp_endpoint: Option<String>,
-    /// OTLP protocol: `grpc` or `http/protobuf` (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins) [default: http/protobuf]
-    #[arg(
-        long = "otlp.protocol",
-        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
-        global = true
-    )]
-    pub otlp_protocol: Option<String>,
-    /// Export message and thinking text on turn spans (off: content never leaves the exporter)
-    #[arg(
-        long = "otlp.capture-content",
-        env = "QODER_OTLP_CAPTURE_CONTENT",
-        global = true
-    )]
-    pub otlp_capture_content: bool,
-    /// With --otlp.capture-content, each message is cut to this many bytes [default: 4096]
-    #[arg(
-        long = "otlp.content-max-bytes",
-        env = "QODER_OTLP_CONTENT_MAX_BYTES",
-        global = true
-    )]
-    pub otlp_content_max_bytes: Option<usize>,
-    /// Closed turns kept for the OTLP endpoint while it is unreachable; past it the oldest are dropped [default: 100000]
-    #[arg(
-        long = "otlp.outbox-max-turns",
-        env = "QODER_OTLP_OUTBOX_MAX_TURNS",
-        global = true
-    )]
-    pub otlp_outbox_max_turns: Option<u64>,
-    /// Split the sessions across N exporters: this one follows only the sessions whose stable
-    /// hash falls in --shard.index [default: 1, no sharding]
-    #[arg(long = "shard.count", env = "QODER_SHARD_COUNT", global = true)]
-    pub shard_count: Option<u32>,
-    /// This exporter's shard, 0..count-1, or `ordinal` to take it from the host name's
-    /// trailing number (a StatefulSet pod `qoder-exporter-2` is shard 2) [default: 0]
-    #[arg(long = "shard.index", env = "QODER_SHARD_INDEX", global = true)]
-    pub shard_index: Option<String>,
-    /// Per-session series (`qoder_session_info`, `qoder_session_credits`,
-    /// `qoder_session_budget_credits`) for at most this many of the most recently active
-    /// sessions; 0 turns them off [default: 100]
-    #[arg(
-        long = "metrics.session-series-limit",
-        env = "QODER_METRICS_SESSION_SERIES_LIMIT",
-        global = true
-    )]
-    pub session_series_limit: Option<usize>,
-    /// Send the `qoder-workspace-id` header with every request (a workspace-scoped token)
-    #[arg(long = "qoder.workspace-id", env = "QODER_WORKSPACE_ID", global = true)]
-    pub workspace_id: Option<String>,
-    /// Price of one Qoder credit, exported as `qoder_credit_price{currency}` so dashboards and
-    /// recording rules can show money; unset: credits only
-    #[arg(long = "cost.credit-price", env = "QODER_COST_CREDIT_PRICE", value_parser = parse_price, global = true)]
-    pub credit_price: Option<f64>,
-    /// Currency of --cost.credit-price (an ISO 4217 code) [default: USD]
-    #[arg(long = "cost.currency", env = "QODER_COST_CURRENCY", global = true)]
-    pub currency: Option<String>,
     /// Only log messages with this severity or above: debug, info, warn, error [default: info].
     /// RUST_LOG, when set, overrides it (an expert filter, e.g. `qoder_exporter::source=debug`)
     #[arg(long = "log.level", env = "QODER_EXPORTER_LOG_LEVEL", global = true)]
@@ -245,6 +236,143 @@ pub struct Flags {
     /// Log line format: text (for people), logfmt or json (for log shippers) [default: text]
     #[arg(long = "log.format", env = "QODER_EXPORTER_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
+}
+
+/// How the Qoder API is reached (the exporter and `dump`).
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Qoder API")]
+pub struct ApiFlags {
+    /// Qoder API base URL (CN: https://api.qoder.com.cn/api/v1/cloud) [default: https://api.qoder.com/api/v1/cloud]
+    #[arg(long = "qoder.api-url", env = "QODER_API_URL")]
+    pub api_url: Option<String>,
+    /// File holding the personal access token; re-read when it changes.
+    #[arg(long = "qoder.pat-file", env = "QODER_PAT_FILE")]
+    pub pat_file: Option<PathBuf>,
+    /// Follow only this session (repeatable); without it, every session the token can see.
+    #[arg(long = "qoder.session", env = "QODER_SESSIONS", value_delimiter = ',')]
+    pub sessions: Vec<String>,
+    /// Send the `qoder-workspace-id` header with every request (a workspace-scoped token)
+    #[arg(long = "qoder.workspace-id", env = "QODER_WORKSPACE_ID")]
+    pub workspace_id: Option<String>,
+    /// Timeout of one API request, body included [default: 30s]
+    #[arg(long = "qoder.request-timeout", env = "QODER_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    pub request_timeout: Option<Duration>,
+    /// Request budget for the whole exporter; 0 turns the limiter off [default: 50]
+    #[arg(
+        long = "qoder.max-requests-per-second",
+        env = "QODER_MAX_REQUESTS_PER_SECOND"
+    )]
+    pub max_requests_per_second: Option<u32>,
+    /// Sessions read at the same time [default: 8]
+    #[arg(long = "qoder.concurrency", env = "QODER_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Largest API response accepted, in bytes [default: 33554432]
+    #[arg(long = "qoder.max-response-bytes", env = "QODER_MAX_RESPONSE_BYTES")]
+    pub max_response_bytes: Option<usize>,
+}
+
+/// How often sessions and the session list are read (the exporter and the demo).
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Polling")]
+pub struct PollFlags {
+    /// How often a running session is polled [default: 2s]
+    #[arg(long = "qoder.poll-interval", env = "QODER_POLL_INTERVAL", value_parser = parse_duration)]
+    pub poll_interval: Option<Duration>,
+    /// How often an idle session is polled [default: 15s]
+    #[arg(long = "qoder.idle-poll-interval", env = "QODER_IDLE_POLL_INTERVAL", value_parser = parse_duration)]
+    pub idle_poll_interval: Option<Duration>,
+    /// How often the session list is checked for new sessions [default: 10s]
+    #[arg(long = "qoder.discovery-interval", env = "QODER_DISCOVERY_INTERVAL", value_parser = parse_duration)]
+    pub discovery_interval: Option<Duration>,
+    /// How often the whole session list is read to learn, from `updated_at`, which idle
+    /// sessions changed (unchanged ones are not polled) [default: 60s]
+    #[arg(long = "qoder.resync-interval", env = "QODER_RESYNC_INTERVAL", value_parser = parse_duration)]
+    pub resync_interval: Option<Duration>,
+}
+
+/// The HTTP endpoints.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Web")]
+pub struct WebFlags {
+    /// Address to serve /metrics, /, /healthz and /readyz on [default: 0.0.0.0:9874]
+    #[arg(long = "web.listen-address", env = "QODER_EXPORTER_WEB_LISTEN_ADDRESS")]
+    pub listen_address: Option<String>,
+    /// Path of the metrics endpoint [default: /metrics]
+    #[arg(long = "web.telemetry-path", env = "QODER_EXPORTER_WEB_TELEMETRY_PATH")]
+    pub telemetry_path: Option<String>,
+    /// TLS and basic auth for the endpoints, in the Prometheus exporter-toolkit format (YAML)
+    #[arg(long = "web.config.file", env = "QODER_EXPORTER_WEB_CONFIG_FILE")]
+    pub web_config_file: Option<PathBuf>,
+}
+
+/// The state file.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "State")]
+pub struct StateFlags {
+    /// The state file (SQLite) that keeps counts exact across restarts [default: qoder-exporter.db]
+    #[arg(long = "state.path", env = "QODER_EXPORTER_STATE_PATH")]
+    pub state_path: Option<PathBuf>,
+    /// A turn whose session stays quiet this long (by event time) mid-turn is closed as
+    /// incomplete (`qoder.turn.end=stale`) [default: 6h]
+    #[arg(long = "state.max-turn-age", env = "QODER_EXPORTER_MAX_TURN_AGE", value_parser = parse_duration)]
+    pub max_turn_age: Option<Duration>,
+}
+
+/// Spans over OTLP.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "OpenTelemetry traces")]
+pub struct OtlpFlags {
+    /// Where spans go (OTLP); without it traces are off. For HTTP the base URL, `/v1/traces` is
+    /// added (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, taken as is, wins)
+    #[arg(long = "otlp.endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP protocol: `grpc` or `http/protobuf` (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins) [default: http/protobuf]
+    #[arg(long = "otlp.protocol", env = "OTEL_EXPORTER_OTLP_PROTOCOL")]
+    pub otlp_protocol: Option<String>,
+    /// Export message and thinking text on turn spans (off: content never leaves the exporter)
+    #[arg(long = "otlp.capture-content", env = "QODER_OTLP_CAPTURE_CONTENT")]
+    pub otlp_capture_content: bool,
+    /// With --otlp.capture-content, each message is cut to this many bytes [default: 4096]
+    #[arg(long = "otlp.content-max-bytes", env = "QODER_OTLP_CONTENT_MAX_BYTES")]
+    pub otlp_content_max_bytes: Option<usize>,
+    /// Closed turns kept for the OTLP endpoint while it is unreachable; past it the oldest are dropped [default: 100000]
+    #[arg(long = "otlp.outbox-max-turns", env = "QODER_OTLP_OUTBOX_MAX_TURNS")]
+    pub otlp_outbox_max_turns: Option<u64>,
+}
+
+/// Splitting the sessions across several exporters (the exporter and `dump`).
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Sharding")]
+pub struct ShardFlags {
+    /// Split the sessions across N exporters: this one follows only the sessions whose stable
+    /// hash falls in --shard.index [default: 1, no sharding]
+    #[arg(long = "shard.count", env = "QODER_SHARD_COUNT")]
+    pub shard_count: Option<u32>,
+    /// This exporter's shard, 0..count-1, or `ordinal` to take it from the host name's
+    /// trailing number (a StatefulSet pod `qoder-exporter-2` is shard 2) [default: 0]
+    #[arg(long = "shard.index", env = "QODER_SHARD_INDEX")]
+    pub shard_index: Option<String>,
+}
+
+/// What the metrics show besides the counts.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Metrics")]
+pub struct MetricsFlags {
+    /// Per-session series (`qoder_session_info`, `qoder_session_credits`,
+    /// `qoder_session_budget_credits`) for at most this many of the most recently active
+    /// sessions; 0 turns them off [default: 100]
+    #[arg(
+        long = "metrics.session-series-limit",
+        env = "QODER_METRICS_SESSION_SERIES_LIMIT"
+    )]
+    pub session_series_limit: Option<usize>,
+    /// Price of one Qoder credit, exported as `qoder_credit_price{currency}` so dashboards and
+    /// recording rules can show money; unset: credits only
+    #[arg(long = "cost.credit-price", env = "QODER_COST_CREDIT_PRICE", value_parser = parse_price)]
+    pub credit_price: Option<f64>,
+    /// Currency of --cost.credit-price (an ISO 4217 code) [default: USD]
+    #[arg(long = "cost.currency", env = "QODER_COST_CURRENCY")]
+    pub currency: Option<String>,
 }
 
 fn parse_price(s: &str) -> Result<f64, String> {
@@ -584,7 +712,7 @@ pub struct Settings {
 impl Settings {
     /// Resolves flags (with their environment variables) over the config file over defaults.
     pub fn resolve(flags: Flags) -> anyhow::Result<Settings> {
-        let file = match &flags.config_file {
+        let file = match &flags.common.config_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("--config.file {}", path.display()))?;
@@ -594,7 +722,7 @@ impl Settings {
             None => FileConfig::default(),
         };
         let q = file.qoder;
-        let pat_file = flags.pat_file.or(q.pat_file);
+        let pat_file = flags.api.pat_file.or(q.pat_file);
         let pat = match &pat_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -609,12 +737,14 @@ impl Settings {
                 .and_then(|t| Pat::new(&t)),
         };
         let listen = flags
+            .web
             .listen_address
             .or(file.web.listen_address)
             .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen_address = parse_listen(&listen)?;
-        let web_config_file = flags.web_config_file.or(file.web.config_file);
+        let web_config_file = flags.web.web_config_file.or(file.web.config_file);
         let telemetry_path = flags
+            .web
             .telemetry_path
             .or(file.web.telemetry_path)
             .unwrap_or_else(|| "/metrics".to_owned());
@@ -629,16 +759,17 @@ impl Settings {
             );
         }
         let api_url = flags
+            .api
             .api_url
             .or(q.api_url)
             .unwrap_or_else(|| DEFAULT_API_URL.to_owned());
         if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
             bail!("--qoder.api-url {api_url:?}: must be an http:// or https:// URL");
         }
-        let mut sessions: Vec<String> = if flags.sessions.is_empty() {
+        let mut sessions: Vec<String> = if flags.api.sessions.is_empty() {
             q.sessions
         } else {
-            flags.sessions
+            flags.api.sessions
         };
         sessions.retain(|s| !s.trim().is_empty());
         for s in &mut sessions {
@@ -646,11 +777,12 @@ impl Settings {
         }
         sessions.sort();
         sessions.dedup();
-        let concurrency = flags.concurrency.or(q.concurrency).unwrap_or(8);
+        let concurrency = flags.api.concurrency.or(q.concurrency).unwrap_or(8);
         if concurrency == 0 {
             bail!("--qoder.concurrency: must be at least 1");
         }
         let max_response_bytes = flags
+            .api
             .max_response_bytes
             .or(q.max_response_bytes)
             .unwrap_or(32 * 1024 * 1024);
@@ -660,29 +792,30 @@ impl Settings {
         let env = |k: &str| std::env::var(k).ok();
         let o = file.otlp;
         let otlp = OtlpSettings::resolve(
-            flags.otlp_endpoint.or(o.endpoint),
+            flags.otlp.otlp_endpoint.or(o.endpoint),
             env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
             env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                .or(flags.otlp_protocol)
+                .or(flags.otlp.otlp_protocol)
                 .or(o.protocol),
-            flags.otlp_capture_content || o.capture_content,
-            flags.otlp_content_max_bytes.or(o.content_max_bytes),
-            flags.otlp_outbox_max_turns.or(o.outbox_max_turns),
+            flags.otlp.otlp_capture_content || o.capture_content,
+            flags.otlp.otlp_content_max_bytes.or(o.content_max_bytes),
+            flags.otlp.otlp_outbox_max_turns.or(o.outbox_max_turns),
         )?;
         let hostname = std::env::var("HOSTNAME")
             .ok()
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
             .map(|h| h.trim().to_owned());
         let shard = Shard::resolve(
-            flags.shard_count.or(file.shard.count),
-            flags.shard_index.or(file.shard.index).as_deref(),
+            flags.shard.shard_count.or(file.shard.count),
+            flags.shard.shard_index.or(file.shard.index).as_deref(),
             hostname.as_deref(),
         )?;
         let credit_price = CreditPrice::resolve(
-            flags.credit_price.or(file.cost.credit_price),
-            flags.currency.or(file.cost.currency),
+            flags.metrics.credit_price.or(file.cost.credit_price),
+            flags.metrics.currency.or(file.cost.currency),
         )?;
         let workspace_id = flags
+            .api
             .workspace_id
             .or(q.workspace_id.clone())
             .filter(|w| !w.trim().is_empty());
@@ -692,6 +825,7 @@ impl Settings {
             workspace_id,
             credit_price,
             session_series_limit: flags
+                .metrics
                 .session_series_limit
                 .or(file.metrics.session_series_limit)
                 .unwrap_or(crate::sinks::metrics::DEFAULT_SESSION_SERIES_LIMIT),
@@ -700,26 +834,32 @@ impl Settings {
             pat_file,
             sessions,
             poll_interval: flags
+                .poll
                 .poll_interval
                 .or(q.poll_interval)
                 .unwrap_or(Duration::from_secs(2)),
             idle_poll_interval: flags
+                .poll
                 .idle_poll_interval
                 .or(q.idle_poll_interval)
                 .unwrap_or(Duration::from_secs(15)),
             discovery_interval: flags
+                .poll
                 .discovery_interval
                 .or(q.discovery_interval)
                 .unwrap_or(Duration::from_secs(10)),
             resync_interval: flags
+                .poll
                 .resync_interval
                 .or(q.resync_interval)
                 .unwrap_or(Duration::from_secs(60)),
             request_timeout: flags
+                .api
                 .request_timeout
                 .or(q.request_timeout)
                 .unwrap_or(Duration::from_secs(30)),
             max_requests_per_second: match flags
+                .api
                 .max_requests_per_second
                 .or(q.max_requests_per_second)
             {
@@ -733,15 +873,17 @@ impl Settings {
             telemetry_path,
             web_config_file,
             state_path: flags
+                .state
                 .state_path
                 .or(file.state.path)
-                .unwrap_or_else(|| PathBuf::from("qoder-exporter.db")),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_PATH)),
             max_turn_age: flags
+                .state
                 .max_turn_age
                 .or(file.state.max_turn_age)
                 .unwrap_or(Duration::from_secs(6 * 3600)),
-            log_level: log_level(flags.log_level.or(file.log.level))?,
-            log_format: match flags.log_format.or(file.log.format).as_deref() {
+            log_level: log_level(flags.common.log_level.or(file.log.level))?,
+            log_format: match flags.common.log_format.or(file.log.format).as_deref() {
                 None | Some("text") => LogFormat::Text,
                 Some("logfmt") => LogFormat::Logfmt,
                 Some("json") => LogFormat::Json,
@@ -820,14 +962,97 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
-        let cli =
-            Cli::try_parse_from(["q", "demo", "--demo.sessions", "3", "--qoder.session", "s"])
-                .expect("demo");
+        let cli = Cli::try_parse_checked([
+            "q",
+            "demo",
+            "--demo.sessions",
+            "3",
+            "--web.listen-address",
+            ":1",
+        ])
+        .expect("demo");
         assert!(matches!(
             cli.command,
             Some(Command::Demo(DemoFlags { sessions: 3, .. }))
         ));
-        assert_eq!(cli.flags.sessions, ["s"]);
+        let (_, flags) = cli.into_parts();
+        assert_eq!(flags.web.listen_address.as_deref(), Some(":1"));
+    }
+
+    #[test]
+    fn a_subcommand_takes_only_the_flags_it_reads() {
+        let refused = |args: &[&str]| {
+            let mut all = vec!["q"];
+            all.extend_from_slice(args);
+            Cli::try_parse_checked(all)
+                .expect_err("refused")
+                .to_string()
+        };
+        // The demo has its own API; a replay reads no API at all.
+        assert!(refused(&["demo", "--qoder.session", "s"]).contains("--qoder.session"));
+        assert!(
+            refused(&["replay", "f", "--qoder.api-url", "http://x"]).contains("--qoder.api-url")
+        );
+        assert!(refused(&["dump", "--state.path", "s.db"]).contains("--state.path"));
+        // An exporter flag before the subcommand would be ignored: refused with a hint.
+        let before = refused(&["--state.path", "s.db", "replay", "f"]);
+        assert!(
+            before.contains("--state.path is written before `replay`"),
+            "{before}"
+        );
+        // The shared flags go anywhere; each subcommand gets the groups it reads.
+        let (_, flags) = Cli::try_parse_checked([
+            "q",
+            "--log.level",
+            "debug",
+            "replay",
+            "f",
+            "--state.path",
+            "s.db",
+        ])
+        .expect("ok")
+        .into_parts();
+        assert_eq!(flags.common.log_level.as_deref(), Some("debug"));
+        assert_eq!(flags.state.state_path, Some(PathBuf::from("s.db")));
+        let (_, flags) = Cli::try_parse_checked([
+            "q",
+            "dump",
+            "--qoder.session",
+            "a",
+            "--shard.count",
+            "2",
+            "--log.format",
+            "json",
+        ])
+        .expect("ok")
+        .into_parts();
+        assert_eq!(flags.api.sessions, ["a"]);
+        assert_eq!(flags.shard.shard_count, Some(2));
+        assert_eq!(flags.common.log_format.as_deref(), Some("json"));
+        // Each subcommand's help lists its own groups only.
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        cli.build();
+        let help = |cli: &mut clap::Command, sub: &str| {
+            cli.find_subcommand_mut(sub)
+                .expect("subcommand")
+                .render_long_help()
+                .to_string()
+        };
+        let replay = help(&mut cli, "replay");
+        assert!(replay.contains("--state.path") && replay.contains("--log.level"));
+        assert!(!replay.contains("--qoder."), "{replay}");
+        let dump = help(&mut cli, "dump");
+        assert!(dump.contains("--qoder.api-url") && !dump.contains("--state.path"));
+        assert!(
+            !dump.contains("--qoder.poll-interval"),
+            "dump does not poll"
+        );
+        let check = help(&mut cli, "healthcheck");
+        assert!(
+            !check.contains("--qoder.") && !check.contains("--web."),
+            "{check}"
+        );
     }
 
     #[test]
