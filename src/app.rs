@@ -143,13 +143,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         Some(p) => crate::web_config::WebConfig::load(p)?,
         None => crate::web_config::WebConfig::default(),
     };
-    let Core {
-        handle,
-        pipeline: pipeline_thread,
-        stored,
-        shipper,
-    } = Core::start(&settings, &metrics)?;
-
+    // Everything that can refuse the start is checked before the state file is touched.
     let poll_cancel = CancellationToken::new();
     let client = Client::new(
         ClientConfig::from_settings(&settings),
@@ -157,6 +151,15 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         metrics.process.clone(),
         poll_cancel.clone(),
     )?;
+    let listener = tokio::net::TcpListener::bind(settings.listen_address)
+        .await
+        .with_context(|| format!("--web.listen-address {}", settings.listen_address))?;
+    let Core {
+        handle,
+        pipeline: pipeline_thread,
+        stored,
+        shipper,
+    } = Core::start(&settings, &metrics)?;
     let (ready_tx, ready_rx) = watch::channel(false);
     let poller = Poller::new(
         client,
@@ -177,9 +180,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         ready_tx,
     );
 
-    let listener = tokio::net::TcpListener::bind(settings.listen_address)
-        .await
-        .with_context(|| format!("--web.listen-address {}", settings.listen_address))?;
     let addr = listener.local_addr()?;
     let server_cancel = CancellationToken::new();
     let app = router(

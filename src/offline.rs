@@ -461,6 +461,10 @@ pub async fn replay(
     settings: &Settings,
     flags: &ReplayFlags,
 ) -> anyhow::Result<(Metrics, ReplaySummary)> {
+    // A missing file refuses the replay before the state file is created or touched.
+    for path in flags.files.iter().filter(|p| p.as_os_str() != "-") {
+        std::fs::File::open(path).with_context(|| format!("replay: {}", path.display()))?;
+    }
     let metrics = Metrics::new().context("metrics registry")?;
     let core = Core::start(settings, &metrics)?;
     let handle = core.handle.clone();

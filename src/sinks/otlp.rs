@@ -20,6 +20,7 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{OtlpProtocol, OtlpSettings};
@@ -153,7 +154,7 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
         let shape = self.shape.clone();
         let mut batch = BATCH_TURNS;
         let mut backoff = BACKOFF_MIN;
-        let mut failing = false;
+        let mut failing: Option<Outage> = None;
         loop {
             let round = tokio::select! {
                 r = self.round(&shape, &mut batch, &mut failing) => r,
@@ -201,7 +202,7 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
         &self,
         shape: &traces::SpanShape,
         batch: &mut usize,
-        failing: &mut bool,
+        failing: &mut Option<Outage>,
     ) -> Round {
         let Ok(rows) = self.pipeline.outbox_peek(*batch).await else {
             return Round::Stopped;
@@ -239,9 +240,10 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
                     return Round::Stopped;
                 }
                 self.metrics.spans_exported.inc_by(n);
-                if *failing {
-                    tracing::info!(endpoint = %self.endpoint, "OTLP endpoint accepts spans again");
-                    *failing = false;
+                if let Some(outage) = failing.take() {
+                    tracing::info!(endpoint = %self.endpoint, failed_attempts = outage.failures,
+                        outage = %humantime::format_duration(round_secs(outage.since.elapsed())),
+                        "OTLP endpoint accepts spans again");
                 }
                 *batch = BATCH_TURNS;
                 Round::Progress
@@ -269,12 +271,15 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
                 if self.pipeline.outbox_release().await.is_err() {
                     return Round::Stopped;
                 }
-                if *failing {
-                    tracing::debug!(endpoint = %self.endpoint, error = %message, "OTLP export failed again");
-                } else {
-                    tracing::warn!(endpoint = %self.endpoint, error = %message,
-                        "OTLP export failed; spans stay in the outbox and are retried");
-                    *failing = true;
+                match failing {
+                    Some(outage) => {
+                        outage.again(&self.endpoint, &message);
+                    }
+                    None => {
+                        tracing::warn!(endpoint = %self.endpoint, error = %message,
+                            "OTLP export failed; spans stay in the outbox and are retried");
+                        *failing = Some(Outage::new());
+                    }
                 }
                 Round::Failed
             }
@@ -282,9 +287,67 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
     }
 }
 
+/// An unreachable endpoint is told once when it starts, then at most every
+/// [`OUTAGE_REMINDER`] with the failures in between, and once more when it ends.
+#[derive(Debug)]
+struct Outage {
+    since: Instant,
+    failures: u64,
+    told: Instant,
+    untold: u64,
+}
+
+const OUTAGE_REMINDER: Duration = Duration::from_secs(300);
+
+impl Outage {
+    fn new() -> Outage {
+        let now = Instant::now();
+        Outage {
+            since: now,
+            failures: 1,
+            told: now,
+            untold: 0,
+        }
+    }
+
+    /// Another failure; true when it was logged at WARN (a reminder).
+    fn again(&mut self, endpoint: &str, message: &str) -> bool {
+        self.failures += 1;
+        self.untold += 1;
+        if self.told.elapsed() < OUTAGE_REMINDER {
+            tracing::debug!(endpoint, error = %message, "OTLP export failed again");
+            return false;
+        }
+        tracing::warn!(endpoint, error = %message, failed_attempts_since_last_log = self.untold,
+            outage = %humantime::format_duration(round_secs(self.since.elapsed())),
+            "OTLP export still failing; spans stay in the outbox");
+        self.told = Instant::now();
+        self.untold = 0;
+        true
+    }
+}
+
+fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_told_at_its_start_then_every_five_minutes_with_a_count() {
+        let mut outage = Outage::new();
+        let mut told = 0;
+        // One failed attempt every 10 s for 12 minutes.
+        for _ in 0..72 {
+            tokio::time::advance(Duration::from_secs(10)).await;
+            told += u32::from(outage.again("http://c", "connection refused"));
+        }
+        assert_eq!(told, 2, "reminders at 5 and 10 minutes only");
+        assert_eq!(outage.failures, 73);
+        assert_eq!(outage.untold, 12, "the failures since the last reminder");
+    }
 
     #[test]
     fn rejections_are_told_from_outages() {

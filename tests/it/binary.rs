@@ -341,6 +341,36 @@ fn values_are_checked_before_anything_is_created() {
     let (code, err) = run_to_exit(&["replay", "--batch-size", "0", "-"], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--batch-size"), "{err}");
+    // Refusals found only when the run starts: a port taken, a file missing, a bad web config.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("addr").to_string();
+    let (code, err) = run_to_exit(
+        &["--state.path", s, "--web.listen-address", &taken],
+        &[("QODER_PAT", "pt-x")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--web.listen-address"), "{err}");
+    let missing = dir.path().join("missing.jsonl");
+    let (code, err) = run_to_exit(
+        &["replay", "--state.path", s, missing.to_str().expect("utf8")],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("missing.jsonl"), "{err}");
+    let (code, err) = run_to_exit(
+        &[
+            "replay",
+            "--serve",
+            "--state.path",
+            s,
+            "--web.listen-address",
+            &taken,
+            "-",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--web.listen-address"), "{err}");
     assert!(
         std::fs::read_dir(dir.path()).expect("dir").next().is_none(),
         "nothing created for a refused run"
