@@ -183,5 +183,66 @@ fn render(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, tracker, commit, render);
+/// `/metrics` at about 50 000 samples (the goal: rendered in ≤ 10 ms): 150 agents, each with
+/// 8 event types, 2 models, 20 tools, and the histograms that go with them.
+fn render_at_scale(c: &mut Criterion) {
+    use qoder_exporter::sinks::metrics::Family;
+    let m = Metrics::new().expect("metrics");
+    let mut delta = Delta::default();
+    let models = ["claude-sonnet-4", "qwen3-coder"];
+    for a in 0..150 {
+        let agent = format!("agent-{a:03}");
+        for t in 0..8 {
+            delta.inc(Family::Events, &[&format!("type.{t}"), &agent], 1.0);
+        }
+        for model in models {
+            for kind in ["input", "output", "cache_read", "cache_creation"] {
+                delta.inc(Family::Tokens, &[kind, &agent, model], 10.0);
+            }
+            delta.inc(Family::Credits, &[&agent, model], 1.5);
+            delta.inc(Family::ModelRequests, &[&agent, model], 1.0);
+            delta.observe_ns(
+                Family::ModelRequestDuration,
+                &[&agent, model],
+                2_000_000_000,
+            );
+        }
+        for t in 0..20 {
+            let tool = format!("tool_{t}");
+            delta.inc(Family::ToolCalls, &[&tool, &agent], 1.0);
+            delta.observe_ns(Family::ToolCallDuration, &[&tool, &agent], 300_000_000);
+        }
+        delta.inc(Family::Turns, &["end_turn", &agent], 1.0);
+        delta.observe_ns(Family::TurnDuration, &[&agent], 30_000_000_000);
+    }
+    let staged = m.durable.stage(&delta);
+    m.durable.publish(staged);
+    let (text, _) = m.render(false);
+    let samples = text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty() && l[0] != b'#')
+        .count();
+    eprintln!(
+        "render_at_scale: {samples} samples, {} bytes of text",
+        text.len()
+    );
+    let mut g = c.benchmark_group(format!("render {samples} samples"));
+    g.bench_function("/metrics text", |b| b.iter(|| m.render(false)));
+    g.bench_function("/metrics protobuf", |b| b.iter(|| m.render(true)));
+    g.bench_function("gather only", |b| b.iter(|| m.registry.gather()));
+    let families = m.registry.gather();
+    g.bench_function("text encode only", |b| {
+        b.iter(|| {
+            use prometheus::Encoder;
+            let mut buf = Vec::with_capacity(text.len());
+            prometheus::TextEncoder::new()
+                .encode(&families, &mut buf)
+                .expect("encode");
+            buf
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decode, tracker, commit, render, render_at_scale);
 criterion_main!(benches);

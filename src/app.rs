@@ -58,6 +58,7 @@ impl Core {
     pub fn start(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Core> {
         let store = StateStore::open(&settings.state_path)?;
         tracing::info!(path = %settings.state_path.display(), "state store open");
+        metrics.process.state_writable.set(1);
         let notify = std::sync::Arc::new(tokio::sync::Notify::new());
         let outbox = settings.otlp.as_ref().map(|o| OutboxConfig {
             max_turns: o.outbox_max_turns,
@@ -130,14 +131,22 @@ pub async fn join_pipeline(pipeline: std::thread::JoinHandle<StateStore>) -> any
     Ok(())
 }
 
-/// Opens the state, binds the listener and starts polling. Errors here are bootstrap errors.
-pub async fn start(settings: Settings) -> anyhow::Result<Running> {
-    let pat = settings.require_pat()?;
+/// A registry with the `--metrics.*` and `--cost.*` settings applied (the exporter and
+/// `replay` alike).
+pub fn configured_metrics(settings: &Settings) -> anyhow::Result<Metrics> {
     let metrics = Metrics::new().context("metrics registry")?;
     metrics
         .process
         .set_credit_price(settings.credit_price.as_ref());
     metrics.sessions.set_limit(settings.session_series_limit);
+    metrics.durable.set_max_series(settings.max_series);
+    Ok(metrics)
+}
+
+/// Opens the state, binds the listener and starts polling. Errors here are bootstrap errors.
+pub async fn start(settings: Settings) -> anyhow::Result<Running> {
+    let pat = settings.require_pat()?;
+    let metrics = configured_metrics(&settings)?;
     // Read before anything starts: a bad web config is a startup error.
     let web = match &settings.web_config_file {
         Some(p) => crate::web_config::WebConfig::load(p)?,

@@ -269,6 +269,10 @@ pub struct ApiFlags {
     /// Largest API response accepted, in bytes [default: 33554432]
     #[arg(long = "qoder.max-response-bytes", env = "QODER_MAX_RESPONSE_BYTES")]
     pub max_response_bytes: Option<usize>,
+    /// Accept a plain http:// --qoder.api-url to another machine (the token then travels in
+    /// clear; e.g. a TLS-terminating proxy on a private network). Loopback needs no flag.
+    #[arg(long = "qoder.allow-insecure-http", env = "QODER_ALLOW_INSECURE_HTTP")]
+    pub allow_insecure_http: bool,
 }
 
 /// How often sessions and the session list are read (the exporter and the demo).
@@ -366,6 +370,11 @@ pub struct MetricsFlags {
         env = "QODER_METRICS_SESSION_SERIES_LIMIT"
     )]
     pub session_series_limit: Option<usize>,
+    /// Most Prometheus series the event-derived families may have (a histogram counts its
+    /// buckets, `_sum` and `_count`); past it, new label sets are counted under `other` and in
+    /// `qoder_exporter_series_dropped_total`. 0: no budget [default: 50000]
+    #[arg(long = "metrics.max-series", env = "QODER_METRICS_MAX_SERIES")]
+    pub max_series: Option<usize>,
     /// Price of one Qoder credit, exported as `qoder_credit_price{currency}` so dashboards and
     /// recording rules can show money; unset: credits only
     #[arg(long = "cost.credit-price", env = "QODER_COST_CREDIT_PRICE", value_parser = parse_price)]
@@ -420,6 +429,7 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct MetricsSection {
     pub session_series_limit: Option<usize>,
+    pub max_series: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -638,6 +648,8 @@ pub struct QoderSection {
     pub concurrency: Option<usize>,
     pub max_response_bytes: Option<usize>,
     pub workspace_id: Option<String>,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -704,6 +716,8 @@ pub struct Settings {
     pub credit_price: Option<CreditPrice>,
     /// `--metrics.session-series-limit`.
     pub session_series_limit: usize,
+    /// `--metrics.max-series` (0: no budget).
+    pub max_series: usize,
     /// `None`: traces off.
     pub otlp: Option<OtlpSettings>,
     pub shard: Shard,
@@ -763,9 +777,10 @@ impl Settings {
             .api_url
             .or(q.api_url)
             .unwrap_or_else(|| DEFAULT_API_URL.to_owned());
-        if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
-            bail!("--qoder.api-url {api_url:?}: must be an http:// or https:// URL");
-        }
+        check_api_url(
+            &api_url,
+            flags.api.allow_insecure_http || q.allow_insecure_http,
+        )?;
         let mut sessions: Vec<String> = if flags.api.sessions.is_empty() {
             q.sessions
         } else {
@@ -829,6 +844,11 @@ impl Settings {
                 .session_series_limit
                 .or(file.metrics.session_series_limit)
                 .unwrap_or(crate::sinks::metrics::DEFAULT_SESSION_SERIES_LIMIT),
+            max_series: flags
+                .metrics
+                .max_series
+                .or(file.metrics.max_series)
+                .unwrap_or(crate::sinks::metrics::DEFAULT_MAX_SERIES),
             api_url,
             pat,
             pat_file,
@@ -927,6 +947,36 @@ impl Settings {
              to try the exporter without an account run `qoder-exporter demo`",
         )
     }
+}
+
+/// An http(s) URL; plain http:// only to this machine unless `allow_insecure_http`, since
+/// the token goes with every request.
+fn check_api_url(api_url: &str, allow_insecure_http: bool) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(api_url);
+    let Ok(url) = url.as_ref().map_err(|_| ()).and_then(|u| match u.scheme() {
+        "http" | "https" if u.has_host() => Ok(u),
+        _ => Err(()),
+    }) else {
+        bail!("--qoder.api-url: must be an http:// or https:// URL with a host");
+    };
+    if url.scheme() == "http" && !is_this_machine(url) && !allow_insecure_http {
+        bail!(
+            "--qoder.api-url: plain http:// to {} would send the token in clear; use https://, or pass --qoder.allow-insecure-http",
+            url.host_str().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `localhost` or a loopback address: a URL that never leaves this machine.
+pub fn is_this_machine(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `host:port`, `:port` (all interfaces, as Prometheus exporters accept) or `[v6]:port`.
@@ -1175,6 +1225,44 @@ mod tests {
             per[owners[0]] += 1;
         }
         assert!(per.iter().all(|&n| n > 850), "{per:?}");
+    }
+
+    #[test]
+    fn plain_http_to_another_machine_needs_the_flag() {
+        for ok in [
+            "https://api.qoder.com/api/v1/cloud",
+            "http://127.0.0.1:8080",
+            "http://[::1]:8080/x",
+            "http://localhost:1",
+        ] {
+            Settings::resolve(flags(&["--qoder.api-url", ok])).expect(ok);
+        }
+        let err = Settings::resolve(flags(&[
+            "--qoder.api-url",
+            "http://user:pt-secret@qoder.internal",
+        ]))
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            err.contains("--qoder.allow-insecure-http") && err.contains("qoder.internal"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("pt-secret"),
+            "credentials in the URL are not repeated: {err}"
+        );
+        Settings::resolve(flags(&[
+            "--qoder.api-url",
+            "http://qoder.internal",
+            "--qoder.allow-insecure-http",
+        ]))
+        .expect("allowed");
+        for bad in ["ftp://x", "api.qoder.com", "http://"] {
+            assert!(
+                Settings::resolve(flags(&["--qoder.api-url", bad])).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

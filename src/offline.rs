@@ -465,7 +465,7 @@ pub async fn replay(
     for path in flags.files.iter().filter(|p| p.as_os_str() != "-") {
         std::fs::File::open(path).with_context(|| format!("replay: {}", path.display()))?;
     }
-    let metrics = Metrics::new().context("metrics registry")?;
+    let metrics = crate::app::configured_metrics(settings)?;
     let core = Core::start(settings, &metrics)?;
     let handle = core.handle.clone();
     let files = flags.files.clone();

@@ -147,15 +147,16 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
     }
 }
 
+/// Ready once the first polling round is done, and while the state file takes commits (a
+/// full disk must not look healthy: nothing read is counted meanwhile).
 async fn readyz(State(state): State<AppState>) -> Response {
-    if *state.ready.borrow() {
-        (StatusCode::OK, "ready\n").into_response()
+    let not_ready = |why: &'static str| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    if !*state.ready.borrow() {
+        not_ready("not ready: first polling round not done\n")
+    } else if state.metrics.process.state_writable.get() == 0 {
+        not_ready("not ready: the state file does not take commits (see the log)\n")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: first polling round not done\n",
-        )
-            .into_response()
+        (StatusCode::OK, "ready\n").into_response()
     }
 }
 
@@ -187,10 +188,12 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
         (false, Some(problem)) => format!("<strong>no</strong>: {}", escape(&problem)),
         (false, None) => "not yet asked".to_owned(),
     };
-    let ready = if *state.ready.borrow() {
-        "yes"
-    } else {
+    let ready = if !*state.ready.borrow() {
         "not yet"
+    } else if p.state_writable.get() == 0 {
+        "<strong>no</strong>: the state file does not take commits (see the log)"
+    } else {
+        "yes"
     };
     let path = escape(&state.telemetry_path);
     Html(format!(

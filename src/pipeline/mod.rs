@@ -609,9 +609,12 @@ impl Pipeline {
         let p = &self.metrics.process;
         if let Err(e) = result {
             p.state_commit_failures.inc();
+            p.state_writable.set(0);
             return Err(e);
         }
+        p.state_writable.set(1);
         // Committed: now, and only now, the batches become visible.
+        p.series_dropped.inc_by(staged.folded);
         self.metrics.durable.publish(staged);
         p.state_commits.inc();
         p.state_commit_duration

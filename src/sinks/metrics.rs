@@ -255,6 +255,34 @@ struct Inner {
     series: BTreeMap<SeriesKey, SeriesValue>,
     /// Distinct values seen per (family, label position), for the label caps.
     seen: HashMap<(Family, usize), HashSet<String>>,
+    /// Prometheus series in `series`, for the budget: a histogram is one per bucket, `+Inf`,
+    /// `_sum` and `_count`.
+    prometheus_series: usize,
+}
+
+/// `--metrics.max-series` when not given.
+pub const DEFAULT_MAX_SERIES: usize = 50_000;
+
+/// How many Prometheus series one label set of `family` is.
+fn series_cost(family: Family) -> usize {
+    family.buckets().map_or(1, |b| b.len() + 3)
+}
+
+/// `key` with every wire-derived label (the capped ones) set to `other`: where new label sets
+/// go once the series budget is spent. There are few such keys (the fixed labels' values).
+fn folded_key((family, labels): &SeriesKey) -> SeriesKey {
+    let labels = labels
+        .iter()
+        .zip(family.label_names())
+        .map(|(v, name)| {
+            if Family::label_cap(name) == usize::MAX {
+                v.clone()
+            } else {
+                "other".to_owned()
+            }
+        })
+        .collect();
+    (*family, labels)
 }
 
 impl Inner {
@@ -283,6 +311,20 @@ impl Inner {
             self.seen.entry((*family, i)).or_default().insert(v.clone());
         }
     }
+
+    fn insert(&mut self, key: SeriesKey, value: SeriesValue) {
+        self.remember(&key);
+        let cost = series_cost(key.0);
+        if self.series.insert(key, value).is_none() {
+            self.prometheus_series += cost;
+        }
+    }
+
+    fn remove(&mut self, key: &SeriesKey) {
+        if self.series.remove(key).is_some() {
+            self.prometheus_series -= series_cost(key.0);
+        }
+    }
 }
 
 /// New absolute values for the series a batch touched, ready to be stored and published.
@@ -290,6 +332,9 @@ impl Inner {
 pub struct Staged {
     pub values: Vec<(SeriesKey, SeriesValue)>,
     new_labels: Inner,
+    /// Updates that went to an `other` series because the series budget was spent
+    /// (`qoder_exporter_series_dropped_total`).
+    pub folded: u64,
 }
 
 /// Series moved from one `agent` label value to another (an agent's id to its name).
@@ -331,6 +376,10 @@ fn merge_values(base: Option<SeriesValue>, add: &SeriesValue) -> SeriesValue {
 pub struct DurableMetrics {
     inner: RwLock<Inner>,
     descs: Vec<Desc>,
+    /// `--metrics.max-series`: new label sets beyond it are folded into `other`.
+    max_series: std::sync::atomic::AtomicUsize,
+    /// The budget was reached and said so in the log.
+    budget_told: std::sync::atomic::AtomicBool,
 }
 
 impl Default for DurableMetrics {
@@ -356,16 +405,65 @@ impl DurableMetrics {
         DurableMetrics {
             inner: RwLock::new(Inner::default()),
             descs,
+            max_series: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_SERIES),
+            budget_told: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Sets the series budget (`0`: none). Series already stored are kept whatever it is.
+    pub fn set_max_series(&self, max: usize) {
+        let max = if max == 0 { usize::MAX } else { max };
+        self.max_series
+            .store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Loads values read from the state store at startup.
     pub fn restore(&self, values: impl IntoIterator<Item = (SeriesKey, SeriesValue)>) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         for (key, value) in values {
-            inner.remember(&key);
-            inner.series.insert(key, value);
+            inner.insert(key, value);
         }
+    }
+
+    /// The label set `key` is counted under: capped label by label, then folded into `other`
+    /// when it would be a new series past the budget.
+    fn budgeted_key(
+        &self,
+        inner: &Inner,
+        staged: &mut Staged,
+        values: &BTreeMap<SeriesKey, SeriesValue>,
+        new_series: &mut usize,
+        key: &SeriesKey,
+    ) -> SeriesKey {
+        let key = inner.capped_key(&staged.new_labels, key);
+        let exists = |k: &SeriesKey| values.contains_key(k) || inner.series.contains_key(k);
+        if exists(&key) {
+            return key;
+        }
+        let budget = self.max_series.load(std::sync::atomic::Ordering::Relaxed);
+        let cost = series_cost(key.0);
+        let key = if inner.prometheus_series + *new_series + cost > budget {
+            let folded = folded_key(&key);
+            if folded != key {
+                staged.folded += 1;
+                if !self
+                    .budget_told
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        max_series = budget,
+                        "the series budget is spent: new label sets are counted under `other` (qoder_exporter_series_dropped_total); raise --metrics.max-series if this is expected"
+                    );
+                }
+            }
+            folded
+        } else {
+            key
+        };
+        if !exists(&key) {
+            *new_series += cost;
+        }
+        key
     }
 
     /// Computes the new values of the series `delta` touches, without publishing them.
@@ -373,11 +471,12 @@ impl DurableMetrics {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let mut staged = Staged::default();
         let mut values: BTreeMap<SeriesKey, SeriesValue> = BTreeMap::new();
+        let mut new_series = 0;
         // Label capping depends on order; sort so a batch caps the same way every time.
         let mut counters: Vec<_> = delta.counters.iter().collect();
         counters.sort_by(|a, b| a.0.cmp(b.0));
         for (key, by) in counters {
-            let key = inner.capped_key(&staged.new_labels, key);
+            let key = self.budgeted_key(&inner, &mut staged, &values, &mut new_series, key);
             staged.new_labels.remember(&key);
             let current = values
                 .get(&key)
@@ -392,7 +491,7 @@ impl DurableMetrics {
         observations.sort_by(|a, b| a.0.cmp(b.0));
         for (key, samples) in observations {
             let bounds = key.0.buckets().unwrap_or(&[]);
-            let key = inner.capped_key(&staged.new_labels, key);
+            let key = self.budgeted_key(&inner, &mut staged, &values, &mut new_series, key);
             staged.new_labels.remember(&key);
             let current = values
                 .get(&key)
@@ -425,8 +524,7 @@ impl DurableMetrics {
     pub fn publish(&self, staged: Staged) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         for (key, value) in staged.values {
-            inner.remember(&key);
-            inner.series.insert(key, value);
+            inner.insert(key, value);
         }
     }
 
@@ -465,11 +563,10 @@ impl DurableMetrics {
     pub fn publish_relabel(&self, relabel: Relabel) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         for key in &relabel.remove {
-            inner.series.remove(key);
+            inner.remove(key);
         }
         for (key, value) in relabel.put {
-            inner.remember(&key);
-            inner.series.insert(key, value);
+            inner.insert(key, value);
         }
     }
 
@@ -585,6 +682,7 @@ pub struct ProcessMetrics {
     pub events_invalid: IntCounterVec,
     pub fields_dropped: IntCounter,
     pub events_duplicate: IntCounter,
+    pub series_dropped: IntCounter,
     pub cursor_resets: IntCounter,
     pub pages_cut: IntCounter,
     pub spans_exported: IntCounter,
@@ -593,6 +691,8 @@ pub struct ProcessMetrics {
     pub span_outbox_turns: IntGauge,
     pub state_commits: IntCounter,
     pub state_commit_failures: IntCounter,
+    /// 1 while the state file takes commits; 0 from a failed commit to the next good one.
+    pub state_writable: IntGauge,
     pub state_commit_duration: Histogram,
     pub queue_depth: IntGauge,
     pub build_info: GaugeVec,
@@ -694,6 +794,10 @@ impl ProcessMetrics {
                 "qoder_exporter_events_duplicate_total",
                 "Events the API returned again after they were counted; skipped.",
             )?,
+            series_dropped: IntCounter::new(
+                "qoder_exporter_series_dropped_total",
+                "Counter updates and observations that would have made a new series past --metrics.max-series; counted under `other` labels instead.",
+            )?,
             cursor_resets: IntCounter::new(
                 "qoder_exporter_cursor_resets_total",
                 "Times a session's event cursor was refused and the log re-read from the start.",
@@ -729,6 +833,10 @@ impl ProcessMetrics {
                 "qoder_exporter_state_commit_failures_total",
                 "Batches whose commit failed; the batch is read again.",
             )?,
+            state_writable: IntGauge::new(
+                "qoder_exporter_state_writable",
+                "1 while the state file takes commits; 0 from a failed commit (disk full, locked, read-only) until one succeeds. /readyz fails meanwhile.",
+            )?,
             state_commit_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "qoder_exporter_state_commit_duration_seconds",
@@ -763,6 +871,7 @@ impl ProcessMetrics {
         registry.register(Box::new(m.events_invalid.clone()))?;
         registry.register(Box::new(m.fields_dropped.clone()))?;
         registry.register(Box::new(m.events_duplicate.clone()))?;
+        registry.register(Box::new(m.series_dropped.clone()))?;
         registry.register(Box::new(m.cursor_resets.clone()))?;
         registry.register(Box::new(m.pages_cut.clone()))?;
         registry.register(Box::new(m.spans_exported.clone()))?;
@@ -771,6 +880,7 @@ impl ProcessMetrics {
         registry.register(Box::new(m.span_outbox_turns.clone()))?;
         registry.register(Box::new(m.state_commits.clone()))?;
         registry.register(Box::new(m.state_commit_failures.clone()))?;
+        registry.register(Box::new(m.state_writable.clone()))?;
         registry.register(Box::new(m.state_commit_duration.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
         registry.register(Box::new(m.build_info.clone()))?;
@@ -931,6 +1041,65 @@ impl Collector for DurableCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn past_the_series_budget_new_label_sets_fold_into_other_and_nothing_is_lost() {
+        let m = DurableMetrics::new();
+        // Ten counter series, or one counter and a histogram (14 series: 11 buckets, +Inf,
+        // _sum, _count).
+        m.set_max_series(10);
+        let mut d = Delta::default();
+        for a in 0..25 {
+            d.inc(
+                Family::Events,
+                &["user.message", &format!("agent-{a:02}")],
+                2.0,
+            );
+        }
+        d.observe_ns(Family::TurnDuration, &["agent-00"], 1_000_000_000);
+        let staged = m.stage(&d);
+        assert_eq!(
+            staged.folded, 16,
+            "15 counters and the histogram past the budget"
+        );
+        m.publish(staged);
+        assert_eq!(m.total(Family::Events), 50.0, "every count kept");
+        assert_eq!(
+            m.counter(Family::Events, &["user.message", "agent-08"]),
+            2.0
+        );
+        assert_eq!(m.counter(Family::Events, &["other", "other"]), 30.0);
+        assert_eq!(m.total(Family::TurnDuration), 1.0);
+        // Known series still move; new ones keep folding in later batches too.
+        let mut d = Delta::default();
+        d.inc(Family::Events, &["user.message", "agent-00"], 1.0);
+        d.inc(Family::Events, &["user.message", "agent-99"], 1.0);
+        let staged = m.stage(&d);
+        assert_eq!(staged.folded, 1);
+        m.publish(staged);
+        assert_eq!(
+            m.counter(Family::Events, &["user.message", "agent-00"]),
+            3.0
+        );
+        assert_eq!(m.counter(Family::Events, &["other", "other"]), 31.0);
+        // Series restored from the state are kept whatever the budget.
+        let restored = DurableMetrics::new();
+        restored.set_max_series(1);
+        restored.restore(m.inner.read().expect("lock").series.clone());
+        assert_eq!(restored.total(Family::Events), 52.0);
+        // 0: no budget.
+        let open = DurableMetrics::new();
+        open.set_max_series(0);
+        let mut d = Delta::default();
+        for a in 0..300 {
+            d.inc(
+                Family::Events,
+                &["user.message", &format!("agent-{a}")],
+                1.0,
+            );
+        }
+        assert_eq!(open.stage(&d).folded, 0);
+    }
 
     #[test]
     fn counters_and_histograms_stage_then_publish() {

@@ -257,15 +257,9 @@ impl Client {
         // Path joins below append segments; the base must end without a slash.
         let trimmed = base.path().trim_end_matches('/').to_owned();
         base.set_path(&trimmed);
-        // The token goes with every request: over plain HTTP to another host, in clear.
-        let host = base.host_str().unwrap_or_default();
-        let this_machine = host == "localhost"
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        if base.scheme() == "http" && !this_machine {
+        // The token goes with every request: over plain HTTP to another host, in clear
+        // (refused by `Settings` unless --qoder.allow-insecure-http).
+        if base.scheme() == "http" && !crate::config::is_this_machine(&base) {
             tracing::warn!(
                 api = %shown_url(base.as_str()),
                 "--qoder.api-url is plain http:// to a host that is not this machine: the token is sent in clear"

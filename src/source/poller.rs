@@ -163,6 +163,8 @@ struct JobOutput {
     /// The pipeline could not commit a batch: a local fault, not the API's (it has its own
     /// counter and alert), so it leaves `qoder_up` alone; the page is read again later.
     store_failed: bool,
+    /// Why, for the log (told at most once a minute however many sessions hit it).
+    store_error: Option<String>,
     /// The listing's `updated_at` when the job started.
     listed_updated: Option<String>,
     /// The object usage snapshot last handed to the pipeline.
@@ -741,7 +743,12 @@ impl Poller {
         let mut auth_failed = false;
         if let Some(e) = &out.error {
             auth_failed = self.on_error(&format!("session {id}"), e);
-        } else if !out.stopped && !out.store_failed {
+        } else if let Some(e) = &out.store_error {
+            self.logs.warn(
+                "state_commit",
+                &format!("state store commit failed; the events will be read again: {e}"),
+            );
+        } else if !out.stopped {
             self.on_success();
         }
         let poll = self.cfg.poll_interval;
@@ -1406,8 +1413,9 @@ fn stopped_or_failed(mut out: JobOutput, e: SendError) -> JobOutput {
     match e {
         SendError::Stopped => out.stopped = true,
         SendError::State(e) => {
-            tracing::error!(session = %out.id, error = %e, "state store commit failed; the page will be read again");
+            tracing::debug!(session = %out.id, error = %e, "state store commit failed");
             out.store_failed = true;
+            out.store_error = Some(e.to_string());
         }
     }
     out

@@ -787,3 +787,165 @@ fn log_formats_for_shippers() {
         }
     }
 }
+
+/// `/readyz`'s status code and body.
+async fn readyz(addr: SocketAddr) -> (u16, String) {
+    let r = reqwest::get(format!("http://{addr}/readyz"))
+        .await
+        .expect("readyz");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+/// A state file that stops taking commits (here another process holds its write lock; a full
+/// disk or a read-only volume refuse them the same way) makes the exporter not ready and says
+/// so in `qoder_exporter_state_writable`, logs it without a line per attempt, and loses
+/// nothing: once commits go through again, the totals are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_that_refuses_commits_is_not_ready_and_loses_nothing() {
+    let sim = sim(ScenarioConfig {
+        seed: 31,
+        sessions: 6,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.set_clock(sim.last_step() / 3);
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("s.db");
+    let p = spawn(&sim, &state, &[]);
+    let wait = Duration::from_secs(60);
+    assert!(
+        eventually(wait, async || {
+            readyz(p.addr).await.0 == 200
+                && get(&parse(&scrape(p.addr).await), "qoder_events_total") > 0.0
+        })
+        .await,
+        "ready with events counted"
+    );
+    assert_eq!(
+        get(
+            &parse(&scrape(p.addr).await),
+            "qoder_exporter_state_writable"
+        ),
+        1.0
+    );
+    let blocker = rusqlite::Connection::open(&state).expect("open");
+    blocker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    sim.release_all();
+    assert!(
+        eventually(wait, async || {
+            let series = parse(&scrape(p.addr).await);
+            get(&series, "qoder_exporter_state_writable") == 0.0
+                && get(&series, "qoder_exporter_state_commit_failures_total") > 0.0
+        })
+        .await,
+        "commit failures seen"
+    );
+    let (code, body) = readyz(p.addr).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("state file"), "{body}");
+    blocker.execute_batch("ROLLBACK").expect("release");
+    drop(blocker);
+    wait_exact(p.addr, &sim.totals, wait).await;
+    assert_eq!(
+        get(
+            &parse(&scrape(p.addr).await),
+            "qoder_exporter_state_writable"
+        ),
+        1.0
+    );
+    assert_eq!(readyz(p.addr).await.0, 200);
+    let told = p.log().matches("state store commit failed").count();
+    let failures = get(
+        &parse(&scrape(p.addr).await),
+        "qoder_exporter_state_commit_failures_total",
+    );
+    assert!(
+        (1..=2).contains(&told),
+        "told {told} times for {failures} failed commits:\n{}",
+        p.log()
+    );
+}
+
+/// `replay` reads the metrics group like the exporter: a series budget folds new label sets
+/// into `other` and counts them, without losing a count; a credit price is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_applies_the_series_budget_and_the_credit_price() {
+    let sim = sim(ScenarioConfig {
+        seed: 33,
+        sessions: 12,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let out = Command::new(BIN)
+        .args(["dump", "--qoder.api-url", &sim.base_url()])
+        .args(["--qoder.max-requests-per-second", "0"])
+        .env("QODER_PAT", sim.token())
+        .output()
+        .expect("dump runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = out.stdout;
+    // Prometheus series of the event-derived families (`qoder_*` but not the exporter's own,
+    // the per-session gauges or the price).
+    let event_series = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("qoder_") && !l.starts_with("qoder_exporter_"))
+            .filter(|l| {
+                !l.starts_with("qoder_session_info") && !l.starts_with("qoder_session_credits{")
+            })
+            .filter(|l| {
+                !l.starts_with("qoder_session_budget") && !l.starts_with("qoder_credit_price")
+            })
+            .count()
+    };
+    let open = replay_from_stdin(&[], &dump);
+    assert_replayed_exactly(&open, &sim.totals, "no budget given (50 000)");
+    let open_text = String::from_utf8_lossy(&open.stdout).into_owned();
+    let budget = replay_from_stdin(
+        &["--metrics.max-series", "40", "--cost.credit-price", "0.25"],
+        &dump,
+    );
+    assert!(
+        budget.status.success(),
+        "{}",
+        String::from_utf8_lossy(&budget.stderr)
+    );
+    let text = String::from_utf8_lossy(&budget.stdout).into_owned();
+    let series = parse(&text);
+    assert!(event_series(&open_text) > 100, "the log makes many series");
+    assert!(
+        event_series(&text) < event_series(&open_text) / 2,
+        "{} series with a budget of 40, {} without",
+        event_series(&text),
+        event_series(&open_text)
+    );
+    assert!(get(&series, "qoder_exporter_series_dropped_total") > 0.0);
+    assert!(text.contains("agent=\"other\""), "{text}");
+    for family in [
+        "qoder_events_total",
+        "qoder_tokens_total",
+        "qoder_credits_total",
+        "qoder_turns_total",
+    ] {
+        // Summed over differently grouped series: equal up to float addition order.
+        let (folded, open) = (get(&series, family), get(&parse(&open_text), family));
+        assert!(
+            (folded - open).abs() < 1e-6,
+            "{family}: folding loses nothing ({folded} vs {open})"
+        );
+    }
+    assert!(
+        text.contains("qoder_credit_price{currency=\"USD\"} 0.25"),
+        "{text}"
+    );
+    assert!(
+        String::from_utf8_lossy(&budget.stderr).contains("series budget is spent"),
+        "the log says so"
+    );
+}
