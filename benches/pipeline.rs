@@ -229,18 +229,6 @@ fn render_at_scale(c: &mut Criterion) {
     let mut g = c.benchmark_group(format!("render {samples} samples"));
     g.bench_function("/metrics text", |b| b.iter(|| m.render(false)));
     g.bench_function("/metrics protobuf", |b| b.iter(|| m.render(true)));
-    g.bench_function("gather only", |b| b.iter(|| m.registry.gather()));
-    let families = m.registry.gather();
-    g.bench_function("text encode only", |b| {
-        b.iter(|| {
-            use prometheus::Encoder;
-            let mut buf = Vec::with_capacity(text.len());
-            prometheus::TextEncoder::new()
-                .encode(&families, &mut buf)
-                .expect("encode");
-            buf
-        })
-    });
     g.finish();
 }
 

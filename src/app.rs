@@ -203,7 +203,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let sc = server_cancel.clone();
     let tls = web.tls.is_some();
     let auth = web.auth.is_some();
-    let server = tokio::spawn(async move { crate::server::serve(listener, app, &web, sc).await });
+    let limits = crate::server::Limits::new(settings.max_connections, &metrics.process);
+    let server =
+        tokio::spawn(async move { crate::server::serve(listener, app, &web, sc, limits).await });
     tracing::info!(%addr, path = %settings.telemetry_path, api = %crate::source::client::shown_url(&settings.api_url),
         sessions = if settings.sessions.is_empty() { "all (discovery)".to_owned() } else { settings.sessions.join(",") },
         shard = %format!("{}/{}", settings.shard.index, settings.shard.count),

@@ -307,6 +307,13 @@ pub struct WebFlags {
     /// TLS and basic auth for the endpoints, in the Prometheus exporter-toolkit format (YAML)
     #[arg(long = "web.config.file", env = "QODER_EXPORTER_WEB_CONFIG_FILE")]
     pub web_config_file: Option<PathBuf>,
+    /// Connections open at once on the web port; one more is closed on arrival and counted
+    /// [default: 512]
+    #[arg(
+        long = "web.max-connections",
+        env = "QODER_EXPORTER_WEB_MAX_CONNECTIONS"
+    )]
+    pub max_connections: Option<usize>,
 }
 
 /// The state file.
@@ -658,6 +665,7 @@ pub struct WebSection {
     pub listen_address: Option<String>,
     pub telemetry_path: Option<String>,
     pub config_file: Option<PathBuf>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -706,6 +714,8 @@ pub struct Settings {
     pub telemetry_path: String,
     /// `--web.config.file`: TLS and basic auth.
     pub web_config_file: Option<PathBuf>,
+    /// `--web.max-connections`.
+    pub max_connections: usize,
     pub state_path: PathBuf,
     pub max_turn_age: Duration,
     pub log_level: String,
@@ -892,6 +902,11 @@ impl Settings {
             listen_address,
             telemetry_path,
             web_config_file,
+            max_connections: match flags.web.max_connections.or(file.web.max_connections) {
+                Some(0) => bail!("--web.max-connections: must be at least 1"),
+                Some(n) => n,
+                None => crate::server::DEFAULT_MAX_CONNECTIONS,
+            },
             state_path: flags
                 .state
                 .state_path

@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use prometheus::core::Collector;
+use std::sync::Mutex;
 use tokio::sync::watch;
 
 use crate::sinks::metrics::Metrics;
@@ -22,9 +23,13 @@ pub struct AppState {
     pub api_url: String,
 }
 
-/// Scrapes rendered at once; more get 503 at once instead of queueing renders (each one copies
-/// the whole registry), so a scrape storm cannot eat the process.
+/// Renders at once. Scrapes beyond it wait their turn (at most [`SCRAPE_QUEUE_WAIT`]), and a
+/// waiting scrape is answered with a render that started after it arrived, if one did (so
+/// never with older numbers than it asked for): a storm of scrapes costs a few renders, and
+/// Prometheus's own scrape still gets an answer.
 pub const MAX_CONCURRENT_SCRAPES: usize = 4;
+/// How long a scrape waits for a render slot before it gets a 503.
+pub const SCRAPE_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// No endpoint takes a body: anything larger than this is refused (413) before it is read.
 pub const MAX_REQUEST_BODY: usize = 4096;
 
@@ -41,23 +46,16 @@ pub fn router(state: AppState, web: &WebConfig) -> Router {
 /// `/healthz` and `/readyz` answer without credentials even when basic auth is on: they say
 /// only "ok" or "not ready", and Kubernetes' HTTP probes cannot send a password.
 pub fn router_with(state: AppState, web: &WebConfig, max_scrapes: usize) -> Router {
-    let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(max_scrapes));
+    let renders = std::sync::Arc::new(Renders {
+        slots: tokio::sync::Semaphore::new(max_scrapes),
+        last: Mutex::new([None, None]),
+    });
     let mut router = Router::new()
         .route(
             &state.telemetry_path.clone(),
             get(move |s: State<AppState>, h: HeaderMap| {
-                let scrapes = scrapes.clone();
-                async move {
-                    let Ok(_permit) = scrapes.try_acquire() else {
-                        return (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            [(header::RETRY_AFTER, "1")],
-                            "too many concurrent scrapes\n",
-                        )
-                            .into_response();
-                    };
-                    metrics(s, h).await
-                }
+                let renders = renders.clone();
+                async move { metrics(s, h, &renders).await }
             }),
         )
         .route("/", get(landing));
@@ -133,11 +131,57 @@ fn wants_protobuf(headers: &HeaderMap) -> bool {
         })
 }
 
-async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+/// The render slots and the last render of each format (text, protobuf).
+struct Renders {
+    slots: tokio::sync::Semaphore,
+    last: Mutex<[Option<Render>; 2]>,
+}
+
+#[derive(Clone)]
+struct Render {
+    /// When the render began: it shows everything published before then.
+    started: std::time::Instant,
+    body: bytes::Bytes,
+    content_type: String,
+}
+
+async fn metrics(State(state): State<AppState>, headers: HeaderMap, renders: &Renders) -> Response {
     let protobuf = wants_protobuf(&headers);
-    let m = state.metrics.clone();
-    let rendered = tokio::task::spawn_blocking(move || m.render(protobuf)).await;
-    match rendered {
+    let arrived = std::time::Instant::now();
+    let Ok(Ok(_slot)) = tokio::time::timeout(SCRAPE_QUEUE_WAIT, renders.slots.acquire()).await
+    else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "too many concurrent scrapes\n",
+        )
+            .into_response();
+    };
+    let fresh = |r: &Option<Render>| r.as_ref().filter(|r| r.started >= arrived).cloned();
+    let reuse =
+        fresh(&renders.last.lock().unwrap_or_else(|e| e.into_inner())[usize::from(protobuf)]);
+    let render = match reuse {
+        Some(r) => Ok(r),
+        None => {
+            let m = state.metrics.clone();
+            let started = std::time::Instant::now();
+            tokio::task::spawn_blocking(move || m.render(protobuf))
+                .await
+                .map(|(body, content_type)| Render {
+                    started,
+                    body: body.into(),
+                    content_type,
+                })
+        }
+    };
+    if let Ok(r) = &render {
+        let mut last = renders.last.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = &mut last[usize::from(protobuf)];
+        if slot.as_ref().is_none_or(|l| l.started < r.started) {
+            *slot = Some(r.clone());
+        }
+    }
+    match render.map(|r| (r.body, r.content_type)) {
         Ok((body, content_type)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -214,33 +258,65 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
 /// keep-alive connections): then the connection is closed and its descriptor freed.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves `app` on `listener`, over TLS when the web config has it, until `shutdown`.
+/// `--web.max-connections` when not given: Prometheus needs one or two; the rest is room for
+/// people and probes, well inside the default 1 024 descriptors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+/// What the web port holds at once, and where that is counted.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub header_read_timeout: std::time::Duration,
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// `qoder_exporter_http_connections`.
+    pub open: prometheus::IntGauge,
+    /// `qoder_exporter_http_connections_refused_total`.
+    pub refused: prometheus::IntCounter,
+}
+
+impl Limits {
+    pub fn new(max_connections: usize, metrics: &crate::sinks::metrics::ProcessMetrics) -> Limits {
+        Limits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_connections: max_connections.max(1),
+            open: metrics.http_connections.clone(),
+            refused: metrics.http_connections_refused.clone(),
+        }
+    }
+}
+
+/// Counts a connection open until it ends (its task returns or is dropped).
+struct OpenConnection {
+    open: prometheus::IntGauge,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// Serves `app` on `listener`, over TLS when the web config has it, until `shutdown`. One
+/// connection loop for plain HTTP and TLS, so both get the same timeouts and limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     web: &WebConfig,
     shutdown: tokio_util::sync::CancellationToken,
-) -> std::io::Result<()> {
-    serve_with(listener, app, web, shutdown, HEADER_READ_TIMEOUT).await
-}
-
-/// [`serve`] with a given header read timeout. One connection loop for plain HTTP and TLS,
-/// so both get the same timeouts.
-pub async fn serve_with(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    web: &WebConfig,
-    shutdown: tokio_util::sync::CancellationToken,
-    header_read_timeout: std::time::Duration,
+    limits: Limits,
 ) -> std::io::Result<()> {
     let acceptor = web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let header_read_timeout = limits.header_read_timeout;
     let mut builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_read_timeout);
+    let mut refusals = RefusalLog::default();
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -253,11 +329,24 @@ pub async fn serve_with(
             },
             () = shutdown.cancelled() => break,
         };
+        // Over the limit: closed at once, so the descriptor comes back and the backlog moves.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            limits.refused.inc();
+            refusals.tell(limits.max_connections);
+            drop(tcp);
+            continue;
+        };
+        limits.open.inc();
+        let connection = OpenConnection {
+            open: limits.open.clone(),
+            _slot: slot,
+        };
         let acceptor = acceptor.clone();
         let app = app.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _connection = connection;
             let svc = hyper_util::service::TowerToHyperService::new(app);
             let Some(acceptor) = acceptor else {
                 let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
@@ -289,6 +378,32 @@ pub async fn serve_with(
     Ok(())
 }
 
+/// Refused connections are told once, then at most once a minute with the count since.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    told: Option<std::time::Instant>,
+    untold: u64,
+}
+
+impl RefusalLog {
+    fn tell(&mut self, max: usize) {
+        self.untold += 1;
+        if self
+            .told
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
+        {
+            return;
+        }
+        tracing::warn!(
+            max_connections = max,
+            refused = self.untold,
+            "the web port is at --web.max-connections; new connections are closed (qoder_exporter_http_connections_refused_total)"
+        );
+        self.told = Some(std::time::Instant::now());
+        self.untold = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,14 +426,7 @@ mod tests {
         let stopped = stop.clone();
         let server = tokio::spawn(async move {
             let web = WebConfig::default();
-            serve_with(
-                listener,
-                router,
-                &web,
-                stopped,
-                std::time::Duration::from_millis(200),
-            )
-            .await
+            serve(listener, router, &web, stopped, test_limits(8, 200)).await
         });
         let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
         slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
@@ -342,6 +450,90 @@ mod tests {
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         stop.cancel();
         server.await.expect("join").expect("serve");
+    }
+
+    fn test_limits(max_connections: usize, header_read_ms: u64) -> Limits {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::sinks::metrics::ProcessMetrics::register(&registry).expect("metrics");
+        Limits {
+            header_read_timeout: std::time::Duration::from_millis(header_read_ms),
+            ..Limits::new(max_connections, &metrics)
+        }
+    }
+
+    /// Past `--web.max-connections` a connection is closed on arrival and counted; once one
+    /// closes, the next is served.
+    #[tokio::test]
+    async fn connections_past_the_limit_are_closed_and_counted() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (router, _tx) = app(true);
+        let limits = test_limits(3, 60_000);
+        let (open, refused) = (limits.open.clone(), limits.refused.clone());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let server = tokio::spawn(async move {
+            serve(listener, router, &WebConfig::default(), stopped, limits).await
+        });
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while open.get() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "three connections open"
+            );
+            tokio::task::yield_now().await;
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            extra.read_to_end(&mut buf),
+        )
+        .await;
+        assert!(
+            matches!(closed, Ok(Ok(0))),
+            "closed without an answer: {closed:?}"
+        );
+        assert_eq!(refused.get(), 1);
+        drop(idle.pop());
+        let mut next = None;
+        while next.is_none() {
+            assert!(std::time::Instant::now() < deadline, "a slot came back");
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let mut reply = String::new();
+            let _ = c.read_to_string(&mut reply).await;
+            if reply.starts_with("HTTP/1.1 200") {
+                next = Some(reply);
+            }
+        }
+        stop.cancel();
+        server.await.expect("join").expect("serve");
+    }
+
+    /// A storm of concurrent scrapes is answered, not refused: they queue for the render
+    /// slots and share renders that started after they arrived.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_storm_of_scrapes_is_answered() {
+        let (app, _tx) = app(true);
+        let storm: Vec<_> = (0..400)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move { get(&app, "/metrics", None).await.0 })
+            })
+            .collect();
+        for s in storm {
+            assert_eq!(s.await.expect("join"), StatusCode::OK);
+        }
     }
 
     #[tokio::test]
@@ -383,10 +575,13 @@ mod tests {
         );
     }
 
+    /// The endpoints over a fresh registry whose state file takes commits.
     fn app(ready: bool) -> (Router, watch::Sender<bool>) {
         let (tx, rx) = watch::channel(ready);
+        let metrics = Metrics::new().expect("metrics");
+        metrics.process.state_writable.set(1);
         let state = AppState {
-            metrics: Metrics::new().expect("metrics"),
+            metrics,
             ready: rx,
             telemetry_path: "/metrics".into(),
             api_url: "http://127.0.0.1:1/api/v1/cloud".into(),
@@ -410,7 +605,9 @@ mod tests {
         (status, headers, String::from_utf8_lossy(&body).into_owned())
     }
 
-    #[tokio::test]
+    /// With no render slot free for [`SCRAPE_QUEUE_WAIT`] (the clock is paused and jumps),
+    /// a scrape gets a 503 with Retry-After.
+    #[tokio::test(start_paused = true)]
     async fn scrapes_over_the_cap_and_bodies_are_refused() {
         let (tx, rx) = watch::channel(true);
         let state = AppState {

@@ -34,6 +34,7 @@ pub async fn run(mut settings: Settings, r: ReplayFlags) -> anyhow::Result<()> {
     }
     if let Some((listener, web)) = serving {
         let (_tx, ready) = tokio::sync::watch::channel(true);
+        let limits = server::Limits::new(settings.max_connections, &metrics.process);
         let app = server::router(
             AppState {
                 metrics,
@@ -50,7 +51,7 @@ pub async fn run(mut settings: Settings, r: ReplayFlags) -> anyhow::Result<()> {
             app::shutdown_signal().await;
             s.cancel();
         });
-        server::serve(listener, app, &web, stop).await?;
+        server::serve(listener, app, &web, stop, limits).await?;
     }
     Ok(())
 }

@@ -810,6 +810,8 @@ pub struct ProcessMetrics {
     pub state_commit_failures: IntCounter,
     /// 1 while the state file takes commits; 0 from a failed commit to the next good one.
     pub state_writable: IntGauge,
+    pub http_connections: IntGauge,
+    pub http_connections_refused: IntCounter,
     pub state_commit_duration: Histogram,
     pub queue_depth: IntGauge,
     pub build_info: GaugeVec,
@@ -954,6 +956,14 @@ impl ProcessMetrics {
                 "qoder_exporter_state_writable",
                 "1 while the state file takes commits; 0 from a failed commit (disk full, locked, read-only) until one succeeds. /readyz fails meanwhile.",
             )?,
+            http_connections: IntGauge::new(
+                "qoder_exporter_http_connections",
+                "Connections open on the web port (bounded by --web.max-connections).",
+            )?,
+            http_connections_refused: IntCounter::new(
+                "qoder_exporter_http_connections_refused_total",
+                "Connections closed on arrival because --web.max-connections were open.",
+            )?,
             state_commit_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "qoder_exporter_state_commit_duration_seconds",
@@ -998,6 +1008,8 @@ impl ProcessMetrics {
         registry.register(Box::new(m.state_commits.clone()))?;
         registry.register(Box::new(m.state_commit_failures.clone()))?;
         registry.register(Box::new(m.state_writable.clone()))?;
+        registry.register(Box::new(m.http_connections.clone()))?;
+        registry.register(Box::new(m.http_connections_refused.clone()))?;
         registry.register(Box::new(m.state_commit_duration.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
         registry.register(Box::new(m.build_info.clone()))?;

@@ -51,6 +51,7 @@ pub fn settings_for(api_url: &str, token: &str, state: &Path) -> Settings {
         listen_address: loopback(),
         telemetry_path: "/metrics".into(),
         web_config_file: None,
+        max_connections: qoder_exporter::server::DEFAULT_MAX_CONNECTIONS,
         state_path: state.to_owned(),
         max_turn_age: Duration::from_secs(6 * 3600),
         log_level: "warn".into(),
