@@ -182,6 +182,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             pat_file: settings.pat_file.clone(),
             shard: settings.shard,
             resync_interval: settings.resync_interval,
+            max_sessions: settings.max_sessions,
             ..PollerConfig::default()
         },
         metrics.process.clone(),

@@ -19,6 +19,12 @@ pub const DEFAULT_API_URL: &str = "https://api.qoder.com/api/v1/cloud";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9874";
 pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
 pub const DEFAULT_STATE_PATH: &str = "qoder-exporter.db";
+/// `--web.max-connections`: Prometheus needs one or two; the rest is room for people and
+/// probes, well inside the default 1 024 descriptors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// `--qoder.max-sessions`: memory stays bounded when a session list never ends; an account
+/// with more sessions than this splits them (`--shard.count`).
+pub const DEFAULT_MAX_SESSIONS: usize = 50_000;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -292,6 +298,11 @@ pub struct PollFlags {
     /// sessions changed (unchanged ones are not polled) [default: 60s]
     #[arg(long = "qoder.resync-interval", env = "QODER_RESYNC_INTERVAL", value_parser = parse_duration)]
     pub resync_interval: Option<Duration>,
+    /// Sessions known at most (followed or ended, from discovery); past it new sessions in the
+    /// list are not followed, counted and logged. Memory stays bounded if the list never
+    /// ends; past it, shard [default: 50000]
+    #[arg(long = "qoder.max-sessions", env = "QODER_MAX_SESSIONS")]
+    pub max_sessions: Option<usize>,
 }
 
 /// The HTTP endpoints.
@@ -657,6 +668,7 @@ pub struct QoderSection {
     pub workspace_id: Option<String>,
     #[serde(default)]
     pub allow_insecure_http: bool,
+    pub max_sessions: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -716,6 +728,8 @@ pub struct Settings {
     pub web_config_file: Option<PathBuf>,
     /// `--web.max-connections`.
     pub max_connections: usize,
+    /// `--qoder.max-sessions`.
+    pub max_sessions: usize,
     pub state_path: PathBuf,
     pub max_turn_age: Duration,
     pub log_level: String,
@@ -902,10 +916,15 @@ impl Settings {
             listen_address,
             telemetry_path,
             web_config_file,
+            max_sessions: match flags.poll.max_sessions.or(q.max_sessions) {
+                Some(0) => bail!("--qoder.max-sessions: must be at least 1"),
+                Some(n) => n,
+                None => DEFAULT_MAX_SESSIONS,
+            },
             max_connections: match flags.web.max_connections.or(file.web.max_connections) {
                 Some(0) => bail!("--web.max-connections: must be at least 1"),
                 Some(n) => n,
-                None => crate::server::DEFAULT_MAX_CONNECTIONS,
+                None => DEFAULT_MAX_CONNECTIONS,
             },
             state_path: flags
                 .state

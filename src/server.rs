@@ -258,10 +258,6 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
 /// keep-alive connections): then the connection is closed and its descriptor freed.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// `--web.max-connections` when not given: Prometheus needs one or two; the rest is room for
-/// people and probes, well inside the default 1 024 descriptors.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
-
 /// What the web port holds at once, and where that is counted.
 #[derive(Debug, Clone)]
 pub struct Limits {

@@ -811,6 +811,7 @@ pub struct ProcessMetrics {
     /// 1 while the state file takes commits; 0 from a failed commit to the next good one.
     pub state_writable: IntGauge,
     pub http_connections: IntGauge,
+    pub sessions_not_followed: IntCounter,
     pub http_connections_refused: IntCounter,
     pub state_commit_duration: Histogram,
     pub queue_depth: IntGauge,
@@ -960,6 +961,10 @@ impl ProcessMetrics {
                 "qoder_exporter_http_connections",
                 "Connections open on the web port (bounded by --web.max-connections).",
             )?,
+            sessions_not_followed: IntCounter::new(
+                "qoder_exporter_sessions_not_followed_total",
+                "Session list entries not followed because --qoder.max-sessions sessions are known (an entry listed again counts again).",
+            )?,
             http_connections_refused: IntCounter::new(
                 "qoder_exporter_http_connections_refused_total",
                 "Connections closed on arrival because --web.max-connections were open.",
@@ -1009,6 +1014,7 @@ impl ProcessMetrics {
         registry.register(Box::new(m.state_commit_failures.clone()))?;
         registry.register(Box::new(m.state_writable.clone()))?;
         registry.register(Box::new(m.http_connections.clone()))?;
+        registry.register(Box::new(m.sessions_not_followed.clone()))?;
         registry.register(Box::new(m.http_connections_refused.clone()))?;
         registry.register(Box::new(m.state_commit_duration.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;

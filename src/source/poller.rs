@@ -52,6 +52,8 @@ pub struct PollerConfig {
     /// How often discovery reads the whole session list (not just up to known sessions), to
     /// learn from `updated_at` which idle sessions changed.
     pub resync_interval: Duration,
+    /// Sessions known at most (followed or ended): past it, discovery follows no new one.
+    pub max_sessions: usize,
 }
 
 impl Default for PollerConfig {
@@ -67,6 +69,7 @@ impl Default for PollerConfig {
             pat_file: None,
             shard: crate::config::Shard::default(),
             resync_interval: Duration::from_secs(60),
+            max_sessions: crate::config::DEFAULT_MAX_SESSIONS,
         }
     }
 }
@@ -694,6 +697,17 @@ impl Poller {
         let now = Instant::now();
         for s in found {
             let Some(id) = s.id.clone() else { continue };
+            if self.sessions.len() >= self.cfg.max_sessions && !self.sessions.contains_key(&id) {
+                self.metrics.sessions_not_followed.inc();
+                self.logs.warn(
+                    "max_sessions",
+                    &format!(
+                        "{} sessions are known, --qoder.max-sessions: new sessions in the list are not followed (qoder_exporter_sessions_not_followed_total); shard with --shard.count, or raise the limit",
+                        self.sessions.len()
+                    ),
+                );
+                continue;
+            }
             let meta = meta_of(&s);
             if self.add(&id, Some(meta.clone()), now) {
                 if let Some(t) = self.sessions.get_mut(&id) {
@@ -937,6 +951,12 @@ async fn discover(
         if !visited.insert(next.clone()) {
             tracing::warn!(cursor = ?next, "the session list pointed back to a page already read; listing stopped there");
             break;
+        }
+        if page_no + 1 == MAX_DISCOVERY_PAGES {
+            tracing::warn!(
+                pages = MAX_DISCOVERY_PAGES,
+                "the session list did not end within this many pages; the rest is read at the next listing"
+            );
         }
         cursor = Some(next);
     }

@@ -949,3 +949,44 @@ async fn replay_applies_the_series_budget_and_the_credit_price() {
         "the log says so"
     );
 }
+
+/// A session list longer than `--qoder.max-sessions`: the exporter knows that many sessions
+/// and no more, counts the list entries it leaves, and says so in the log (not per entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_stops_following_at_max_sessions() {
+    let sim = sim(ScenarioConfig {
+        seed: 34,
+        sessions: 12,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let p = spawn(
+        &sim,
+        &dir.path().join("s.db"),
+        &["--qoder.max-sessions", "5"],
+    );
+    let wait = Duration::from_secs(60);
+    // Two listings past the limit (the resync interval is 1 s): entries counted each time.
+    assert!(
+        eventually(wait, async || get(
+            &parse(&scrape(p.addr).await),
+            "qoder_exporter_sessions_not_followed_total"
+        ) >= 14.0)
+        .await,
+        "list entries past the limit counted"
+    );
+    let text = scrape(p.addr).await;
+    let seen: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("qoder_session_info{"))
+        .filter_map(|l| l.split("session_id=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        (1..=5).contains(&seen.len()),
+        "events read for at most 5 sessions: {seen:?}"
+    );
+    let told = p.log().matches("--qoder.max-sessions").count();
+    assert_eq!(told, 1, "told once a minute at most:\n{}", p.log());
+}
