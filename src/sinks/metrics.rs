@@ -782,6 +782,12 @@ impl Collector for DurableMetrics {
     }
 }
 
+/// How the API can break its paging rules (`qoder_exporter_api_anomalies_total{kind}`):
+/// events at or before the cursor it was given (`after_id` ignored), event pages that lead
+/// back to one already read, a session list that points back to a page already read, and a
+/// page that was not valid JSON (repaired).
+pub const API_ANOMALIES: [&str; 4] = ["cursor_ignored", "page_loop", "list_loop", "invalid_json"];
+
 /// Process-derived series: this process's view of the API, the queue and the sinks.
 #[derive(Debug, Clone)]
 pub struct ProcessMetrics {
@@ -812,6 +818,8 @@ pub struct ProcessMetrics {
     pub state_writable: IntGauge,
     pub http_connections: IntGauge,
     pub sessions_not_followed: IntCounter,
+    /// `qoder_exporter_api_anomalies_total{kind}`, kinds in [`API_ANOMALIES`].
+    pub api_anomalies: IntCounterVec,
     pub http_connections_refused: IntCounter,
     pub state_commit_duration: Histogram,
     pub queue_depth: IntGauge,
@@ -965,6 +973,13 @@ impl ProcessMetrics {
                 "qoder_exporter_sessions_not_followed_total",
                 "Session list entries not followed because --qoder.max-sessions sessions are known (an entry listed again counts again).",
             )?,
+            api_anomalies: IntCounterVec::new(
+                Opts::new(
+                    "qoder_exporter_api_anomalies_total",
+                    "Times the API broke its own paging rules, by kind (the exporter counted nothing twice; see the README).",
+                ),
+                &["kind"],
+            )?,
             http_connections_refused: IntCounter::new(
                 "qoder_exporter_http_connections_refused_total",
                 "Connections closed on arrival because --web.max-connections were open.",
@@ -1015,6 +1030,7 @@ impl ProcessMetrics {
         registry.register(Box::new(m.state_writable.clone()))?;
         registry.register(Box::new(m.http_connections.clone()))?;
         registry.register(Box::new(m.sessions_not_followed.clone()))?;
+        registry.register(Box::new(m.api_anomalies.clone()))?;
         registry.register(Box::new(m.http_connections_refused.clone()))?;
         registry.register(Box::new(m.state_commit_duration.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
@@ -1035,6 +1051,9 @@ impl ProcessMetrics {
             "decreasing_snapshot",
         ] {
             m.events_invalid.with_label_values(&[r]);
+        }
+        for k in API_ANOMALIES {
+            m.api_anomalies.with_label_values(&[k]);
         }
         // The outbox gives up on spans when it is full, when the endpoint refuses a turn's
         // spans as malformed (a retry cannot help), or when a turn cannot become spans.

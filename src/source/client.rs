@@ -305,6 +305,11 @@ impl Client {
             .inc();
     }
 
+    /// Counts the API breaking its paging rules (see `metrics::API_ANOMALIES`).
+    pub fn count_anomaly(&self, kind: &str) {
+        self.metrics.api_anomalies.with_label_values(&[kind]).inc();
+    }
+
     pub fn token(&self) -> &TokenSource {
         &self.token
     }

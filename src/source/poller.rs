@@ -168,6 +168,8 @@ struct JobOutput {
     store_failed: bool,
     /// Why, for the log (told at most once a minute however many sessions hit it).
     store_error: Option<String>,
+    /// The API broke its paging rules for this session (a loop): its next read backs off.
+    anomaly: bool,
     /// The listing's `updated_at` when the job started.
     listed_updated: Option<String>,
     /// The object usage snapshot last handed to the pipeline.
@@ -817,7 +819,7 @@ impl Poller {
                 });
                 now + wait
             }
-        } else if out.store_failed {
+        } else if out.store_failed || out.anomaly {
             t.failures += 1;
             now + backoff(
                 poll.max(Duration::from_secs(1)),
@@ -949,6 +951,7 @@ async fn discover(
         let next = page.next_list_cursor(last, cursor.as_ref());
         let Some(next) = next else { break };
         if !visited.insert(next.clone()) {
+            client.count_anomaly("list_loop");
             tracing::warn!(cursor = ?next, "the session list pointed back to a page already read; listing stopped there");
             break;
         }
@@ -1291,6 +1294,7 @@ async fn read_stream(
             }
         };
         if repairs > 0 {
+            ctx.client.count_anomaly("invalid_json");
             tracing::warn!(
                 session = id,
                 thread,
@@ -1339,6 +1343,7 @@ async fn read_stream(
             let repeated = i + 1;
             items.drain(..repeated);
             ctx.metrics.events_duplicate.inc_by(repeated as u64);
+            ctx.client.count_anomaly("cursor_ignored");
             tracing::warn!(
                 session = id,
                 thread,
@@ -1357,6 +1362,10 @@ async fn read_stream(
         {
             let repeated = items.len();
             ctx.metrics.events_duplicate.inc_by(repeated as u64);
+            ctx.client.count_anomaly("page_loop");
+            // The session's next read backs off like after a failure: a looping API must
+            // not spend the request budget.
+            out.anomaly = true;
             tracing::warn!(
                 session = id,
                 thread,

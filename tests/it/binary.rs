@@ -990,3 +990,53 @@ async fn discovery_stops_following_at_max_sessions() {
     let told = p.log().matches("--qoder.max-sessions").count();
     assert_eq!(told, 1, "told once a minute at most:\n{}", p.log());
 }
+
+/// The API breaking its paging rules is counted by kind: an event list that ignores
+/// `after_id` (`cursor_ignored`), and one whose pages lead back to page 1 (`page_loop`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_anomalies_are_counted_by_kind() {
+    use qoder_exporter::sim::{EventsCursor, SimConfig};
+    for (mode, kind) in [
+        (EventsCursor::Ignored, "cursor_ignored"),
+        (EventsCursor::Cycle, "page_loop"),
+    ] {
+        let sim = Sim::start(
+            SimConfig {
+                scenario: ScenarioConfig {
+                    seed: 21,
+                    sessions: 2,
+                    max_turns: 80,
+                    sub_agents: false,
+                    ..ScenarioConfig::default()
+                },
+                events_cursor: mode,
+                ..SimConfig::default()
+            },
+            loopback(),
+        )
+        .await
+        .expect("sim");
+        sim.release_all();
+        let dir = tempfile::tempdir().expect("dir");
+        let p = spawn(&sim, &dir.path().join("s.db"), &[]);
+        let anomalies = |series: &Series| {
+            series
+                .iter()
+                .filter(|((n, l), _)| {
+                    n == "qoder_exporter_api_anomalies_total"
+                        && l.iter().any(|(k, v)| k == "kind" && v == kind)
+                })
+                .map(|(_, v)| *v)
+                .sum::<f64>()
+        };
+        assert!(
+            eventually(Duration::from_secs(60), async || anomalies(&parse(
+                &scrape(p.addr).await
+            )) > 0.0)
+            .await,
+            "{kind} counted"
+        );
+        let series = parse(&scrape(p.addr).await);
+        assert!(get(&series, "qoder_events_total") <= sim.totals.event_count());
+    }
+}
