@@ -181,7 +181,9 @@ pub fn mismatches(series: &Series, totals: &Totals) -> Vec<String> {
     problems
 }
 
-/// Scrapes until the events counted reach the log's total (or `timeout`), then compares.
+/// Scrapes until the events counted reach the log's total (or `timeout`), then, once the
+/// exporter has asked the API again (it must still be: discovery, or a session followed),
+/// compares.
 pub async fn wait_exact(addr: SocketAddr, totals: &Totals, timeout: Duration) -> Series {
     let deadline = Instant::now() + timeout;
     let want = totals.event_count();
@@ -189,8 +191,11 @@ pub async fn wait_exact(addr: SocketAddr, totals: &Totals, timeout: Duration) ->
         let series = parse(&scrape(addr).await);
         let got = get(&series, "qoder_events_total");
         if got >= want || Instant::now() > deadline {
-            // A moment more, in case a batch over the total is in flight (it must not be).
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            if got >= want {
+                // A batch over the total may still be in flight (it must not be): let the
+                // exporter come round to ask the API again before the counts are compared.
+                after_more_requests(addr, None, 1, timeout).await;
+            }
             let series = parse(&scrape(addr).await);
             let problems = mismatches(&series, totals);
             assert!(
@@ -205,6 +210,51 @@ pub async fn wait_exact(addr: SocketAddr, totals: &Totals, timeout: Duration) ->
     }
 }
 
+/// The API requests the exporter at `addr` has sent so far, to `endpoint` (the value of its
+/// `endpoint` label) or, with `None`, to every endpoint.
+async fn api_requests(addr: SocketAddr, endpoint: Option<&str>) -> f64 {
+    parse(&scrape(addr).await)
+        .iter()
+        .filter(|((name, labels), _)| {
+            name == "qoder_exporter_api_requests_total"
+                && endpoint.is_none_or(|e| labels.iter().any(|(k, v)| k == "endpoint" && v == e))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Waits until the exporter at `addr` has sent `n` more API requests (to `endpoint` only, when
+/// given) than it had when called; fails the test if that takes longer than `timeout`.
+///
+/// Before asserting that something did *not* happen (a count moved twice, an unchanged session
+/// was polled), a test must know the exporter had its chance to do it. A fixed sleep only
+/// guesses at that: too short on a loaded CI machine, where the exporter may not have run at
+/// all, and time wasted on a fast one. Requests are the exporter's own record of its work, and
+/// every run of it has them (the simulator, a fake API, the binary).
+pub async fn after_more_requests(
+    addr: SocketAddr,
+    endpoint: Option<&str>,
+    n: u64,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    let before = api_requests(addr, endpoint).await;
+    loop {
+        let now = api_requests(addr, endpoint).await;
+        if now >= before + n as f64 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {timeout:?} for {n} more API requests ({}) from the exporter; it sent {}",
+            endpoint.unwrap_or("any endpoint"),
+            now - before
+        );
+        // Closer than `eventually`: these waits are short, and tests wait on many of them.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Polls `f` until true or the timeout.
 pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -215,6 +265,26 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// Rewrites `path` with `contents`, its mtime at least 2 s past the old one. The exporter
+/// notices a changed token file or certificate by a changed mtime; where mtimes have a 1 s
+/// granularity, a rewrite within the same second would look unchanged. Setting the stamp
+/// makes the change certain without sleeping past the tick.
+pub fn rewrite(path: &Path, contents: impl AsRef<[u8]>) {
+    let mtime = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .expect("mtime")
+    };
+    let old = mtime(path);
+    std::fs::write(path, contents).expect("rewrite");
+    let new = mtime(path).max(old + Duration::from_secs(2));
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(new))
+        .expect("set mtime");
 }
 
 /// Advances the simulator's clock two steps every 25 ms until the whole log is visible: a log

@@ -78,6 +78,8 @@ async fn a_log_growing_while_read_is_counted_exactly() {
     while step < last {
         step = (step + 7).min(last);
         sim.set_clock(step);
+        // A real pause: the log grows on its own clock, as a real one does, not in step with
+        // the exporter's reads (as `grow_log` does for the crash tests).
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
     wait_exact(running.addr, &sim.totals, WAIT).await;
@@ -161,7 +163,8 @@ async fn a_restart_continues_the_counts_without_doubling() {
         ) > 0.0)
         .await
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Reading on (about one more poll a session) before the stop, not just the first batch.
+    after_more_requests(first.addr, Some("events"), 9, WAIT).await;
     first.stop().await.expect("stop");
     // The second run sees all of it and must arrive at the same totals as one run would.
     sim.release_all();
@@ -191,7 +194,8 @@ async fn a_refused_cursor_is_recovered_without_loss_or_double_count() {
         ) > 10.0)
         .await
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A few more polls, so the sessions being read hold cursors to refuse.
+    after_more_requests(running.addr, Some("events"), 3, WAIT).await;
     sim.refuse_next_cursor();
     sim.release_all();
     let series = wait_exact(running.addr, &sim.totals, WAIT).await;
@@ -247,6 +251,8 @@ async fn a_wrong_token_keeps_serving_reports_down_and_barely_asks() {
     s.pat = Pat::new("pt-wrong");
     s.pat_file = Some(pat_file.clone());
     let running = app::start(s).await.expect("start");
+    // A real 3 s: the claim is a rate against a backoff timed in seconds, and a rejected
+    // token leaves no work to wait on (not asking is the point).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let series = parse(&scrape(running.addr).await);
     assert_eq!(get(&series, "qoder_up"), 0.0);
@@ -274,8 +280,7 @@ async fn a_wrong_token_keeps_serving_reports_down_and_barely_asks() {
     );
     assert!(page.contains("<td>never</td>"), "{page}");
     // Rotating the token file brings it back without a restart.
-    tokio::time::sleep(Duration::from_millis(1100)).await; // mtime granularity
-    std::fs::write(&pat_file, format!("{}\n", sim.token())).expect("rotate");
+    rewrite(&pat_file, format!("{}\n", sim.token()));
     let series = wait_exact(running.addr, &sim.totals, WAIT).await;
     assert_eq!(get(&series, "qoder_up"), 1.0);
     let page = reqwest::get(format!("http://{}/", running.addr))
@@ -310,7 +315,8 @@ async fn named_sessions_only_and_a_missing_one_is_dropped() {
         ) == want)
         .await
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Two more polls of the named session: nothing more is counted.
+    after_more_requests(running.addr, Some("events"), 2, WAIT).await;
     let series = parse(&scrape(running.addr).await);
     assert_eq!(
         get(&series, "qoder_events_total"),
@@ -340,6 +346,7 @@ async fn the_request_budget_is_kept() {
     s.max_requests_per_second = Some(20);
     let running = app::start(s).await.expect("start");
     let started = std::time::Instant::now();
+    // A real 3 s: the limiter's budget is requests per second of wall-clock time.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let n = sim.stats().total() as f64;
     let rate = n / started.elapsed().as_secs_f64();
@@ -388,7 +395,9 @@ async fn three_shards_split_the_sessions_and_sum_to_the_totals() {
         .await,
         "the shards together read the whole log"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each shard comes round again, in case a batch over the total is in flight.
+    let more = |a| after_more_requests(a, None, 1, WAIT);
+    tokio::join!(more(addrs[0]), more(addrs[1]), more(addrs[2]));
     let problems = mismatches(&summed().await, &sim.totals);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     for r in running {
@@ -519,19 +528,21 @@ async fn unchanged_idle_sessions_are_not_polled() {
         .expect("start");
     let addr = running.addr;
     wait_exact(addr, &sim.totals, WAIT).await;
-    // Settle, then count event-list requests over 3 s with nothing changing: with a 300 ms
-    // idle interval that would be about 10 per idle session without the listing's help.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Settle (three listings, each compared with every session's last read), then count
+    // event-list requests over ten listings with nothing changing: listings and idle polls
+    // are both due every 300 ms, so that would be about 10 per idle session without the
+    // listing's help.
+    after_more_requests(addr, Some("sessions"), 3, WAIT).await;
     let followed = get(&parse(&scrape(addr).await), "qoder_sessions");
     assert!(followed >= 5.0, "idle sessions followed: {followed}");
     let before = sim.stats().events_requests.load(Ordering::Relaxed);
     let listings = sim.stats().sessions_requests.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    after_more_requests(addr, Some("sessions"), 10, WAIT).await;
     let polled = sim.stats().events_requests.load(Ordering::Relaxed) - before;
     let listed = sim.stats().sessions_requests.load(Ordering::Relaxed) - listings;
     assert_eq!(
         polled, 0,
-        "{polled} event-list requests in 3 s for {followed} unchanged sessions"
+        "{polled} event-list requests over {listed} listings for {followed} unchanged sessions"
     );
     assert!(listed > 0, "the session list is still read");
     // Connections are reused (keep-alive): at most one per concurrent job, not one per request.
@@ -572,7 +583,23 @@ async fn new_sessions_are_noticed_within_one_discovery_interval() {
         eventually(WAIT, async || count().await > 0).await,
         "the first session is read"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Settled before counting: the first session's whole log read, then two more listings, so
+    // what reading it changed is in the gauge (it ends terminated: dropped once drained).
+    let first_log = sim
+        .sessions()
+        .iter()
+        .flat_map(|s| &s.events)
+        .filter(|e| e.step <= 399)
+        .count() as f64;
+    assert!(
+        eventually(WAIT, async || get(
+            &parse(&scrape(addr).await),
+            "qoder_events_total"
+        ) == first_log)
+        .await,
+        "the first session's whole log is counted"
+    );
+    after_more_requests(addr, Some("sessions"), 2, WAIT).await;
     let known = get(&parse(&scrape(addr).await), "qoder_sessions");
     // The second session is born now.
     sim.set_clock(401);
@@ -790,7 +817,8 @@ async fn an_event_list_that_loops_inflates_nothing() {
             "{mode:?}: repeats counted as duplicates"
         );
         let first = get(&parse(&scrape(addr).await), "qoder_events_total");
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Three more listings: each may send a session that looks changed to be read again.
+        after_more_requests(addr, Some("sessions"), 3, WAIT).await;
         let second = get(&parse(&scrape(addr).await), "qoder_events_total");
         assert_eq!(first, second, "{mode:?}: counts grow with every poll");
         assert!(
@@ -834,7 +862,8 @@ async fn a_refused_thread_cursor_is_recovered_without_double_count() {
             > 0)
         .await
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The thread's stream read on, so it holds a cursor to refuse.
+    after_more_requests(running.addr, Some("thread_events"), 2, WAIT).await;
     sim.refuse_next_thread_cursor();
     sim.release_all();
     let series = wait_exact(running.addr, &sim.totals, WAIT).await;

@@ -2,7 +2,7 @@
 //! (Debian's package, started on loopback): every panel expression and recording rule returns
 //! data, every rule evaluates cleanly, every metric they name exists in `/metrics`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -243,6 +243,40 @@ async fn scrapes(client: &reqwest::Client, base: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The scrapes of the exporter that failed (`up` 0) in the last minute.
+async fn failed_scrapes(client: &reqwest::Client, base: &str) -> f64 {
+    let v = query(
+        client,
+        base,
+        concat!(
+            "count_over_time(up{job=\"qoder-exporter\"}[1m])",
+            " - sum_over_time(up{job=\"qoder-exporter\"}[1m])"
+        ),
+    )
+    .await;
+    v["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// How many evaluations of each rule group Prometheus has started, from its own `/metrics`.
+async fn rule_evaluations(client: &reqwest::Client, base: &str) -> BTreeMap<String, f64> {
+    let Ok(r) = client.get(format!("{base}/metrics")).send().await else {
+        return BTreeMap::new();
+    };
+    r.text()
+        .await
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("prometheus_rule_group_iterations_total{"))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once("} ")?;
+            Some((labels.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Alerts of these names that are pending or firing now.
 async fn active_alerts(client: &reqwest::Client, base: &str, names: &[&str]) -> Vec<Value> {
     let v = query(client, base, "ALERTS").await;
@@ -297,7 +331,8 @@ async fn a_first_exhausted_error_pages_and_a_restart_pages_nothing() {
         })
         .await
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The history read on (about one more poll a session) before looking for the error.
+    after_more_requests(addr, Some("events"), 24, Duration::from_secs(20)).await;
     assert!(
         !exhausted_seen().await,
         "no exhausted error before its step"
@@ -319,9 +354,17 @@ async fn a_first_exhausted_error_pages_and_a_restart_pages_nothing() {
         after_restart.is_empty(),
         "a restart paged: {after_restart:?}"
     );
-    // An outage of a few scrapes, then the same counts again.
+    // An outage of a few scrapes (three that Prometheus saw fail), then the same counts again.
     running.stop().await.expect("stop");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let failed = failed_scrapes(&client, &base).await;
+    let outage = eventually(Duration::from_secs(30), async || {
+        failed_scrapes(&client, &base).await >= failed + 3.0
+    })
+    .await;
+    assert!(
+        outage,
+        "Prometheus saw three failed scrapes of the stopped exporter"
+    );
     let running = app::start(s).await.expect("back");
     let before = scrapes(&client, &base).await;
     assert!(
@@ -378,6 +421,8 @@ async fn a_real_prometheus_finds_data_for_every_panel_and_rule() {
     let last = sim.last_step();
     for step in (0..=last).step_by((last / 40).max(1) as usize) {
         sim.set_clock(step);
+        // A real pause: Prometheus scrapes on its own 1 s timer, and the growth must span
+        // several of its scrapes for the rates to be non-zero.
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     sim.release_all();
@@ -405,7 +450,21 @@ async fn a_real_prometheus_finds_data_for_every_panel_and_rule() {
         .await,
         "prometheus scrapes the exporter"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every rule group evaluated again on what was scraped (a group counts an evaluation as
+    // it starts, so two more means one has finished).
+    let before = rule_evaluations(&client, &base).await;
+    let evaluated = eventually(Duration::from_secs(30), async || {
+        let now = rule_evaluations(&client, &base).await;
+        !now.is_empty()
+            && now
+                .iter()
+                .all(|(g, n)| *n >= before.get(g).copied().unwrap_or(0.0) + 2.0)
+    })
+    .await;
+    assert!(
+        evaluated,
+        "Prometheus evaluated every rule group twice more"
+    );
 
     let exposed: BTreeSet<String> = scrape(running.addr)
         .await

@@ -14,7 +14,7 @@ use qoder_exporter::event::{Event, EventKind, ThreadPhase};
 use qoder_exporter::source::wire;
 use serde_json::Value;
 
-use crate::common::{eventually, get, loopback, parse, scrape, settings_for};
+use crate::common::{after_more_requests, eventually, get, loopback, parse, scrape, settings_for};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sdk-0.11")
@@ -204,8 +204,8 @@ async fn a_multi_agent_session_shaped_by_the_sdk_comes_out_at_the_hand_computed_
     .await;
     let series = parse(&scrape(running.addr).await);
     assert!(settled, "did not settle: {series:?}");
-    // Polled a few more rounds: nothing moves twice.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Polled a few more rounds (the listing carries the credits): nothing moves twice.
+    after_more_requests(running.addr, Some("sessions"), 3, Duration::from_secs(20)).await;
     let series2 = parse(&scrape(running.addr).await);
     let c = "qoder_session_credits_total";
     for (kind, want) in [("model", 2.8), ("sandbox_runtime", 0.6)] {

@@ -190,6 +190,7 @@ pub async fn http_receiver() -> Receiver {
     async fn export(State(r): State<Received>, body: axum::body::Bytes) -> impl IntoResponse {
         let delay = r.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
+            // A real delay: this is the slow endpoint, late against the exporter's real timeout.
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         let Ok(req) = ExportTraceServiceRequest::decode(body) else {
@@ -914,6 +915,8 @@ async fn binary_kill_9_loses_no_spans() {
     let mut rng = fastrand::Rng::with_seed(9);
     for round in 0..4 {
         let mut p = spawn_with_env(&sim, &state, &[], &env_refs(&env));
+        // A real, seeded delay: a crash comes at a moment unrelated to the exporter's work,
+        // and the seed makes the run's delays the same every time.
         tokio::time::sleep(Duration::from_millis(rng.u64(200..900))).await;
         p.child.kill().expect("kill -9");
         p.child.wait().expect("reaped");
