@@ -263,6 +263,9 @@ pub const MAX_EVENTS_PER_PAGE: usize = 1000;
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 /// Every this many resync listings, one asks for every session rather than the live ones.
 const UNFILTERED_RESYNC_EVERY: u32 = 6;
+/// While the token is refused, how often the token file is checked for a new one.
+const PAT_FILE_RECHECK: Duration = Duration::from_secs(1);
+
 /// Discovery stops after this many pages in one round even without reaching known ground.
 const MAX_DISCOVERY_PAGES: usize = 10_000;
 
@@ -578,6 +581,11 @@ impl Poller {
             }
             if let Some(p) = self.auth.probe_at.filter(|_| self.auth.failing) {
                 wake = wake.max(p);
+                // A token file that is rotated while the token is refused is noticed within
+                // a second (a stat), not at the next probe (up to 5 minutes away).
+                if self.cfg.pat_file.is_some() {
+                    wake = wake.min(now + PAT_FILE_RECHECK);
+                }
             }
             tokio::select! {
                 Some(done) = jobs.join_next() => match done {

@@ -626,7 +626,8 @@ async fn dump_then_replay_reproduces_the_totals() {
     // The backfilled state then goes live: the exporter carries on from the replayed cursors
     // and counts nothing twice.
     let p = spawn(&sim, &state, &[]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The replayed sessions read again from their cursors: a double count would show by then.
+    after_more_requests(p.addr, Some("events"), 2, Duration::from_secs(30)).await;
     wait_exact(p.addr, &sim.totals, Duration::from_secs(30)).await;
 }
 
