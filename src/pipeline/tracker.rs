@@ -821,7 +821,11 @@ impl SessionState {
                 }
                 let start_ns = open.as_ref().and_then(|r| r.start_ns);
                 if let (Some(s), Some(e)) = (start_ns, ev.time_ns) {
-                    delta.observe_ns(Family::ModelRequestDuration, &[&agent, &model], e - s);
+                    delta.observe_ns(
+                        Family::ModelRequestDuration,
+                        &[&agent, &model],
+                        e.saturating_sub(s),
+                    );
                 }
                 if let Some(t) = tokens {
                     count_tokens(delta, t, &agent, &model);
@@ -888,7 +892,11 @@ impl SessionState {
                     delta.inc(Family::ToolCallErrors, &[&name, &agent], 1.0);
                 }
                 if let (Some(s), Some(e)) = (open.as_ref().and_then(|t| t.start_ns), ev.time_ns) {
-                    delta.observe_ns(Family::ToolCallDuration, &[&name, &agent], e - s);
+                    delta.observe_ns(
+                        Family::ToolCallDuration,
+                        &[&name, &agent],
+                        e.saturating_sub(s),
+                    );
                 }
                 if let (Some(turn), Some(tool)) = (&mut self.turn, open)
                     && !tool.span_emitted
@@ -1097,7 +1105,7 @@ impl SessionState {
         };
         // `qoder_turn_duration_seconds` times the session's turns; a thread's turn is inside one.
         if let (Some(s), Some(e), None) = (turn.start_ns, end_ns, &self.thread_id) {
-            delta.observe_ns(Family::TurnDuration, &[&self.agent], e - s);
+            delta.observe_ns(Family::TurnDuration, &[&self.agent], e.saturating_sub(s));
         }
         // What is still open ends with the turn, marked incomplete. Requests are done with;
         // tools stay open so a late result still counts against the right tool.
@@ -1224,6 +1232,27 @@ mod tests {
 
     fn ev(raw: &str) -> Event {
         Event::from_wire(decode_event(raw).expect("valid").event)
+    }
+
+    /// Found by the `event_page` fuzz target: a result stamped three centuries before its
+    /// use (times near the ends of i64 nanoseconds) overflowed the duration; it counts as 0 s.
+    #[test]
+    fn durations_between_absurd_times_do_not_overflow() {
+        let mut st = SessionState::new("coder".into());
+        let (m, _) = run(
+            &mut st,
+            &[
+                r#"{"id":"t0","type":"session.status_running","processed_at":"2262-01-01T00:00:00Z"}"#,
+                r#"{"id":"u1","type":"agent.tool_use","name":"Bash","processed_at":"2262-01-01T00:00:00Z"}"#,
+                r#"{"id":"r1","type":"agent.tool_result","tool_use_id":"u1","processed_at":"1681-10-05T10:00:10Z"}"#,
+                r#"{"id":"s1","type":"span.model_request_start","processed_at":"2262-01-01T00:00:00Z"}"#,
+                r#"{"id":"e1","type":"span.model_request_end","model_request_start_id":"s1","processed_at":"1681-10-05T10:00:10Z"}"#,
+                r#"{"id":"i1","type":"session.status_idle","stop_reason":{"type":"end_turn"},"processed_at":"1681-10-05T10:00:10Z"}"#,
+            ],
+        );
+        assert_eq!(m.total(Family::ToolCallDuration), 1.0);
+        assert_eq!(m.total(Family::ModelRequestDuration), 1.0);
+        assert_eq!(m.total(Family::TurnDuration), 1.0);
     }
 
     #[test]
