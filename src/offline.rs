@@ -6,7 +6,8 @@
 //! `session` is a session object (agent, model, status) and applies to the events after it.
 //! Replay is also how the benchmarks measure the pipeline without the network.
 
-use std::collections::HashMap;
+// The reader looks up a session per line: hashbrown's fast hasher, not SipHash.
+use hashbrown::{HashMap, HashSet};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -103,7 +104,7 @@ struct Feeder<'a> {
     group: Vec<Batch>,
     group_events: usize,
     acks: VecDeque<Ack>,
-    seen: std::collections::HashSet<String>,
+    seen: HashSet<String>,
     /// Per session, events at the head of its log that the state already consumed.
     skip: HashMap<String, u64>,
     summary: ReplaySummary,
@@ -276,36 +277,52 @@ impl Feeder<'_> {
             p.meta = Some(meta);
             return Ok(());
         }
-        let Some(session) = decoded.event.session_id.clone().filter(|s| !s.is_empty()) else {
+        // Taken, not cloned: the event needs neither (this runs once per line).
+        let mut event = decoded.event;
+        let Some(session) = event.session_id.take().filter(|s| !s.is_empty()) else {
             self.invalid("missing_session_id");
             return Ok(());
         };
         if !self.pending.contains_key(&session) && self.seen.insert(session.clone()) {
             self.summary.sessions += 1;
         }
-        let thread = decoded.event.dump_stream.clone().filter(|t| !t.is_empty());
-        let key = stream_key(&session, thread.as_deref());
-        if let Some(n) = self.skip.get_mut(&key)
+        let thread = event.dump_stream.take().filter(|t| !t.is_empty());
+        // A session's own stream is keyed by its id as it is; only a thread's needs a new key.
+        let thread_key;
+        let key: &str = match &thread {
+            Some(t) => {
+                thread_key = stream_key(&session, Some(t));
+                &thread_key
+            }
+            None => &session,
+        };
+        if let Some(n) = self.skip.get_mut(key)
             && *n > 0
         {
             *n -= 1;
             self.summary.skipped += 1;
             return Ok(());
         }
-        let e = Event::from_wire(decoded.event);
+        let e = Event::from_wire(event);
         self.summary.events += 1;
         self.buffered += 1;
-        let p = match self.pending.get_mut(&key) {
+        let batch_size = self.batch_size;
+        let p = match self.pending.get_mut(key) {
             Some(p) => p,
-            None => self.pending.entry(key.clone()).or_insert_with(|| Pending {
-                session,
-                thread,
-                ..Pending::default()
-            }),
+            None => self
+                .pending
+                .entry(key.to_owned())
+                .or_insert_with(|| Pending {
+                    session: session.clone(),
+                    thread: thread.clone(),
+                    items: Vec::with_capacity(batch_size.min(256)),
+                    ..Pending::default()
+                }),
         };
         p.bad_fields += decoded.bad_fields;
         p.items.push(Item::Event(e));
         if p.items.len() >= self.batch_size {
+            let key = key.to_owned();
             self.flush(&key)?;
         } else if self.buffered >= MAX_BUFFERED {
             self.flush_all()?;
@@ -394,7 +411,7 @@ fn feed(
         group: Vec::new(),
         group_events: 0,
         acks: VecDeque::new(),
-        seen: std::collections::HashSet::new(),
+        seen: HashSet::new(),
         skip,
         summary: ReplaySummary::default(),
         waited: Duration::ZERO,

@@ -344,7 +344,7 @@ impl SessionState {
     ) -> Applied {
         if let EventKind::ThreadCreated { thread, agent } = &ev.kind
             && from_thread.is_none()
-            && !self.recent.contains(&ev.id)
+            && !self.seen_recently(&ev.id)
         {
             if !self.threads.contains_key(thread) {
                 self.add_thread(thread, agent.clone());
@@ -653,8 +653,17 @@ impl SessionState {
 
     /// Takes an event off this tracker's stream: `false` when the stream repeated it (the API
     /// returned it twice), else it counts as consumed from the stream.
+    /// Whether `id` is among the recent ids. Ids of one stream share long prefixes
+    /// (`sevt_0001…`), so the last byte is compared first: almost every other id differs there.
+    fn seen_recently(&self, id: &str) -> bool {
+        let last = id.as_bytes().last();
+        self.recent
+            .iter()
+            .any(|r| r.len() == id.len() && r.as_bytes().last() == last && r == id)
+    }
+
     fn admit(&mut self, id: &str) -> bool {
-        if self.recent.iter().any(|r| r == id) {
+        if self.seen_recently(id) {
             return false;
         }
         if self.recent.len() == RECENT_IDS {
