@@ -56,6 +56,14 @@ pub struct Core {
 impl Core {
     /// Opens the state and starts the pipeline (and the shipper); call inside the runtime.
     pub fn start(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Core> {
+        // Built before the state opens, so a bad OTLP setting is a startup error that
+        // touches nothing.
+        let instance = crate::sinks::otlp::instance_id(&settings.state_path);
+        let exporter = settings
+            .otlp
+            .as_ref()
+            .map(|o| crate::sinks::otlp::exporter(o, &instance))
+            .transpose()?;
         let store = StateStore::open(&settings.state_path)?;
         tracing::info!(path = %settings.state_path.display(), "state store open");
         metrics.process.state_writable.set(1);
@@ -65,13 +73,6 @@ impl Core {
             notify: notify.clone(),
             capture_bytes: o.capture_content,
         });
-        // Built before anything starts, so a bad OTLP setting is a startup error.
-        let instance = crate::sinks::otlp::instance_id(&settings.state_path);
-        let exporter = settings
-            .otlp
-            .as_ref()
-            .map(|o| crate::sinks::otlp::exporter(o, &instance))
-            .transpose()?;
         let (pipeline, stored) = Pipeline::new(store, metrics.clone(), outbox)?;
         let pipeline = pipeline.with_max_turn_age(settings.max_turn_age);
         let (handle, pipeline) = pipeline.spawn(PIPELINE_QUEUE).context("pipeline thread")?;

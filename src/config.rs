@@ -22,8 +22,9 @@ pub const DEFAULT_STATE_PATH: &str = "qoder-exporter.db";
 /// `--web.max-connections`: Prometheus needs one or two; the rest is room for people and
 /// probes, well inside the default 1 024 descriptors.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
-/// `--qoder.max-sessions`: memory stays bounded when a session list never ends; an account
-/// with more sessions than this splits them (`--shard.count`).
+/// `--qoder.max-sessions`: sessions followed at once (ended ones do not count); memory stays
+/// bounded when a list of live sessions never ends; an account with more splits them
+/// (`--shard.count`).
 pub const DEFAULT_MAX_SESSIONS: usize = 50_000;
 
 #[derive(Debug, Parser)]
@@ -298,9 +299,9 @@ pub struct PollFlags {
     /// sessions changed (unchanged ones are not polled) [default: 60s]
     #[arg(long = "qoder.resync-interval", env = "QODER_RESYNC_INTERVAL", value_parser = parse_duration)]
     pub resync_interval: Option<Duration>,
-    /// Sessions known at most (followed or ended, from discovery); past it new sessions in the
-    /// list are not followed, counted and logged. Memory stays bounded if the list never
-    /// ends; past it, shard [default: 50000]
+    /// Sessions followed at once (not ended) from discovery; past it new sessions in the list
+    /// wait until some end, counted and logged. Memory stays bounded if the list never ends
+    /// with live sessions; an account with more, shard [default: 50000]
     #[arg(long = "qoder.max-sessions", env = "QODER_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
 }

@@ -306,8 +306,12 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let header_read_timeout = limits.header_read_timeout;
-    let mut builder =
+    let builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // HTTP/1 only: scrapers and probes speak it, and with the auto-detection of HTTP/2 a
+    // connection that sends nothing (or only the start of the HTTP/2 preface) waited forever,
+    // before any header timeout applied, so 512 silent connections locked Prometheus out.
+    let mut builder = builder.http1_only();
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -424,6 +428,18 @@ mod tests {
             let web = WebConfig::default();
             serve(listener, router, &web, stopped, test_limits(8, 200)).await
         });
+        // Silent, or with only the start of the HTTP/2 preface: closed all the same.
+        for opening in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n"] {
+            let mut quiet = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            quiet.write_all(opening).await.expect("write");
+            let mut buf = Vec::new();
+            let closed = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                quiet.read_to_end(&mut buf),
+            )
+            .await;
+            assert!(closed.is_ok(), "{opening:?}: still open");
+        }
         let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
         slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
             .await

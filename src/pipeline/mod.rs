@@ -351,9 +351,20 @@ impl Pipeline {
         s
     }
 
+    /// Any write to the state file says whether it takes commits (`/readyz` follows): a disk
+    /// that recovers is seen at the next write of any kind, not only at the next batch.
+    fn note_write<T>(&self, result: &Result<T, StateError>) {
+        self.metrics
+            .process
+            .state_writable
+            .set(i64::from(result.is_ok()));
+    }
+
     fn finish(&mut self, id: &str) -> Result<(), StateError> {
         let state = self.sessions.get(id).cloned().unwrap_or_default();
-        self.store.upsert_session(id, &state, true)?;
+        let written = self.store.upsert_session(id, &state, true);
+        self.note_write(&written);
+        written?;
         if self.sessions.remove(id).is_some() {
             self.metrics
                 .process
@@ -373,7 +384,9 @@ impl Pipeline {
     }
 
     fn outbox_remove(&mut self, through: i64) -> Result<(), StateError> {
-        let removed = self.store.outbox_remove_through(through)?;
+        let removed = self.store.outbox_remove_through(through);
+        self.note_write(&removed);
+        let removed = removed?;
         self.set_outbox_len(self.outbox_len.saturating_sub(removed as u64));
         Ok(())
     }
@@ -429,13 +442,15 @@ impl Pipeline {
                 (sid.clone(), s)
             })
             .collect();
-        self.store.commit_agent(&crate::state::AgentRelabel {
+        let written = self.store.commit_agent(&crate::state::AgentRelabel {
             id,
             name,
             remove: &relabel.remove,
             put: &relabel.put,
             sessions: &sessions,
-        })?;
+        });
+        self.note_write(&written);
+        written?;
         if !relabel.remove.is_empty() || !sessions.is_empty() {
             tracing::info!(
                 agent_id = id,
@@ -606,13 +621,12 @@ impl Pipeline {
             .collect();
         let result = self.store.commit_many(&writes);
         drop(writes);
+        self.note_write(&result);
         let p = &self.metrics.process;
         if let Err(e) = result {
             p.state_commit_failures.inc();
-            p.state_writable.set(0);
             return Err(e);
         }
-        p.state_writable.set(1);
         // Committed: now, and only now, the batches become visible.
         p.series_dropped.inc_by(staged.folded);
         self.metrics.durable.publish(staged);

@@ -377,8 +377,8 @@ impl Inner {
 pub struct Staged {
     pub values: Vec<(SeriesKey, SeriesValue)>,
     new_labels: Inner,
-    /// Updates that went to an `other` series because the series budget was spent
-    /// (`qoder_exporter_series_dropped_total`).
+    /// Label sets of this batch that went to an `other` series because the series budget
+    /// was spent (`qoder_exporter_series_dropped_total`).
     pub folded: u64,
 }
 
@@ -969,7 +969,7 @@ impl ProcessMetrics {
             )?,
             series_dropped: IntCounter::new(
                 "qoder_exporter_series_dropped_total",
-                "Counter updates and observations that would have made a new series past --metrics.max-series; counted under `other` labels instead.",
+                "Label sets of committed batches counted under `other` because --metrics.max-series was reached (a label set that comes back in another batch counts again).",
             )?,
             cursor_resets: IntCounter::new(
                 "qoder_exporter_cursor_resets_total",

@@ -68,7 +68,13 @@ pub fn instance_id(state_path: &std::path::Path) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_default();
-    let path = std::fs::canonicalize(state_path).unwrap_or_else(|_| state_path.to_owned());
+    // The file's real directory and its name: the same before the file exists (the first
+    // run) and after, so the id does not change at the first restart.
+    let abs = std::path::absolute(state_path).unwrap_or_else(|_| state_path.to_owned());
+    let path = match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir).map_or(abs.clone(), |d| d.join(name)),
+        _ => abs,
+    };
     let mut h = sha2::Sha256::new();
     h.update(host.trim().as_bytes());
     h.update([0]);

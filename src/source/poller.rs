@@ -52,7 +52,8 @@ pub struct PollerConfig {
     /// How often discovery reads the whole session list (not just up to known sessions), to
     /// learn from `updated_at` which idle sessions changed.
     pub resync_interval: Duration,
-    /// Sessions known at most (followed or ended): past it, discovery follows no new one.
+    /// Sessions followed at once (not ended): past it, discovery follows no new one until
+    /// some end.
     pub max_sessions: usize,
 }
 
@@ -705,21 +706,31 @@ impl Poller {
     /// One page of the session list: new sessions are followed, known ones updated.
     fn on_listed(&mut self, found: Vec<WireSession>) {
         let now = Instant::now();
+        // Sessions followed now (not ended), counted only once the map is that large: ended
+        // sessions stay in it as small records and do not count against the limit.
+        let mut followed: Option<usize> = None;
         for s in found {
             let Some(id) = s.id.clone() else { continue };
-            if self.sessions.len() >= self.cfg.max_sessions && !self.sessions.contains_key(&id) {
-                self.metrics.sessions_not_followed.inc();
-                self.logs.warn(
-                    "max_sessions",
-                    &format!(
-                        "{} sessions are known, --qoder.max-sessions: new sessions in the list are not followed (qoder_exporter_sessions_not_followed_total); shard with --shard.count, or raise the limit",
-                        self.sessions.len()
-                    ),
-                );
-                continue;
+            let max = self.cfg.max_sessions;
+            if self.sessions.len() >= max && !self.sessions.contains_key(&id) {
+                let n = *followed
+                    .get_or_insert_with(|| self.sessions.values().filter(|t| !t.finished).count());
+                if n >= max {
+                    self.metrics.sessions_not_followed.inc();
+                    self.logs.warn(
+                        "max_sessions",
+                        &format!(
+                            "{n} sessions are followed, --qoder.max-sessions: new sessions in the list wait until some end (qoder_exporter_sessions_not_followed_total); shard with --shard.count, or raise the limit"
+                        ),
+                    );
+                    continue;
+                }
             }
             let meta = meta_of(&s);
             if self.add(&id, Some(meta.clone()), now) {
+                if let Some(n) = followed.as_mut() {
+                    *n += 1;
+                }
                 if let Some(t) = self.sessions.get_mut(&id) {
                     t.listed_updated = s.updated_at.clone();
                 }

@@ -195,6 +195,15 @@ pub async fn wait_exact(addr: SocketAddr, totals: &Totals, timeout: Duration) ->
                 // A batch over the total may still be in flight (it must not be): let the
                 // exporter come round to ask the API again before the counts are compared.
                 after_more_requests(addr, None, 1, timeout).await;
+                // and until what it read has gone through the pipeline's queue.
+                assert!(
+                    eventually(timeout, async || get(
+                        &parse(&scrape(addr).await),
+                        "qoder_exporter_pipeline_queue_depth"
+                    ) == 0.0)
+                    .await,
+                    "the pipeline's queue drained"
+                );
             }
             let series = parse(&scrape(addr).await);
             let problems = mismatches(&series, totals);
