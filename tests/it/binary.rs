@@ -1042,3 +1042,117 @@ async fn api_anomalies_are_counted_by_kind() {
         assert!(get(&series, "qoder_events_total") <= sim.totals.event_count());
     }
 }
+
+/// The event-derived series of a `/metrics` text, by their whole name-and-labels key.
+fn event_series(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let skip = [
+        "qoder_exporter_",
+        "qoder_up",
+        "qoder_sessions",
+        "qoder_session_info",
+        "qoder_session_credits{",
+        "qoder_session_budget",
+        "qoder_credit_price",
+    ];
+    text.lines()
+        .filter(|l| l.starts_with("qoder_") && !skip.iter().any(|s| l.starts_with(s)))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `replay ARGS…` to its end; its stdout, or the failure with its stderr.
+fn replay_files(args: &[&std::ffi::OsStr]) -> Result<String, String> {
+    let out = Command::new(BIN)
+        .arg("replay")
+        .args(args)
+        .output()
+        .expect("replay runs");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A state file written by an older release (`tests/fixtures/state-c79f8ec`, before the
+/// October API) is read as that release reported it, continues to the numbers one run of this
+/// release over the whole log gives, and a file from a newer release is refused.
+#[test]
+fn a_state_file_from_an_older_release_is_read_and_continued() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state-c79f8ec");
+    let dir = tempfile::tempdir().expect("dir");
+    let old = dir.path().join("old.db");
+    std::fs::copy(fixture.join("state.db"), &old).expect("copy");
+    let nothing = dir.path().join("empty.jsonl");
+    std::fs::write(&nothing, b"").expect("write");
+    let arg = |p: &Path| p.as_os_str().to_owned();
+    let (head, tail) = (fixture.join("head.jsonl.gz"), fixture.join("tail.jsonl.gz"));
+
+    // As the old release left it.
+    let now = replay_files(&[&arg(Path::new("--state.path")), &arg(&old), &arg(&nothing)])
+        .expect("reads the old state");
+    let before = std::fs::read_to_string(fixture.join("old-metrics.txt")).expect("fixture");
+    let (before, now) = (event_series(&before), event_series(&now));
+    assert!(before.len() > 100, "the fixture holds series");
+    for (key, value) in &before {
+        assert_eq!(now.get(key), Some(value), "{key}");
+    }
+
+    // Continued with the rest of the log (a dump is whole: the replay skips the head the
+    // state holds), it ends where one run of this release over all of it ends, in every
+    // family the old release had. Not `qoder_thread_turns_total`, whose meaning changed with
+    // the October API (threads read from their own streams), nor the families added since
+    // (`qoder_tool_call_duration_seconds`): they cannot count what the old release did not.
+    let continued = replay_files(&[
+        &arg(Path::new("--state.path")),
+        &arg(&old),
+        &arg(&head),
+        &arg(&tail),
+    ])
+    .expect("continues");
+    let fresh = dir.path().join("fresh.db");
+    let whole = replay_files(&[
+        &arg(Path::new("--state.path")),
+        &arg(&fresh),
+        &arg(&head),
+        &arg(&tail),
+    ])
+    .expect("one run");
+    let family = |key: &str| key.split('{').next().unwrap_or(key).to_owned();
+    let families: std::collections::BTreeSet<String> = before
+        .keys()
+        .map(|k| family(k))
+        .filter(|f| f != "qoder_thread_turns_total")
+        .collect();
+    let kept = |text: &str| {
+        let mut m = event_series(text);
+        m.retain(|k, _| families.contains(&family(k)));
+        m
+    };
+    let (continued, whole) = (kept(&continued), kept(&whole));
+    assert!(continued.len() > 100);
+    assert_eq!(continued, whole);
+
+    // A file from a newer release: refused, and left alone.
+    let newer = dir.path().join("newer.db");
+    std::fs::copy(fixture.join("state.db"), &newer).expect("copy");
+    rusqlite::Connection::open(&newer)
+        .and_then(|c| c.pragma_update(None, "user_version", 99))
+        .expect("bump the version");
+    let before = std::fs::read(&newer).expect("read");
+    let err = replay_files(&[
+        &arg(Path::new("--state.path")),
+        &arg(&newer),
+        &arg(&nothing),
+    ])
+    .expect_err("refused");
+    assert!(err.contains("newer than this exporter"), "{err}");
+    assert_eq!(
+        std::fs::read(&newer).expect("read"),
+        before,
+        "left as it was"
+    );
+}
