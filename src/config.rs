@@ -26,6 +26,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 /// bounded when a list of live sessions never ends; an account with more splits them
 /// (`--shard.count`).
 pub const DEFAULT_MAX_SESSIONS: usize = 50_000;
+/// `--metrics.session-series-limit`: per-session series for this many recent sessions.
+pub const DEFAULT_SESSION_SERIES_LIMIT: usize = 100;
+/// `--metrics.max-series`: Prometheus series of the event-derived families.
+pub const DEFAULT_MAX_SERIES: usize = 50_000;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -868,12 +872,12 @@ impl Settings {
                 .metrics
                 .session_series_limit
                 .or(file.metrics.session_series_limit)
-                .unwrap_or(crate::sinks::metrics::DEFAULT_SESSION_SERIES_LIMIT),
+                .unwrap_or(DEFAULT_SESSION_SERIES_LIMIT),
             max_series: flags
                 .metrics
                 .max_series
                 .or(file.metrics.max_series)
-                .unwrap_or(crate::sinks::metrics::DEFAULT_MAX_SERIES),
+                .unwrap_or(DEFAULT_MAX_SERIES),
             api_url,
             pat,
             pat_file,

@@ -437,6 +437,19 @@ fn error_kind(w: WireEvent) -> EventKind {
     }
 }
 
+/// The longest prefix of `s` no longer than `max` bytes that ends on a character boundary
+/// (label values, span text: wire text is unbounded, what the exporter keeps is not).
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// RFC 3339 with any fractional precision (ns, µs, ms, none) and any offset.
 pub fn parse_time(s: Option<&str>) -> Option<i64> {
     let s = s?.trim();

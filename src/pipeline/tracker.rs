@@ -21,7 +21,9 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::usage::{SnapshotOutcome, SnapshotSource, UsageState};
-use crate::event::{Event, EventKind, RetryStatus, ThreadPhase, Tokens, ToolKind, UsageSnapshot};
+use crate::event::{
+    Event, EventKind, RetryStatus, ThreadPhase, Tokens, ToolKind, UsageSnapshot, truncate,
+};
 use crate::sinks::metrics::{Delta, Family};
 
 /// How many recent event ids a session remembers to skip an event the API returns twice.
@@ -1193,18 +1195,6 @@ fn session_snapshot(kind: &EventKind) -> Option<&UsageSnapshot> {
         } => Some(s),
         _ => None,
     }
-}
-
-/// The longest prefix of `s` no longer than `max` bytes that ends on a character boundary.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 fn push_child(turn: &mut Turn, child: ChildSpan) {

@@ -243,7 +243,7 @@ impl hashbrown::Equivalent<SeriesKey> for LabelsRef<'_> {
 /// The labels cut as they are stored ([`MAX_LABEL_BYTES`]), without copying them.
 fn cut_labels<'a>(labels: &[&'a str], out: &'a mut [&'a str; MAX_LABELS]) -> &'a [&'a str] {
     for (o, l) in out.iter_mut().zip(labels) {
-        *o = crate::pipeline::tracker::truncate(l, MAX_LABEL_BYTES);
+        *o = crate::event::truncate(l, MAX_LABEL_BYTES);
     }
     &out[..labels.len().min(MAX_LABELS)]
 }
@@ -256,7 +256,7 @@ fn owned_key(family: Family, labels: &[&str]) -> SeriesKey {
 pub const MAX_LABEL_BYTES: usize = 128;
 
 fn label(s: &str) -> String {
-    crate::pipeline::tracker::truncate(s, MAX_LABEL_BYTES).to_owned()
+    crate::event::truncate(s, MAX_LABEL_BYTES).to_owned()
 }
 
 impl Delta {
@@ -304,9 +304,6 @@ struct Inner {
     /// `_sum` and `_count`.
     prometheus_series: usize,
 }
-
-/// `--metrics.max-series` when not given.
-pub const DEFAULT_MAX_SERIES: usize = 50_000;
 
 /// How many Prometheus series one label set of `family` is.
 fn series_cost(family: Family) -> usize {
@@ -450,7 +447,7 @@ impl DurableMetrics {
         DurableMetrics {
             inner: RwLock::new(Inner::default()),
             descs,
-            max_series: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_SERIES),
+            max_series: std::sync::atomic::AtomicUsize::new(crate::config::DEFAULT_MAX_SERIES),
             budget_told: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -1176,7 +1173,7 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let sessions = std::sync::Arc::new(super::session_series::SessionSeries::new(
-            DEFAULT_SESSION_SERIES_LIMIT,
+            crate::config::DEFAULT_SESSION_SERIES_LIMIT,
         ));
         registry.register(Box::new(SessionCollector(sessions.clone())))?;
         Ok(Metrics {
@@ -1227,9 +1224,6 @@ impl Metrics {
         (buf, TEXT_FORMAT.to_owned())
     }
 }
-
-/// `--metrics.session-series-limit` when not given.
-pub const DEFAULT_SESSION_SERIES_LIMIT: usize = 100;
 
 #[derive(Debug)]
 struct SessionCollector(std::sync::Arc<super::session_series::SessionSeries>);

@@ -753,7 +753,7 @@ mod tests {
         d.inc(Family::ToolCalls, &[&huge, "agent"], 1.0);
         let m = DurableMetrics::new();
         m.publish(m.stage(&d));
-        let cut = crate::pipeline::tracker::truncate(&huge, MAX_LABEL_BYTES);
+        let cut = crate::event::truncate(&huge, MAX_LABEL_BYTES);
         assert!(cut.len() <= MAX_LABEL_BYTES && cut.len() >= MAX_LABEL_BYTES - 1);
         assert_eq!(m.counter(Family::ToolCalls, &[cut, "agent"]), 1.0);
     }

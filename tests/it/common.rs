@@ -60,7 +60,7 @@ pub fn settings_for(api_url: &str, token: &str, state: &Path) -> Settings {
         workspace_id: None,
         credit_price: None,
         session_series_limit: 100,
-        max_series: qoder_exporter::sinks::metrics::DEFAULT_MAX_SERIES,
+        max_series: qoder_exporter::config::DEFAULT_MAX_SERIES,
         otlp: None,
         shard: Default::default(),
     }
