@@ -431,6 +431,24 @@ async fn a_dump_with_a_rejected_token_leaves_no_file() {
     );
 }
 
+/// `dump` of everything `sim` holds, to `file` (`--output`) or to stdout (returned).
+fn dump_to(sim: &Sim, file: Option<&Path>) -> Vec<u8> {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["dump", "--qoder.api-url", &sim.base_url()])
+        .args(["--qoder.max-requests-per-second", "0"])
+        .env("QODER_PAT", sim.token());
+    if let Some(f) = file {
+        cmd.arg("--output").arg(f);
+    }
+    let out = cmd.output().expect("dump runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// `replay - ARGS…` with `input` on its standard input.
 fn replay_from_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
     let mut child = Command::new(BIN)
@@ -494,18 +512,7 @@ async fn dump_then_replay_reproduces_the_totals() {
     sim.release_all();
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("log.jsonl");
-    let out = Command::new(BIN)
-        .args(["dump", "--qoder.api-url", &sim.base_url()])
-        .args(["--qoder.max-requests-per-second", "0", "--output"])
-        .arg(&file)
-        .env("QODER_PAT", sim.token())
-        .output()
-        .expect("dump runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dump_to(&sim, Some(&file));
     let text = std::fs::read_to_string(&file).expect("dump file");
     // To a path that is not a regular file: written as it is (nothing to rename).
     let out = Command::new(BIN)
@@ -887,18 +894,7 @@ async fn replay_applies_the_series_budget_and_the_credit_price() {
     })
     .await;
     sim.release_all();
-    let out = Command::new(BIN)
-        .args(["dump", "--qoder.api-url", &sim.base_url()])
-        .args(["--qoder.max-requests-per-second", "0"])
-        .env("QODER_PAT", sim.token())
-        .output()
-        .expect("dump runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump = out.stdout;
+    let dump = dump_to(&sim, None);
     // Prometheus series of the event-derived families (`qoder_*` but not the exporter's own,
     // the per-session gauges or the price).
     let event_series = |text: &str| {
@@ -997,27 +993,12 @@ async fn discovery_stops_following_at_max_sessions() {
 /// `after_id` (`cursor_ignored`), and one whose pages lead back to page 1 (`page_loop`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_anomalies_are_counted_by_kind() {
-    use qoder_exporter::sim::{EventsCursor, SimConfig};
+    use qoder_exporter::sim::EventsCursor;
     for (mode, kind) in [
         (EventsCursor::Ignored, "cursor_ignored"),
         (EventsCursor::Cycle, "page_loop"),
     ] {
-        let sim = Sim::start(
-            SimConfig {
-                scenario: ScenarioConfig {
-                    seed: 21,
-                    sessions: 2,
-                    max_turns: 80,
-                    sub_agents: false,
-                    ..ScenarioConfig::default()
-                },
-                events_cursor: mode,
-                ..SimConfig::default()
-            },
-            loopback(),
-        )
-        .await
-        .expect("sim");
+        let sim = looping_sim(mode).await;
         sim.release_all();
         let dir = tempfile::tempdir().expect("dir");
         let p = spawn(&sim, &dir.path().join("s.db"), &[]);

@@ -28,6 +28,23 @@ pub async fn sim_with(cfg: SimConfig) -> Sim {
     Sim::start(cfg, loopback()).await.expect("sim starts")
 }
 
+/// A simulator whose event list misbehaves as `mode` says, with two sessions whose logs run
+/// to several pages (more than 300 events).
+pub async fn looping_sim(mode: qoder_exporter::sim::EventsCursor) -> Sim {
+    sim_with(SimConfig {
+        scenario: ScenarioConfig {
+            seed: 21,
+            sessions: 2,
+            max_turns: 80,
+            sub_agents: false,
+            ..ScenarioConfig::default()
+        },
+        events_cursor: mode,
+        ..SimConfig::default()
+    })
+    .await
+}
+
 /// Settings for an in-process exporter against `sim`, fast timings, state at `state`.
 pub fn settings(sim: &Sim, state: &Path) -> Settings {
     settings_for(&sim.base_url(), &sim.token(), state)

@@ -780,18 +780,7 @@ async fn a_failed_thread_list_loses_no_thread() {
 async fn an_event_list_that_loops_inflates_nothing() {
     use qoder_exporter::sim::EventsCursor;
     for mode in [EventsCursor::Ignored, EventsCursor::Cycle] {
-        let sim = sim_with(SimConfig {
-            scenario: ScenarioConfig {
-                seed: 21,
-                sessions: 2,
-                max_turns: 80,
-                sub_agents: false,
-                ..ScenarioConfig::default()
-            },
-            events_cursor: mode,
-            ..SimConfig::default()
-        })
-        .await;
+        let sim = looping_sim(mode).await;
         let longest = sim
             .sessions()
             .iter()
