@@ -327,6 +327,19 @@ def health():
             [(f'max(qoder_exporter_span_outbox_turns{{{J}}})', "turns")], "short",
             description="Grows while the OTLP endpoint is unreachable; past --otlp.outbox-max-turns the oldest are dropped.")
     b.panel("Pipeline queue depth", "timeseries", [(f'max(qoder_exporter_pipeline_queue_depth{{{J}}})', "batches")], "short")
+    b.row("Guards")
+    b.panel("State file takes commits", "stat", [(f'min(qoder_exporter_state_writable{{{J}}})', "writable")], "bool_yes_no", w=6,
+            description="0 from a failed commit (disk full, read-only, locked) until one succeeds; /readyz fails meanwhile.",
+            thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}])
+    b.panel("Open connections on the web port", "stat", [(f'sum(qoder_exporter_http_connections{{{J}}})', "open")], "short", w=6,
+            description="Bounded by --web.max-connections (512); past it new connections are closed and counted.")
+    b.panel("Guards at work per second", "timeseries",
+            [(f'sum(rate(qoder_exporter_series_dropped_total{{{J}}}[$__rate_interval]))', "label sets folded into other (series budget)"),
+             (f'sum by (kind) (rate(qoder_exporter_api_anomalies_total{{{J}}}[$__rate_interval]))', "API paging anomaly: {{kind}}"),
+             (f'sum(rate(qoder_exporter_http_connections_refused_total{{{J}}}[$__rate_interval]))', "connections refused"),
+             (f'sum(rate(qoder_exporter_sessions_not_followed_total{{{J}}}[$__rate_interval]))', "sessions waiting (--qoder.max-sessions)"),
+             (f'sum(rate(qoder_exporter_events_duplicate_total{{{J}}}[$__rate_interval]))', "repeated events skipped")], "short",
+            description="What the exporter refused or folded to stay exact and bounded; each has an alert and a runbook.")
     return b.json(variables(False))
 
 
