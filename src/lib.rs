@@ -20,6 +20,7 @@
 pub mod app;
 pub mod config;
 pub mod event;
+pub mod log_limit;
 pub mod logfmt;
 pub mod offline;
 pub mod pipeline;

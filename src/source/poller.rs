@@ -193,33 +193,6 @@ enum Done {
     Discovery(Result<(), ApiError>),
 }
 
-/// Tells the operator about failures without a line per request: the first of each kind is
-/// logged at once, repeats at most once a minute with a count.
-#[derive(Debug, Default)]
-struct LogLimiter {
-    last: HashMap<String, (Instant, u64)>,
-}
-
-impl LogLimiter {
-    fn warn(&mut self, kind: &str, msg: &str) {
-        let now = Instant::now();
-        let entry = self
-            .last
-            .entry(kind.to_owned())
-            .or_insert((now - Duration::from_secs(3600), 0));
-        entry.1 += 1;
-        if now.duration_since(entry.0) >= Duration::from_secs(60) {
-            let repeats = entry.1 - 1;
-            if repeats > 0 {
-                tracing::warn!(kind, repeats_since_last_log = repeats, "{msg}");
-            } else {
-                tracing::warn!(kind, "{msg}");
-            }
-            *entry = (now, 0);
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct Poller {
     client: Client,
@@ -233,7 +206,7 @@ pub struct Poller {
     initial: Option<HashSet<String>>,
     discovered_once: bool,
     auth: AuthState,
-    logs: LogLimiter,
+    logs: crate::log_limit::LogLimiter,
     /// Sessions the running listing added so far (logged when it ends).
     discovered_new: usize,
     pat_file_stamp: Option<SystemTime>,
@@ -290,7 +263,7 @@ impl Poller {
             initial: None,
             discovered_once: false,
             auth: AuthState::default(),
-            logs: LogLimiter::default(),
+            logs: crate::log_limit::LogLimiter::default(),
             discovered_new: 0,
             pat_file_stamp: None,
             agent_names: Arc::default(),
