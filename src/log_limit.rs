@@ -44,7 +44,10 @@ mod tests {
         assert_eq!(logs.last["connect"].1, 0, "told at once");
         logs.warn("connect", "down");
         logs.warn("connect", "down");
-        assert_eq!(logs.last["connect"].1, 2, "within the minute: counted, not told");
+        assert_eq!(
+            logs.last["connect"].1, 2,
+            "within the minute: counted, not told"
+        );
         logs.warn("tls", "bad certificate");
         assert_eq!(logs.last["tls"].1, 0, "another kind is told at once");
     }
