@@ -133,6 +133,8 @@ fn commit(c: &mut Criterion) {
         st.apply(id, e, &mut delta, &mut closed);
     }
     let staged = metrics.stage(&delta);
+    // The digests of the batch's event ids, committed with it.
+    let ids = vec![(String::new(), (0..100u64).collect::<Vec<_>>())];
     let mut g = c.benchmark_group("state commit (WAL, synchronous=FULL)");
     g.throughput(Throughput::Elements(100));
     g.bench_function("one batch of 100 events", |b| {
@@ -145,6 +147,7 @@ fn commit(c: &mut Criterion) {
                     state: &st,
                     series: &staged.values,
                     closed_turns: &[],
+                    event_ids: &ids,
                 })
                 .expect("commit")
         })
@@ -164,6 +167,7 @@ fn commit(c: &mut Criterion) {
                     state: s,
                     series: if i == 0 { &staged.values } else { &[] },
                     closed_turns: &[],
+                    event_ids: &ids,
                 })
                 .collect();
             store.commit_many(&writes).expect("commit")

@@ -19,7 +19,11 @@ use crate::sinks::metrics::{Family, SeriesKey, SeriesValue};
 
 /// `QODX` in ASCII: marks the file as ours.
 const APPLICATION_ID: i32 = 0x514F_4458;
+/// Tables added since (`event_ids`) are additive: an older release opens the file and leaves
+/// them alone, so the version stays 1 until a change an older release would misread.
 const SCHEMA_VERSION: i32 = 1;
+/// A stream's id digests are merged into one row when reading them finds more rows than this.
+const EVENT_ID_ROWS_MERGED: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -77,6 +81,8 @@ pub struct BatchWrite<'a> {
     pub state: &'a SessionState,
     pub series: &'a [(SeriesKey, SeriesValue)],
     pub closed_turns: &'a [ClosedTurn],
+    /// Digests of the event ids the batch counted, by thread (`""`: the session's stream).
+    pub event_ids: &'a [(String, Vec<u64>)],
 }
 
 /// An agent's name learned, and the series and sessions it moves from the id to the name.
@@ -217,7 +223,13 @@ impl StateStore {
             CREATE TABLE IF NOT EXISTS agents (
                 id   TEXT PRIMARY KEY,
                 name TEXT NOT NULL
-            );",
+            );
+            CREATE TABLE IF NOT EXISTS event_ids (
+                session TEXT NOT NULL,
+                thread  TEXT NOT NULL,
+                ids     BLOB NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS event_ids_stream ON event_ids (session, thread);",
         )?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -323,19 +335,55 @@ impl StateStore {
         Ok(())
     }
 
-    /// Records a session before its first batch (its agent and model), or updates them.
+    /// Records a session before its first batch (its agent and model), or updates them. A
+    /// finished session is never read again: the ids it counted are forgotten with it.
     pub fn upsert_session(
         &mut self,
         id: &str,
         state: &SessionState,
         finished: bool,
     ) -> Result<(), StateError> {
-        self.conn.execute(
+        let tx = self.conn.transaction()?;
+        tx.execute(
             "INSERT INTO sessions (id, cursor, finished, state) VALUES (?1, NULL, ?2, ?3)
              ON CONFLICT(id) DO UPDATE SET finished = excluded.finished, state = excluded.state",
             params![id, finished, serde_json::to_string(state)?],
         )?;
+        if finished {
+            tx.execute("DELETE FROM event_ids WHERE session = ?1", [id])?;
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    /// The digests of the event ids one stream counted (`thread` `""`: the session's own).
+    /// A stream written in many batches is merged into one row on the way.
+    pub fn load_event_ids(&mut self, session: &str, thread: &str) -> Result<Vec<u64>, StateError> {
+        let rows: Vec<Vec<u8>> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT ids FROM event_ids WHERE session = ?1 AND thread = ?2")?;
+            stmt.query_map([session, thread], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        let digests: Vec<u64> = rows
+            .iter()
+            .flat_map(|b| b.chunks_exact(8))
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        if rows.len() > EVENT_ID_ROWS_MERGED {
+            let tx = self.conn.transaction()?;
+            tx.execute(
+                "DELETE FROM event_ids WHERE session = ?1 AND thread = ?2",
+                [session, thread],
+            )?;
+            tx.execute(
+                "INSERT INTO event_ids (session, thread, ids) VALUES (?1, ?2, ?3)",
+                params![session, thread, digest_blob(&digests)],
+            )?;
+            tx.commit()?;
+        }
+        Ok(digests)
     }
 
     /// Commits one batch atomically.
@@ -359,6 +407,9 @@ impl StateStore {
                  ON CONFLICT(family, labels) DO UPDATE SET value = excluded.value",
             )?;
             let mut outbox = tx.prepare_cached("INSERT INTO outbox (turn) VALUES (?1)")?;
+            let mut ids = tx.prepare_cached(
+                "INSERT INTO event_ids (session, thread, ids) VALUES (?1, ?2, ?3)",
+            )?;
             for w in writes {
                 session.execute(params![
                     w.session_id,
@@ -375,6 +426,9 @@ impl StateStore {
                 }
                 for t in w.closed_turns {
                     outbox.execute(params![serde_json::to_string(t)?])?;
+                }
+                for (thread, digests) in w.event_ids {
+                    ids.execute(params![w.session_id, thread, digest_blob(digests)])?;
                 }
             }
         }
@@ -466,6 +520,11 @@ impl StateStore {
     }
 }
 
+/// Digests as stored: 8 bytes each, little endian.
+fn digest_blob(digests: &[u64]) -> Vec<u8> {
+    digests.iter().flat_map(|d| d.to_le_bytes()).collect()
+}
+
 /// `<file>.lock` beside the state file, for the file itself: symlinks and other spellings of
 /// its path (`./s.db`, `dir/../s.db`) are resolved first, so two exporters handed the same
 /// file under two names still meet at one lock.
@@ -513,6 +572,7 @@ mod tests {
                         SeriesValue::Counter(7_000_000),
                     )],
                     closed_turns: &[],
+                    event_ids: &[],
                 })
                 .expect("commit");
         }
@@ -526,6 +586,7 @@ mod tests {
                 state: &state,
                 series: &[],
                 closed_turns: &[],
+                event_ids: &[],
             })
             .expect("commit");
         let sessions = store.load_sessions().expect("sessions");
@@ -581,6 +642,48 @@ mod tests {
     }
 
     #[test]
+    fn event_ids_are_read_back_merged_and_forgotten_with_their_session() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = StateStore::open(&dir.path().join("s.db")).expect("store");
+        let state = SessionState::new("a".into());
+        for n in 0..20u64 {
+            let ids = [
+                (String::new(), vec![n]),
+                ("thr_1".to_owned(), vec![100 + n]),
+            ];
+            store
+                .commit(&BatchWrite {
+                    session_id: "s",
+                    cursor: None,
+                    finished: false,
+                    state: &state,
+                    series: &[],
+                    closed_turns: &[],
+                    event_ids: &ids,
+                })
+                .expect("commit");
+        }
+        let rows = |store: &StateStore| -> i64 {
+            store
+                .conn
+                .query_row("SELECT count(*) FROM event_ids", [], |r| r.get(0))
+                .expect("count")
+        };
+        assert_eq!(rows(&store), 40);
+        let own = store.load_event_ids("s", "").expect("load");
+        assert_eq!(own, (0..20).collect::<Vec<_>>());
+        assert_eq!(rows(&store), 21, "the session's stream merged into one row");
+        assert_eq!(store.load_event_ids("s", "").expect("again"), own);
+        assert_eq!(
+            store.load_event_ids("s", "thr_1").expect("thread"),
+            (100..120).collect::<Vec<_>>()
+        );
+        assert!(store.load_event_ids("other", "").expect("none").is_empty());
+        store.upsert_session("s", &state, true).expect("finish");
+        assert_eq!(rows(&store), 0);
+    }
+
+    #[test]
     fn outbox_trims_oldest_first() {
         let dir = tempfile::tempdir().expect("dir");
         let mut store = StateStore::open(&dir.path().join("s.db")).expect("open");
@@ -622,6 +725,7 @@ mod tests {
                 state: &state,
                 series: &[],
                 closed_turns: &turns,
+                event_ids: &[],
             })
             .expect("commit");
         let keys = |v: &[Option<ClosedTurn>]| {

@@ -7,6 +7,7 @@
 //! memory. Each batch is acknowledged, and a poller only moves its cursor on a successful ack,
 //! so a failed commit means the same page is read again, never skipped.
 
+pub mod event_ids;
 pub mod tracker;
 pub mod usage;
 
@@ -20,6 +21,7 @@ use crate::sinks::metrics::{Delta, Metrics};
 use crate::sinks::session_series::SessionView;
 use crate::source::wire::InvalidReason;
 use crate::state::{BatchWrite, StateError, StateStore, StoredSession};
+use event_ids::{EventIds, Staged, StreamKey};
 use tracker::{Applied, ClosedTurn, SessionState};
 
 /// One entry of a page: a readable event, or the reason it could not be read.
@@ -215,6 +217,9 @@ fn merge_meta(state: &mut SessionState, meta: SessionMeta) {
 pub struct Pipeline {
     store: StateStore,
     sessions: HashMap<String, SessionState>,
+    /// Every event id each stream counted: an event the API returns again, however late, is
+    /// skipped.
+    event_ids: EventIds,
     /// Agent id → name, durable: a session that names its agent by id alone is counted under
     /// the name when any object has shown both.
     agents: HashMap<String, String>,
@@ -260,6 +265,7 @@ impl Pipeline {
             Pipeline {
                 store,
                 sessions,
+                event_ids: EventIds::default(),
                 agents,
                 metrics,
                 outbox,
@@ -365,6 +371,7 @@ impl Pipeline {
         let written = self.store.upsert_session(id, &state, true);
         self.note_write(&written);
         written?;
+        self.event_ids.forget_session(id);
         if self.sessions.remove(id).is_some() {
             self.metrics
                 .process
@@ -513,6 +520,7 @@ impl Pipeline {
         let mut bad_fields = 0u64;
         let capture = self.outbox.as_ref().and_then(|o| o.capture_bytes);
         let mut touched: Vec<Touched> = Vec::new();
+        let mut ids = Staged::default();
         let mut outcomes = Vec::with_capacity(batches.len());
         for batch in batches {
             let pos = match touched.iter().position(|t| t.id == batch.session_id) {
@@ -546,9 +554,19 @@ impl Pipeline {
                 t.state.thread_listed(listed);
             }
             let thread = batch.thread.as_deref();
+            let stream: StreamKey = (t.id.clone(), thread.unwrap_or_default().to_owned());
+            if !batch.items.is_empty() && !self.event_ids.is_loaded(&stream) {
+                let read = self.store.load_event_ids(&stream.0, &stream.1);
+                self.note_write(&read);
+                self.event_ids.load(stream.clone(), read?);
+            }
             for item in &batch.items {
                 match item {
                     Item::Event(e) => {
+                        if !self.event_ids.admit(&mut ids, &stream, &e.id) {
+                            duplicates += 1;
+                            continue;
+                        }
                         if let Some(max) = self.max_turn_age_ns {
                             t.state
                                 .close_stale(&t.id, e.time_ns, max, &mut delta, &mut closed);
@@ -607,16 +625,20 @@ impl Pipeline {
         }
         let staged = self.metrics.durable.stage(&delta);
         let turns: &[ClosedTurn] = if self.outbox.is_some() { &closed } else { &[] };
+        let new_ids: Vec<Vec<(String, Vec<u64>)>> =
+            touched.iter().map(|t| ids.of_session(&t.id)).collect();
         let writes: Vec<BatchWrite<'_>> = touched
             .iter()
+            .zip(&new_ids)
             .enumerate()
-            .map(|(i, t)| BatchWrite {
+            .map(|(i, (t, event_ids))| BatchWrite {
                 session_id: &t.id,
                 cursor: t.cursor.as_deref(),
                 finished: false,
                 state: &t.state,
                 series: if i == 0 { &staged.values } else { &[] },
                 closed_turns: if i == 0 { turns } else { &[] },
+                event_ids,
             })
             .collect();
         let result = self.store.commit_many(&writes);
@@ -628,6 +650,7 @@ impl Pipeline {
             return Err(e);
         }
         // Committed: now, and only now, the batches become visible.
+        self.event_ids.publish(ids);
         p.series_dropped.inc_by(staged.folded);
         self.metrics.durable.publish(staged);
         p.state_commits.inc();
@@ -759,6 +782,45 @@ mod tests {
         .expect("commit");
         assert_eq!(requests(&metrics, "triage"), 3.0);
         assert_eq!(requests(&metrics, "agent_7"), 0.0);
+    }
+
+    /// An id the API returns again is skipped however many events later it comes, across a
+    /// restart, while the same id on another session counts.
+    #[test]
+    fn an_event_counts_once_however_late_the_api_repeats_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("s.db");
+        let open = || {
+            let metrics = Metrics::new().expect("metrics");
+            let store = StateStore::open(&path).expect("store");
+            let (p, _) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+            (p, metrics)
+        };
+        {
+            let (mut p, metrics) = open();
+            let first: Vec<Item> = (0..100).map(|n| request(&format!("e{n}"))).collect();
+            p.apply_batch(batch("s1", meta(None, Some("a")), first))
+                .expect("commit");
+            p.apply_batch(batch(
+                "s1",
+                meta(None, Some("a")),
+                vec![request("e0"), request("e100"), request("e50")],
+            ))
+            .expect("commit");
+            assert_eq!(requests(&metrics, "a"), 101.0);
+            assert_eq!(metrics.process.events_duplicate.get(), 2);
+        }
+        let (mut p, metrics) = open();
+        p.apply_batch(batch(
+            "s1",
+            meta(None, Some("a")),
+            vec![request("e1"), request("e101")],
+        ))
+        .expect("commit");
+        p.apply_batch(batch("s2", meta(None, Some("a")), vec![request("e1")]))
+            .expect("commit");
+        assert_eq!(requests(&metrics, "a"), 103.0);
+        assert_eq!(metrics.process.events_duplicate.get(), 1);
     }
 
     #[test]

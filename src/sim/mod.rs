@@ -130,6 +130,8 @@ pub enum EventsCursor {
     Ignored,
     /// Honoured up to the end of the second page; from there it leads back to the first.
     Cycle,
+    /// Honoured, but every page after the first starts with the event 100 before it again.
+    Echo,
 }
 
 /// Request counts the tests check the exporter's manners by.
@@ -809,7 +811,7 @@ async fn list_events(
         return refused_cursor();
     }
     let after = match st.events_cursor {
-        EventsCursor::Honoured => after,
+        EventsCursor::Honoured | EventsCursor::Echo => after,
         EventsCursor::Ignored => None,
         EventsCursor::Cycle => after.filter(|a| {
             s.events
@@ -818,7 +820,15 @@ async fn list_events(
                 .is_none_or(|i| i + 1 < 2 * limit)
         }),
     };
-    events_page(&s.events, clock, after.as_deref(), before.as_deref(), limit)
+    let echo = st.events_cursor == EventsCursor::Echo;
+    events_page(
+        &s.events,
+        clock,
+        after.as_deref(),
+        before.as_deref(),
+        limit,
+        echo,
+    )
 }
 
 /// The session `id` if it exists at `clock`.
@@ -854,14 +864,22 @@ fn events_page(
     after: Option<&str>,
     before: Option<&str>,
     limit: usize,
+    echo: bool,
 ) -> Response {
     let visible: Vec<_> = events.iter().filter(|e| e.step <= clock).collect();
     let (slice, has_more) = match cursor_slice(&visible, |e| &e.id, after, before, limit) {
         Ok(x) => x,
         Err(r) => return r,
     };
-    let items = slice.iter().map(|e| e.json.clone()).collect();
-    let ids: Vec<&str> = slice.iter().map(|e| e.id.as_str()).collect();
+    let mut page_events: Vec<&SimEvent> = slice.to_vec();
+    let start = slice
+        .first()
+        .and_then(|f| visible.iter().position(|e| e.id == f.id));
+    if echo && let Some(start) = start.filter(|s| *s > 0) {
+        page_events.insert(0, visible[start.saturating_sub(100)]);
+    }
+    let items = page_events.iter().map(|e| e.json.clone()).collect();
+    let ids: Vec<&str> = page_events.iter().map(|e| e.id.as_str()).collect();
     page(items, &ids, has_more)
 }
 
@@ -958,6 +976,7 @@ async fn list_thread_events(
         after.as_deref(),
         before.as_deref(),
         limit,
+        st.events_cursor == EventsCursor::Echo,
     )
 }
 

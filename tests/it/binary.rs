@@ -1016,6 +1016,48 @@ async fn api_anomalies_are_counted_by_kind() {
     }
 }
 
+/// An API that starts every page with the event 100 before it again (far past any window of
+/// recent ids) moves no count: every id is remembered for its stream, on disk, so the repeats
+/// stay skipped across a `kill -9` and a restart, on the sessions' and the threads' streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_api_repeats_100_events_later_counts_once() {
+    use qoder_exporter::sim::{EventsCursor, SimConfig};
+    let sim = sim_with(SimConfig {
+        scenario: ScenarioConfig {
+            seed: 23,
+            sessions: 3,
+            max_turns: 40,
+            ..ScenarioConfig::default()
+        },
+        events_cursor: EventsCursor::Echo,
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("s.db");
+    let grower = grow_log(&sim);
+    let mut p = spawn(&sim, &state, &[]);
+    let repeats = |series: &Series| get(series, "qoder_exporter_events_duplicate_total");
+    assert!(
+        eventually(Duration::from_secs(60), async || repeats(&parse(
+            &scrape(p.addr).await
+        )) >= 10.0)
+        .await,
+        "the API's repeats are seen:\n{}",
+        p.log()
+    );
+    p.child.kill().expect("kill -9");
+    p.child.wait().expect("reaped");
+    grower.await.expect("grower");
+    sim.release_all();
+    let p = spawn(&sim, &state, &[]);
+    let series = wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    assert!(
+        repeats(&series) > 0.0,
+        "repeats skipped after the restart too"
+    );
+}
+
 /// The event-derived series of a `/metrics` text, by their whole name-and-labels key.
 fn event_series(text: &str) -> std::collections::BTreeMap<String, f64> {
     let skip = [
