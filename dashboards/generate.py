@@ -315,7 +315,7 @@ def health():
     b.row("Pipeline")
     b.panel("Invalid events and dropped fields", "timeseries",
             [(f'sum by (reason) (rate(qoder_exporter_events_invalid_total{{{J}}}[$__rate_interval]))', "invalid: {{reason}}"),
-             (f'sum(rate(qoder_exporter_event_fields_dropped_total{{{J}}}[$__rate_interval]))', "fields dropped")], "short")
+             (f'sum by (reason) (rate(qoder_exporter_event_fields_dropped_total{{{J}}}[$__rate_interval]))', "fields dropped: {{reason}}")], "short")
     b.panel("State commits per second and p99 commit time", "timeseries",
             [(f'sum(rate(qoder_exporter_state_commits_total{{{J}}}[$__rate_interval]))', "commits/s"),
              (f'histogram_quantile(0.99, sum by (le) (rate(qoder_exporter_state_commit_duration_seconds_bucket{{{J}}}[$__rate_interval])))', "p99 commit (s)")], "short")

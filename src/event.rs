@@ -500,6 +500,57 @@ fn parse_utc(s: &str) -> Option<i64> {
     i64::try_from(at.unix_timestamp_nanos()).ok()
 }
 
+/// Fields of readable events that were dropped, by why. The event itself is kept and counted:
+/// dropping a whole `span.model_request_end` for one absurd number would lose the request, its
+/// pairing with its start, and its turn's other numbers too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DroppedFields {
+    /// The wrong JSON type for the field (a string where a number goes).
+    pub wrong_shape: u32,
+    /// A quantity beyond `source::wire::MAX_QUANTITY` (1e308, `u64::MAX`): counting it would pin a counter.
+    pub out_of_range: u32,
+    /// Not JSON as written, repaired to `null` or U+FFFD: a byte that is not UTF-8, a bare
+    /// `NaN` or `Infinity`.
+    pub not_json: u32,
+}
+
+impl DroppedFields {
+    /// The `reason` label values of `qoder_exporter_event_fields_dropped_total`.
+    pub const REASONS: [&'static str; 3] = ["wrong_shape", "out_of_range", "not_json"];
+
+    /// The counts by `reason` label, in the order of [`DroppedFields::REASONS`].
+    pub fn by_reason(&self) -> [(&'static str, u32); 3] {
+        let [a, b, c] = Self::REASONS;
+        [
+            (a, self.wrong_shape),
+            (b, self.out_of_range),
+            (c, self.not_json),
+        ]
+    }
+
+    pub fn total(&self) -> u32 {
+        self.wrong_shape + self.out_of_range + self.not_json
+    }
+}
+
+impl std::iter::Sum for DroppedFields {
+    fn sum<I: Iterator<Item = DroppedFields>>(iter: I) -> DroppedFields {
+        let mut total = DroppedFields::default();
+        for d in iter {
+            total += d;
+        }
+        total
+    }
+}
+
+impl std::ops::AddAssign for DroppedFields {
+    fn add_assign(&mut self, o: DroppedFields) {
+        self.wrong_shape = self.wrong_shape.saturating_add(o.wrong_shape);
+        self.out_of_range = self.out_of_range.saturating_add(o.out_of_range);
+        self.not_json = self.not_json.saturating_add(o.not_json);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

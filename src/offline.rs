@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{Core, join_pipeline, stop_shipper};
 use crate::config::{DumpFlags, ReplayFlags, Settings};
-use crate::event::Event;
+use crate::event::{DroppedFields, Event};
 use crate::pipeline::tracker::ListedThread;
 use crate::pipeline::{Batch, BatchOutcome, Item, PipelineHandle};
 use crate::sinks::metrics::Metrics;
@@ -88,7 +88,7 @@ struct Pending {
     /// A sub-agent thread's stream (lines marked `qoder_exporter_stream`); `None`: the session's.
     thread: Option<String>,
     items: Vec<Item>,
-    bad_fields: u32,
+    bad_fields: DroppedFields,
     meta: Option<crate::pipeline::SessionMeta>,
     threads_listed: Vec<ListedThread>,
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::event::{Event, UsageSnapshot};
+use crate::event::{DroppedFields, Event, UsageSnapshot};
 use crate::sinks::metrics::{Delta, Metrics};
 use crate::sinks::session_series::SessionView;
 use crate::source::wire::InvalidReason;
@@ -47,8 +47,8 @@ pub struct Batch {
     pub thread_gone: bool,
     pub items: Vec<Item>,
     pub cursor: Option<String>,
-    /// Fields dropped for having the wrong shape (the events themselves were kept).
-    pub bad_fields: u32,
+    /// Fields dropped from the items, by why (the events themselves were kept).
+    pub bad_fields: DroppedFields,
     /// Session metadata to apply before the items, in the same transaction (`replay`).
     pub meta: Option<SessionMeta>,
     /// The session's sub-agent threads as its thread list shows them, applied before the items.
@@ -517,7 +517,7 @@ impl Pipeline {
         let mut closed: Vec<ClosedTurn> = Vec::new();
         let mut invalid: HashMap<&'static str, u64> = HashMap::new();
         let mut duplicates = 0;
-        let mut bad_fields = 0u64;
+        let mut bad_fields = DroppedFields::default();
         let capture = self.outbox.as_ref().and_then(|o| o.capture_bytes);
         let mut touched: Vec<Touched> = Vec::new();
         let mut ids = Staged::default();
@@ -616,7 +616,7 @@ impl Pipeline {
                     t.state.consumed
                 }
             };
-            bad_fields += u64::from(batch.bad_fields);
+            bad_fields += batch.bad_fields;
             outcomes.push(BatchOutcome {
                 consumed,
                 status: t.state.status.clone(),
@@ -659,7 +659,11 @@ impl Pipeline {
         for (reason, n) in invalid {
             p.events_invalid.with_label_values(&[reason]).inc_by(n);
         }
-        p.fields_dropped.inc_by(bad_fields);
+        for (reason, n) in bad_fields.by_reason() {
+            p.fields_dropped
+                .with_label_values(&[reason])
+                .inc_by(u64::from(n));
+        }
         p.events_duplicate.inc_by(duplicates);
         if !turns.is_empty() {
             self.set_outbox_len(self.outbox_len + turns.len() as u64);

@@ -635,8 +635,14 @@ impl Writer<'_> {
             }
             let mut msg = json!({"content": self.content("Done with this step.")});
             if self.hostile && self.rng.u32(0..8) == 0 {
-                // A field of the wrong shape: the event still counts, the field is ignored.
-                msg["usage"] = json!("lots");
+                // A field of the wrong shape, or numbers no session reaches (they would pin a
+                // counter at its ceiling): the event still counts, the field is ignored. Which
+                // of the two follows from the log's length, so the random draws stay as they were.
+                msg["usage"] = if self.events.len().is_multiple_of(2) {
+                    json!("lots")
+                } else {
+                    json!({"input_tokens": 1e308, "output_tokens": u64::MAX})
+                };
             }
             self.emit("agent.message", msg, tid);
             if self.hostile && self.rng.u32(0..8) == 0 {

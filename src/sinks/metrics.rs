@@ -845,7 +845,7 @@ pub struct ProcessMetrics {
     /// timestamp of 0 would make every staleness query see an age of fifty years).
     last_poll: GaugeVec,
     pub events_invalid: IntCounterVec,
-    pub fields_dropped: IntCounter,
+    pub fields_dropped: IntCounterVec,
     pub events_duplicate: IntCounter,
     pub series_dropped: IntCounter,
     pub cursor_resets: IntCounter,
@@ -956,9 +956,12 @@ impl ProcessMetrics {
                 ),
                 &["reason"],
             )?,
-            fields_dropped: IntCounter::new(
-                "qoder_exporter_event_fields_dropped_total",
-                "Fields of otherwise readable events that had the wrong shape and were ignored.",
+            fields_dropped: IntCounterVec::new(
+                Opts::new(
+                    "qoder_exporter_event_fields_dropped_total",
+                    "Fields of otherwise readable events that were ignored (the event still counts), by reason: wrong_shape, out_of_range (a quantity over 1e9), not_json (a byte that is not UTF-8, NaN or Infinity).",
+                ),
+                &["reason"],
             )?,
             events_duplicate: IntCounter::new(
                 "qoder_exporter_events_duplicate_total",
@@ -1093,6 +1096,9 @@ impl ProcessMetrics {
             "decreasing_snapshot",
         ] {
             m.events_invalid.with_label_values(&[r]);
+        }
+        for r in crate::event::DroppedFields::REASONS {
+            m.fields_dropped.with_label_values(&[r]);
         }
         for k in API_ANOMALIES {
             m.api_anomalies.with_label_values(&[k]);

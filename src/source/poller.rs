@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Event, UsageSnapshot};
+use crate::event::{DroppedFields, Event, UsageSnapshot};
 use crate::pipeline::tracker::{ListedThread, ThreadCursor};
 use crate::pipeline::{Batch, Item, PipelineHandle, SendError, SessionMeta};
 use crate::secret::Pat;
@@ -1302,7 +1302,10 @@ async fn read_stream(
         }
         let kept = &page.data[..page.data.len().min(MAX_EVENTS_PER_PAGE)];
         let mut items = Vec::with_capacity(kept.len());
-        let mut bad_fields = repairs;
+        let mut bad_fields = DroppedFields {
+            not_json: repairs,
+            ..DroppedFields::default()
+        };
         let mut last_id = None;
         for raw in kept {
             match wire::decode_event(raw.get()) {

@@ -7,6 +7,7 @@
 //! decoding fails is decoded again field by field, dropping only the fields of the wrong shape
 //! (see [`decode_event`]).
 
+use crate::event::DroppedFields;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -341,11 +342,11 @@ impl InvalidReason {
     }
 }
 
-/// A decoded event, with the number of fields dropped for having the wrong shape.
+/// A decoded event, with the fields that were dropped from it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoded {
     pub event: WireEvent,
-    pub bad_fields: u32,
+    pub bad_fields: DroppedFields,
 }
 
 impl Page<'_> {
@@ -398,16 +399,22 @@ impl Page<'_> {
 /// Decodes one event. The fast path is one typed parse; when it fails the event is read as a
 /// JSON object and every field that does not fit its type is dropped and counted.
 pub fn decode_event(raw: &str) -> Result<Decoded, InvalidReason> {
-    let (event, bad_fields) = match serde_json::from_str::<WireEvent>(raw) {
-        Ok(event) => (event, 0),
+    let mut bad_fields = DroppedFields::default();
+    let event = match serde_json::from_str::<WireEvent>(raw) {
+        Ok(event) => event,
         Err(_) => match decode_leniently(raw) {
-            Some(d) => d,
+            Some((event, bad)) => {
+                bad_fields.wrong_shape = bad;
+                event
+            }
             // Not JSON as written: `NaN`, `Infinity` (which some encoders emit) become null.
             None => {
                 let (fixed, repairs) =
                     repair_json(raw.as_bytes()).ok_or(InvalidReason::NotObject)?;
                 let (event, bad) = decode_leniently(&fixed).ok_or(InvalidReason::NotObject)?;
-                (event, bad + repairs)
+                bad_fields.wrong_shape = bad;
+                bad_fields.not_json = repairs;
+                event
             }
         },
     };
@@ -421,11 +428,8 @@ pub fn decode_event(raw: &str) -> Result<Decoded, InvalidReason> {
         }
         _ => {
             let mut event = event;
-            let absurd = drop_absurd(&mut event);
-            Ok(Decoded {
-                event,
-                bad_fields: bad_fields + absurd,
-            })
+            bad_fields.out_of_range = drop_absurd(&mut event);
+            Ok(Decoded { event, bad_fields })
         }
     }
 }
@@ -627,7 +631,13 @@ mod tests {
         )
         .expect("repaired");
         assert_eq!(d.event.id.as_deref(), Some("e1"));
-        assert_eq!(d.bad_fields, 2);
+        assert_eq!(
+            d.bad_fields,
+            DroppedFields {
+                not_json: 2,
+                ..DroppedFields::default()
+            }
+        );
         // Inside strings nothing changes; outside, each bad token is one repair.
         let (fixed, n) =
             repair_json(br#"{"a":"NaN \" Infinity","b":[NaN,Infinity]}"#).expect("fixed");
@@ -653,7 +663,13 @@ mod tests {
             "plausible fields stay"
         );
         assert_eq!(d.event.model_credits, None);
-        assert_eq!(d.bad_fields, 4);
+        assert_eq!(
+            d.bad_fields,
+            DroppedFields {
+                out_of_range: 4,
+                ..DroppedFields::default()
+            }
+        );
         // The session object's usage too.
         let s = decode_session(
             r#"{"id":"sess_1","usage":{"model_credits":2.5,"sandbox_runtime_credits":1e300,"server_tool_use":{"web_search_requests":1e200,"web_fetch_requests":3}}}"#,
@@ -673,7 +689,7 @@ mod tests {
             "turn_id":"turn_1","schema_version":"1.0","created_at":"2026-05-18T03:40:48.888851795Z",
             "processed_at":"2026-05-18T03:40:48.888851795Z"}"#;
         let d = decode_event(raw).expect("decodes");
-        assert_eq!(d.bad_fields, 0);
+        assert_eq!(d.bad_fields.total(), 0);
         assert_eq!(d.event.turn_id.as_deref(), Some("turn_1"));
         assert_eq!(d.event.content, Some(WireContent::Str("hi".into())));
     }
@@ -708,7 +724,13 @@ mod tests {
             r#"{"id":"e","type":"session.status_idle","usage":"lots","stop_reason":{"type":"end_turn"}}"#,
         )
         .expect("still an event");
-        assert_eq!(d.bad_fields, 1);
+        assert_eq!(
+            d.bad_fields,
+            DroppedFields {
+                wrong_shape: 1,
+                ..DroppedFields::default()
+            }
+        );
         assert_eq!(d.event.usage, None);
         assert_eq!(
             d.event.stop_reason.and_then(Typed::kind).as_deref(),

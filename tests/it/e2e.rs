@@ -231,7 +231,18 @@ async fn unreadable_events_are_counted_and_skipped() {
         get(&series, "qoder_exporter_events_invalid_total"),
         sim.totals.invalid as f64
     );
-    assert!(get(&series, "qoder_exporter_event_fields_dropped_total") > 0.0);
+    // Each kind of bad field costs the field alone, and is counted by its reason.
+    for reason in ["wrong_shape", "out_of_range", "not_json"] {
+        let dropped = series
+            .iter()
+            .filter(|((n, l), _)| {
+                n == "qoder_exporter_event_fields_dropped_total"
+                    && l.iter().any(|(k, v)| k == "reason" && v == reason)
+            })
+            .map(|(_, v)| *v)
+            .sum::<f64>();
+        assert!(dropped > 0.0, "{reason}: {dropped}");
+    }
     running.stop().await.expect("stop");
 }
 

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use proptest::prelude::*;
-use qoder_exporter::event::{Event, UsageSnapshot};
+use qoder_exporter::event::{DroppedFields, Event, UsageSnapshot};
 use qoder_exporter::pipeline::tracker::SessionState;
 use qoder_exporter::pipeline::{Batch, Item, Pipeline, SessionMeta};
 use qoder_exporter::sim::{ScenarioConfig, generate};
@@ -136,7 +136,7 @@ struct Log {
     /// A sub-agent thread's stream; `None`: the session's.
     thread: Option<String>,
     meta: SessionMeta,
-    items: Vec<(Item, u32)>,
+    items: Vec<(Item, DroppedFields)>,
 }
 
 impl Log {
@@ -186,12 +186,12 @@ proptest! {
         choices in prop::collection::vec((any::<prop::sample::Index>(), 1usize..150, 0u8..100), 1..400),
     ) {
         let (log, totals) = generate(&ScenarioConfig { seed, sessions, max_turns: 4, stagger: 0, hostile, sub_agents: true });
-        let decode = |events: &[qoder_exporter::sim::scenario::SimEvent]| -> Vec<(Item, u32)> {
+        let decode = |events: &[qoder_exporter::sim::scenario::SimEvent]| -> Vec<(Item, DroppedFields)> {
             events
                 .iter()
                 .map(|e| match wire::decode_event(&e.json) {
                     Ok(d) => (Item::Event(Event::from_wire(d.event)), d.bad_fields),
-                    Err(r) => (Item::Invalid(r), 0),
+                    Err(r) => (Item::Invalid(r), DroppedFields::default()),
                 })
                 .collect()
         };
