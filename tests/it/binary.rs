@@ -982,13 +982,14 @@ async fn discovery_stops_following_at_max_sessions() {
 }
 
 /// The API breaking its paging rules is counted by kind: an event list that ignores
-/// `after_id` (`cursor_ignored`), and one whose pages lead back to page 1 (`page_loop`).
+/// `after_id` (`cursor_ignored`), and one whose pages lead back to page 1 (`page_loop`). What
+/// it does show is counted exactly once: the first page (of 100), or the first two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_anomalies_are_counted_by_kind() {
     use qoder_exporter::sim::EventsCursor;
-    for (mode, kind) in [
-        (EventsCursor::Ignored, "cursor_ignored"),
-        (EventsCursor::Cycle, "page_loop"),
+    for (mode, kind, pages) in [
+        (EventsCursor::Ignored, "cursor_ignored", 1),
+        (EventsCursor::Cycle, "page_loop", 2),
     ] {
         let sim = looping_sim(mode).await;
         sim.release_all();
@@ -1011,8 +1012,27 @@ async fn api_anomalies_are_counted_by_kind() {
             .await,
             "{kind} counted"
         );
+        let shown: usize = sim
+            .sessions()
+            .iter()
+            .map(|s| s.events.len().min(pages * 100))
+            .sum();
+        assert!(
+            sim.totals.event_count() > shown as f64,
+            "the log is longer than what the API shows"
+        );
+        assert!(
+            eventually(Duration::from_secs(60), async || get(
+                &parse(&scrape(p.addr).await),
+                "qoder_events_total"
+            ) >= shown as f64)
+            .await,
+            "{kind}: what the API shows is counted"
+        );
+        // The same pages read again (after the back-off the anomaly earns) move nothing.
+        after_more_requests(p.addr, Some("events"), 2, Duration::from_secs(60)).await;
         let series = parse(&scrape(p.addr).await);
-        assert!(get(&series, "qoder_events_total") <= sim.totals.event_count());
+        assert_eq!(get(&series, "qoder_events_total"), shown as f64, "{kind}");
     }
 }
 
