@@ -157,7 +157,7 @@ fn commit(c: &mut Criterion) {
     g.throughput(Throughput::Elements(2000));
     g.bench_function("20 batches of 100 events in one transaction", |b| {
         b.iter(|| {
-            let writes: Vec<BatchWrite<'_>> = states
+            let writes: Vec<BatchWrite<'_, SessionState>> = states
                 .iter()
                 .enumerate()
                 .map(|(i, (id, s))| BatchWrite {

@@ -13,12 +13,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::pipeline::StoredSession;
 use crate::pipeline::{OutboxConfig, Pipeline, PipelineHandle};
 use crate::server::{AppState, router};
 use crate::sinks::metrics::Metrics;
 use crate::source::client::{Client, ClientConfig, TokenSource};
 use crate::source::poller::{Poller, PollerConfig};
-use crate::state::{StateStore, StoredSession};
+use crate::state::StateStore;
 
 /// How long in-flight polling may take to wind down before it is abandoned (nothing is lost:
 /// cursors only move on commit).
@@ -83,7 +84,7 @@ impl Core {
                 let stop = CancellationToken::new();
                 let shipper = crate::sinks::otlp::Shipper {
                     exporter,
-                    pipeline: handle.clone(),
+                    outbox: handle.clone(),
                     metrics: metrics.process.clone(),
                     notify,
                     endpoint: o.endpoint.clone(),

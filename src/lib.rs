@@ -1,18 +1,27 @@
 //! qoder-exporter: Prometheus metrics (and OpenTelemetry traces) from the session event logs
 //! of Qoder Cloud Agents.
 //!
-//! Data flows one way:
+//! Data flows one way, and so do the imports (a module imports only the ones to its right, or
+//! the domain model):
 //!
 //! ```text
 //! Qoder API --HTTP--> source::client --pages--> source::poller (discovery, cursors, schedule)
-//!     --batches (bounded queue)--> pipeline (tracker: turns, request/tool pairing)
-//!     --> sinks::metrics (durable series) + state (SQLite: cursor, state, series, one tx)
+//!     --batches (bounded queue)--> pipeline (tracker: turns, request/tool pairing; event ids)
+//!     --> state (SQLite: cursor, session state, series, outbox, event ids; one transaction)
+//!     --> sinks::metrics (durable series)  sinks::otlp (spans from the outbox)
 //! server: /metrics, /, /healthz, /readyz (reads the registry only)
 //! ```
 //!
-//! - [`source::wire`]: the API's JSON in all three generations; [`event`]: what it means.
-//! - [`pipeline::tracker`]: the per-session state machine, a pure function per event.
-//! - [`state`]: the store that makes counts exact across crashes.
+//! - [`event`] and [`turn`]: the domain model (what an event means; a turn and its child
+//!   spans). They import nothing else of the crate.
+//! - [`source::wire`]: the API's JSON in all three generations; [`source::convert`]: wire →
+//!   [`event`], pure.
+//! - [`pipeline::tracker`]: the per-session state machine, a pure function per event;
+//!   [`pipeline::event_ids`]: every counted id, so nothing counts twice.
+//! - [`state`]: the store that makes counts exact across crashes (it stores the tracker's
+//!   state without knowing its type).
+//! - [`sinks`]: metrics and spans; they never import the pipeline (the span shipper drains the
+//!   outbox through [`sinks::otlp::TurnOutbox`], which the pipeline implements).
 //! - [`sim`]: a simulated Qoder API, for `qoder-exporter demo` and the tests.
 //! - [`offline`]: `dump` (API → JSON Lines) and `replay` (JSON Lines → pipeline → metrics).
 //! - [`app`] wires it all; `main` only parses and calls.
@@ -30,6 +39,7 @@ pub mod sim;
 pub mod sinks;
 pub mod source;
 pub mod state;
+pub mod turn;
 pub mod web_config;
 
 /// The git revision the binary was built from (`QODER_EXPORTER_REVISION` at build time).

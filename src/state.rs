@@ -13,9 +13,11 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use crate::pipeline::tracker::{ClosedTurn, SessionState};
 use crate::sinks::metrics::{Family, SeriesKey, SeriesValue};
+use crate::turn::ClosedTurn;
 
 /// `QODX` in ASCII: marks the file as ours.
 const APPLICATION_ID: i32 = 0x514F_4458;
@@ -62,23 +64,24 @@ pub enum StateError {
     Value(#[from] serde_json::Error),
 }
 
-/// A session as the store remembers it.
+/// A session as the store remembers it. `S` is the tracker's state of the session, stored as
+/// JSON: the store keeps it without knowing its shape.
 #[derive(Debug, Clone)]
-pub struct StoredSession {
+pub struct StoredSession<S> {
     pub id: String,
     pub cursor: Option<String>,
     /// Drained after termination, or gone (404): never read again.
     pub finished: bool,
-    pub state: SessionState,
+    pub state: S,
 }
 
 /// One batch's writes, committed together.
 #[derive(Debug)]
-pub struct BatchWrite<'a> {
+pub struct BatchWrite<'a, S> {
     pub session_id: &'a str,
     pub cursor: Option<&'a str>,
     pub finished: bool,
-    pub state: &'a SessionState,
+    pub state: &'a S,
     pub series: &'a [(SeriesKey, SeriesValue)],
     pub closed_turns: &'a [ClosedTurn],
     /// Digests of the event ids the batch counted, by thread (`""`: the session's stream).
@@ -87,12 +90,12 @@ pub struct BatchWrite<'a> {
 
 /// An agent's name learned, and the series and sessions it moves from the id to the name.
 #[derive(Debug)]
-pub struct AgentRelabel<'a> {
+pub struct AgentRelabel<'a, S> {
     pub id: &'a str,
     pub name: &'a str,
     pub remove: &'a [SeriesKey],
     pub put: &'a [(SeriesKey, SeriesValue)],
-    pub sessions: &'a [(String, SessionState)],
+    pub sessions: &'a [(String, S)],
 }
 
 #[derive(Debug)]
@@ -241,7 +244,7 @@ impl StateStore {
         &self.path
     }
 
-    pub fn load_sessions(&self) -> Result<Vec<StoredSession>, StateError> {
+    pub fn load_sessions<S: DeserializeOwned>(&self) -> Result<Vec<StoredSession<S>>, StateError> {
         let mut stmt = self
             .conn
             .prepare("SELECT id, cursor, finished, state FROM sessions ORDER BY id")?;
@@ -302,7 +305,10 @@ impl StateStore {
     /// Commits a learned agent name and the relabelling it causes, in one transaction: the
     /// directory entry, the merged series (`put`) and the ones merged away (`remove`), and
     /// the sessions whose label changed.
-    pub fn commit_agent(&mut self, r: &AgentRelabel<'_>) -> Result<(), StateError> {
+    pub fn commit_agent<S: Serialize>(
+        &mut self,
+        r: &AgentRelabel<'_, S>,
+    ) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO agents (id, name) VALUES (?1, ?2)
@@ -337,10 +343,10 @@ impl StateStore {
 
     /// Records a session before its first batch (its agent and model), or updates them. A
     /// finished session is never read again: the ids it counted are forgotten with it.
-    pub fn upsert_session(
+    pub fn upsert_session<S: Serialize>(
         &mut self,
         id: &str,
-        state: &SessionState,
+        state: &S,
         finished: bool,
     ) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
@@ -387,14 +393,17 @@ impl StateStore {
     }
 
     /// Commits one batch atomically.
-    pub fn commit(&mut self, w: &BatchWrite<'_>) -> Result<(), StateError> {
+    pub fn commit<S: Serialize>(&mut self, w: &BatchWrite<'_, S>) -> Result<(), StateError> {
         self.commit_many(std::slice::from_ref(w))
     }
 
     /// Commits several batches (of any sessions) in one transaction: all or none. A batch
     /// without a cursor (it read nothing new) keeps the session's stored one: a cursor only
     /// ever moves forward, never back to the start of the log.
-    pub fn commit_many(&mut self, writes: &[BatchWrite<'_>]) -> Result<(), StateError> {
+    pub fn commit_many<S: Serialize>(
+        &mut self,
+        writes: &[BatchWrite<'_, S>],
+    ) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
         {
             let mut session = tx.prepare_cached(
@@ -552,6 +561,7 @@ fn lock_path(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::tracker::SessionState;
 
     #[test]
     fn commit_then_reopen_reads_everything_back() {
@@ -589,7 +599,7 @@ mod tests {
                 event_ids: &[],
             })
             .expect("commit");
-        let sessions = store.load_sessions().expect("sessions");
+        let sessions: Vec<StoredSession<SessionState>> = store.load_sessions().expect("sessions");
         assert_eq!(sessions.len(), 1);
         assert_eq!(sessions[0].cursor.as_deref(), Some("evt_7"));
         assert_eq!(sessions[0].state, state);
@@ -693,7 +703,7 @@ mod tests {
             agent: "a".into(),
             agent_id: None,
             model: "m".into(),
-            turn: crate::pipeline::tracker::Turn {
+            turn: crate::turn::Turn {
                 key: key.into(),
                 has_turn_id: false,
                 first_event_id: key.into(),
@@ -714,7 +724,7 @@ mod tests {
                 error_code: None,
             },
             end_ns: None,
-            end: crate::pipeline::tracker::TurnEnd::Terminated,
+            end: crate::turn::TurnEnd::Terminated,
         };
         let turns: Vec<_> = ["1", "2", "3"].iter().map(|k| turn(k)).collect();
         store

@@ -16,13 +16,16 @@ use std::sync::Arc;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::event::{DroppedFields, Event, UsageSnapshot};
+use crate::event::{DroppedFields, Event, InvalidReason, UsageSnapshot};
 use crate::sinks::metrics::{Delta, Metrics};
+use crate::sinks::otlp::OutboxError;
 use crate::sinks::session_series::SessionView;
-use crate::source::wire::InvalidReason;
-use crate::state::{BatchWrite, StateError, StateStore, StoredSession};
+use crate::state::{BatchWrite, StateError, StateStore};
 use event_ids::{EventIds, Staged, StreamKey};
 use tracker::{Applied, ClosedTurn, SessionState};
+
+/// A session as the state file keeps it, with its tracker state.
+pub type StoredSession = crate::state::StoredSession<SessionState>;
 
 /// One entry of a page: a readable event, or the reason it could not be read.
 #[derive(Debug, Clone)]
@@ -185,6 +188,31 @@ impl PipelineHandle {
     }
 }
 
+/// The span shipper drains the outbox through the pipeline, the one writer of the state file.
+impl crate::sinks::otlp::TurnOutbox for PipelineHandle {
+    async fn peek(&self, limit: usize) -> Result<Vec<(i64, Option<ClosedTurn>)>, OutboxError> {
+        self.outbox_peek(limit).await.map_err(outbox_error)
+    }
+
+    async fn remove_through(&self, seq: i64) -> Result<(), OutboxError> {
+        self.outbox_remove(seq).await.map_err(outbox_error)
+    }
+
+    async fn release(&self) -> Result<(), OutboxError> {
+        self.outbox_release().await.map_err(outbox_error)
+    }
+}
+
+fn outbox_error(e: SendError) -> OutboxError {
+    match e {
+        SendError::Stopped => OutboxError::Gone,
+        SendError::State(e) => {
+            tracing::debug!(error = %e, "span outbox read or write failed");
+            OutboxError::Store
+        }
+    }
+}
+
 /// What a session object says, merged into the session's state.
 fn merge_meta(state: &mut SessionState, meta: SessionMeta) {
     // The `agent` label: the agent's name, else its id, else `unknown`. A name once known is
@@ -248,7 +276,7 @@ impl Pipeline {
             .process
             .span_outbox_turns
             .set(i64::try_from(outbox_len).unwrap_or(i64::MAX));
-        let stored = store.load_sessions()?;
+        let stored: Vec<StoredSession> = store.load_sessions()?;
         let agents = store.load_agents()?.into_iter().collect();
         let mut sessions = HashMap::new();
         for s in &stored {
@@ -627,7 +655,7 @@ impl Pipeline {
         let turns: &[ClosedTurn] = if self.outbox.is_some() { &closed } else { &[] };
         let new_ids: Vec<Vec<(String, Vec<u64>)>> =
             touched.iter().map(|t| ids.of_session(&t.id)).collect();
-        let writes: Vec<BatchWrite<'_>> = touched
+        let writes: Vec<BatchWrite<'_, SessionState>> = touched
             .iter()
             .zip(&new_ids)
             .enumerate()

@@ -25,8 +25,12 @@ use crate::event::{
     Event, EventKind, RetryStatus, ThreadPhase, Tokens, ToolKind, UsageSnapshot, truncate,
 };
 use crate::sinks::metrics::{Delta, Family};
+pub use crate::turn::{
+    ChildDetail, ChildSpan, ClosedTurn, Message, ParentTurn, SpanEvent, Turn, TurnEnd,
+};
 
-/// How many recent event ids a session remembers to skip an event the API returns twice.
+/// How many recent event ids a tracker remembers to skip an event its stream returns twice
+/// (every earlier id is also remembered, by the pipeline: `pipeline::event_ids`).
 const RECENT_IDS: usize = 32;
 /// Bounds on open state: a session that never closes what it opens cannot grow without limit.
 const MAX_OPEN_REQUESTS: usize = 256;
@@ -143,62 +147,6 @@ pub struct ThreadRead {
     pub gone: bool,
 }
 
-/// The session turn a thread's turn ran in: its trace, and the span it hangs under.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ParentTurn {
-    pub key: String,
-    pub first_event_id: String,
-}
-
-fn reported() -> bool {
-    true
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Turn {
-    /// `turn_id` when the API gives one, else `seq-N`.
-    pub key: String,
-    pub has_turn_id: bool,
-    pub first_event_id: String,
-    pub start_ns: Option<i64>,
-    pub last_ns: Option<i64>,
-    /// Tokens came from model requests; the idle usage must not count them again.
-    pub tokens_from_requests: bool,
-    pub tokens: Tokens,
-    pub credits: f64,
-    /// Some event of the turn reported tokens / credits: only then do its sums become span
-    /// attributes (no false zeros). Turns stored before these flags existed say yes.
-    #[serde(default = "reported")]
-    pub tokens_reported: bool,
-    #[serde(default = "reported")]
-    pub credits_reported: bool,
-    pub last_model: Option<String>,
-    /// Set by an error that ends the turn: `(error_type, time)`.
-    pub failed: Option<(String, Option<i64>)>,
-    pub children: Vec<ChildSpan>,
-    pub children_dropped: u32,
-    pub span_events: Vec<SpanEvent>,
-    /// Message and thinking text, recorded only when content capture is on.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub messages: Vec<Message>,
-    /// A sub-agent's turn: the session turn it ran in.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<ParentTurn>,
-    /// `error.qoder_error_code` of the error that failed the turn (diagnostic, SDK 0.11).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_code: Option<String>,
-}
-
-/// A captured message of a turn (opt-in), already truncated.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Message {
-    /// `user` or `assistant`.
-    pub role: String,
-    /// `text` or `reasoning` (GenAI message part types).
-    pub part: String,
-    pub content: String,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OpenRequest {
     pub start_id: String,
@@ -216,69 +164,6 @@ pub struct OpenTool {
     pub start_ns: Option<i64>,
     /// Its span went out with a turn that closed before the result came.
     pub span_emitted: bool,
-}
-
-/// A model request or tool call inside a turn, ready to become a child span.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChildSpan {
-    /// The event id the span id derives from (the start, or the end when no start was seen).
-    pub id: String,
-    pub detail: ChildDetail,
-    pub start_ns: Option<i64>,
-    pub end_ns: Option<i64>,
-    pub is_error: bool,
-    /// Never finished: the turn or the session ended first.
-    pub incomplete: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum ChildDetail {
-    Chat {
-        model: String,
-        tokens: Option<Tokens>,
-        credits: Option<f64>,
-    },
-    Tool {
-        name: String,
-        call_id: String,
-        kind: ToolKind,
-    },
-}
-
-/// A `session.error` (or captured message) to attach to the turn span as a span event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SpanEvent {
-    pub name: String,
-    pub time_ns: Option<i64>,
-    pub attributes: Vec<(String, String)>,
-}
-
-/// Why a turn ended.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum TurnEnd {
-    Idle {
-        stop_reason: String,
-    },
-    Failed {
-        error_type: String,
-    },
-    Terminated,
-    /// A later turn started without this one idling (G1 `turn_id` change).
-    Superseded,
-    /// The session went quiet mid-turn for longer than the configured age; closed incomplete.
-    Stale,
-}
-
-/// A turn that closed, with everything needed to build its trace.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ClosedTurn {
-    pub session_id: String,
-    pub agent: String,
-    pub agent_id: Option<String>,
-    pub model: String,
-    pub turn: Turn,
-    pub end_ns: Option<i64>,
-    pub end: TurnEnd,
 }
 
 /// What applying one event did, beyond the metrics.
@@ -653,8 +538,6 @@ impl SessionState {
         self.apply_admitted(session_id, ev, delta, closed)
     }
 
-    /// Takes an event off this tracker's stream: `false` when the stream repeated it (the API
-    /// returned it twice), else it counts as consumed from the stream.
     /// Whether `id` is among the recent ids. Ids of one stream share long prefixes
     /// (`sevt_0001…`), so the last byte is compared first: almost every other id differs there.
     fn seen_recently(&self, id: &str) -> bool {
@@ -664,6 +547,10 @@ impl SessionState {
             .any(|r| r.len() == id.len() && r.as_bytes().last() == last && r == id)
     }
 
+    /// Takes an event off this tracker's stream: `false` when the stream repeated it (the API
+    /// returned it twice), else it counts as consumed from the stream. The pipeline has already
+    /// skipped every id the stream counted before (`pipeline::event_ids`); this window of recent
+    /// ids is what the tracker itself keeps, and what a state file from before that had.
     fn admit(&mut self, id: &str) -> bool {
         if self.seen_recently(id) {
             return false;

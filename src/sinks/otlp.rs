@@ -24,9 +24,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{OtlpProtocol, OtlpSettings};
-use crate::pipeline::PipelineHandle;
 use crate::sinks::metrics::ProcessMetrics;
 use crate::sinks::traces;
+use crate::turn::ClosedTurn;
 
 /// Turns per export request (a turn is one root span plus its children).
 const BATCH_TURNS: usize = 64;
@@ -130,16 +130,48 @@ fn is_rejection(message: &str) -> bool {
     .any(|p| m.contains(p))
 }
 
+/// Where the shipper takes closed turns from: the span outbox, which the pipeline keeps in the
+/// state file (a turn enters it in the transaction of the batch that closed it).
+pub trait TurnOutbox: Send + Sync {
+    /// The oldest turns waiting, at most `limit`, with their outbox sequence numbers (`None`: a
+    /// row that no longer decodes). They stay leased until removed or released.
+    fn peek(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(i64, Option<ClosedTurn>)>, OutboxError>> + Send;
+    /// Turns up to `seq` were exported (or given up on).
+    fn remove_through(&self, seq: i64) -> impl Future<Output = Result<(), OutboxError>> + Send;
+    /// The export of the last peeked turns failed: they may be trimmed again.
+    fn release(&self) -> impl Future<Output = Result<(), OutboxError>> + Send;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxError {
+    /// The pipeline stopped: the shipper stops too (what is left is sent at the next start).
+    Gone,
+    /// The state file refused the read or write: tried again after a back-off.
+    Store,
+}
+
 /// Drains the outbox into the endpoint until stopped.
 #[derive(Debug)]
-pub struct Shipper<E> {
+pub struct Shipper<E, O> {
     pub exporter: E,
-    pub pipeline: PipelineHandle,
+    pub outbox: O,
     pub metrics: ProcessMetrics,
     pub notify: Arc<Notify>,
     pub endpoint: String,
     /// The scope and API server every span carries.
     pub shape: traces::SpanShape,
+}
+
+impl Round {
+    fn after(e: OutboxError) -> Round {
+        match e {
+            OutboxError::Gone => Round::Stopped,
+            OutboxError::Store => Round::Failed,
+        }
+    }
 }
 
 enum Round {
@@ -153,7 +185,7 @@ enum Round {
     Stopped,
 }
 
-impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
+impl<E: opentelemetry_sdk::trace::SpanExporter, O: TurnOutbox> Shipper<E, O> {
     /// Runs until `stop` is cancelled, then makes a last attempt to empty the outbox, for at
     /// most `flush_within`.
     pub async fn run(self, stop: CancellationToken, flush_within: Duration) {
@@ -210,8 +242,9 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
         batch: &mut usize,
         failing: &mut Option<Outage>,
     ) -> Round {
-        let Ok(rows) = self.pipeline.outbox_peek(*batch).await else {
-            return Round::Stopped;
+        let rows = match self.outbox.peek(*batch).await {
+            Ok(rows) => rows,
+            Err(e) => return Round::after(e),
         };
         let Some(&(last, _)) = rows.last() else {
             return Round::Idle;
@@ -242,10 +275,12 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
         };
         match result {
             Ok(()) => {
-                if self.pipeline.outbox_remove(last).await.is_err() {
-                    return Round::Stopped;
-                }
+                // Exported: counted even if the outbox cannot forget them now (they would be
+                // sent again, with the same ids, rather than lost).
                 self.metrics.spans_exported.inc_by(n);
+                if let Err(e) = self.outbox.remove_through(last).await {
+                    return Round::after(e);
+                }
                 if let Some(outage) = failing.take() {
                     tracing::info!(endpoint = %self.endpoint, failed_attempts = outage.failures,
                         outage = %humantime::format_duration(round_secs(outage.since.elapsed())),
@@ -269,13 +304,13 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> Shipper<E> {
                         .spans_dropped
                         .with_label_values(&["rejected"])
                         .inc_by(n);
-                    if self.pipeline.outbox_remove(last).await.is_err() {
-                        return Round::Stopped;
+                    if let Err(e) = self.outbox.remove_through(last).await {
+                        return Round::after(e);
                     }
                     return Round::Progress;
                 }
-                if self.pipeline.outbox_release().await.is_err() {
-                    return Round::Stopped;
+                if let Err(e) = self.outbox.release().await {
+                    return Round::after(e);
                 }
                 match failing {
                     Some(outage) => {

@@ -31,7 +31,7 @@ use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use sha2::{Digest, Sha256};
 
 use crate::event::{Tokens, ToolKind};
-use crate::pipeline::tracker::{ChildDetail, ChildSpan, ClosedTurn, Message, TurnEnd};
+use crate::turn::{ChildDetail, ChildSpan, ClosedTurn, Message, TurnEnd};
 
 /// The semantic-conventions version whose names the spans use (GenAI: core v1.41.0).
 pub const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.41.0";
@@ -454,7 +454,7 @@ mod tests {
         assert_eq!(SpanShape::new(Some("not a url")).server, None);
         assert_eq!(SpanShape::new(None).server, None);
     }
-    use crate::pipeline::tracker::{SpanEvent, Turn};
+    use crate::turn::{SpanEvent, Turn};
 
     fn closed(end: TurnEnd) -> ClosedTurn {
         ClosedTurn {

@@ -27,13 +27,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{DroppedFields, Event, UsageSnapshot};
+use crate::pipeline::StoredSession;
 use crate::pipeline::tracker::{ListedThread, ThreadCursor};
 use crate::pipeline::{Batch, Item, PipelineHandle, SendError, SessionMeta};
 use crate::secret::Pat;
 use crate::sinks::metrics::ProcessMetrics;
 use crate::source::client::{ApiError, Client, ListScope, backoff};
 use crate::source::wire::{self, ListCursor, Page, WireAgent, WireBudget, WireModel, WireSession};
-use crate::state::StoredSession;
 
 #[derive(Debug, Clone)]
 pub struct PollerConfig {

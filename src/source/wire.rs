@@ -7,7 +7,7 @@
 //! decoding fails is decoded again field by field, dropping only the fields of the wrong shape
 //! (see [`decode_event`]).
 
-use crate::event::DroppedFields;
+use crate::event::{DroppedFields, InvalidReason};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -315,32 +315,10 @@ pub struct WireEvent {
     pub thinking: Option<String>,
 }
 
-/// Why an event could not be read at all. The label values of
-/// `qoder_exporter_events_invalid_total{reason}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InvalidReason {
-    NotObject,
-    MissingId,
-    MissingType,
-    /// An id or type longer than any the API makes (a hostile or corrupt event).
-    TooLong,
-}
-
 /// Longest event id accepted (the API's are about 30 bytes).
 pub const MAX_ID_BYTES: usize = 256;
 /// Longest event type accepted.
 pub const MAX_TYPE_BYTES: usize = 128;
-
-impl InvalidReason {
-    pub fn as_label(self) -> &'static str {
-        match self {
-            InvalidReason::NotObject => "not_object",
-            InvalidReason::MissingId => "missing_id",
-            InvalidReason::MissingType => "missing_type",
-            InvalidReason::TooLong => "too_long",
-        }
-    }
-}
 
 /// A decoded event, with the fields that were dropped from it.
 #[derive(Debug, Clone, PartialEq)]

@@ -419,7 +419,7 @@ async fn three_shards_split_the_sessions_and_sum_to_the_totals() {
     for index in 0..3u32 {
         let store = StateStore::open(&dir.path().join(format!("shard{index}.db"))).expect("open");
         let ids: Vec<String> = store
-            .load_sessions()
+            .load_sessions::<serde_json::Value>()
             .expect("sessions")
             .into_iter()
             .map(|s| s.id)
