@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Token usage as the provider reports it; `input` excludes cache reads and writes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Tokens {
     pub input: f64,
     pub output: f64,
@@ -35,6 +36,7 @@ impl Tokens {
 /// `session.usage` event or the session object. Each field is the total so far, never an
 /// increment: the tracker turns snapshots into counter increases against the last one applied.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct UsageSnapshot {
     pub model_credits: Option<f64>,
     pub sandbox_runtime_credits: Option<f64>,

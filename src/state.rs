@@ -22,7 +22,11 @@ use crate::turn::ClosedTurn;
 /// `QODX` in ASCII: marks the file as ours.
 const APPLICATION_ID: i32 = 0x514F_4458;
 /// Tables added since (`event_ids`) are additive: an older release opens the file and leaves
-/// them alone, so the version stays 1 until a change an older release would misread.
+/// them alone, so the version stays 1 until a change an older release would misread. The JSON
+/// this file keeps (session state, outbox turns) is read with `#[serde(default)]` on every
+/// stored struct: a field added later reads as its default from an older file. A change that
+/// an older file would be misread by (a field's meaning, an enum's variants) needs a migration
+/// and a version bump; a newer file than this release knows is refused.
 const SCHEMA_VERSION: i32 = 1;
 /// A stream's id digests are merged into one row when reading them finds more rows than this.
 const EVENT_ID_ROWS_MERGED: usize = 16;

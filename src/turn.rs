@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::event::{Tokens, ToolKind};
 
 /// The session turn a thread's turn ran in: its trace, and the span it hangs under.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ParentTurn {
     pub key: String,
     pub first_event_id: String,
@@ -19,7 +20,8 @@ fn reported() -> bool {
 
 /// A turn: open in its session's tracker state while it runs, then closed into a
 /// [`ClosedTurn`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Turn {
     /// `turn_id` when the API gives one, else `seq-N`.
     pub key: String,
@@ -55,7 +57,8 @@ pub struct Turn {
 }
 
 /// A captured message of a turn (opt-in), already truncated.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Message {
     /// `user` or `assistant`.
     pub role: String,
@@ -92,7 +95,8 @@ pub enum ChildDetail {
 }
 
 /// A `session.error` (or captured message) to attach to the turn span as a span event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SpanEvent {
     pub name: String,
     pub time_ns: Option<i64>,

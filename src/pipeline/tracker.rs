@@ -42,6 +42,7 @@ const MAX_MESSAGES: usize = 64;
 
 /// Everything the exporter keeps about one session between batches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SessionState {
     /// The `agent` label: the agent's name, else its id, else `unknown`.
     pub agent: String,
@@ -81,6 +82,7 @@ pub struct SessionState {
 
 /// A sub-agent thread of a session: where its own stream was read to, and its turns.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ThreadState {
     /// The thread's event cursor, committed with the batch that moved it.
     #[serde(default)]
@@ -128,7 +130,8 @@ pub struct ListedThread {
 }
 
 /// A closed session turn: which turn, and when it ran (event time).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TurnSpan {
     pub turn: ParentTurn,
     pub start_ns: Option<i64>,
@@ -147,7 +150,8 @@ pub struct ThreadRead {
     pub gone: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct OpenRequest {
     pub start_id: String,
     pub span_id: Option<String>,
@@ -1103,6 +1107,24 @@ mod tests {
     use super::*;
     use crate::sinks::metrics::DurableMetrics;
     use crate::source::wire::decode_event;
+
+    /// A state written before a field existed reads with the field's default (every stored
+    /// struct has `#[serde(default)]`), not as an unreadable file.
+    #[test]
+    fn a_state_missing_later_fields_reads_with_their_defaults() {
+        let s: SessionState = serde_json::from_str(
+            r#"{"agent":"coder","status":"idle","turn":{"key":"t1","first_event_id":"e1"},
+                "requests":[{"start_id":"r1"}],"threads":{"thr_1":{"tracker":{}}}}"#,
+        )
+        .expect("reads");
+        assert_eq!(s.agent, "coder");
+        let turn = s.turn.expect("turn");
+        assert_eq!(turn.key, "t1");
+        assert!(turn.tokens_reported, "turns from before the flag say yes");
+        assert_eq!(s.requests[0].start_id, "r1");
+        assert_eq!(s.threads["thr_1"].tracker.consumed, 0);
+        assert!(s.recent.is_empty() && s.usage.is_empty());
+    }
 
     fn run(state: &mut SessionState, events: &[&str]) -> (DurableMetrics, Vec<ClosedTurn>) {
         let m = DurableMetrics::new();

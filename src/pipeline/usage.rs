@@ -42,6 +42,7 @@ pub enum SnapshotOutcome {
 /// `active_seconds` and `server_tool:<tool>`; values are in the counters' millionths, so the
 /// increases add up to the snapshot exactly, whatever the float arithmetic.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct UsageState {
     /// The highest value applied per quantity, from either source.
     #[serde(default)]
