@@ -20,10 +20,12 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+mod handlers;
+
+use handlers::{Cx, RequestEnd};
+
 use super::usage::{SnapshotOutcome, SnapshotSource, UsageState};
-use crate::event::{
-    Event, EventKind, RetryStatus, ThreadPhase, Tokens, ToolKind, UsageSnapshot, truncate,
-};
+use crate::event::{Event, EventKind, ThreadPhase, Tokens, ToolKind, UsageSnapshot, truncate};
 use crate::sinks::metrics::{Delta, Family};
 pub use crate::turn::{
     ChildDetail, ChildSpan, ClosedTurn, Message, ParentTurn, SpanEvent, Turn, TurnEnd,
@@ -567,7 +569,9 @@ impl SessionState {
         true
     }
 
-    /// Applies an event already admitted from whichever stream showed it.
+    /// Applies an event already admitted from whichever stream showed it: what every event
+    /// does (counted, closes a superseded G1 turn, moves the turn's last time) here, what its
+    /// kind does in its handler (`handlers.rs`).
     fn apply_admitted(
         &mut self,
         session_id: &str,
@@ -587,122 +591,35 @@ impl SessionState {
             self.close_turn(session_id, end, TurnEnd::Superseded, delta, closed);
         }
 
+        let mut cx = Cx {
+            session_id,
+            ev,
+            agent: &agent,
+            delta,
+            closed,
+        };
         match &ev.kind {
-            EventKind::UserMessage | EventKind::TurnRunning => {
-                if let Some(turn) = &self.turn
-                    && let Some((error_type, at)) = turn.failed.clone()
-                {
-                    let end = at.or(turn.last_ns);
-                    self.close_turn(
-                        session_id,
-                        end,
-                        TurnEnd::Failed { error_type },
-                        delta,
-                        closed,
-                    );
-                }
-                self.status = "running".to_owned();
-                self.ensure_turn(ev);
-            }
+            EventKind::UserMessage | EventKind::TurnRunning => self.on_turn_running(&mut cx),
             EventKind::Idle {
                 stop_reason,
                 tokens,
                 ..
-            } => {
-                let stop = stop_reason.clone().unwrap_or_else(|| "unknown".to_owned());
-                delta.inc(Family::Turns, &[&stop, &agent], 1.0);
-                let from_requests = self.turn.as_ref().is_some_and(|t| t.tokens_from_requests);
-                if let Some(tokens) = tokens
-                    && !from_requests
-                {
-                    let model = self
-                        .turn
-                        .as_ref()
-                        .and_then(|t| t.last_model.clone())
-                        .unwrap_or_else(|| self.model_or_unknown());
-                    count_tokens(delta, tokens, &agent, &model);
-                    if let Some(turn) = &mut self.turn {
-                        turn.tokens.add(tokens);
-                        turn.tokens_reported = true;
-                    }
-                }
-                self.status = "idle".to_owned();
-                if self.turn.is_some() {
-                    self.close_turn(
-                        session_id,
-                        ev.time_ns,
-                        TurnEnd::Idle { stop_reason: stop },
-                        delta,
-                        closed,
-                    );
-                }
-            }
-            EventKind::Terminated { .. } => {
-                self.status = "terminated".to_owned();
-                if let Some(turn) = &self.turn {
-                    let end = match &turn.failed {
-                        Some((error_type, _)) => TurnEnd::Failed {
-                            error_type: error_type.clone(),
-                        },
-                        None => TurnEnd::Terminated,
-                    };
-                    self.close_turn(session_id, ev.time_ns.or(turn.last_ns), end, delta, closed);
-                }
-                self.requests.clear();
-                self.tools.clear();
-            }
+            } => self.on_idle(&mut cx, stop_reason.as_deref(), tokens.as_ref()),
+            EventKind::Terminated { .. } => self.on_terminated(&mut cx),
             EventKind::Error {
                 error_type,
                 retry_status,
                 message,
                 code,
-            } => {
-                delta.inc(
-                    Family::SessionErrors,
-                    &[error_type, retry_status.as_label(), &agent],
-                    1.0,
-                );
-                if let Some(turn) = &mut self.turn {
-                    if turn.span_events.len() < MAX_SPAN_EVENTS {
-                        let mut attributes = vec![
-                            ("error.type".to_owned(), error_type.clone()),
-                            (
-                                "qoder.retry_status".to_owned(),
-                                retry_status.as_label().to_owned(),
-                            ),
-                        ];
-                        if let Some(m) = message {
-                            attributes.push(("exception.message".to_owned(), m.clone()));
-                        }
-                        if let Some(c) = code {
-                            attributes.push(("qoder.error.code".to_owned(), c.clone()));
-                        }
-                        turn.span_events.push(SpanEvent {
-                            name: "session.error".to_owned(),
-                            time_ns: ev.time_ns,
-                            attributes,
-                        });
-                    }
-                    if retry_status.ends_turn() {
-                        turn.failed = Some((error_type.clone(), ev.time_ns));
-                        turn.error_code.clone_from(code);
-                    }
-                }
-                if *retry_status == RetryStatus::Terminal {
-                    self.status = "terminating".to_owned();
-                }
-            }
+            } => self.on_error(
+                &mut cx,
+                error_type,
+                *retry_status,
+                message.as_deref(),
+                code.as_ref(),
+            ),
             EventKind::ModelRequestStart { model, span_id } => {
-                self.ensure_turn(ev);
-                if self.requests.len() == MAX_OPEN_REQUESTS {
-                    self.requests.pop_front();
-                }
-                self.requests.push_back(OpenRequest {
-                    start_id: ev.id.clone(),
-                    span_id: span_id.clone(),
-                    model: model.clone(),
-                    start_ns: ev.time_ns,
-                });
+                self.on_request_start(ev, model.as_ref(), span_id.as_ref());
             }
             EventKind::ModelRequestEnd {
                 start_id,
@@ -710,128 +627,26 @@ impl SessionState {
                 is_error,
                 tokens,
                 credits,
-            } => {
-                self.ensure_turn(ev);
-                let open = self.take_request(start_id.as_deref(), span_id.as_deref());
-                let model = open
-                    .as_ref()
-                    .and_then(|r| r.model.clone())
-                    .unwrap_or_else(|| self.model_or_unknown());
-                delta.inc(Family::ModelRequests, &[&agent, &model], 1.0);
-                if *is_error {
-                    delta.inc(Family::ModelRequestErrors, &[&agent, &model], 1.0);
-                }
-                let start_ns = open.as_ref().and_then(|r| r.start_ns);
-                if let (Some(s), Some(e)) = (start_ns, ev.time_ns) {
-                    delta.observe_ns(
-                        Family::ModelRequestDuration,
-                        &[&agent, &model],
-                        e.saturating_sub(s),
-                    );
-                }
-                if let Some(t) = tokens {
-                    count_tokens(delta, t, &agent, &model);
-                }
-                if let Some(c) = credits {
-                    delta.inc(Family::Credits, &[&agent, &model], *c);
-                }
-                if let Some(turn) = &mut self.turn {
-                    if let Some(t) = tokens {
-                        turn.tokens_from_requests = true;
-                        turn.tokens_reported = true;
-                        turn.tokens.add(t);
-                    }
-                    if let Some(c) = credits {
-                        turn.credits += c;
-                        turn.credits_reported = true;
-                    }
-                    turn.last_model = Some(model.clone());
-                    push_child(
-                        turn,
-                        ChildSpan {
-                            id: open.map_or_else(|| ev.id.clone(), |r| r.start_id),
-                            detail: ChildDetail::Chat {
-                                model,
-                                tokens: *tokens,
-                                credits: *credits,
-                            },
-                            start_ns: start_ns.or(ev.time_ns),
-                            end_ns: ev.time_ns,
-                            is_error: *is_error,
-                            incomplete: false,
-                        },
-                    );
-                }
-            }
+            } => self.on_request_end(
+                &mut cx,
+                &RequestEnd {
+                    start_id: start_id.as_deref(),
+                    span_id: span_id.as_deref(),
+                    is_error: *is_error,
+                    tokens: tokens.as_ref(),
+                    credits: *credits,
+                },
+            ),
             EventKind::ToolUse {
                 kind, use_id, name, ..
-            } => {
-                self.ensure_turn(ev);
-                delta.inc(Family::ToolCalls, &[name, &agent], 1.0);
-                if self.tools.len() == MAX_OPEN_TOOLS {
-                    self.tools.pop_front();
-                }
-                self.tools.push_back(OpenTool {
-                    kind: *kind,
-                    use_id: use_id.clone(),
-                    event_id: ev.id.clone(),
-                    name: name.clone(),
-                    start_ns: ev.time_ns,
-                    span_emitted: false,
-                });
-            }
+            } => self.on_tool_use(&mut cx, *kind, use_id, name),
             EventKind::ToolResult {
                 kind,
                 use_id,
                 is_error,
-            } => {
-                let open = use_id.as_deref().and_then(|u| self.take_tool(*kind, u));
-                let name = open
-                    .as_ref()
-                    .map_or("unknown", |t| t.name.as_str())
-                    .to_owned();
-                if *is_error {
-                    delta.inc(Family::ToolCallErrors, &[&name, &agent], 1.0);
-                }
-                if let (Some(s), Some(e)) = (open.as_ref().and_then(|t| t.start_ns), ev.time_ns) {
-                    delta.observe_ns(
-                        Family::ToolCallDuration,
-                        &[&name, &agent],
-                        e.saturating_sub(s),
-                    );
-                }
-                if let (Some(turn), Some(tool)) = (&mut self.turn, open)
-                    && !tool.span_emitted
-                {
-                    push_child(
-                        turn,
-                        ChildSpan {
-                            id: tool.event_id,
-                            detail: ChildDetail::Tool {
-                                name,
-                                call_id: tool.use_id,
-                                kind: tool.kind,
-                            },
-                            start_ns: tool.start_ns,
-                            end_ns: ev.time_ns,
-                            is_error: *is_error,
-                            incomplete: false,
-                        },
-                    );
-                }
-            }
+            } => self.on_tool_result(&mut cx, *kind, use_id.as_deref(), *is_error),
             EventKind::AgentOutput => self.ensure_turn(ev),
-            EventKind::ThreadStatus { phase, .. } => {
-                if let ThreadPhase::Idle { stop_reason } = phase {
-                    let stop = stop_reason.as_deref().unwrap_or("unknown");
-                    delta.inc(Family::ThreadTurns, &[&agent, stop], 1.0);
-                }
-                // A sub-agent's thread status drives its own turns; the session's own thread
-                // status leaves the session's turns to the session status events.
-                if self.thread_id.is_some() {
-                    self.thread_status(session_id, ev, phase, delta, closed);
-                }
-            }
+            EventKind::ThreadStatus { phase, .. } => self.on_thread_status(&mut cx, phase),
             EventKind::BudgetUpdated(b) => self.budget_credits = Some(*b),
             EventKind::Usage(_) | EventKind::ThreadCreated { .. } | EventKind::Other => {}
         }
