@@ -277,7 +277,8 @@ impl InvalidReason {
 pub struct DroppedFields {
     /// The wrong JSON type for the field (a string where a number goes).
     pub wrong_shape: u32,
-    /// A quantity beyond `source::wire::MAX_QUANTITY` (1e308, `u64::MAX`): counting it would pin a counter.
+    /// A quantity beyond `source::wire::MAX_QUANTITY` (1e9; the wire has sent 1e308 and
+    /// `u64::MAX`): counting it would pin a counter at its ceiling.
     pub out_of_range: u32,
     /// Not JSON as written, repaired to `null` or U+FFFD: a byte that is not UTF-8, a bare
     /// `NaN` or `Infinity`.

@@ -107,6 +107,9 @@ struct Feeder<'a> {
     seen: HashSet<String>,
     /// Per session, events at the head of its log that the state already consumed.
     skip: HashMap<String, u64>,
+    /// Sessions the state holds as finished (drained after termination): counted in full and
+    /// never read again, as in live polling; their lines are skipped.
+    finished: HashSet<String>,
     summary: ReplaySummary,
     /// Time the reader spent waiting for the pipeline (it is the bottleneck when this is large).
     waited: Duration,
@@ -245,6 +248,9 @@ impl Feeder<'_> {
                     agent: t.agent_name().map(str::to_owned),
                     updated_at: t.updated_at.clone(),
                 };
+                if self.finished.contains(&session) {
+                    return Ok(());
+                }
                 let p = self.pending.entry(session.clone()).or_default();
                 p.session = session;
                 p.threads_listed.push(listed);
@@ -258,6 +264,9 @@ impl Feeder<'_> {
                 return Ok(());
             };
             let id = s.id.clone().unwrap_or_default();
+            if self.finished.contains(&id) {
+                return Ok(());
+            }
             // Metadata applies to what follows: it goes after what came before it, in the
             // same transaction as the events after it.
             self.flush(&id)?;
@@ -283,6 +292,10 @@ impl Feeder<'_> {
             self.invalid("missing_session_id");
             return Ok(());
         };
+        if self.finished.contains(&session) {
+            self.summary.skipped += 1;
+            return Ok(());
+        }
         if !self.pending.contains_key(&session) && self.seen.insert(session.clone()) {
             self.summary.sessions += 1;
         }
@@ -386,6 +399,7 @@ fn feed(
     metrics: &Metrics,
     batch_size: usize,
     skip: HashMap<String, u64>,
+    finished: HashSet<String>,
 ) -> anyhow::Result<ReplaySummary> {
     let total: u64 = files
         .iter()
@@ -413,6 +427,7 @@ fn feed(
         acks: VecDeque::new(),
         seen: HashSet::new(),
         skip,
+        finished,
         summary: ReplaySummary::default(),
         waited: Duration::ZERO,
         at_end: false,
@@ -491,13 +506,18 @@ pub async fn replay(
     // Replaying into a state that already holds a session's head skips that head: replaying
     // the same file twice counts nothing twice.
     let mut skip: HashMap<String, u64> = HashMap::new();
+    let mut finished = HashSet::new();
     for s in &core.stored {
+        if s.finished {
+            finished.insert(s.id.clone());
+            continue;
+        }
         skip.insert(s.id.clone(), s.state.consumed);
         for (tid, t) in &s.state.threads {
             skip.insert(stream_key(&s.id, Some(tid)), t.tracker.consumed);
         }
     }
-    let fed = tokio::task::spawn_blocking(move || feed(&files, &handle, &m, batch, skip))
+    let fed = tokio::task::spawn_blocking(move || feed(&files, &handle, &m, batch, skip, finished))
         .await
         .context("replay thread")?;
     // Whatever happened, close in order: spans flushed, the pipeline drained, the store closed.

@@ -22,7 +22,9 @@ use crate::turn::ClosedTurn;
 /// `QODX` in ASCII: marks the file as ours.
 const APPLICATION_ID: i32 = 0x514F_4458;
 /// Tables added since (`event_ids`) are additive: an older release opens the file and leaves
-/// them alone, so the version stays 1 until a change an older release would misread. The JSON
+/// them alone, so the version stays 1 until a change an older release would misread. (An older
+/// release run in between records no ids and leaves the rows of the sessions it finishes; the
+/// ids it counted are then unknown to this one, as for a file from before the table.) The JSON
 /// this file keeps (session state, outbox turns) is read with `#[serde(default)]` on every
 /// stored struct: a field added later reads as its default from an older file. A change that
 /// an older file would be misread by (a field's meaning, an enum's variants) needs a migration

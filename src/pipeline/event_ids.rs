@@ -119,6 +119,18 @@ impl EventIds {
         }
     }
 
+    /// Whether the stream counted `id` (committed, or earlier in this group). The stream's
+    /// set must be loaded.
+    pub fn counted(&self, staged: &Staged, key: &StreamKey, id: &str) -> bool {
+        let d = digest(id);
+        self.streams.get(key).is_some_and(|k| k.ids.contains(&d))
+            || staged
+                .sessions
+                .get(key.0.as_str())
+                .and_then(|t| t.get(key.1.as_str()))
+                .is_some_and(|ids| ids.contains(&d))
+    }
+
     /// Takes event `id` off the stream: `false` when the stream counted it before (committed,
     /// or earlier in this group), else it is staged as counted.
     pub fn admit(&self, staged: &mut Staged, key: &StreamKey, id: &str) -> bool {
@@ -130,7 +142,9 @@ impl EventIds {
     }
 
     /// The group is committed: its digests join the sets. Past the budget, the streams used
-    /// least recently leave memory (they are on disk) until a quarter of the budget is free.
+    /// least recently leave memory (they are on disk) until a quarter of the budget is free;
+    /// the streams of this group stay (a stream larger than the budget would otherwise be read
+    /// back from disk for every page).
     pub fn publish(&mut self, staged: Staged) {
         self.clock += 1;
         let streams = staged.sessions.into_iter().flat_map(|(session, threads)| {
@@ -149,6 +163,7 @@ impl EventIds {
             let mut by_age: Vec<(u64, StreamKey)> = self
                 .streams
                 .iter()
+                .filter(|(_, v)| v.used < self.clock)
                 .map(|(k, v)| (v.used, k.clone()))
                 .collect();
             by_age.sort_unstable();
@@ -236,6 +251,25 @@ mod tests {
             vec![(String::new(), vec![digest("e1")])]
         );
         assert!(retry.of_session("s2").is_empty());
+    }
+
+    #[test]
+    fn a_stream_larger_than_the_budget_stays_while_it_is_read() {
+        let mut ids = EventIds::with_budget(4);
+        let mut staged = Staged::default();
+        for n in 0..10 {
+            ids.admit(&mut staged, &key("big"), &format!("e{n}"));
+        }
+        ids.publish(staged);
+        assert!(ids.is_loaded(&key("big")));
+        let mut staged = Staged::default();
+        ids.admit(&mut staged, &key("small"), "s0");
+        ids.publish(staged);
+        assert!(
+            !ids.is_loaded(&key("big")),
+            "left once another stream is read"
+        );
+        assert_eq!(ids.held(), 1);
     }
 
     #[test]

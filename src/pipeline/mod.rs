@@ -513,6 +513,21 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Puts a stream's counted ids in memory, from the state file, unless they are there.
+    fn load_event_ids(&mut self, stream: &StreamKey) -> Result<(), StateError> {
+        if self.event_ids.is_loaded(stream) {
+            return Ok(());
+        }
+        let read = self.store.load_event_ids(&stream.0, &stream.1);
+        // A read that works says nothing of whether commits do (it may have merged rows,
+        // but a failure to is what counts).
+        if read.is_err() {
+            self.note_write(&read);
+        }
+        self.event_ids.load(stream.clone(), read?);
+        Ok(())
+    }
+
     fn apply_batch(&mut self, batch: Batch) -> Result<BatchOutcome, StateError> {
         let mut out = self.apply_group(vec![batch])?;
         Ok(out.pop().unwrap_or(BatchOutcome {
@@ -583,10 +598,8 @@ impl Pipeline {
             }
             let thread = batch.thread.as_deref();
             let stream: StreamKey = (t.id.clone(), thread.unwrap_or_default().to_owned());
-            if !batch.items.is_empty() && !self.event_ids.is_loaded(&stream) {
-                let read = self.store.load_event_ids(&stream.0, &stream.1);
-                self.note_write(&read);
-                self.event_ids.load(stream.clone(), read?);
+            if !batch.items.is_empty() {
+                self.load_event_ids(&stream)?;
             }
             for item in &batch.items {
                 match item {
@@ -599,10 +612,24 @@ impl Pipeline {
                             t.state
                                 .close_stale(&t.id, e.time_ns, max, &mut delta, &mut closed);
                         }
-                        match t
-                            .state
-                            .apply_from(&t.id, e, thread, &mut delta, &mut closed)
-                        {
+                        // A cross-post of a sub-agent's event on the session's stream: did
+                        // the thread's own stream count it already?
+                        let counted_on_thread = match e.thread_id.as_deref() {
+                            Some(tid) if thread.is_none() && t.state.threads.contains_key(tid) => {
+                                let own: StreamKey = (t.id.clone(), tid.to_owned());
+                                self.load_event_ids(&own)?;
+                                self.event_ids.counted(&ids, &own, &e.id)
+                            }
+                            _ => false,
+                        };
+                        match t.state.apply_checked(
+                            &t.id,
+                            e,
+                            thread,
+                            counted_on_thread,
+                            &mut delta,
+                            &mut closed,
+                        ) {
                             Applied::Duplicate => duplicates += 1,
                             Applied::Held => {}
                             Applied::DecreasingSnapshot => {
@@ -853,6 +880,47 @@ mod tests {
             .expect("commit");
         assert_eq!(requests(&metrics, "a"), 103.0);
         assert_eq!(metrics.process.events_duplicate.get(), 1);
+    }
+
+    /// A sub-agent's event its thread's stream counted long ago (past the tracker's window of
+    /// the thread's ids) and the session's stream cross-posts late counts once.
+    #[test]
+    fn a_late_cross_post_of_a_counted_thread_event_counts_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let metrics = Metrics::new().expect("metrics");
+        let store = StateStore::open(&dir.path().join("s.db")).expect("store");
+        let (mut p, _) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+        let own = |items: Vec<Item>| Batch {
+            session_id: "s1".into(),
+            items,
+            ..Batch::default()
+        };
+        let thread = |items: Vec<Item>, at_end: bool| Batch {
+            session_id: "s1".into(),
+            thread: Some("t1".into()),
+            items,
+            at_end,
+            ..Batch::default()
+        };
+        p.apply_batch(own(vec![event(
+            r#"{"id":"c1","type":"session.thread_created","session_thread_id":"t1","agent_name":"sub"}"#,
+        )]))
+        .expect("created");
+        let on_thread: Vec<Item> = (0..600)
+            .map(|n| {
+                event(&format!(
+                    r#"{{"id":"x{n}","type":"agent.custom","session_thread_id":"t1"}}"#
+                ))
+            })
+            .collect();
+        p.apply_batch(thread(on_thread, false)).expect("thread");
+        let before = metrics.durable.total(Family::Events);
+        p.apply_batch(own(vec![event(
+            r#"{"id":"x0","type":"agent.custom","session_thread_id":"t1"}"#,
+        )]))
+        .expect("cross-post");
+        p.apply_batch(thread(vec![], true)).expect("at end");
+        assert_eq!(metrics.durable.total(Family::Events), before);
     }
 
     #[test]

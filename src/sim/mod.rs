@@ -130,7 +130,8 @@ pub enum EventsCursor {
     Ignored,
     /// Honoured up to the end of the second page; from there it leads back to the first.
     Cycle,
-    /// Honoured, but every page after the first starts with the event 100 before it again.
+    /// Honoured, but a page that starts 100 or more events into the stream starts with the
+    /// event 100 before it again (beyond any window of recent ids a reader may keep).
     Echo,
 }
 
@@ -875,8 +876,8 @@ fn events_page(
     let start = slice
         .first()
         .and_then(|f| visible.iter().position(|e| e.id == f.id));
-    if echo && let Some(start) = start.filter(|s| *s > 0) {
-        page_events.insert(0, visible[start.saturating_sub(100)]);
+    if echo && let Some(start) = start.filter(|s| *s >= 100) {
+        page_events.insert(0, visible[start - 100]);
     }
     let items = page_events.iter().map(|e| e.json.clone()).collect();
     let ids: Vec<&str> = page_events.iter().map(|e| e.id.as_str()).collect();

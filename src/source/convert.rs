@@ -138,7 +138,11 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
             Some(b) => EventKind::BudgetUpdated(b),
             None => EventKind::Other,
         },
-        "session.thread_created" => match w.session_thread_id {
+        // A thread without an id (or one no API makes) names nothing that can be read.
+        "session.thread_created" => match w
+            .session_thread_id
+            .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES)
+        {
             Some(thread) => EventKind::ThreadCreated {
                 thread,
                 agent: w.agent_name.filter(|a| !a.is_empty()),

@@ -235,6 +235,22 @@ impl SessionState {
         delta: &mut Delta,
         closed: &mut Vec<ClosedTurn>,
     ) -> Applied {
+        self.apply_checked(session_id, ev, from_thread, false, delta, closed)
+    }
+
+    /// [`SessionState::apply_from`], told whether the event's thread's own stream counted it
+    /// already (`counted_on_thread`, from every id that stream counted: the tracker's own
+    /// memory of a thread's ids is a window). A cross-post of such an event on the session's
+    /// stream is a repeat, however late it comes.
+    pub fn apply_checked(
+        &mut self,
+        session_id: &str,
+        ev: &Event,
+        from_thread: Option<&str>,
+        counted_on_thread: bool,
+        delta: &mut Delta,
+        closed: &mut Vec<ClosedTurn>,
+    ) -> Applied {
         if let EventKind::ThreadCreated { thread, agent } = &ev.kind
             && from_thread.is_none()
             && !self.seen_recently(&ev.id)
@@ -296,7 +312,8 @@ impl SessionState {
         if thread.tracker.model.is_none() {
             thread.tracker.model = model;
         }
-        if !admitted || thread.seen.contains(&ev.id) {
+        if !admitted || thread.seen.contains(&ev.id) || (from_thread.is_none() && counted_on_thread)
+        {
             return Applied::Duplicate;
         }
         match from_thread {
@@ -395,7 +412,8 @@ impl SessionState {
 
     /// Registers a sub-agent thread (bounded: past the limit, its events stay the session's).
     fn add_thread(&mut self, thread: &str, agent: Option<String>) {
-        if self.threads.len() >= MAX_THREADS {
+        // An empty id would share its stream of counted ids with the session's own stream.
+        if self.threads.len() >= MAX_THREADS || thread.is_empty() {
             return;
         }
         let mut tracker = SessionState::new(agent.unwrap_or_else(|| "unknown".to_owned()));
