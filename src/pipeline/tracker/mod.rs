@@ -31,9 +31,6 @@ pub use crate::turn::{
     ChildDetail, ChildSpan, ClosedTurn, Message, ParentTurn, SpanEvent, Turn, TurnEnd,
 };
 
-/// How many recent event ids a tracker remembers to skip an event its stream returns twice
-/// (every earlier id is also remembered, by the pipeline: `pipeline::event_ids`).
-const RECENT_IDS: usize = 32;
 /// Bounds on open state: a session that never closes what it opens cannot grow without limit.
 const MAX_OPEN_REQUESTS: usize = 256;
 const MAX_OPEN_TOOLS: usize = 256;
@@ -58,6 +55,9 @@ pub struct SessionState {
     pub turn_seq: u64,
     pub requests: VecDeque<OpenRequest>,
     pub tools: VecDeque<OpenTool>,
+    /// The last 32 ids a state file from before `pipeline::event_ids` remembered (that table
+    /// does not know them): still skipped, and let go one per new event. New states keep none.
+    #[serde(skip_serializing_if = "VecDeque::is_empty")]
     pub recent: VecDeque<String>,
     /// Events consumed from the log, readable or not: where a re-read resumes.
     pub consumed: u64,
@@ -562,8 +562,9 @@ impl SessionState {
         self.apply_admitted(session_id, ev, delta, closed)
     }
 
-    /// Whether `id` is among the recent ids. Ids of one stream share long prefixes
-    /// (`sevt_0001…`), so the last byte is compared first: almost every other id differs there.
+    /// Whether `id` is among the recent ids an older state file left. Ids of one stream share
+    /// long prefixes (`sevt_0001…`), so the last byte is compared first: almost every other id
+    /// differs there.
     fn seen_recently(&self, id: &str) -> bool {
         let last = id.as_bytes().last();
         self.recent
@@ -571,18 +572,18 @@ impl SessionState {
             .any(|r| r.len() == id.len() && r.as_bytes().last() == last && r == id)
     }
 
-    /// Takes an event off this tracker's stream: `false` when the stream repeated it (the API
-    /// returned it twice), else it counts as consumed from the stream. The pipeline has already
-    /// skipped every id the stream counted before (`pipeline::event_ids`); this window of recent
-    /// ids is what the tracker itself keeps, and what a state file from before that had.
+    /// Takes an event off this tracker's stream: `false` when an older state's recent ids say
+    /// the stream showed it already, else it counts as consumed from the stream. Every other
+    /// repeat was skipped before the tracker saw it: the pipeline remembers every id each stream
+    /// counted (`pipeline::event_ids`), so the tracker keeps no window of its own (it cost 32
+    /// ids of memory per session and a kilobyte per state write).
     fn admit(&mut self, id: &str) -> bool {
-        if self.seen_recently(id) {
-            return false;
-        }
-        if self.recent.len() == RECENT_IDS {
+        if !self.recent.is_empty() {
+            if self.seen_recently(id) {
+                return false;
+            }
             self.recent.pop_front();
         }
-        self.recent.push_back(id.to_owned());
         self.consumed += 1;
         true
     }
@@ -1162,17 +1163,20 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_ids_are_skipped() {
+    fn the_recent_ids_of_an_older_state_are_still_skipped_then_let_go() {
         let mut s = SessionState::new("a".into());
+        s.recent = ["0".to_owned(), "1".to_owned()].into();
         let (m, _) = run(
             &mut s,
             &[
                 r#"{"id":"1","type":"user.message"}"#,
-                r#"{"id":"1","type":"user.message"}"#,
+                r#"{"id":"2","type":"user.message"}"#,
+                r#"{"id":"3","type":"user.message"}"#,
             ],
         );
-        assert_eq!(m.total(Family::Events), 1.0);
-        assert_eq!(s.consumed, 1);
+        assert_eq!(m.total(Family::Events), 2.0);
+        assert_eq!(s.consumed, 2);
+        assert!(s.recent.is_empty(), "one let go per new event");
     }
 
     #[test]
