@@ -13,9 +13,11 @@
 //! digests is kept; the streams used least recently are dropped past the budget and read back
 //! from the state file the next time they have events.
 //!
-//! Admission is staged: a batch's new digests count as seen for the rest of its group, and
-//! become part of the sets only once the group is committed. A commit that fails leaves the sets
-//! as they were, so the retried batch is admitted again instead of being taken for a repeat.
+//! A batch takes its stream's set out of the map ([`EventIds::open`]) and checks each event
+//! against it with one hash lookup; the new digests go into the set at once and are also
+//! staged for the commit. A group that is not committed is taken back out of the sets
+//! ([`EventIds::discard`]), so the retried batch is admitted again instead of being taken for a
+//! repeat.
 
 use std::collections::HashMap;
 
@@ -41,7 +43,7 @@ pub fn digest(id: &str) -> u64 {
 #[derive(Debug)]
 pub struct EventIds {
     streams: HashMap<StreamKey, Known>,
-    /// Digests held across all streams.
+    /// Digests held across all streams in the map.
     held: usize,
     budget: usize,
     /// Increases with every publish: the streams' last use, for dropping the oldest.
@@ -54,11 +56,32 @@ struct Known {
     used: u64,
 }
 
+/// One stream's set, taken out of the map while a batch of its events is admitted.
+#[derive(Debug)]
+pub struct OpenStream {
+    key: StreamKey,
+    known: Known,
+    new: Vec<u64>,
+}
+
+impl OpenStream {
+    /// Takes event `id` off the stream: `false` when the stream counted it before (committed,
+    /// or earlier in this group), else it is counted from now on.
+    pub fn admit(&mut self, id: &str) -> bool {
+        let d = digest(id);
+        let new = self.known.ids.insert(d);
+        if new {
+            self.new.push(d);
+        }
+        new
+    }
+}
+
 /// The digests admitted by the batches of one group, not yet committed: session → thread →
-/// digests.
+/// digests, in the order admitted.
 #[derive(Debug, Default)]
 pub struct Staged {
-    sessions: hashbrown::HashMap<String, hashbrown::HashMap<String, HashSet<u64>>>,
+    sessions: hashbrown::HashMap<String, hashbrown::HashMap<String, Vec<u64>>>,
 }
 
 impl Staged {
@@ -70,19 +93,18 @@ impl Staged {
             .into_iter()
             .flatten()
             .filter(|(_, ids)| !ids.is_empty())
-            .map(|(thread, ids)| (thread.clone(), ids.iter().copied().collect()))
+            .map(|(thread, ids)| (thread.clone(), ids.clone()))
             .collect();
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
-    fn stream(&mut self, (session, thread): &StreamKey) -> &mut HashSet<u64> {
-        // `entry_ref`: the key is cloned only when the stream is new to the group.
-        self.sessions
-            .entry_ref(session.as_str())
-            .or_default()
-            .entry_ref(thread.as_str())
-            .or_default()
+    fn streams(self) -> impl Iterator<Item = (StreamKey, Vec<u64>)> {
+        self.sessions.into_iter().flat_map(|(session, threads)| {
+            threads
+                .into_iter()
+                .map(move |(thread, ids)| ((session.clone(), thread), ids))
+        })
     }
 }
 
@@ -120,44 +142,64 @@ impl EventIds {
     }
 
     /// Whether the stream counted `id` (committed, or earlier in this group). The stream's
-    /// set must be loaded.
-    pub fn counted(&self, staged: &Staged, key: &StreamKey, id: &str) -> bool {
+    /// set must be loaded, and not open.
+    pub fn counted(&self, key: &StreamKey, id: &str) -> bool {
         let d = digest(id);
         self.streams.get(key).is_some_and(|k| k.ids.contains(&d))
-            || staged
-                .sessions
-                .get(key.0.as_str())
-                .and_then(|t| t.get(key.1.as_str()))
-                .is_some_and(|ids| ids.contains(&d))
     }
 
-    /// Takes event `id` off the stream: `false` when the stream counted it before (committed,
-    /// or earlier in this group), else it is staged as counted.
-    pub fn admit(&self, staged: &mut Staged, key: &StreamKey, id: &str) -> bool {
-        let d = digest(id);
-        if self.streams.get(key).is_some_and(|k| k.ids.contains(&d)) {
-            return false;
+    /// Takes a stream's set out of the map for a batch of its events (empty when it is not
+    /// loaded). [`EventIds::close`] puts it back; a set never put back (an error on the way)
+    /// is read from the state file again the next time, which holds what was committed.
+    pub fn open(&mut self, key: StreamKey) -> OpenStream {
+        let known = self.streams.remove(&key).unwrap_or_default();
+        self.held -= known.ids.len();
+        OpenStream {
+            key,
+            known,
+            new: Vec::new(),
         }
-        staged.stream(key).insert(d)
     }
 
-    /// The group is committed: its digests join the sets. Past the budget, the streams used
+    /// Puts a stream's set back, its new digests staged for the commit.
+    pub fn close(&mut self, open: OpenStream, staged: &mut Staged) {
+        let OpenStream { key, known, new } = open;
+        if !new.is_empty() {
+            staged
+                .sessions
+                .entry_ref(key.0.as_str())
+                .or_default()
+                .entry_ref(key.1.as_str())
+                .or_default()
+                .extend(new);
+        }
+        self.held += known.ids.len();
+        self.streams.insert(key, known);
+    }
+
+    /// The group was not committed: its digests leave the sets.
+    pub fn discard(&mut self, staged: Staged) {
+        for (key, ids) in staged.streams() {
+            if let Some(known) = self.streams.get_mut(&key) {
+                for d in ids {
+                    if known.ids.remove(&d) {
+                        self.held -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The group is committed: its streams are marked used. Past the budget, the streams used
     /// least recently leave memory (they are on disk) until a quarter of the budget is free;
     /// the streams of this group stay (a stream larger than the budget would otherwise be read
     /// back from disk for every page).
     pub fn publish(&mut self, staged: Staged) {
         self.clock += 1;
-        let streams = staged.sessions.into_iter().flat_map(|(session, threads)| {
-            threads
-                .into_iter()
-                .map(move |(thread, ids)| ((session.clone(), thread), ids))
-        });
-        for (key, ids) in streams {
-            let known = self.streams.entry(key).or_default();
-            known.used = self.clock;
-            let before = known.ids.len();
-            known.ids.extend(ids);
-            self.held += known.ids.len() - before;
+        for (key, _) in staged.streams() {
+            if let Some(known) = self.streams.get_mut(&key) {
+                known.used = self.clock;
+            }
         }
         if self.held > self.budget {
             let mut by_age: Vec<(u64, StreamKey)> = self
@@ -205,6 +247,14 @@ mod tests {
         (s.to_owned(), String::new())
     }
 
+    /// Admits `ids` on stream `s` as one batch of a group.
+    fn batch(ids: &mut EventIds, staged: &mut Staged, s: &str, events: &[&str]) -> Vec<bool> {
+        let mut open = ids.open(key(s));
+        let admitted = events.iter().map(|e| open.admit(e)).collect();
+        ids.close(open, staged);
+        admitted
+    }
+
     #[test]
     fn the_digest_is_pinned() {
         // First 8 bytes of SHA-256("sevt_1"), little endian: a state file written by one build
@@ -217,34 +267,52 @@ mod tests {
     fn an_id_counts_once_per_stream_however_late_it_comes_back() {
         let mut ids = EventIds::default();
         let mut staged = Staged::default();
-        assert!(ids.admit(&mut staged, &key("s1"), "e1"));
-        assert!(
-            !ids.admit(&mut staged, &key("s1"), "e1"),
-            "repeated in the group"
+        assert_eq!(
+            batch(&mut ids, &mut staged, "s1", &["e1", "e1"]),
+            [true, false]
         );
-        assert!(ids.admit(&mut staged, &key("s2"), "e1"), "another stream");
+        assert_eq!(
+            batch(&mut ids, &mut staged, "s1", &["e1"]),
+            [false],
+            "same group"
+        );
+        assert_eq!(
+            batch(&mut ids, &mut staged, "s2", &["e1"]),
+            [true],
+            "another stream"
+        );
+        assert!(ids.counted(&key("s1"), "e1"));
         ids.publish(staged);
         let mut staged = Staged::default();
-        for n in 2..500 {
-            assert!(ids.admit(&mut staged, &key("s1"), &format!("e{n}")));
-        }
+        let later: Vec<String> = (2..500).map(|n| format!("e{n}")).collect();
+        let later: Vec<&str> = later.iter().map(String::as_str).collect();
         assert!(
-            !ids.admit(&mut staged, &key("s1"), "e1"),
+            batch(&mut ids, &mut staged, "s1", &later)
+                .iter()
+                .all(|a| *a)
+        );
+        assert_eq!(
+            batch(&mut ids, &mut staged, "s1", &["e1"]),
+            [false],
             "500 events later"
         );
-        assert_eq!(ids.held(), 2);
+        assert_eq!(ids.held(), 500);
     }
 
     #[test]
     fn a_group_that_is_not_committed_leaves_the_sets_as_they_were() {
-        let ids = EventIds::default();
+        let mut ids = EventIds::default();
+        let mut committed = Staged::default();
+        batch(&mut ids, &mut committed, "s1", &["e0"]);
+        ids.publish(committed);
         let mut failed = Staged::default();
-        assert!(ids.admit(&mut failed, &key("s1"), "e1"));
-        drop(failed);
+        assert_eq!(batch(&mut ids, &mut failed, "s1", &["e1"]), [true]);
+        ids.discard(failed);
+        assert_eq!(ids.held(), 1);
         let mut retry = Staged::default();
-        assert!(
-            ids.admit(&mut retry, &key("s1"), "e1"),
-            "the retry counts it"
+        assert_eq!(
+            batch(&mut ids, &mut retry, "s1", &["e1", "e0"]),
+            [true, false]
         );
         assert_eq!(
             retry.of_session("s1"),
@@ -257,13 +325,13 @@ mod tests {
     fn a_stream_larger_than_the_budget_stays_while_it_is_read() {
         let mut ids = EventIds::with_budget(4);
         let mut staged = Staged::default();
-        for n in 0..10 {
-            ids.admit(&mut staged, &key("big"), &format!("e{n}"));
-        }
+        let many: Vec<String> = (0..10).map(|n| format!("e{n}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        batch(&mut ids, &mut staged, "big", &many);
         ids.publish(staged);
         assert!(ids.is_loaded(&key("big")));
         let mut staged = Staged::default();
-        ids.admit(&mut staged, &key("small"), "s0");
+        batch(&mut ids, &mut staged, "small", &["s0"]);
         ids.publish(staged);
         assert!(
             !ids.is_loaded(&key("big")),
@@ -277,9 +345,9 @@ mod tests {
         let mut ids = EventIds::with_budget(8);
         for s in ["a", "b", "c"] {
             let mut staged = Staged::default();
-            for n in 0..3 {
-                ids.admit(&mut staged, &key(s), &format!("{s}{n}"));
-            }
+            let three: Vec<String> = (0..3).map(|n| format!("{s}{n}")).collect();
+            let three: Vec<&str> = three.iter().map(String::as_str).collect();
+            batch(&mut ids, &mut staged, s, &three);
             ids.publish(staged);
         }
         // 9 > 8: the oldest stream left until at most 6 remain.
@@ -288,7 +356,7 @@ mod tests {
         assert_eq!(ids.held(), 6);
         ids.load(key("a"), vec![digest("a0")]);
         assert_eq!(ids.held(), 7);
-        assert!(!ids.admit(&mut Staged::default(), &key("a"), "a0"));
+        assert!(ids.counted(&key("a"), "a0"));
         ids.forget_session("a");
         assert!(!ids.is_loaded(&key("a")));
         assert_eq!(ids.held(), 6);

@@ -540,6 +540,21 @@ impl Pipeline {
     /// Applies batches (of one or many sessions, in order) and commits them in one
     /// transaction; nothing of them is visible unless all of it is on disk.
     fn apply_group(&mut self, batches: Vec<Batch>) -> Result<Vec<BatchOutcome>, StateError> {
+        let mut ids = Staged::default();
+        let applied = self.apply_group_staged(batches, &mut ids);
+        if applied.is_err() {
+            // Not committed: the ids the group admitted are not counted.
+            self.event_ids.discard(ids);
+        }
+        applied
+    }
+
+    /// [`Pipeline::apply_group`], the event ids it admits staged in `ids`.
+    fn apply_group_staged(
+        &mut self,
+        batches: Vec<Batch>,
+        ids: &mut Staged,
+    ) -> Result<Vec<BatchOutcome>, StateError> {
         struct Touched {
             id: String,
             state: SessionState,
@@ -563,7 +578,6 @@ impl Pipeline {
         let mut bad_fields = DroppedFields::default();
         let capture = self.outbox.as_ref().and_then(|o| o.capture_bytes);
         let mut touched: Vec<Touched> = Vec::new();
-        let mut ids = Staged::default();
         let mut outcomes = Vec::with_capacity(batches.len());
         for batch in batches {
             let pos = match touched.iter().position(|t| t.id == batch.session_id) {
@@ -598,13 +612,18 @@ impl Pipeline {
             }
             let thread = batch.thread.as_deref();
             let stream: StreamKey = (t.id.clone(), thread.unwrap_or_default().to_owned());
-            if !batch.items.is_empty() {
+            // Only a batch with items opens its stream's set: opening one that is not loaded
+            // would put an empty set in its place.
+            let mut stream_ids = if batch.items.is_empty() {
+                None
+            } else {
                 self.load_event_ids(&stream)?;
-            }
+                Some(self.event_ids.open(stream))
+            };
             for item in &batch.items {
                 match item {
                     Item::Event(e) => {
-                        if !self.event_ids.admit(&mut ids, &stream, &e.id) {
+                        if stream_ids.as_mut().is_some_and(|s| !s.admit(&e.id)) {
                             duplicates += 1;
                             continue;
                         }
@@ -618,7 +637,7 @@ impl Pipeline {
                             Some(tid) if thread.is_none() && t.state.threads.contains_key(tid) => {
                                 let own: StreamKey = (t.id.clone(), tid.to_owned());
                                 self.load_event_ids(&own)?;
-                                self.event_ids.counted(&ids, &own, &e.id)
+                                self.event_ids.counted(&own, &e.id)
                             }
                             _ => false,
                         };
@@ -648,6 +667,9 @@ impl Pipeline {
                         *invalid.entry(reason.as_label()).or_default() += 1;
                     }
                 }
+            }
+            if let Some(open) = stream_ids {
+                self.event_ids.close(open, ids);
             }
             if let Some(snapshot) = &usage {
                 t.state.apply_object_usage(snapshot, &mut delta);
@@ -705,7 +727,7 @@ impl Pipeline {
             return Err(e);
         }
         // Committed: now, and only now, the batches become visible.
-        self.event_ids.publish(ids);
+        self.event_ids.publish(std::mem::take(ids));
         p.series_dropped.inc_by(staged.folded);
         self.metrics.durable.publish(staged);
         p.state_commits.inc();
