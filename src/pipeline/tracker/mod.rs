@@ -176,7 +176,9 @@ pub struct OpenTool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     Counted,
-    /// The id was among the last ones applied: the API returned it twice.
+    /// A repeat the tracker itself can tell: a cross-post of an event its thread already
+    /// applied, or an id in an older state's window (every other repeat was skipped by the
+    /// pipeline before the tracker saw it).
     Duplicate,
     /// Counted, but its usage snapshot was below the previous one and added nothing.
     DecreasingSnapshot,
