@@ -611,12 +611,12 @@ impl Pipeline {
                 t.state.thread_listed(listed);
             }
             let thread = batch.thread.as_deref();
-            let stream: StreamKey = (t.id.clone(), thread.unwrap_or_default().to_owned());
             // Only a batch with items opens its stream's set: opening one that is not loaded
             // would put an empty set in its place.
             let mut stream_ids = if batch.items.is_empty() {
                 None
             } else {
+                let stream: StreamKey = (t.id.clone(), thread.unwrap_or_default().to_owned());
                 self.load_event_ids(&stream)?;
                 Some(self.event_ids.open(stream))
             };
@@ -808,6 +808,15 @@ mod tests {
         }
     }
 
+    /// A pipeline on the state file at `path` (a new one, or the one a test left), and its
+    /// metrics.
+    fn open(path: &std::path::Path) -> (Pipeline, Metrics, Vec<StoredSession>) {
+        let metrics = Metrics::new().expect("metrics");
+        let store = StateStore::open(path).expect("store");
+        let (p, stored) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+        (p, metrics, stored)
+    }
+
     fn requests(m: &Metrics, agent: &str) -> f64 {
         m.durable.counter(Family::ModelRequests, &[agent, "qwen"])
     }
@@ -817,9 +826,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("s.db");
         {
-            let metrics = Metrics::new().expect("metrics");
-            let store = StateStore::open(&path).expect("store");
-            let (mut p, _) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+            let (mut p, metrics, _) = open(&path);
             // A session that names its agent by id alone, before anything names it.
             p.apply_batch(batch(
                 "s1",
@@ -850,9 +857,7 @@ mod tests {
         }
         // After a restart the name is known before anything is counted: a new id-only session
         // counts under the name, and the stored series hold the merged values.
-        let metrics = Metrics::new().expect("metrics");
-        let store = StateStore::open(&path).expect("store");
-        let (mut p, stored) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+        let (mut p, metrics, stored) = open(&path);
         assert!(stored.iter().all(|s| s.state.agent == "triage"));
         assert_eq!(requests(&metrics, "triage"), 2.0);
         p.apply_batch(batch(
@@ -871,14 +876,8 @@ mod tests {
     fn an_event_counts_once_however_late_the_api_repeats_it() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("s.db");
-        let open = || {
-            let metrics = Metrics::new().expect("metrics");
-            let store = StateStore::open(&path).expect("store");
-            let (p, _) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
-            (p, metrics)
-        };
         {
-            let (mut p, metrics) = open();
+            let (mut p, metrics, _) = open(&path);
             let first: Vec<Item> = (0..100).map(|n| request(&format!("e{n}"))).collect();
             p.apply_batch(batch("s1", meta(None, Some("a")), first))
                 .expect("commit");
@@ -891,7 +890,7 @@ mod tests {
             assert_eq!(requests(&metrics, "a"), 101.0);
             assert_eq!(metrics.process.events_duplicate.get(), 2);
         }
-        let (mut p, metrics) = open();
+        let (mut p, metrics, _) = open(&path);
         p.apply_batch(batch(
             "s1",
             meta(None, Some("a")),
@@ -909,9 +908,7 @@ mod tests {
     #[test]
     fn a_late_cross_post_of_a_counted_thread_event_counts_once() {
         let dir = tempfile::tempdir().expect("dir");
-        let metrics = Metrics::new().expect("metrics");
-        let store = StateStore::open(&dir.path().join("s.db")).expect("store");
-        let (mut p, _) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+        let (mut p, metrics, _) = open(&dir.path().join("s.db"));
         let own = |items: Vec<Item>| Batch {
             session_id: "s1".into(),
             items,
@@ -948,9 +945,7 @@ mod tests {
     #[test]
     fn histograms_merge_bucket_by_bucket() {
         let dir = tempfile::tempdir().expect("dir");
-        let metrics = Metrics::new().expect("metrics");
-        let store = StateStore::open(&dir.path().join("s.db")).expect("store");
-        let (mut p, _) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+        let (mut p, metrics, _) = open(&dir.path().join("s.db"));
         let tool = |id: &str, use_at: &str, result_at: &str| {
             vec![
                 event(&format!(
