@@ -39,23 +39,89 @@ pub struct Running {
     poll_cancel: CancellationToken,
     server_cancel: CancellationToken,
     poller: tokio::task::JoinHandle<()>,
-    shipper: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    downstream: Downstream,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
-    pipeline: std::thread::JoinHandle<StateStore>,
 }
 
-/// The state store, the pipeline thread over it, and (traces on) the shipper draining its
-/// outbox: what the exporter and `replay` share.
+/// A background task and the switch that stops it.
+#[derive(Debug)]
+pub struct Task {
+    what: &'static str,
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Task {
+    pub fn spawn<F: Future<Output = ()> + Send + 'static>(
+        what: &'static str,
+        run: impl FnOnce(CancellationToken) -> F,
+    ) -> Task {
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(run(stop.clone()));
+        Task { what, stop, handle }
+    }
+
+    /// Stops the task, which flushes within [`FLUSH_TIMEOUT`]; past that it is abandoned
+    /// (what it held is kept for the next start).
+    pub async fn stop(self) {
+        let Task {
+            what,
+            stop,
+            mut handle,
+        } = self;
+        stop.cancel();
+        if tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), &mut handle)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                task = what,
+                "did not stop in time; what it held is kept for the next start"
+            );
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+}
+
+/// Everything behind the pipeline handle: the pipeline thread, and the shippers that deliver
+/// what it committed. Closed in order by [`Downstream::close`].
+#[derive(Debug)]
+pub struct Downstream {
+    pipeline: std::thread::JoinHandle<StateStore>,
+    /// Drains the span outbox (traces on).
+    spans: Option<Task>,
+    /// Pushes `/metrics` over OTLP (metrics push on).
+    metrics_push: Option<Task>,
+}
+
+impl Downstream {
+    /// Call once every pipeline handle but the shippers' is dropped: the outbox shippers send
+    /// what is committed and stop, the pipeline drains and closes the store, and the metrics
+    /// push sends the final totals.
+    pub async fn close(self) -> anyhow::Result<()> {
+        if let Some(t) = self.spans {
+            t.stop().await;
+        }
+        join_pipeline(self.pipeline).await?;
+        if let Some(t) = self.metrics_push {
+            t.stop().await;
+        }
+        Ok(())
+    }
+}
+
+/// The state store, the pipeline thread over it, and the shippers: what the exporter and
+/// `replay` share.
 #[derive(Debug)]
 pub struct Core {
     pub handle: PipelineHandle,
-    pub pipeline: std::thread::JoinHandle<StateStore>,
     pub stored: Vec<StoredSession>,
-    pub shipper: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    pub downstream: Downstream,
 }
 
 impl Core {
-    /// Opens the state and starts the pipeline (and the shipper); call inside the runtime.
+    /// Opens the state and starts the pipeline (and the shippers); call inside the runtime.
     pub fn start(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Core> {
         // Built before the state opens, so a bad OTLP setting is a startup error that
         // touches nothing.
@@ -65,8 +131,15 @@ impl Core {
             .as_ref()
             .map(|o| crate::sinks::otlp::exporter(o, &instance))
             .transpose()?;
+        let metrics_sender = settings
+            .otlp_metrics
+            .as_ref()
+            .map(|m| crate::sinks::otlp_send::OtlpSender::new(&m.target))
+            .transpose()?;
+        let process_start = crate::sinks::otlp_metrics::unix_nanos(std::time::SystemTime::now());
         let store = StateStore::open(&settings.state_path)?;
         tracing::info!(path = %settings.state_path.display(), "state store open");
+        let series_start = store.series_start()?;
         metrics.process.state_writable.set(1);
         let notify = std::sync::Arc::new(tokio::sync::Notify::new());
         let outbox = settings.otlp.as_ref().map(|o| OutboxConfig {
@@ -77,11 +150,10 @@ impl Core {
         let (pipeline, stored) = Pipeline::new(store, metrics.clone(), outbox)?;
         let pipeline = pipeline.with_max_turn_age(settings.max_turn_age);
         let (handle, pipeline) = pipeline.spawn(PIPELINE_QUEUE).context("pipeline thread")?;
-        let shipper = match (exporter, &settings.otlp) {
+        let spans = match (exporter, &settings.otlp) {
             (Some(exporter), Some(o)) => {
                 tracing::info!(endpoint = %o.endpoint, protocol = ?o.protocol,
                     capture_content = o.capture_content.is_some(), "traces on: exporting turn spans over OTLP");
-                let stop = CancellationToken::new();
                 let shipper = crate::sinks::otlp::Shipper {
                     exporter,
                     outbox: handle.clone(),
@@ -90,7 +162,9 @@ impl Core {
                     endpoint: o.endpoint.clone(),
                     shape: crate::sinks::traces::SpanShape::new(Some(&settings.api_url)),
                 };
-                Some((stop.clone(), tokio::spawn(shipper.run(stop, FLUSH_TIMEOUT))))
+                Some(Task::spawn("span shipper", |stop| {
+                    shipper.run(stop, FLUSH_TIMEOUT)
+                }))
             }
             _ => {
                 tracing::info!(
@@ -99,27 +173,40 @@ impl Core {
                 None
             }
         };
+        let metrics_push = match (metrics_sender, &settings.otlp_metrics) {
+            (Some(sender), Some(m)) => {
+                tracing::info!(endpoint = %m.target.endpoint, protocol = ?m.target.protocol,
+                    interval = %humantime::format_duration(m.interval), temporality = ?m.temporality,
+                    "metrics push on: every /metrics family also goes over OTLP");
+                metrics.process.otlp_signal_on(&metrics.registry, "metrics");
+                let pusher = crate::sinks::otlp_metrics::MetricsPusher {
+                    sender,
+                    metrics: metrics.clone(),
+                    resource: crate::sinks::otlp_metrics::proto_resource(
+                        &crate::sinks::otlp::resource(&instance),
+                    ),
+                    starts: crate::sinks::otlp_metrics::StartTimes {
+                        durable: series_start,
+                        process: process_start,
+                    },
+                    interval: m.interval,
+                    temporality: m.temporality,
+                };
+                Some(Task::spawn("metrics push", |stop| {
+                    pusher.run(stop, FLUSH_TIMEOUT)
+                }))
+            }
+            _ => None,
+        };
         Ok(Core {
             handle,
-            pipeline,
             stored,
-            shipper,
+            downstream: Downstream {
+                pipeline,
+                spans,
+                metrics_push,
+            },
         })
-    }
-}
-
-/// Flushes the span outbox (within its deadline) and stops the shipper.
-pub async fn stop_shipper(shipper: Option<(CancellationToken, tokio::task::JoinHandle<()>)>) {
-    if let Some((stop, mut task)) = shipper {
-        stop.cancel();
-        if tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), &mut task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the span shipper did not stop in time; its turns stay in the outbox");
-            task.abort();
-            let _ = task.await;
-        }
     }
 }
 
@@ -167,9 +254,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         .with_context(|| format!("--web.listen-address {}", settings.listen_address))?;
     let Core {
         handle,
-        pipeline: pipeline_thread,
         stored,
-        shipper,
+        downstream,
     } = Core::start(&settings, &metrics)?;
     let (ready_tx, ready_rx) = watch::channel(false);
     let poller = Poller::new(
@@ -223,9 +309,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         poll_cancel,
         server_cancel,
         poller,
-        shipper,
+        downstream,
         server,
-        pipeline: pipeline_thread,
     })
 }
 
@@ -243,11 +328,8 @@ impl Running {
             );
             poller.abort();
         }
-        // Polling is done and committed: send what the outbox holds, within its deadline.
-        stop_shipper(self.shipper).await;
-        // The poller and the shipper held the last pipeline handles; the pipeline now drains
-        // and returns.
-        join_pipeline(self.pipeline).await?;
+        // The poller held the last pipeline handle but the shippers': close what is behind it.
+        self.downstream.close().await?;
         tracing::info!("state committed and closed");
         self.server_cancel.cancel();
         self.server

@@ -16,7 +16,10 @@ use serde::Deserialize;
 use crate::secret::Pat;
 
 mod otlp;
-pub use otlp::{OtlpFlags, OtlpProtocol, OtlpSection, OtlpSettings};
+pub use otlp::{
+    OtlpFlags, OtlpGeneral, OtlpLogsSettings, OtlpMetricsSettings, OtlpProtocol, OtlpSection,
+    OtlpSettings, OtlpSignalFlags, OtlpTarget, Temporality,
+};
 
 pub const DEFAULT_API_URL: &str = "https://api.qoder.com/api/v1/cloud";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9874";
@@ -399,7 +402,7 @@ fn parse_price(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 2s, 1m)"))?;
     if d.is_zero() {
         return Err("must be greater than zero".to_owned());
@@ -653,6 +656,10 @@ pub struct Settings {
     pub max_series: usize,
     /// `None`: traces off.
     pub otlp: Option<OtlpSettings>,
+    /// `None`: metrics are only served, not pushed.
+    pub otlp_metrics: Option<OtlpMetricsSettings>,
+    /// `None`: the event log is not exported.
+    pub otlp_logs: Option<OtlpLogsSettings>,
     pub shard: Shard,
 }
 
@@ -739,15 +746,26 @@ impl Settings {
         }
         let env = |k: &str| std::env::var(k).ok();
         let o = file.otlp;
+        let mut otlp_flags = flags.otlp;
+        let general_endpoint = otlp_flags.otlp_endpoint.clone().or(o.endpoint.clone());
+        let general_protocol = otlp_flags.otlp_protocol.clone().or(o.protocol.clone());
+        let general = OtlpGeneral {
+            endpoint: general_endpoint.as_deref().filter(|e| !e.trim().is_empty()),
+            protocol: general_protocol.as_deref().filter(|p| !p.trim().is_empty()),
+        };
+        let otlp_metrics =
+            OtlpMetricsSettings::resolve(&mut otlp_flags.signals, o.metrics, general)?;
+        let otlp_logs = OtlpLogsSettings::resolve(&mut otlp_flags.signals, o.logs, general)?;
+        let flags_otlp = otlp_flags;
         let otlp = OtlpSettings::resolve(
-            flags.otlp.otlp_endpoint.or(o.endpoint),
+            flags_otlp.otlp_endpoint.or(o.endpoint),
             env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
             env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                .or(flags.otlp.otlp_protocol)
+                .or(flags_otlp.otlp_protocol)
                 .or(o.protocol),
-            flags.otlp.otlp_capture_content || o.capture_content,
-            flags.otlp.otlp_content_max_bytes.or(o.content_max_bytes),
-            flags.otlp.otlp_outbox_max_turns.or(o.outbox_max_turns),
+            flags_otlp.otlp_capture_content || o.capture_content,
+            flags_otlp.otlp_content_max_bytes.or(o.content_max_bytes),
+            flags_otlp.otlp_outbox_max_turns.or(o.outbox_max_turns),
         )?;
         let hostname = std::env::var("HOSTNAME")
             .ok()
@@ -770,6 +788,8 @@ impl Settings {
         Ok(Settings {
             shard,
             otlp,
+            otlp_metrics,
+            otlp_logs,
             workspace_id,
             credit_price,
             session_series_limit: flags

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Core, join_pipeline, stop_shipper};
+use crate::app::Core;
 use crate::config::{DumpFlags, ReplayFlags, Settings};
 use crate::event::{DroppedFields, Event};
 use crate::pipeline::tracker::ListedThread;
@@ -520,10 +520,10 @@ pub async fn replay(
     let fed = tokio::task::spawn_blocking(move || feed(&files, &handle, &m, batch, skip, finished))
         .await
         .context("replay thread")?;
-    // Whatever happened, close in order: spans flushed, the pipeline drained, the store closed.
-    stop_shipper(core.shipper).await;
+    // Whatever happened, close in order: spans flushed, the pipeline drained, the store
+    // closed, the final totals pushed.
     drop(core.handle);
-    join_pipeline(core.pipeline).await?;
+    core.downstream.close().await?;
     Ok((metrics, fed?))
 }
 

@@ -238,12 +238,35 @@ impl StateStore {
                 thread  TEXT NOT NULL,
                 ids     BLOB NOT NULL
             );
-            CREATE INDEX IF NOT EXISTS event_ids_stream ON event_ids (session, thread);",
+            CREATE INDEX IF NOT EXISTS event_ids_stream ON event_ids (session, thread);
+            CREATE TABLE IF NOT EXISTS meta (
+                key   TEXT PRIMARY KEY,
+                value TEXT NOT NULL
+            );",
+        )?;
+        // When the durable series started counting: their OTLP start time, the same across
+        // restarts. A file from before this key gets the time it was first opened with it.
+        tx.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('series_start_unix_nano', ?1)",
+            [crate::sinks::otlp_metrics::unix_nanos(std::time::SystemTime::now()).to_string()],
         )?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// When the durable series started counting, in Unix nanoseconds (kept in the file).
+    pub fn series_start(&self) -> Result<u64, StateError> {
+        let v: String = self.conn.query_row(
+            "SELECT value FROM meta WHERE key = 'series_start_unix_nano'",
+            [],
+            |r| r.get(0),
+        )?;
+        v.parse().map_err(|_| StateError::Corrupt {
+            path: self.path.clone(),
+            detail: format!("meta series_start_unix_nano {v:?} is not a number"),
+        })
     }
 
     pub fn path(&self) -> &Path {

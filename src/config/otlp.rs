@@ -1,7 +1,10 @@
 //! The OpenTelemetry side of the settings: where spans (and, with their own switches, metrics
 //! and the event log) go, resolved the way the OpenTelemetry spec's environment variables work.
 
-use anyhow::bail;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
 
@@ -25,6 +28,76 @@ pub struct OtlpFlags {
     /// Closed turns kept for the OTLP endpoint while it is unreachable; past it the oldest are dropped [default: 100000]
     #[arg(long = "otlp.outbox-max-turns", env = "QODER_OTLP_OUTBOX_MAX_TURNS")]
     pub otlp_outbox_max_turns: Option<u64>,
+    #[command(flatten)]
+    pub signals: OtlpSignalFlags,
+}
+
+/// Metrics and the event log over OTLP: each has its own switch, and may have its own endpoint
+/// and protocol (else `--otlp.endpoint` with `/v1/metrics` or `/v1/logs`, else the spec's
+/// default `http://localhost:4318`).
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "OpenTelemetry metrics and logs")]
+pub struct OtlpSignalFlags {
+    /// `otlp`: push every `/metrics` family over OTLP as well; `none` [default: none]
+    #[arg(long = "otlp.metrics.exporter", env = "OTEL_METRICS_EXPORTER")]
+    pub metrics_exporter: Option<String>,
+    /// Where metrics go, used as is (for HTTP the full URL, `.../v1/metrics`)
+    #[arg(
+        long = "otlp.metrics.endpoint",
+        env = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+    )]
+    pub metrics_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf` for metrics [default: --otlp.protocol]
+    #[arg(
+        long = "otlp.metrics.protocol",
+        env = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
+    )]
+    pub metrics_protocol: Option<String>,
+    /// How often metrics are pushed: milliseconds, as the variable has it, or a duration (`30s`) [default: 60000]
+    #[arg(long = "otlp.metrics.interval", env = "OTEL_METRIC_EXPORT_INTERVAL", value_parser = parse_millis)]
+    pub metrics_interval: Option<Duration>,
+    /// `cumulative` or `delta` (counters and histograms) [default: cumulative]
+    #[arg(
+        long = "otlp.metrics.temporality",
+        env = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"
+    )]
+    pub metrics_temporality: Option<String>,
+    /// `otlp`: every event read becomes one OTLP log record, at most once; `none` [default: none]
+    #[arg(long = "otlp.logs.exporter", env = "OTEL_LOGS_EXPORTER")]
+    pub logs_exporter: Option<String>,
+    /// Where log records go, used as is (for HTTP the full URL, `.../v1/logs`)
+    #[arg(long = "otlp.logs.endpoint", env = "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")]
+    pub logs_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf` for logs [default: --otlp.protocol]
+    #[arg(long = "otlp.logs.protocol", env = "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL")]
+    pub logs_protocol: Option<String>,
+    /// Put message text and tool inputs in log records (off: content never leaves the exporter)
+    #[arg(
+        long = "otlp.logs.include-content",
+        env = "QODER_OTLP_LOGS_INCLUDE_CONTENT"
+    )]
+    pub logs_include_content: bool,
+    /// Export only these event types (comma list, e.g. `session.error,span.model_request_end`) [default: all]
+    #[arg(
+        long = "otlp.logs.event-types",
+        env = "QODER_OTLP_LOGS_EVENT_TYPES",
+        value_delimiter = ','
+    )]
+    pub logs_event_types: Vec<String>,
+    /// Log records kept for the endpoint while it is unreachable; past it the oldest are dropped [default: 1000000]
+    #[arg(
+        long = "otlp.logs.outbox-max-records",
+        env = "QODER_OTLP_LOGS_OUTBOX_MAX_RECORDS"
+    )]
+    pub logs_outbox_max_records: Option<u64>,
+}
+
+/// `OTEL_METRIC_EXPORT_INTERVAL` is milliseconds; a flag may also say `30s`.
+fn parse_millis(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<u64>() {
+        Ok(ms) => Ok(Duration::from_millis(ms)),
+        Err(_) => crate::config::parse_duration(s),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -36,6 +109,36 @@ pub struct OtlpSection {
     pub capture_content: bool,
     pub content_max_bytes: Option<usize>,
     pub outbox_max_turns: Option<u64>,
+    #[serde(default)]
+    pub metrics: OtlpMetricsSection,
+    #[serde(default)]
+    pub logs: OtlpLogsSection,
+}
+
+/// `[otlp.metrics]`: the same keys as the `--otlp.metrics.*` flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct OtlpMetricsSection {
+    pub exporter: Option<String>,
+    pub endpoint: Option<String>,
+    pub protocol: Option<String>,
+    /// Milliseconds or a duration string.
+    pub interval: Option<String>,
+    pub temporality: Option<String>,
+}
+
+/// `[otlp.logs]`: the same keys as the `--otlp.logs.*` flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct OtlpLogsSection {
+    pub exporter: Option<String>,
+    pub endpoint: Option<String>,
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub include_content: bool,
+    #[serde(default)]
+    pub event_types: Vec<String>,
+    pub outbox_max_records: Option<u64>,
 }
 
 /// The OTLP wire protocol.
@@ -100,6 +203,269 @@ impl OtlpSettings {
             protocol,
             capture_content: capture_content.then_some(max_bytes),
             outbox_max_turns,
+        }))
+    }
+}
+
+/// Where one signal (metrics or logs) goes, and how.
+#[derive(Debug, Clone)]
+pub struct OtlpTarget {
+    /// The URL requests go to (for HTTP, the full path).
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    /// `OTEL_EXPORTER_OTLP_<SIGNAL>_HEADERS`, else `OTEL_EXPORTER_OTLP_HEADERS`.
+    pub headers: Vec<(String, String)>,
+    /// `OTEL_EXPORTER_OTLP_<SIGNAL>_TIMEOUT`, else `OTEL_EXPORTER_OTLP_TIMEOUT` (ms) [10 s].
+    pub timeout: Duration,
+}
+
+/// How counters and histograms are reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Temporality {
+    /// The total since a start time that is kept in the state file (survives restarts).
+    Cumulative,
+    /// What changed since the last accepted push.
+    Delta,
+}
+
+/// Metrics pushed over OTLP.
+#[derive(Debug, Clone)]
+pub struct OtlpMetricsSettings {
+    pub target: OtlpTarget,
+    pub interval: Duration,
+    pub temporality: Temporality,
+}
+
+/// The event log over OTLP.
+#[derive(Debug, Clone)]
+pub struct OtlpLogsSettings {
+    pub target: OtlpTarget,
+    pub include_content: bool,
+    /// `None`: every event type.
+    pub event_types: Option<BTreeSet<String>>,
+    pub outbox_max_records: u64,
+}
+
+/// The general settings a signal falls back to.
+#[derive(Debug, Clone, Copy)]
+pub struct OtlpGeneral<'a> {
+    pub endpoint: Option<&'a str>,
+    pub protocol: Option<&'a str>,
+}
+
+fn nonempty(v: Option<String>) -> Option<String> {
+    v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+fn protocol(flag: &str, v: Option<&str>) -> anyhow::Result<OtlpProtocol> {
+    match v {
+        None | Some("http/protobuf") => Ok(OtlpProtocol::HttpProtobuf),
+        Some("grpc") => Ok(OtlpProtocol::Grpc),
+        Some(other) => bail!(
+            "{flag} {other:?}: expected `grpc` or `http/protobuf` (http/json is not supported)"
+        ),
+    }
+}
+
+/// Whether an `OTEL_<SIGNAL>_EXPORTER` value asks for OTLP (`otlp`, or a list naming it);
+/// `none`, `prometheus` (the `/metrics` endpoint is always served) and `console` do not.
+fn exporter_on(flag: &str, v: Option<&str>) -> anyhow::Result<bool> {
+    let mut on = false;
+    for name in v.unwrap_or("none").split(',').map(str::trim) {
+        match name {
+            "otlp" => on = true,
+            "none" | "prometheus" | "console" | "" => {}
+            other => bail!("{flag} {other:?}: expected `otlp` or `none`"),
+        }
+    }
+    Ok(on)
+}
+
+/// `key=value` pairs separated by commas, values percent-encoded (the spec's header format).
+pub fn parse_headers(var: &str, text: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("{var}: {pair:?} is not key=value"))?;
+        let k = k.trim().to_ascii_lowercase();
+        if k.is_empty() {
+            bail!("{var}: a header without a name");
+        }
+        let v = percent_decode(v.trim()).with_context(|| format!("{var}: header {k:?}"))?;
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> anyhow::Result<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .context("a `%` without two hex digits")?;
+            out.push(u8::from_str_radix(hex, 16).context("a `%` without two hex digits")?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).context("not UTF-8 once decoded")
+}
+
+/// Reads an environment variable for the resolution below (empty counts as unset).
+fn env(k: &str) -> Option<String> {
+    nonempty(std::env::var(k).ok())
+}
+
+impl OtlpTarget {
+    /// Resolves one signal's target: its own endpoint as is, else the general endpoint with
+    /// `/v1/<signal>` (HTTP), else the spec's default on localhost.
+    pub fn resolve(
+        signal: &str,
+        endpoint: Option<String>,
+        protocol_name: Option<String>,
+        general: OtlpGeneral<'_>,
+    ) -> anyhow::Result<OtlpTarget> {
+        let upper = signal.to_ascii_uppercase();
+        let proto = nonempty(protocol_name).or(general.protocol.map(str::to_owned));
+        let proto = protocol(&format!("--otlp.{signal}.protocol"), proto.as_deref())?;
+        let endpoint = match (nonempty(endpoint), general.endpoint) {
+            (Some(e), _) => e,
+            (None, base) => {
+                let base = base.unwrap_or(match proto {
+                    OtlpProtocol::HttpProtobuf => "http://localhost:4318",
+                    OtlpProtocol::Grpc => "http://localhost:4317",
+                });
+                match proto {
+                    OtlpProtocol::HttpProtobuf => {
+                        format!("{}/v1/{signal}", base.trim_end_matches('/'))
+                    }
+                    OtlpProtocol::Grpc => base.to_owned(),
+                }
+            }
+        };
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            bail!("--otlp.{signal}.endpoint {endpoint:?}: must be an http:// or https:// URL");
+        }
+        let headers_var = format!("OTEL_EXPORTER_OTLP_{upper}_HEADERS");
+        let headers = match env(&headers_var) {
+            Some(h) => parse_headers(&headers_var, &h)?,
+            None => match env("OTEL_EXPORTER_OTLP_HEADERS") {
+                Some(h) => parse_headers("OTEL_EXPORTER_OTLP_HEADERS", &h)?,
+                None => Vec::new(),
+            },
+        };
+        let timeout_var = format!("OTEL_EXPORTER_OTLP_{upper}_TIMEOUT");
+        let timeout = match env(&timeout_var)
+            .map(|t| (timeout_var.clone(), t))
+            .or_else(|| {
+                env("OTEL_EXPORTER_OTLP_TIMEOUT")
+                    .map(|t| ("OTEL_EXPORTER_OTLP_TIMEOUT".to_owned(), t))
+            }) {
+            Some((var, t)) => match t.parse::<u64>() {
+                Ok(ms) if ms > 0 => Duration::from_millis(ms),
+                _ => bail!("{var} {t:?}: expected a positive number of milliseconds"),
+            },
+            None => Duration::from_secs(10),
+        };
+        Ok(OtlpTarget {
+            endpoint,
+            protocol: proto,
+            headers,
+            timeout,
+        })
+    }
+}
+
+impl OtlpMetricsSettings {
+    /// `None` unless `--otlp.metrics.exporter` (`OTEL_METRICS_EXPORTER`) says `otlp`.
+    pub fn resolve(
+        flags: &mut OtlpSignalFlags,
+        file: OtlpMetricsSection,
+        general: OtlpGeneral<'_>,
+    ) -> anyhow::Result<Option<OtlpMetricsSettings>> {
+        let exporter = nonempty(flags.metrics_exporter.take()).or(file.exporter);
+        if !exporter_on("--otlp.metrics.exporter", exporter.as_deref())? {
+            return Ok(None);
+        }
+        let target = OtlpTarget::resolve(
+            "metrics",
+            flags.metrics_endpoint.take().or(file.endpoint),
+            flags.metrics_protocol.take().or(file.protocol),
+            general,
+        )?;
+        let interval = match (flags.metrics_interval, file.interval) {
+            (Some(d), _) => d,
+            (None, Some(s)) => parse_millis(&s)
+                .map_err(|e| anyhow::anyhow!("[otlp.metrics] interval {s:?}: {e}"))?,
+            (None, None) => Duration::from_secs(60),
+        };
+        if interval < Duration::from_millis(100) {
+            bail!("--otlp.metrics.interval: must be at least 100ms");
+        }
+        let temporality = match nonempty(flags.metrics_temporality.take())
+            .or(file.temporality)
+            .map(|t| t.to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("cumulative") => Temporality::Cumulative,
+            Some("delta") => Temporality::Delta,
+            Some(other) => {
+                bail!("--otlp.metrics.temporality {other:?}: expected `cumulative` or `delta`")
+            }
+        };
+        Ok(Some(OtlpMetricsSettings {
+            target,
+            interval,
+            temporality,
+        }))
+    }
+}
+
+impl OtlpLogsSettings {
+    /// `None` unless `--otlp.logs.exporter` (`OTEL_LOGS_EXPORTER`) says `otlp`.
+    pub fn resolve(
+        flags: &mut OtlpSignalFlags,
+        file: OtlpLogsSection,
+        general: OtlpGeneral<'_>,
+    ) -> anyhow::Result<Option<OtlpLogsSettings>> {
+        let exporter = nonempty(flags.logs_exporter.take()).or(file.exporter);
+        if !exporter_on("--otlp.logs.exporter", exporter.as_deref())? {
+            return Ok(None);
+        }
+        let target = OtlpTarget::resolve(
+            "logs",
+            flags.logs_endpoint.take().or(file.endpoint),
+            flags.logs_protocol.take().or(file.protocol),
+            general,
+        )?;
+        let types: Vec<String> = if flags.logs_event_types.is_empty() {
+            file.event_types
+        } else {
+            std::mem::take(&mut flags.logs_event_types)
+        };
+        let types: BTreeSet<String> = types
+            .into_iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect();
+        let outbox_max_records = flags
+            .logs_outbox_max_records
+            .or(file.outbox_max_records)
+            .unwrap_or(1_000_000);
+        if outbox_max_records == 0 {
+            bail!("--otlp.logs.outbox-max-records: must be at least 1");
+        }
+        Ok(Some(OtlpLogsSettings {
+            target,
+            include_content: flags.logs_include_content || file.include_content,
+            event_types: (!types.is_empty()).then_some(types),
+            outbox_max_records,
         }))
     }
 }

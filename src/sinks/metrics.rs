@@ -854,6 +854,13 @@ pub struct ProcessMetrics {
     pub spans_dropped: IntCounterVec,
     pub span_export_failures: IntCounter,
     pub span_outbox_turns: IntGauge,
+    /// Metrics and logs over OTLP (`signal` = `metrics` | `logs`): series exist once the
+    /// signal is switched on ([`ProcessMetrics::otlp_signal_on`]).
+    pub otlp_exported: IntCounterVec,
+    pub otlp_export_failures: IntCounterVec,
+    pub otlp_dropped: IntCounterVec,
+    pub otlp_last_success: GaugeVec,
+    pub log_outbox_records: IntGauge,
     pub state_commits: IntCounter,
     pub state_commit_failures: IntCounter,
     /// 1 while the state file takes commits; 0 from a failed commit to the next good one.
@@ -998,6 +1005,38 @@ impl ProcessMetrics {
                 "qoder_exporter_span_outbox_turns",
                 "Closed turns whose spans wait in the outbox for the OTLP endpoint (bounded by --otlp.outbox-max-turns).",
             )?,
+            otlp_exported: IntCounterVec::new(
+                Opts::new(
+                    "qoder_exporter_otlp_exported_total",
+                    "Metric data points and log records the OTLP endpoint accepted, by signal.",
+                ),
+                &["signal"],
+            )?,
+            otlp_export_failures: IntCounterVec::new(
+                Opts::new(
+                    "qoder_exporter_otlp_export_failures_total",
+                    "OTLP pushes of metrics or logs that failed, by signal (metrics: the next push carries the same totals; logs: the records stay in the outbox).",
+                ),
+                &["signal"],
+            )?,
+            otlp_dropped: IntCounterVec::new(
+                Opts::new(
+                    "qoder_exporter_otlp_dropped_total",
+                    "Metric data points and log records given up on, by signal and reason (rejected: the endpoint refused them; outbox_full: logs past --otlp.logs.outbox-max-records).",
+                ),
+                &["signal", "reason"],
+            )?,
+            otlp_last_success: GaugeVec::new(
+                Opts::new(
+                    "qoder_exporter_otlp_last_success_timestamp_seconds",
+                    "Unix time of the last OTLP push the endpoint accepted, by signal.",
+                ),
+                &["signal"],
+            )?,
+            log_outbox_records: IntGauge::new(
+                "qoder_exporter_log_outbox_records",
+                "Log records waiting in the outbox for the OTLP endpoint (bounded by --otlp.logs.outbox-max-records).",
+            )?,
             state_commits: IntCounter::new(
                 "qoder_exporter_state_commits_total",
                 "Batches committed to the state store.",
@@ -1070,6 +1109,10 @@ impl ProcessMetrics {
         registry.register(Box::new(m.spans_dropped.clone()))?;
         registry.register(Box::new(m.span_export_failures.clone()))?;
         registry.register(Box::new(m.span_outbox_turns.clone()))?;
+        registry.register(Box::new(m.otlp_exported.clone()))?;
+        registry.register(Box::new(m.otlp_export_failures.clone()))?;
+        registry.register(Box::new(m.otlp_dropped.clone()))?;
+        registry.register(Box::new(m.otlp_last_success.clone()))?;
         registry.register(Box::new(m.state_commits.clone()))?;
         registry.register(Box::new(m.state_commit_failures.clone()))?;
         registry.register(Box::new(m.state_writable.clone()))?;
@@ -1114,7 +1157,19 @@ impl ProcessMetrics {
         Ok(m)
     }
 
-    /// Exports the configured credit price (`--cost.credit-price`, `--cost.currency`).
+    /// Creates a switched-on signal's delivery series at zero (alerts see the first failure).
+    /// The log outbox gauge is registered only with logs on.
+    pub fn otlp_signal_on(&self, registry: &Registry, signal: &str) {
+        self.otlp_exported.with_label_values(&[signal]);
+        self.otlp_export_failures.with_label_values(&[signal]);
+        self.otlp_dropped.with_label_values(&[signal, "rejected"]);
+        if signal == "logs" {
+            self.otlp_dropped
+                .with_label_values(&[signal, "outbox_full"]);
+            let _ = registry.register(Box::new(self.log_outbox_records.clone()));
+        }
+    }
+
     /// Says what went wrong with the API (`None`: it works again).
     pub fn set_api_problem(&self, problem: Option<String>) {
         *self.api_problem.write().unwrap_or_else(|e| e.into_inner()) = problem;
@@ -1142,6 +1197,7 @@ impl ProcessMetrics {
             .filter(|t| *t > 0.0)
     }
 
+    /// Exports the configured credit price (`--cost.credit-price`, `--cost.currency`).
     pub fn set_credit_price(&self, price: Option<&crate::config::CreditPrice>) {
         if let Some(p) = price {
             self.credit_price

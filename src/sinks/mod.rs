@@ -1,6 +1,8 @@
-//! Where the pipeline's results go: Prometheus metrics and OTLP traces.
+//! Where the pipeline's results go: Prometheus metrics, and OTLP traces, metrics and logs.
 
 pub mod metrics;
 pub mod otlp;
+pub mod otlp_metrics;
+pub mod otlp_send;
 pub mod session_series;
 pub mod traces;

@@ -79,6 +79,8 @@ pub fn settings_for(api_url: &str, token: &str, state: &Path) -> Settings {
         session_series_limit: 100,
         max_series: qoder_exporter::config::DEFAULT_MAX_SERIES,
         otlp: None,
+        otlp_metrics: None,
+        otlp_logs: None,
         shard: Default::default(),
     }
 }

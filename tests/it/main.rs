@@ -5,6 +5,7 @@ mod binary;
 mod common;
 mod e2e;
 mod ops;
+mod otlp;
 mod props;
 mod sdk;
 mod traces;

@@ -1,0 +1,453 @@
+//! Metrics (and the event log) over OTLP: what an in-process OTLP receiver gets, checked
+//! against `/metrics` of the same exporter, series by series, across a SIGTERM and restart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::metrics::v1::{AggregationTemporality, metric, number_data_point};
+use prost::Message;
+use qoder_exporter::sim::ScenarioConfig;
+
+use crate::binary::spawn_with_env;
+use crate::common::*;
+
+/// What the receiver got, and how it answers.
+#[derive(Clone, Default)]
+pub struct Received {
+    metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+    logs: Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
+    /// Non-zero: answer every request with this HTTP status (gRPC: UNAVAILABLE).
+    fail: Arc<AtomicU16>,
+}
+
+impl Received {
+    pub fn fail_with(&self, status: u16) {
+        self.fail.store(status, Ordering::SeqCst);
+    }
+
+    pub fn metric_pushes(&self) -> usize {
+        self.metrics.lock().expect("lock").len()
+    }
+
+    pub fn last_metrics(&self) -> Option<ExportMetricsServiceRequest> {
+        self.metrics.lock().expect("lock").last().cloned()
+    }
+
+    pub fn logs(&self) -> Vec<ExportLogsServiceRequest> {
+        self.logs.lock().expect("lock").clone()
+    }
+}
+
+pub struct Receiver {
+    pub addr: SocketAddr,
+    pub received: Received,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// OTLP/HTTP: `POST /v1/metrics` and `POST /v1/logs` with protobuf bodies.
+pub async fn http_receiver() -> Receiver {
+    async fn metrics(State(r): State<Received>, body: axum::body::Bytes) -> impl IntoResponse {
+        let status = r.fail.load(Ordering::SeqCst);
+        if status != 0 {
+            return (StatusCode::from_u16(status).expect("status"), Vec::new()).into_response();
+        }
+        let Ok(req) = ExportMetricsServiceRequest::decode(body) else {
+            return (StatusCode::BAD_REQUEST, Vec::new()).into_response();
+        };
+        r.metrics.lock().expect("lock").push(req);
+        (
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            ExportMetricsServiceResponse::default().encode_to_vec(),
+        )
+            .into_response()
+    }
+    async fn logs(State(r): State<Received>, body: axum::body::Bytes) -> impl IntoResponse {
+        let status = r.fail.load(Ordering::SeqCst);
+        if status != 0 {
+            return (StatusCode::from_u16(status).expect("status"), Vec::new()).into_response();
+        }
+        let Ok(req) = ExportLogsServiceRequest::decode(body) else {
+            return (StatusCode::BAD_REQUEST, Vec::new()).into_response();
+        };
+        r.logs.lock().expect("lock").push(req);
+        (
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            ExportLogsServiceResponse::default().encode_to_vec(),
+        )
+            .into_response()
+    }
+    let received = Received::default();
+    let app = axum::Router::new()
+        .route("/v1/metrics", axum::routing::post(metrics))
+        .route("/v1/logs", axum::routing::post(logs))
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Receiver {
+        addr,
+        received,
+        task,
+    }
+}
+
+struct GrpcMetrics(Received);
+
+#[tonic::async_trait]
+impl MetricsService for GrpcMetrics {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        if self.0.fail.load(Ordering::SeqCst) != 0 {
+            return Err(tonic::Status::unavailable("down"));
+        }
+        self.0
+            .metrics
+            .lock()
+            .expect("lock")
+            .push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+/// OTLP/gRPC: the collector's `MetricsService`.
+pub async fn grpc_metrics_receiver() -> Receiver {
+    let received = Received::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let svc = MetricsServiceServer::new(GrpcMetrics(received.clone()));
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await;
+    });
+    Receiver {
+        addr,
+        received,
+        task,
+    }
+}
+
+/// One pushed data point as Prometheus would name it, with what it carried besides its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub value: f64,
+    pub start: u64,
+    pub cumulative: bool,
+}
+
+fn label_pairs(kvs: &[KeyValue]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = kvs
+        .iter()
+        .map(|kv| {
+            let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(AnyValue::StringValue(s)) => s.clone(),
+                other => format!("{other:?}"),
+            };
+            (kv.key.clone(), v)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The OpenTelemetry Collector's Prometheus name translation (its default, with suffixes):
+/// the unit's Prometheus word is appended unless the name has it, and a monotonic sum gets
+/// `_total` (`pkg/translator/prometheus`, `normalize_name.go`).
+fn prometheus_name(name: &str, unit: &str, monotonic: bool) -> String {
+    let mut out = name.to_owned();
+    let word = match unit {
+        "s" => Some("seconds"),
+        "By" => Some("bytes"),
+        _ => None,
+    };
+    if let Some(w) = word
+        && !name.split('_').any(|t| t == w)
+    {
+        out.push('_');
+        out.push_str(w);
+    }
+    if monotonic {
+        out.push_str("_total");
+    }
+    out
+}
+
+/// A pushed request as the `(name, labels) -> point` series a Prometheus exporter would show.
+pub fn as_series(
+    req: &ExportMetricsServiceRequest,
+) -> BTreeMap<(String, Vec<(String, String)>), Point> {
+    let mut out = BTreeMap::new();
+    for rm in &req.resource_metrics {
+        for sm in &rm.scope_metrics {
+            for m in &sm.metrics {
+                match m.data.as_ref().expect("data") {
+                    metric::Data::Sum(s) => {
+                        let name = prometheus_name(&m.name, &m.unit, s.is_monotonic);
+                        for p in &s.data_points {
+                            let Some(number_data_point::Value::AsDouble(v)) = p.value else {
+                                panic!("{name}: a double");
+                            };
+                            out.insert(
+                                (name.clone(), label_pairs(&p.attributes)),
+                                Point {
+                                    value: v,
+                                    start: p.start_time_unix_nano,
+                                    cumulative: s.aggregation_temporality
+                                        == AggregationTemporality::Cumulative as i32,
+                                },
+                            );
+                        }
+                    }
+                    metric::Data::Gauge(g) => {
+                        let name = prometheus_name(&m.name, &m.unit, false);
+                        for p in &g.data_points {
+                            let Some(number_data_point::Value::AsDouble(v)) = p.value else {
+                                panic!("{name}: a double");
+                            };
+                            out.insert(
+                                (name.clone(), label_pairs(&p.attributes)),
+                                Point {
+                                    value: v,
+                                    start: 0,
+                                    cumulative: false,
+                                },
+                            );
+                        }
+                    }
+                    metric::Data::Histogram(h) => {
+                        let base = prometheus_name(&m.name, &m.unit, false);
+                        let cumulative =
+                            h.aggregation_temporality == AggregationTemporality::Cumulative as i32;
+                        for p in &h.data_points {
+                            let labels = label_pairs(&p.attributes);
+                            let point = |value: f64| Point {
+                                value,
+                                start: p.start_time_unix_nano,
+                                cumulative,
+                            };
+                            let mut below = 0u64;
+                            for (i, n) in p.bucket_counts.iter().enumerate() {
+                                below += n;
+                                let le = p
+                                    .explicit_bounds
+                                    .get(i)
+                                    .map_or_else(|| "+Inf".to_owned(), |b| format!("{b}"));
+                                let mut l = labels.clone();
+                                l.push(("le".to_owned(), le));
+                                l.sort();
+                                out.insert((format!("{base}_bucket"), l), point(below as f64));
+                            }
+                            out.insert(
+                                (format!("{base}_sum"), labels.clone()),
+                                point(p.sum.expect("sum")),
+                            );
+                            out.insert((format!("{base}_count"), labels), point(p.count as f64));
+                        }
+                    }
+                    other => panic!("{}: unexpected kind {other:?}", m.name),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The event-derived families: their values stand still once the log is counted.
+fn event_derived(name: &str) -> bool {
+    name.starts_with("qoder_") && !name.starts_with("qoder_exporter_") && name != "qoder_up"
+}
+
+/// Waits for `n` more metric pushes than the receiver has now.
+async fn more_pushes(rx: &Receiver, n: usize) {
+    let before = rx.received.metric_pushes();
+    assert!(
+        eventually(Duration::from_secs(30), async || rx
+            .received
+            .metric_pushes()
+            >= before + n)
+        .await,
+        "{n} more metric pushes"
+    );
+}
+
+fn metrics_env(rx: &Receiver) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_METRICS_EXPORTER", "otlp".to_owned()),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            format!("http://{}/v1/metrics", rx.addr),
+        ),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "200".to_owned()),
+    ]
+}
+
+fn env_refs<'a>(e: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    e.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_metrics_equal_the_scrape_series_by_series_and_continue_across_a_restart() {
+    let sim = sim(ScenarioConfig {
+        seed: 41,
+        sessions: 8,
+        stagger: 0,
+        max_turns: 4,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let rx = http_receiver().await;
+    let env = metrics_env(&rx);
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("s.db");
+    let mut p = spawn_with_env(&sim, &state, &[], &env_refs(&env));
+    let scraped = wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    // A push taken after the totals were exact.
+    more_pushes(&rx, 1).await;
+    let pushed = as_series(&rx.received.last_metrics().expect("a push"));
+
+    // Every series of the scrape was pushed, under the name the Collector gives back; the
+    // event-derived ones with the same value, cumulative, from one start time.
+    let mut missing = Vec::new();
+    let mut differ = Vec::new();
+    for (key, value) in &scraped {
+        match pushed.get(key) {
+            None => missing.push(format!("{key:?}")),
+            Some(point) if event_derived(&key.0) => {
+                if point.value != *value {
+                    differ.push(format!("{key:?}: scraped {value}, pushed {}", point.value));
+                }
+                let counter = key.0.ends_with("_total")
+                    || key.0.ends_with("_bucket")
+                    || key.0.ends_with("_sum")
+                    || key.0.ends_with("_count");
+                if counter {
+                    assert!(point.cumulative, "{key:?} cumulative");
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(missing.is_empty(), "not pushed: {missing:#?}");
+    assert!(differ.is_empty(), "values differ: {differ:#?}");
+    // Series appear, never go: whatever the push has, a scrape after it has too.
+    let later = parse(&scrape(p.addr).await);
+    let extra: Vec<_> = pushed.keys().filter(|k| !later.contains_key(*k)).collect();
+    assert!(extra.is_empty(), "pushed but not scraped: {extra:#?}");
+    let starts: std::collections::BTreeSet<u64> = pushed
+        .iter()
+        .filter(|(k, p)| event_derived(&k.0) && p.start > 0)
+        .map(|(_, p)| p.start)
+        .collect();
+    assert_eq!(
+        starts.len(),
+        1,
+        "one start for the durable series: {starts:?}"
+    );
+    // The durable counters and histograms (per-session gauges are not durable).
+    let durable: BTreeMap<_, _> = pushed
+        .into_iter()
+        .filter(|(k, p)| event_derived(&k.0) && p.cumulative)
+        .collect();
+    assert!(durable.len() > 50, "{} durable series", durable.len());
+
+    // SIGTERM, then the same state again: the same series, values and start times.
+    p.terminate();
+    let after_stop = as_series(&rx.received.last_metrics().expect("a push"));
+    let p = spawn_with_env(&sim, &state, &[], &env_refs(&env));
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    more_pushes(&rx, 1).await;
+    let again = as_series(&rx.received.last_metrics().expect("a push"));
+    for (key, point) in &durable {
+        assert_eq!(
+            after_stop.get(key),
+            Some(point),
+            "{key:?} in the push at exit"
+        );
+        assert_eq!(again.get(key), Some(point), "{key:?} after the restart");
+    }
+    let log = p.log();
+    assert!(log.contains("metrics push on"), "{log}");
+    drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_down_costs_pushes_not_counts_and_grpc_gets_the_same() {
+    let sim = sim(ScenarioConfig {
+        seed: 42,
+        sessions: 5,
+        stagger: 0,
+        max_turns: 3,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let rx = grpc_metrics_receiver().await;
+    rx.received.fail_with(503);
+    let env = vec![
+        ("OTEL_METRICS_EXPORTER", "otlp".to_owned()),
+        ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "grpc".to_owned()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", rx.addr)),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "100".to_owned()),
+    ];
+    let dir = tempfile::tempdir().expect("dir");
+    let p = spawn_with_env(&sim, &dir.path().join("s.db"), &[], &env_refs(&env));
+    let scraped = wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    let failures = async || {
+        get(
+            &parse(&scrape(p.addr).await),
+            "qoder_exporter_otlp_export_failures_total",
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(30), async || failures().await >= 3.0).await,
+        "failed pushes are counted"
+    );
+    assert_eq!(rx.received.metric_pushes(), 0);
+    rx.received.fail_with(0);
+    more_pushes(&rx, 1).await;
+    let pushed = as_series(&rx.received.last_metrics().expect("a push"));
+    for (key, value) in scraped.iter().filter(|(k, _)| event_derived(&k.0)) {
+        assert_eq!(
+            pushed.get(key).map(|p| p.value),
+            Some(*value),
+            "{key:?} after the outage"
+        );
+    }
+    let log = p.log();
+    assert!(log.contains("OTLP metrics push failed"), "{log}");
+    assert!(log.contains("accepts metrics again"), "{log}");
+    drop(p);
+}
