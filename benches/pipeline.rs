@@ -147,6 +147,7 @@ fn commit(c: &mut Criterion) {
                     state: &st,
                     series: &staged.values,
                     closed_turns: &[],
+                    log_records: &[],
                     event_ids: &ids,
                 })
                 .expect("commit")
@@ -167,6 +168,7 @@ fn commit(c: &mut Criterion) {
                     state: s,
                     series: if i == 0 { &staged.values } else { &[] },
                     closed_turns: &[],
+                    log_records: &[],
                     event_ids: &ids,
                 })
                 .collect();

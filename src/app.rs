@@ -27,6 +27,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long the span outbox may take to flush at shutdown (what is left is sent next start).
 /// With the drain above, a SIGTERM exits well within 15 s.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// With `--otlp.logs.include-content`, a record's message text is cut to this many bytes.
+const LOG_CONTENT_MAX_BYTES: usize = 16 * 1024;
 /// Bounded queue between pollers and the pipeline.
 const PIPELINE_QUEUE: usize = 64;
 
@@ -91,6 +93,8 @@ pub struct Downstream {
     pipeline: std::thread::JoinHandle<StateStore>,
     /// Drains the span outbox (traces on).
     spans: Option<Task>,
+    /// Drains the log outbox (logs on).
+    logs: Option<Task>,
     /// Pushes `/metrics` over OTLP (metrics push on).
     metrics_push: Option<Task>,
 }
@@ -100,7 +104,7 @@ impl Downstream {
     /// what is committed and stop, the pipeline drains and closes the store, and the metrics
     /// push sends the final totals.
     pub async fn close(self) -> anyhow::Result<()> {
-        if let Some(t) = self.spans {
+        for t in [self.spans, self.logs].into_iter().flatten() {
             t.stop().await;
         }
         join_pipeline(self.pipeline).await?;
@@ -136,6 +140,11 @@ impl Core {
             .as_ref()
             .map(|m| crate::sinks::otlp_send::OtlpSender::new(&m.target))
             .transpose()?;
+        let logs_sender = settings
+            .otlp_logs
+            .as_ref()
+            .map(|l| crate::sinks::otlp_send::OtlpSender::new(&l.target))
+            .transpose()?;
         let process_start = crate::sinks::otlp_metrics::unix_nanos(std::time::SystemTime::now());
         let store = StateStore::open(&settings.state_path)?;
         tracing::info!(path = %settings.state_path.display(), "state store open");
@@ -148,7 +157,17 @@ impl Core {
             capture_bytes: o.capture_content,
         });
         let (pipeline, stored) = Pipeline::new(store, metrics.clone(), outbox)?;
-        let pipeline = pipeline.with_max_turn_age(settings.max_turn_age);
+        let mut pipeline = pipeline.with_max_turn_age(settings.max_turn_age);
+        let logs_notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        if let Some(l) = &settings.otlp_logs {
+            metrics.process.otlp_signal_on(&metrics.registry, "logs");
+            pipeline = pipeline.with_logs(crate::pipeline::log_outbox::LogsConfig {
+                max_records: l.outbox_max_records,
+                notify: logs_notify.clone(),
+                event_types: l.event_types.clone(),
+                content_max: l.include_content.then_some(LOG_CONTENT_MAX_BYTES),
+            })?;
+        }
         let (handle, pipeline) = pipeline.spawn(PIPELINE_QUEUE).context("pipeline thread")?;
         let spans = match (exporter, &settings.otlp) {
             (Some(exporter), Some(o)) => {
@@ -173,6 +192,26 @@ impl Core {
                 None
             }
         };
+        let resource =
+            crate::sinks::otlp_metrics::proto_resource(&crate::sinks::otlp::resource(&instance));
+        let logs = match (logs_sender, &settings.otlp_logs) {
+            (Some(sender), Some(l)) => {
+                tracing::info!(endpoint = %l.target.endpoint, protocol = ?l.target.protocol,
+                    include_content = l.include_content,
+                    event_types = ?l.event_types, "logs on: every counted event also becomes an OTLP log record");
+                let shipper = crate::sinks::otlp_logs::LogShipper {
+                    sender,
+                    outbox: handle.clone(),
+                    metrics: metrics.process.clone(),
+                    notify: logs_notify,
+                    resource: resource.clone(),
+                };
+                Some(Task::spawn("log shipper", |stop| {
+                    shipper.run(stop, FLUSH_TIMEOUT)
+                }))
+            }
+            _ => None,
+        };
         let metrics_push = match (metrics_sender, &settings.otlp_metrics) {
             (Some(sender), Some(m)) => {
                 tracing::info!(endpoint = %m.target.endpoint, protocol = ?m.target.protocol,
@@ -182,9 +221,7 @@ impl Core {
                 let pusher = crate::sinks::otlp_metrics::MetricsPusher {
                     sender,
                     metrics: metrics.clone(),
-                    resource: crate::sinks::otlp_metrics::proto_resource(
-                        &crate::sinks::otlp::resource(&instance),
-                    ),
+                    resource,
                     starts: crate::sinks::otlp_metrics::StartTimes {
                         durable: series_start,
                         process: process_start,
@@ -204,6 +241,7 @@ impl Core {
             downstream: Downstream {
                 pipeline,
                 spans,
+                logs,
                 metrics_push,
             },
         })

@@ -9,11 +9,13 @@
 //!     --batches (bounded queue)--> pipeline (tracker: turns, request/tool pairing; event ids)
 //!     --> state (SQLite: cursor, session state, series, outbox, event ids; one transaction)
 //!     --> sinks::metrics (durable series)  sinks::otlp (spans from the outbox)
+//!         sinks::otlp_logs (log records from theirs)  sinks::otlp_metrics (pushes /metrics)
 //! server: /metrics, /, /healthz, /readyz (reads the registry only)
 //! ```
 //!
-//! - [`event`] and [`turn`]: the domain model (what an event means; a turn and its child
-//!   spans). They import nothing else of the crate.
+//! - [`event`], [`turn`] and [`record`]: the domain model (what an event means; a turn and its
+//!   child spans; an event as its log record needs it). They import nothing else of the crate
+//!   but `event`.
 //! - [`source::wire`]: the API's JSON in all three generations; [`source::convert`]: wire →
 //!   [`event`], pure.
 //! - [`pipeline::tracker`]: the per-session state machine, a pure function per event;
@@ -33,6 +35,7 @@ pub mod log_limit;
 pub mod logfmt;
 pub mod offline;
 pub mod pipeline;
+pub mod record;
 pub mod secret;
 pub mod server;
 pub mod sim;

@@ -16,8 +16,27 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::record::EventRecord;
 use crate::sinks::metrics::{Family, SeriesKey, SeriesValue};
 use crate::turn::ClosedTurn;
+
+/// The store's two outboxes: closed turns waiting to become spans, and counted events waiting
+/// to become log records. Each is written in the transaction of the batch that made its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outbox {
+    Turns,
+    Records,
+}
+
+impl Outbox {
+    /// (table, column): fixed names, never input.
+    fn table(self) -> (&'static str, &'static str) {
+        match self {
+            Outbox::Turns => ("outbox", "turn"),
+            Outbox::Records => ("log_outbox", "record"),
+        }
+    }
+}
 
 /// `QODX` in ASCII: marks the file as ours.
 const APPLICATION_ID: i32 = 0x514F_4458;
@@ -90,6 +109,8 @@ pub struct BatchWrite<'a, S> {
     pub state: &'a S,
     pub series: &'a [(SeriesKey, SeriesValue)],
     pub closed_turns: &'a [ClosedTurn],
+    /// Counted events for the log outbox (logs on).
+    pub log_records: &'a [EventRecord],
     /// Digests of the event ids the batch counted, by thread (`""`: the session's stream).
     pub event_ids: &'a [(String, Vec<u64>)],
 }
@@ -239,6 +260,10 @@ impl StateStore {
                 ids     BLOB NOT NULL
             );
             CREATE INDEX IF NOT EXISTS event_ids_stream ON event_ids (session, thread);
+            CREATE TABLE IF NOT EXISTS log_outbox (
+                seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+                record TEXT NOT NULL
+            );
             CREATE TABLE IF NOT EXISTS meta (
                 key   TEXT PRIMARY KEY,
                 value TEXT NOT NULL
@@ -445,6 +470,7 @@ impl StateStore {
                  ON CONFLICT(family, labels) DO UPDATE SET value = excluded.value",
             )?;
             let mut outbox = tx.prepare_cached("INSERT INTO outbox (turn) VALUES (?1)")?;
+            let mut records = tx.prepare_cached("INSERT INTO log_outbox (record) VALUES (?1)")?;
             let mut ids = tx.prepare_cached(
                 "INSERT INTO event_ids (session, thread, ids) VALUES (?1, ?2, ?3)",
             )?;
@@ -465,6 +491,9 @@ impl StateStore {
                 for t in w.closed_turns {
                     outbox.execute(params![serde_json::to_string(t)?])?;
                 }
+                for r in w.log_records {
+                    records.execute(params![serde_json::to_string(r)?])?;
+                }
                 for (thread, digests) in w.event_ids {
                     ids.execute(params![w.session_id, thread, digest_blob(digests)])?;
                 }
@@ -474,70 +503,78 @@ impl StateStore {
         Ok(())
     }
 
-    /// The oldest `limit` turns waiting to be exported, with their outbox sequence numbers.
-    /// A row that no longer decodes (written by another version) comes back as `None`, so the
-    /// caller can remove it instead of stalling on it.
-    pub fn outbox_peek(&self, limit: usize) -> Result<Vec<(i64, Option<ClosedTurn>)>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, turn FROM outbox ORDER BY seq LIMIT ?1")?;
+    /// The oldest `limit` rows of an outbox, with their sequence numbers. A row that no longer
+    /// decodes (written by another version) comes back as `None`, so the caller can remove it
+    /// instead of stalling on it.
+    pub fn outbox_peek<T: DeserializeOwned>(
+        &self,
+        which: Outbox,
+        limit: usize,
+    ) -> Result<Vec<(i64, Option<T>)>, StateError> {
+        let (table, column) = which.table();
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT seq, {column} FROM {table} ORDER BY seq LIMIT ?1"
+        ))?;
         let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, turn) = row?;
-            out.push((seq, serde_json::from_str(&turn).ok()));
+            let (seq, text) = row?;
+            out.push((seq, serde_json::from_str(&text).ok()));
         }
         Ok(out)
     }
 
-    /// Removes exported (or given-up) turns up to and including `seq`.
-    pub fn outbox_remove_through(&mut self, seq: i64) -> Result<usize, StateError> {
+    /// Removes exported (or given-up) rows up to and including `seq`.
+    pub fn outbox_remove_through(&mut self, which: Outbox, seq: i64) -> Result<usize, StateError> {
+        let (table, _) = which.table();
         Ok(self
             .conn
-            .execute("DELETE FROM outbox WHERE seq <= ?1", [seq])?)
+            .execute(&format!("DELETE FROM {table} WHERE seq <= ?1"), [seq])?)
     }
 
-    pub fn outbox_len(&self) -> Result<u64, StateError> {
+    pub fn outbox_len(&self, which: Outbox) -> Result<u64, StateError> {
+        let (table, _) = which.table();
         let n: i64 = self
             .conn
-            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// Drops the oldest entries beyond `max`, never one at or below `keep_through` (a batch
-    /// being exported right now); returns the dropped turns (`None`: a row that no longer
-    /// decodes).
-    pub fn outbox_trim(
+    /// Drops the oldest rows beyond `max`, never one at or below `keep_through` (a batch being
+    /// exported right now); returns the dropped rows (`None`: a row that no longer decodes).
+    pub fn outbox_trim<T: DeserializeOwned>(
         &mut self,
+        which: Outbox,
         max: u64,
         keep_through: Option<i64>,
-    ) -> Result<Vec<Option<ClosedTurn>>, StateError> {
-        let len = self.outbox_len()?;
+    ) -> Result<Vec<Option<T>>, StateError> {
+        let len = self.outbox_len(which)?;
         if len <= max {
             return Ok(Vec::new());
         }
+        let (table, column) = which.table();
         let excess = i64::try_from(len - max).unwrap_or(i64::MAX);
         let floor = keep_through.unwrap_or(i64::MIN);
         let tx = self.conn.transaction()?;
         let mut dropped = Vec::new();
         {
-            let mut stmt = tx.prepare_cached(
-                "SELECT seq, turn FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT seq, {column} FROM {table} WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            ))?;
             let rows = stmt.query_map(params![floor, excess], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
             })?;
             let mut last = None;
             for row in rows {
-                let (seq, turn) = row?;
+                let (seq, text) = row?;
                 last = Some(seq);
-                dropped.push(serde_json::from_str(&turn).ok());
+                dropped.push(serde_json::from_str(&text).ok());
             }
             if let Some(last) = last {
                 tx.execute(
-                    "DELETE FROM outbox WHERE seq > ?1 AND seq <= ?2",
+                    &format!("DELETE FROM {table} WHERE seq > ?1 AND seq <= ?2"),
                     params![floor, last],
                 )?;
             }
@@ -611,6 +648,7 @@ mod tests {
                         SeriesValue::Counter(7_000_000),
                     )],
                     closed_turns: &[],
+                    log_records: &[],
                     event_ids: &[],
                 })
                 .expect("commit");
@@ -625,6 +663,7 @@ mod tests {
                 state: &state,
                 series: &[],
                 closed_turns: &[],
+                log_records: &[],
                 event_ids: &[],
             })
             .expect("commit");
@@ -698,6 +737,7 @@ mod tests {
                     state: &state,
                     series: &[],
                     closed_turns: &[],
+                    log_records: &[],
                     event_ids: &ids,
                 })
                 .expect("commit");
@@ -764,6 +804,7 @@ mod tests {
                 state: &state,
                 series: &[],
                 closed_turns: &turns,
+                log_records: &[],
                 event_ids: &[],
             })
             .expect("commit");
@@ -773,12 +814,21 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         // A batch being exported (seq 1) is kept; the next oldest goes instead.
-        let first = store.outbox_peek(1).expect("peek")[0].0;
-        let dropped = store.outbox_trim(2, Some(first)).expect("trim");
+        let first = store
+            .outbox_peek::<ClosedTurn>(Outbox::Turns, 1)
+            .expect("peek")[0]
+            .0;
+        let dropped = store
+            .outbox_trim::<ClosedTurn>(Outbox::Turns, 2, Some(first))
+            .expect("trim");
         assert_eq!(keys(&dropped), ["2"]);
-        let dropped = store.outbox_trim(1, None).expect("trim");
+        let dropped = store
+            .outbox_trim::<ClosedTurn>(Outbox::Turns, 1, None)
+            .expect("trim");
         assert_eq!(keys(&dropped), ["1"]);
-        let left = store.outbox_peek(10).expect("peek");
+        let left = store
+            .outbox_peek::<ClosedTurn>(Outbox::Turns, 10)
+            .expect("peek");
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].1.as_ref().expect("decodes").turn.key, "3");
     }

@@ -8,6 +8,7 @@
 //! so a failed commit means the same page is read again, never skipped.
 
 pub mod event_ids;
+pub mod log_outbox;
 pub mod tracker;
 pub mod usage;
 
@@ -17,10 +18,11 @@ use std::sync::Arc;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::event::{DroppedFields, Event, InvalidReason, UsageSnapshot};
+use crate::record::EventRecord;
 use crate::sinks::metrics::{Delta, Metrics};
 use crate::sinks::otlp::OutboxError;
 use crate::sinks::session_series::SessionView;
-use crate::state::{BatchWrite, StateError, StateStore};
+use crate::state::{BatchWrite, Outbox, StateError, StateStore};
 use event_ids::{EventIds, Staged, StreamKey};
 use tracker::{Applied, ClosedTurn, SessionState};
 
@@ -98,6 +100,10 @@ pub enum Command {
     OutboxRemove(i64, Ack<()>),
     /// The export of the last peeked batch failed: its turns may be trimmed again.
     OutboxRelease(Ack<()>),
+    /// The same three for the log outbox (logs on).
+    LogPeek(usize, Ack<Vec<(i64, Option<EventRecord>)>>),
+    LogRemove(i64, Ack<()>),
+    LogRelease(Ack<()>),
 }
 
 /// Traces on: closed turns go to the outbox, in the transaction of the batch that closed them.
@@ -261,6 +267,8 @@ pub struct Pipeline {
     /// The batch being exported ends here: trimming must not drop it (it would be counted
     /// both dropped and exported).
     leased_through: Option<i64>,
+    /// Logs on: counted events also go to the log outbox.
+    logs: Option<log_outbox::LogOutbox>,
 }
 
 impl Pipeline {
@@ -271,7 +279,7 @@ impl Pipeline {
         outbox: Option<OutboxConfig>,
     ) -> Result<(Pipeline, Vec<StoredSession>), StateError> {
         metrics.durable.restore(store.load_series()?);
-        let outbox_len = store.outbox_len()?;
+        let outbox_len = store.outbox_len(Outbox::Turns)?;
         metrics
             .process
             .span_outbox_turns
@@ -300,6 +308,7 @@ impl Pipeline {
                 outbox_len,
                 leased_through: None,
                 max_turn_age_ns: None,
+                logs: None,
             },
             stored,
         ))
@@ -344,7 +353,7 @@ impl Pipeline {
                     let _ = ack.send(self.finish(&id));
                 }
                 Command::OutboxPeek(limit, ack) => {
-                    let rows = self.store.outbox_peek(limit);
+                    let rows = self.store.outbox_peek(Outbox::Turns, limit);
                     if let Ok(r) = &rows {
                         self.leased_through = r.last().map(|(seq, _)| *seq);
                     }
@@ -356,6 +365,16 @@ impl Pipeline {
                 }
                 Command::OutboxRelease(ack) => {
                     self.leased_through = None;
+                    let _ = ack.send(Ok(()));
+                }
+                Command::LogPeek(limit, ack) => {
+                    let _ = ack.send(self.log_peek(limit));
+                }
+                Command::LogRemove(through, ack) => {
+                    let _ = ack.send(self.log_remove(through));
+                }
+                Command::LogRelease(ack) => {
+                    self.log_release();
                     let _ = ack.send(Ok(()));
                 }
             }
@@ -419,7 +438,7 @@ impl Pipeline {
     }
 
     fn outbox_remove(&mut self, through: i64) -> Result<(), StateError> {
-        let removed = self.store.outbox_remove_through(through);
+        let removed = self.store.outbox_remove_through(Outbox::Turns, through);
         self.note_write(&removed);
         let removed = removed?;
         self.set_outbox_len(self.outbox_len.saturating_sub(removed as u64));
@@ -434,7 +453,10 @@ impl Pipeline {
         if self.outbox_len <= max {
             return;
         }
-        match self.store.outbox_trim(max, self.leased_through) {
+        match self
+            .store
+            .outbox_trim::<ClosedTurn>(Outbox::Turns, max, self.leased_through)
+        {
             Ok(dropped) => {
                 // An unreadable row counts as the one span it would at least have been.
                 let spans: u64 = dropped
@@ -573,6 +595,7 @@ impl Pipeline {
         }
         let mut delta = Delta::default();
         let mut closed: Vec<ClosedTurn> = Vec::new();
+        let mut records: Vec<EventRecord> = Vec::new();
         let mut invalid: HashMap<&'static str, u64> = HashMap::new();
         let mut duplicates = 0;
         let mut bad_fields = DroppedFields::default();
@@ -641,14 +664,16 @@ impl Pipeline {
                             }
                             _ => false,
                         };
-                        match t.state.apply_checked(
+                        let closed_before = closed.len();
+                        let applied = t.state.apply_checked(
                             &t.id,
                             e,
                             thread,
                             counted_on_thread,
                             &mut delta,
                             &mut closed,
-                        ) {
+                        );
+                        match applied {
                             Applied::Duplicate => duplicates += 1,
                             Applied::Held => {}
                             Applied::DecreasingSnapshot => {
@@ -660,6 +685,18 @@ impl Pipeline {
                                     t.state.capture(e, max);
                                 }
                             }
+                        }
+                        if matches!(applied, Applied::Counted | Applied::DecreasingSnapshot)
+                            && let Some(logs) = self.logs.as_ref().filter(|l| l.wants(&e.type_name))
+                        {
+                            let cx = t.state.record_context(e, thread, &closed[closed_before..]);
+                            records.push(EventRecord::of(
+                                &t.id,
+                                thread,
+                                e,
+                                cx,
+                                logs.config.content_max,
+                            ));
                         }
                     }
                     Item::Invalid(reason) => {
@@ -715,6 +752,7 @@ impl Pipeline {
                 state: &t.state,
                 series: if i == 0 { &staged.values } else { &[] },
                 closed_turns: if i == 0 { turns } else { &[] },
+                log_records: if i == 0 { &records } else { &[] },
                 event_ids,
             })
             .collect();
@@ -742,6 +780,7 @@ impl Pipeline {
                 .inc_by(u64::from(n));
         }
         p.events_duplicate.inc_by(duplicates);
+        self.logs_committed(records.len());
         if !turns.is_empty() {
             self.set_outbox_len(self.outbox_len + turns.len() as u64);
             self.trim_outbox();

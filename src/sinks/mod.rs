@@ -2,6 +2,7 @@
 
 pub mod metrics;
 pub mod otlp;
+pub mod otlp_logs;
 pub mod otlp_metrics;
 pub mod otlp_send;
 pub mod session_series;

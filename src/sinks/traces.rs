@@ -39,7 +39,7 @@ pub const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.41.0";
 /// Attribute names, as OpenTelemetry semantic conventions v1.41.0 spell them. (The
 /// `opentelemetry-semantic-conventions` crate has deprecated its GenAI names since they moved
 /// to their own repository; the contract pins these.)
-mod semconv {
+pub(crate) mod semconv {
     pub const ERROR_TYPE: &str = "error.type";
     pub const SESSION_ID: &str = "session.id";
     pub const GEN_AI_OPERATION_NAME: &str = "gen_ai.operation.name";

@@ -1,7 +1,7 @@
 //! Metrics (and the event log) over OTLP: what an in-process OTLP receiver gets, checked
 //! against `/metrics` of the same exporter, series by series, across a SIGTERM and restart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,8 +19,12 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::metrics::v1::{AggregationTemporality, metric, number_data_point};
 use prost::Message;
 use qoder_exporter::sim::ScenarioConfig;
@@ -33,6 +37,7 @@ use crate::common::*;
 pub struct Received {
     metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
     logs: Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
+    traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
     /// Non-zero: answer every request with this HTTP status (gRPC: UNAVAILABLE).
     fail: Arc<AtomicU16>,
 }
@@ -50,8 +55,29 @@ impl Received {
         self.metrics.lock().expect("lock").last().cloned()
     }
 
-    pub fn logs(&self) -> Vec<ExportLogsServiceRequest> {
-        self.logs.lock().expect("lock").clone()
+    /// Every log record received, in order.
+    pub fn log_records(&self) -> Vec<LogRecord> {
+        self.logs
+            .lock()
+            .expect("lock")
+            .iter()
+            .flat_map(|r| &r.resource_logs)
+            .flat_map(|r| &r.scope_logs)
+            .flat_map(|s| s.log_records.clone())
+            .collect()
+    }
+
+    /// `(trace id, span id)` of every span received.
+    pub fn span_ids(&self) -> BTreeSet<(Vec<u8>, Vec<u8>)> {
+        self.traces
+            .lock()
+            .expect("lock")
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .map(|s| (s.trace_id.clone(), s.span_id.clone()))
+            .collect()
     }
 }
 
@@ -99,8 +125,20 @@ pub async fn http_receiver() -> Receiver {
         )
             .into_response()
     }
+    async fn traces(State(r): State<Received>, body: axum::body::Bytes) -> impl IntoResponse {
+        let Ok(req) = ExportTraceServiceRequest::decode(body) else {
+            return (StatusCode::BAD_REQUEST, Vec::new()).into_response();
+        };
+        r.traces.lock().expect("lock").push(req);
+        (
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        )
+            .into_response()
+    }
     let received = Received::default();
     let app = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(traces))
         .route("/v1/metrics", axum::routing::post(metrics))
         .route("/v1/logs", axum::routing::post(logs))
         .with_state(received.clone());
@@ -366,7 +404,7 @@ async fn pushed_metrics_equal_the_scrape_series_by_series_and_continue_across_a_
     let later = parse(&scrape(p.addr).await);
     let extra: Vec<_> = pushed.keys().filter(|k| !later.contains_key(*k)).collect();
     assert!(extra.is_empty(), "pushed but not scraped: {extra:#?}");
-    let starts: std::collections::BTreeSet<u64> = pushed
+    let starts: BTreeSet<u64> = pushed
         .iter()
         .filter(|(k, p)| event_derived(&k.0) && p.start > 0)
         .map(|(_, p)| p.start)
@@ -450,4 +488,85 @@ async fn an_endpoint_down_costs_pushes_not_counts_and_grpc_gets_the_same() {
     assert!(log.contains("OTLP metrics push failed"), "{log}");
     assert!(log.contains("accepts metrics again"), "{log}");
     drop(p);
+}
+
+fn attr<'a>(r: &'a LogRecord, key: &str) -> Option<&'a str> {
+    r.attributes.iter().find(|a| a.key == key).and_then(|a| {
+        match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(AnyValue::StringValue(s)) => Some(s.as_str()),
+            _ => None,
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_is_one_log_record_and_errors_point_at_their_turns_span() {
+    let sim = sim(ScenarioConfig {
+        seed: 43,
+        sessions: 9,
+        stagger: 0,
+        max_turns: 4,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let rx = http_receiver().await;
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", rx.addr)),
+        ("OTEL_LOGS_EXPORTER", "otlp".to_owned()),
+    ];
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("s.db");
+    let mut p = spawn_with_env(&sim, &state, &[], &env_refs(&env));
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a count"
+    )]
+    let events = sim.totals.event_count() as usize;
+    // SIGTERM flushes both outboxes; then a restart on the same state sends nothing again.
+    p.terminate();
+    let p = spawn_with_env(&sim, &state, &[], &env_refs(&env));
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    drop(p);
+
+    let records = rx.received.log_records();
+    let ids: BTreeSet<(&str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                attr(r, "session.id").expect("session"),
+                attr(r, "qoder.event.id").expect("event id"),
+            )
+        })
+        .collect();
+    assert_eq!(ids.len(), records.len(), "no record twice");
+    assert_eq!(records.len(), events, "one record per counted event");
+    for r in &records {
+        assert_eq!(attr(r, "event.name"), Some(r.event_name.as_str()));
+        assert!(r.time_unix_nano > 0, "the event's own time");
+    }
+    let want_errors: f64 = sim.totals.session_errors.values().sum();
+    let errors: Vec<&LogRecord> = records
+        .iter()
+        .filter(|r| r.event_name == "session.error")
+        .collect();
+    assert!(want_errors > 0.0, "the scenario has session errors");
+    #[allow(clippy::cast_precision_loss, reason = "a count")]
+    let got = errors.len() as f64;
+    assert_eq!(got, want_errors);
+    let spans = rx.received.span_ids();
+    for e in &errors {
+        assert!(
+            e.severity_number >= 13,
+            "WARN or ERROR: {}",
+            e.severity_text
+        );
+        assert!(
+            spans.contains(&(e.trace_id.clone(), e.span_id.clone())),
+            "the error's trace and span were exported: {:?}",
+            attr(e, "qoder.event.id")
+        );
+    }
 }

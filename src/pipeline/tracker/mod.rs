@@ -386,6 +386,35 @@ impl SessionState {
             .map(|t| t.turn.clone())
     }
 
+    /// Who `ev` (just applied, read on `from_thread`'s stream or the session's) was counted
+    /// under and the turn it belongs to: the turn it closed (one of `closed_now`, the turns
+    /// its application closed), else the turn open on its stream after it.
+    pub fn record_context(
+        &self,
+        ev: &Event,
+        from_thread: Option<&str>,
+        closed_now: &[ClosedTurn],
+    ) -> crate::record::RecordContext {
+        use crate::record::{RecordContext, TurnRef};
+        let thread = from_thread
+            .or(ev.thread_id.as_deref())
+            .and_then(|t| self.threads.get(t));
+        let tracker = thread.map_or(self, |t| &t.tracker);
+        let turn_ref = |t: &Turn| TurnRef {
+            trace_key: t.parent.as_ref().map_or(&t.key, |p| &p.key).clone(),
+            span_event_id: t.first_event_id.clone(),
+        };
+        let turn = match closed_now.last() {
+            Some(c) => Some(turn_ref(&c.turn)),
+            None => tracker.turn.as_ref().map(turn_ref),
+        };
+        RecordContext {
+            agent: tracker.agent.clone(),
+            model: tracker.model.clone(),
+            turn,
+        }
+    }
+
     /// What the thread list says: a thread not known yet is registered (and read once); a
     /// known one whose object changed since the last listing is read again. Whether a
     /// listing shows it or not, `qoder_threads_created_total` counts `session.thread_created`
