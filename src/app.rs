@@ -161,6 +161,9 @@ impl Core {
         let logs_notify = std::sync::Arc::new(tokio::sync::Notify::new());
         if let Some(l) = &settings.otlp_logs {
             metrics.process.otlp_signal_on(&metrics.registry, "logs");
+            if l.include_content {
+                crate::source::wire::keep_tool_inputs();
+            }
             pipeline = pipeline.with_logs(crate::pipeline::log_outbox::LogsConfig {
                 max_records: l.outbox_max_records,
                 notify: logs_notify.clone(),

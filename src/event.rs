@@ -181,7 +181,8 @@ pub struct Event {
     /// `processed_at`, else `created_at`, as Unix nanoseconds.
     pub time_ns: Option<i64>,
     pub kind: EventKind,
-    /// Message or thinking text, kept only for opt-in content capture.
+    /// Message or thinking text (or a tool use's input, when tool inputs are kept), exported
+    /// only on opt-in content capture.
     pub text: Option<String>,
 }
 

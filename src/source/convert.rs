@@ -81,9 +81,11 @@ impl Event {
             .session_thread_id
             .clone()
             .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES);
+        // Message or thinking text; a tool use's input when inputs are kept (both are exported
+        // only on opt-in).
         let text = match w.content.take() {
             Some(c) => Some(c.text()),
-            None => w.thinking.take(),
+            None => w.thinking.take().or_else(|| w.input.0.take()),
         };
         let kind = kind_of(&type_name, &id, w);
         Event {

@@ -235,6 +235,32 @@ impl WireContent {
     }
 }
 
+/// Whether tool inputs are decoded (`--otlp.logs.include-content`). Process-wide: the decoder
+/// runs deep in the poller and `replay`, and an input is skipped unread unless it is wanted
+/// (inputs hold whole files; building them for nothing would cost every `agent.tool_use`).
+static KEEP_TOOL_INPUTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Decode tool inputs from now on (content export was asked for).
+pub fn keep_tool_inputs() {
+    KEEP_TOOL_INPUTS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A tool use's `input`, as compact JSON text when kept.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ToolInput(pub Option<String>);
+
+impl<'de> Deserialize<'de> for ToolInput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ToolInput, D::Error> {
+        if KEEP_TOOL_INPUTS.load(std::sync::atomic::Ordering::Relaxed) {
+            let v = serde_json::Value::deserialize(d)?;
+            Ok(ToolInput((!v.is_null()).then(|| v.to_string())))
+        } else {
+            serde::de::IgnoredAny::deserialize(d)?;
+            Ok(ToolInput(None))
+        }
+    }
+}
+
 /// One event as it arrives. Unknown fields are ignored; every known spelling is a field.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct WireEvent {
@@ -308,6 +334,9 @@ pub struct WireEvent {
     pub custom_tool_use_id: Option<String>,
     #[serde(default)]
     pub mcp_server_name: Option<String>,
+    /// A tool use's input, as JSON text, only while [`keep_tool_inputs`] is on.
+    #[serde(default)]
+    pub input: ToolInput,
     // messages
     #[serde(default)]
     pub content: Option<WireContent>,

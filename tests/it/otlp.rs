@@ -570,3 +570,79 @@ async fn every_event_is_one_log_record_and_errors_point_at_their_turns_span() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_goes_out_only_on_opt_in_and_only_for_the_chosen_event_types() {
+    let sim = sim(ScenarioConfig {
+        seed: 44,
+        sessions: 4,
+        stagger: 0,
+        max_turns: 3,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let mut bodies = Vec::new();
+    for (name, content) in [("plain.db", false), ("content.db", true)] {
+        let rx = http_receiver().await;
+        let mut env = vec![
+            (
+                "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+                format!("http://{}/v1/logs", rx.addr),
+            ),
+            ("OTEL_LOGS_EXPORTER", "otlp".to_owned()),
+            (
+                "QODER_OTLP_LOGS_EVENT_TYPES",
+                "user.message,agent.tool_use".to_owned(),
+            ),
+        ];
+        if content {
+            env.push(("QODER_OTLP_LOGS_INCLUDE_CONTENT", "true".to_owned()));
+        }
+        let mut p = spawn_with_env(&sim, &dir.path().join(name), &[], &env_refs(&env));
+        wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+        p.terminate();
+        let records = rx.received.log_records();
+        let want: f64 = sim
+            .totals
+            .events
+            .iter()
+            .filter(|((t, _), _)| t == "user.message" || t == "agent.tool_use")
+            .map(|(_, v)| v)
+            .sum();
+        #[allow(clippy::cast_precision_loss, reason = "a count")]
+        let got = records.len() as f64;
+        assert_eq!(got, want, "{name}: only the chosen types");
+        let with_body: Vec<(String, String)> = records
+            .iter()
+            .filter_map(|r| match r.body.as_ref().and_then(|b| b.value.as_ref()) {
+                Some(AnyValue::StringValue(s)) => Some((r.event_name.clone(), s.clone())),
+                _ => None,
+            })
+            .collect();
+        bodies.push(with_body);
+    }
+    assert!(
+        bodies[0].is_empty(),
+        "no content without the opt-in: {:?}",
+        bodies[0]
+    );
+    let tool_inputs: Vec<&String> = bodies[1]
+        .iter()
+        .filter(|(t, _)| t == "agent.tool_use")
+        .map(|(_, b)| b)
+        .collect();
+    assert!(
+        tool_inputs
+            .iter()
+            .any(|b| b.as_str() == r#"{"command":"ls"}"#),
+        "a tool input, as JSON: {tool_inputs:?}"
+    );
+    assert!(
+        bodies[1]
+            .iter()
+            .any(|(t, b)| t == "user.message" && !b.is_empty()),
+        "message text"
+    );
+}
