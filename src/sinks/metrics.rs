@@ -55,6 +55,124 @@ const REQUEST_BUCKETS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// The telemetry contract of the event-derived families, in one place: name, help, labels
+/// and (histograms) buckets, in [`Family::ALL`] order. The README's tables are checked
+/// against it (`the_readme_lists_every_family_as_declared`).
+const SPECS: [FamilySpec; 17] = [
+    FamilySpec {
+        name: "qoder_events_total",
+        help: "Events read from the Qoder session event log, by wire type.",
+        labels: &["event_type", "agent"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_tokens_total",
+        help: "Tokens used by model requests, by type (input excludes cache reads and writes).",
+        labels: &["token_type", "agent", "model"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_credits_total",
+        help: "Qoder credits billed for model requests.",
+        labels: &["agent", "model"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_turns_total",
+        help: "Agent turns that ended (session.status_idle), by stop reason.",
+        labels: &["stop_reason", "agent"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_turn_duration_seconds",
+        help: "Time from a turn's first event to the event that ends it.",
+        labels: &["agent"],
+        buckets: Some(TURN_BUCKETS),
+    },
+    FamilySpec {
+        name: "qoder_model_requests_total",
+        help: "Model requests that finished (span.model_request_end).",
+        labels: &["agent", "model"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_model_request_errors_total",
+        help: "Model requests that finished with is_error.",
+        labels: &["agent", "model"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_model_request_duration_seconds",
+        help: "Model request time from start to end event.",
+        labels: &["agent", "model"],
+        buckets: Some(REQUEST_BUCKETS),
+    },
+    FamilySpec {
+        name: "qoder_tool_calls_total",
+        help: "Tool calls made by agents (built-in, MCP and custom tools).",
+        labels: &["tool", "agent"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_tool_call_errors_total",
+        help: "Tool calls whose result was an error.",
+        labels: &["tool", "agent"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_session_errors_total",
+        help: "session.error events, by error type and retry status (exhausted = retries exhausted).",
+        labels: &["error_type", "retry_status", "agent"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_session_credits_total",
+        help: "Billed credits from the sessions' cumulative usage snapshots, by kind (model, sandbox_runtime); the sum over kinds is what the account is charged.",
+        labels: &["agent", "kind"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_session_active_seconds_total",
+        help: "Seconds a session had a thread running (usage.active_seconds), what sandbox runtime is priced on.",
+        labels: &["agent"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_server_tool_uses_total",
+        help: "Server-side tool uses (web_search, web_fetch, ...) from the sessions' usage snapshots.",
+        labels: &["agent", "tool"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_thread_turns_total",
+        help: "Thread turns that ended (session.thread_status_idle), by the thread's agent and stop reason.",
+        labels: &["agent", "stop_reason"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_threads_created_total",
+        help: "Sub-agent threads started (session.thread_created).",
+        labels: &["agent"],
+        buckets: None,
+    },
+    FamilySpec {
+        name: "qoder_tool_call_duration_seconds",
+        help: "Tool call time from the tool use to its result.",
+        labels: &["tool", "agent"],
+        buckets: Some(TOOL_BUCKETS),
+    },
+];
+
+/// One row of [`SPECS`].
+#[derive(Debug)]
+struct FamilySpec {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    /// Histogram bucket bounds; `None` for counters.
+    buckets: Option<&'static [f64]>,
+}
+
 impl Family {
     pub const ALL: [Family; 17] = [
         Family::Events,
@@ -76,90 +194,25 @@ impl Family {
         Family::ToolCallDuration,
     ];
 
+    fn spec(self) -> &'static FamilySpec {
+        &SPECS[self as usize]
+    }
+
     pub fn name(self) -> &'static str {
-        match self {
-            Family::Events => "qoder_events_total",
-            Family::Tokens => "qoder_tokens_total",
-            Family::Credits => "qoder_credits_total",
-            Family::Turns => "qoder_turns_total",
-            Family::TurnDuration => "qoder_turn_duration_seconds",
-            Family::ModelRequests => "qoder_model_requests_total",
-            Family::ModelRequestErrors => "qoder_model_request_errors_total",
-            Family::ModelRequestDuration => "qoder_model_request_duration_seconds",
-            Family::ToolCalls => "qoder_tool_calls_total",
-            Family::ToolCallErrors => "qoder_tool_call_errors_total",
-            Family::SessionErrors => "qoder_session_errors_total",
-            Family::SessionCredits => "qoder_session_credits_total",
-            Family::SessionActiveSeconds => "qoder_session_active_seconds_total",
-            Family::ServerToolUses => "qoder_server_tool_uses_total",
-            Family::ThreadTurns => "qoder_thread_turns_total",
-            Family::ThreadsCreated => "qoder_threads_created_total",
-            Family::ToolCallDuration => "qoder_tool_call_duration_seconds",
-        }
+        self.spec().name
     }
 
     fn help(self) -> &'static str {
-        match self {
-            Family::Events => "Events read from the Qoder session event log, by wire type.",
-            Family::Tokens => {
-                "Tokens used by model requests, by type (input excludes cache reads and writes)."
-            }
-            Family::Credits => "Qoder credits billed for model requests.",
-            Family::Turns => "Agent turns that ended (session.status_idle), by stop reason.",
-            Family::TurnDuration => "Time from a turn's first event to the event that ends it.",
-            Family::ModelRequests => "Model requests that finished (span.model_request_end).",
-            Family::ModelRequestErrors => "Model requests that finished with is_error.",
-            Family::ModelRequestDuration => "Model request time from start to end event.",
-            Family::ToolCalls => "Tool calls made by agents (built-in, MCP and custom tools).",
-            Family::ToolCallErrors => "Tool calls whose result was an error.",
-            Family::SessionErrors => {
-                "session.error events, by error type and retry status (exhausted = retries exhausted)."
-            }
-            Family::SessionCredits => {
-                "Billed credits from the sessions' cumulative usage snapshots, by kind (model, sandbox_runtime); the sum over kinds is what the account is charged."
-            }
-            Family::SessionActiveSeconds => {
-                "Seconds a session had a thread running (usage.active_seconds), what sandbox runtime is priced on."
-            }
-            Family::ServerToolUses => {
-                "Server-side tool uses (web_search, web_fetch, ...) from the sessions' usage snapshots."
-            }
-            Family::ThreadTurns => {
-                "Thread turns that ended (session.thread_status_idle), by the thread's agent and stop reason."
-            }
-            Family::ThreadsCreated => "Sub-agent threads started (session.thread_created).",
-            Family::ToolCallDuration => "Tool call time from the tool use to its result.",
-        }
+        self.spec().help
     }
 
     pub fn label_names(self) -> &'static [&'static str] {
-        match self {
-            Family::Events => &["event_type", "agent"],
-            Family::Tokens => &["token_type", "agent", "model"],
-            Family::Credits
-            | Family::ModelRequests
-            | Family::ModelRequestErrors
-            | Family::ModelRequestDuration => &["agent", "model"],
-            Family::Turns => &["stop_reason", "agent"],
-            Family::TurnDuration => &["agent"],
-            Family::ToolCalls | Family::ToolCallErrors => &["tool", "agent"],
-            Family::SessionErrors => &["error_type", "retry_status", "agent"],
-            Family::SessionCredits => &["agent", "kind"],
-            Family::SessionActiveSeconds | Family::ThreadsCreated => &["agent"],
-            Family::ServerToolUses => &["agent", "tool"],
-            Family::ThreadTurns => &["agent", "stop_reason"],
-            Family::ToolCallDuration => &["tool", "agent"],
-        }
+        self.spec().labels
     }
 
     /// Histogram bucket bounds; `None` for counters.
     pub fn buckets(self) -> Option<&'static [f64]> {
-        match self {
-            Family::TurnDuration => Some(TURN_BUCKETS),
-            Family::ModelRequestDuration => Some(REQUEST_BUCKETS),
-            Family::ToolCallDuration => Some(TOOL_BUCKETS),
-            _ => None,
-        }
+        self.spec().buckets
     }
 
     /// How many distinct values a label may take before new ones become `other`. Values that
@@ -1303,6 +1356,40 @@ impl Collector for SessionCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_readme_lists_every_family_as_declared() {
+        // The contract is declared once (SPECS); the README's tables must say the same.
+        for (i, f) in Family::ALL.into_iter().enumerate() {
+            assert_eq!(f as usize, i, "SPECS follows Family::ALL");
+        }
+        let readme = include_str!("../../README.md");
+        for f in Family::ALL {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", f.name())))
+                .unwrap_or_else(|| panic!("README has no row for {}", f.name()));
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let kind = if f.buckets().is_some() {
+                "histogram"
+            } else {
+                "counter"
+            };
+            assert_eq!(cells[2], kind, "{}: type", f.name());
+            let labels: Vec<&str> = cells[3].split(", ").map(|l| l.trim_matches('`')).collect();
+            assert_eq!(labels, f.label_names(), "{}: labels", f.name());
+        }
+        // Every process family is named in the README too.
+        let m = Metrics::new().expect("metrics");
+        m.process.otlp_signal_on(&m.registry, "logs");
+        for family in m.registry.gather() {
+            assert!(
+                readme.contains(family.name()) || family.name().starts_with("process_"),
+                "README does not name {}",
+                family.name()
+            );
+        }
+    }
 
     #[test]
     fn a_borrowed_key_finds_the_owned_one() {
