@@ -972,6 +972,60 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_documents_every_flag_with_its_variable_and_default() {
+        // The README's table is the operator's view of the flags: every flag of every
+        // subcommand (but the subcommands' own) has a row with its environment variable, and
+        // a `[default: X]` in the help shows up in that row.
+        use clap::CommandFactory;
+        let readme = include_str!("../README.md");
+        let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
+        let root = Cli::command();
+        let mut commands = vec![root.clone()];
+        commands.extend(root.get_subcommands().cloned());
+        let mut checked = 0;
+        for cmd in &commands {
+            for arg in cmd.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if ["help", "version"].contains(&long)
+                    || !long.contains('.')
+                    || long.starts_with("demo.")
+                {
+                    continue;
+                }
+                let row = rows
+                    .iter()
+                    .find(|r| r.starts_with(&format!("| `--{long}`")))
+                    .unwrap_or_else(|| panic!("README has no row for --{long}"));
+                if let Some(env) = arg.get_env() {
+                    let env = env.to_string_lossy();
+                    assert!(
+                        row.contains(&format!("`{env}`")),
+                        "--{long}: {env} not in {row}"
+                    );
+                }
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                if let Some((_, d)) = help.split_once("[default: ") {
+                    let d = d.split([']', ',']).next().unwrap_or(d);
+                    let cells: Vec<&str> = row.split(" | ").collect();
+                    assert!(
+                        cells.get(2).is_some_and(|c| c.contains(d)),
+                        "--{long}: the help's default {d:?} is not the README's ({row})"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 40, "{checked} flags checked");
+        // The example config file in the README is one the exporter reads.
+        let example = readme
+            .split("Example `config.toml`:\n\n```toml\n")
+            .nth(1)
+            .and_then(|r| r.split("```").next())
+            .expect("an example config");
+        toml::from_str::<FileConfig>(example).expect("the README's example config reads");
+    }
+
+    #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
