@@ -5,7 +5,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use qoder_exporter::event::Event;
 use qoder_exporter::pipeline::tracker::SessionState;
 use qoder_exporter::sim::{ScenarioConfig, generate};
-use qoder_exporter::sinks::metrics::{Delta, DurableMetrics, Metrics};
+use qoder_exporter::sinks::metrics::{Delta, DurableMetrics, Exposition, Metrics};
 use qoder_exporter::source::wire::{self, Page};
 use qoder_exporter::state::{BatchWrite, StateStore};
 
@@ -185,7 +185,7 @@ fn render(c: &mut Criterion) {
     let staged = m.durable.stage(&delta);
     m.durable.publish(staged);
     let mut g = c.benchmark_group("render");
-    g.bench_function("/metrics text", |b| b.iter(|| m.render(false)));
+    g.bench_function("/metrics text", |b| b.iter(|| m.render(Exposition::Text)));
     g.finish();
 }
 
@@ -223,7 +223,7 @@ fn render_at_scale(c: &mut Criterion) {
     }
     let staged = m.durable.stage(&delta);
     m.durable.publish(staged);
-    let (text, _) = m.render(false);
+    let (text, _) = m.render(Exposition::Text);
     let samples = text
         .split(|&b| b == b'\n')
         .filter(|l| !l.is_empty() && l[0] != b'#')
@@ -233,8 +233,10 @@ fn render_at_scale(c: &mut Criterion) {
         text.len()
     );
     let mut g = c.benchmark_group(format!("render {samples} samples"));
-    g.bench_function("/metrics text", |b| b.iter(|| m.render(false)));
-    g.bench_function("/metrics protobuf", |b| b.iter(|| m.render(true)));
+    g.bench_function("/metrics text", |b| b.iter(|| m.render(Exposition::Text)));
+    g.bench_function("/metrics protobuf", |b| {
+        b.iter(|| m.render(Exposition::Protobuf))
+    });
     g.finish();
 }
 

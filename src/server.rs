@@ -11,7 +11,7 @@ use prometheus::core::Collector;
 use std::sync::Mutex;
 use tokio::sync::watch;
 
-use crate::sinks::metrics::Metrics;
+use crate::sinks::metrics::{Exposition, Metrics};
 use crate::web_config::WebConfig;
 
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ pub fn router(state: AppState, web: &WebConfig) -> Router {
 pub fn router_with(state: AppState, web: &WebConfig, max_scrapes: usize) -> Router {
     let renders = std::sync::Arc::new(Renders {
         slots: tokio::sync::Semaphore::new(max_scrapes),
-        last: Mutex::new([None, None]),
+        last: Mutex::new([None, None, None]),
     });
     let mut router = Router::new()
         .route(
@@ -115,26 +115,57 @@ async fn security_headers(mut resp: Response) -> Response {
     resp
 }
 
-/// The scraper asks for protobuf with `application/vnd.google.protobuf;
-/// proto=io.prometheus.client.MetricFamily; encoding=delimited`; anything else gets text 0.0.4.
-fn wants_protobuf(headers: &HeaderMap) -> bool {
-    headers
+/// The format the scraper prefers, by its `Accept` header: the media range with the highest
+/// `q` among delimited protobuf (`application/vnd.google.protobuf;
+/// proto=io.prometheus.client.MetricFamily; encoding=delimited`), OpenMetrics
+/// (`application/openmetrics-text`) and the text format; the first listed on a tie. No header,
+/// `*/*` or anything else: the text format 0.0.4.
+fn negotiate(headers: &HeaderMap) -> Exposition {
+    let mut best: Option<(f32, Exposition)> = None;
+    for range in headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|v| {
-            v.contains("application/vnd.google.protobuf")
-                && v.contains("io.prometheus.client.MetricFamily")
-                && !v.contains("q=0;")
-                && !v.trim_end().ends_with("q=0")
-        })
+    {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let mut q = 1.0f32;
+        let mut proto_family = false;
+        for p in parts {
+            match p.split_once('=') {
+                Some(("q", v)) => q = v.trim().parse().unwrap_or(0.0),
+                Some(("proto", v)) => {
+                    proto_family = v.trim() == "io.prometheus.client.MetricFamily"
+                }
+                _ => {}
+            }
+        }
+        let format = match media.as_str() {
+            "application/vnd.google.protobuf" if proto_family => Exposition::Protobuf,
+            "application/openmetrics-text" => Exposition::OpenMetrics,
+            "text/plain" | "*/*" => Exposition::Text,
+            _ => continue,
+        };
+        if q > 0.0 && best.is_none_or(|(b, _)| q > b) {
+            best = Some((q, format));
+        }
+    }
+    best.map_or(Exposition::Text, |(_, f)| f)
 }
 
-/// The render slots and the last render of each format (text, protobuf).
+/// The render slots and the last render of each format (text, protobuf, OpenMetrics).
 struct Renders {
     slots: tokio::sync::Semaphore,
-    last: Mutex<[Option<Render>; 2]>,
+    last: Mutex<[Option<Render>; 3]>,
+}
+
+fn slot_of(format: Exposition) -> usize {
+    match format {
+        Exposition::Text => 0,
+        Exposition::Protobuf => 1,
+        Exposition::OpenMetrics => 2,
+    }
 }
 
 #[derive(Clone)]
@@ -146,7 +177,7 @@ struct Render {
 }
 
 async fn metrics(State(state): State<AppState>, headers: HeaderMap, renders: &Renders) -> Response {
-    let protobuf = wants_protobuf(&headers);
+    let format = negotiate(&headers);
     let arrived = std::time::Instant::now();
     let Ok(Ok(_slot)) = tokio::time::timeout(SCRAPE_QUEUE_WAIT, renders.slots.acquire()).await
     else {
@@ -158,14 +189,13 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap, renders: &Re
             .into_response();
     };
     let fresh = |r: &Option<Render>| r.as_ref().filter(|r| r.started >= arrived).cloned();
-    let reuse =
-        fresh(&renders.last.lock().unwrap_or_else(|e| e.into_inner())[usize::from(protobuf)]);
+    let reuse = fresh(&renders.last.lock().unwrap_or_else(|e| e.into_inner())[slot_of(format)]);
     let render = match reuse {
         Some(r) => Ok(r),
         None => {
             let m = state.metrics.clone();
             let started = std::time::Instant::now();
-            tokio::task::spawn_blocking(move || m.render(protobuf))
+            tokio::task::spawn_blocking(move || m.render(format))
                 .await
                 .map(|(body, content_type)| Render {
                     started,
@@ -176,7 +206,7 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap, renders: &Re
     };
     if let Ok(r) = &render {
         let mut last = renders.last.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = &mut last[usize::from(protobuf)];
+        let slot = &mut last[slot_of(format)];
         if slot.as_ref().is_none_or(|l| l.started < r.started) {
             *slot = Some(r.clone());
         }
@@ -391,6 +421,56 @@ mod tests {
     use axum::http::Request;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
+
+    #[test]
+    fn the_scrapers_preference_picks_the_format() {
+        let pick = |accept: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(a) = accept {
+                h.insert(header::ACCEPT, a.parse().expect("header"));
+            }
+            negotiate(&h)
+        };
+        assert_eq!(pick(None), Exposition::Text);
+        assert_eq!(pick(Some("*/*")), Exposition::Text);
+        // Prometheus 2.42, as it sends it.
+        assert_eq!(
+            pick(Some(
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+            )),
+            Exposition::OpenMetrics
+        );
+        // Prometheus 3 (its default scrape protocols).
+        assert_eq!(
+            pick(Some(
+                "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+            )),
+            Exposition::OpenMetrics
+        );
+        // Native histograms on: protobuf first.
+        assert_eq!(
+            pick(Some(
+                "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited,application/openmetrics-text;version=1.0.0;q=0.8,text/plain;version=0.0.4;q=0.5"
+            )),
+            Exposition::Protobuf
+        );
+        assert_eq!(
+            pick(Some("application/openmetrics-text;q=0, text/plain")),
+            Exposition::Text,
+            "q=0 refuses"
+        );
+        assert_eq!(
+            pick(Some(
+                "text/plain;version=0.0.4;q=0.9, application/openmetrics-text;q=0.5"
+            )),
+            Exposition::Text
+        );
+        assert_eq!(
+            pick(Some("application/vnd.google.protobuf")),
+            Exposition::Text,
+            "protobuf of another message"
+        );
+    }
 
     /// A client that never finishes its headers (slowloris) is cut off, and the server keeps
     /// answering others.

@@ -5,6 +5,7 @@ use qoder_exporter::app;
 use qoder_exporter::config::{ReplayFlags, Settings};
 use qoder_exporter::offline::ReplaySummary;
 use qoder_exporter::server::{self, AppState};
+use qoder_exporter::sinks::metrics::Exposition;
 use qoder_exporter::web_config::WebConfig;
 use tokio::net::TcpListener;
 
@@ -18,7 +19,7 @@ pub async fn run(mut settings: Settings, r: ReplayFlags) -> anyhow::Result<()> {
     };
     let _tmp = super::throwaway_state(&mut settings, "replay")?;
     let (metrics, summary) = qoder_exporter::offline::replay(&settings, &r).await?;
-    let (text, _) = metrics.render(false);
+    let (text, _) = metrics.render(Exposition::Text);
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();

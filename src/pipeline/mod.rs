@@ -809,7 +809,7 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::metrics::Family;
+    use crate::sinks::metrics::{Exposition, Family};
     use crate::source::wire;
 
     fn event(raw: &str) -> Item {
@@ -1007,7 +1007,7 @@ mod tests {
             tool("b", "2026-10-01T00:00:00Z", "2026-10-01T00:00:30Z"),
         ))
         .expect("commit");
-        let text = String::from_utf8(metrics.render(false).0).expect("utf8");
+        let text = String::from_utf8(metrics.render(Exposition::Text).0).expect("utf8");
         assert!(
             text.contains(
                 r#"qoder_tool_call_duration_seconds_count{agent="triage",tool="Read"} 2"#

@@ -64,102 +64,119 @@ const SPECS: [FamilySpec; 17] = [
         help: "Events read from the Qoder session event log, by wire type.",
         labels: &["event_type", "agent"],
         buckets: None,
+        exemplars: false,
     },
     FamilySpec {
         name: "qoder_tokens_total",
         help: "Tokens used by model requests, by type (input excludes cache reads and writes).",
         labels: &["token_type", "agent", "model"],
         buckets: None,
+        exemplars: false,
     },
     FamilySpec {
         name: "qoder_credits_total",
         help: "Qoder credits billed for model requests.",
         labels: &["agent", "model"],
         buckets: None,
+        exemplars: false,
     },
     FamilySpec {
         name: "qoder_turns_total",
         help: "Agent turns that ended (session.status_idle), by stop reason.",
         labels: &["stop_reason", "agent"],
         buckets: None,
+        exemplars: true,
     },
     FamilySpec {
         name: "qoder_turn_duration_seconds",
         help: "Time from a turn's first event to the event that ends it.",
         labels: &["agent"],
         buckets: Some(TURN_BUCKETS),
+        exemplars: true,
     },
     FamilySpec {
         name: "qoder_model_requests_total",
         help: "Model requests that finished (span.model_request_end).",
         labels: &["agent", "model"],
         buckets: None,
+        exemplars: true,
     },
     FamilySpec {
         name: "qoder_model_request_errors_total",
         help: "Model requests that finished with is_error.",
         labels: &["agent", "model"],
         buckets: None,
+        exemplars: true,
     },
     FamilySpec {
         name: "qoder_model_request_duration_seconds",
         help: "Model request time from start to end event.",
         labels: &["agent", "model"],
         buckets: Some(REQUEST_BUCKETS),
+        exemplars: true,
     },
     FamilySpec {
         name: "qoder_tool_calls_total",
         help: "Tool calls made by agents (built-in, MCP and custom tools).",
         labels: &["tool", "agent"],
         buckets: None,
+        exemplars: false,
     },
     FamilySpec {
         name: "qoder_tool_call_errors_total",
         help: "Tool calls whose result was an error.",
         labels: &["tool", "agent"],
         buckets: None,
+        exemplars: false,
     },
     FamilySpec {
         name: "qoder_session_errors_total",
         help: "session.error events, by error type and retry status (exhausted = retries exhausted).",
         labels: &["error_type", "retry_status", "agent"],
         buckets: None,
+        exemplars: true,
     },
     FamilySpec {
         name: "qoder_session_credits_total",
         help: "Billed credits from the sessions' cumulative usage snapshots, by kind (model, sandbox_runtime); the sum over kinds is what the account is charged.",
         labels: &["agent", "kind"],
         buckets: None,
+        exemplars: false,
     },
     FamilySpec {
         name: "qoder_session_active_seconds_total",
         help: "Seconds a session had a thread running (usage.active_seconds), what sandbox runtime is priced on.",
         labels: &["agent"],
         buckets: None,
+        exemplars: false,
     },
     FamilySpec {
         name: "qoder_server_tool_uses_total",
         help: "Server-side tool uses (web_search, web_fetch, ...) from the sessions' usage snapshots.",
         labels: &["agent", "tool"],
         buckets: None,
+        exemplars: false,
     },
     FamilySpec {
         name: "qoder_thread_turns_total",
         help: "Thread turns that ended (session.thread_status_idle), by the thread's agent and stop reason.",
         labels: &["agent", "stop_reason"],
         buckets: None,
+        exemplars: false,
     },
     FamilySpec {
         name: "qoder_threads_created_total",
         help: "Sub-agent threads started (session.thread_created).",
         labels: &["agent"],
         buckets: None,
+        exemplars: false,
     },
     FamilySpec {
         name: "qoder_tool_call_duration_seconds",
         help: "Tool call time from the tool use to its result.",
         labels: &["tool", "agent"],
         buckets: Some(TOOL_BUCKETS),
+        exemplars: false,
     },
 ];
 
@@ -171,6 +188,8 @@ struct FamilySpec {
     labels: &'static [&'static str],
     /// Histogram bucket bounds; `None` for counters.
     buckets: Option<&'static [f64]>,
+    /// Its series carry an exemplar (the trace of a recent example) in OpenMetrics and OTLP.
+    exemplars: bool,
 }
 
 impl Family {
@@ -213,6 +232,11 @@ impl Family {
     /// Histogram bucket bounds; `None` for counters.
     pub fn buckets(self) -> Option<&'static [f64]> {
         self.spec().buckets
+    }
+
+    /// Whether its series carry exemplars.
+    pub fn has_exemplars(self) -> bool {
+        self.spec().exemplars
     }
 
     /// How many distinct values a label may take before new ones become `other`. Values that
@@ -275,6 +299,51 @@ pub struct Delta {
     counters: hashbrown::HashMap<SeriesKey, u64>,
     /// Observed durations in nanoseconds.
     observations: hashbrown::HashMap<SeriesKey, Vec<i64>>,
+    /// The latest example per series of the families that carry exemplars.
+    exemplars: hashbrown::HashMap<SeriesKey, ExemplarRef>,
+}
+
+/// Where an example increment happened: the session, the turn whose trace it is in, and the
+/// event that opened the span it belongs to (the ids are hashed once per series and batch, at
+/// staging, not per event).
+#[derive(Debug, Clone, Copy)]
+pub struct ExampleAt<'a> {
+    pub session_id: &'a str,
+    pub trace_key: &'a str,
+    pub span_event_id: &'a str,
+    pub time_ns: Option<i64>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct ExemplarRef {
+    session_id: String,
+    trace_key: String,
+    span_event_id: String,
+    value: f64,
+    time_ns: Option<i64>,
+}
+
+impl ExemplarRef {
+    fn resolve(&self) -> Exemplar {
+        Exemplar {
+            trace_id: super::traces::trace_id(&self.session_id, &self.trace_key).to_bytes(),
+            span_id: super::traces::span_id(&self.session_id, "invoke_agent", &self.span_event_id)
+                .to_bytes(),
+            value: self.value,
+            time_ns: self.time_ns,
+        }
+    }
+}
+
+/// A recent example of a series' increments, linking it to the turn that made it: served in
+/// OpenMetrics and OTLP, kept in memory only (after a restart a series has none until it moves).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Exemplar {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// The increment (counters) or the observation in seconds (histograms).
+    pub value: f64,
+    pub time_ns: Option<i64>,
 }
 
 /// Most labels a family has.
@@ -343,6 +412,29 @@ impl Delta {
         }
     }
 
+    /// Records `at` as the latest example of a series `inc` or `observe_ns` moved by `value`
+    /// (seconds for histograms); ignored for families without exemplars.
+    pub fn exemplar(&mut self, family: Family, labels: &[&str], at: ExampleAt<'_>, value: f64) {
+        if !family.has_exemplars() {
+            return;
+        }
+        let mut buf = [""; MAX_LABELS];
+        let labels = cut_labels(labels, &mut buf);
+        let slot = match self.exemplars.get_mut(&LabelsRef(family, labels)) {
+            Some(slot) => slot,
+            None => self.exemplars.entry(owned_key(family, labels)).or_default(),
+        };
+        // Into the slot's own buffers: a series that moves every event costs no allocation.
+        slot.trace_key.clear();
+        slot.trace_key.push_str(at.trace_key);
+        slot.span_event_id.clear();
+        slot.span_event_id.push_str(at.span_event_id);
+        slot.session_id.clear();
+        slot.session_id.push_str(at.session_id);
+        slot.value = value;
+        slot.time_ns = at.time_ns;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.counters.is_empty() && self.observations.is_empty()
     }
@@ -356,6 +448,8 @@ struct Inner {
     /// Prometheus series in `series`, for the budget: a histogram is one per bucket, `+Inf`,
     /// `_sum` and `_count`.
     prometheus_series: usize,
+    /// The latest example of the series of families with exemplars.
+    exemplars: HashMap<SeriesKey, Exemplar>,
 }
 
 /// How many Prometheus series one label set of `family` is.
@@ -430,6 +524,8 @@ pub struct Staged {
     /// Label sets of this batch that went to an `other` series because the series budget
     /// was spent (`qoder_exporter_series_dropped_total`).
     pub folded: u64,
+    /// The latest example of each series the batch moved, under the key it is counted under.
+    exemplars: Vec<(SeriesKey, Exemplar)>,
 }
 
 /// Series moved from one `agent` label value to another (an agent's id to its name).
@@ -571,7 +667,11 @@ impl DurableMetrics {
         let mut counters: Vec<_> = delta.counters.iter().collect();
         counters.sort_by(|a, b| a.0.cmp(b.0));
         for (key, by) in counters {
+            let example = delta.exemplars.get(key);
             let key = self.budgeted_key(&inner, &mut staged, &values, &mut new_series, key);
+            if let Some(e) = example {
+                staged.exemplars.push((key.clone(), e.resolve()));
+            }
             staged.new_labels.remember(&key);
             let current = values
                 .get(&key)
@@ -586,7 +686,11 @@ impl DurableMetrics {
         observations.sort_by(|a, b| a.0.cmp(b.0));
         for (key, samples) in observations {
             let bounds = key.0.buckets().unwrap_or(&[]);
+            let example = delta.exemplars.get(key);
             let key = self.budgeted_key(&inner, &mut staged, &values, &mut new_series, key);
+            if let Some(e) = example {
+                staged.exemplars.push((key.clone(), e.resolve()));
+            }
             staged.new_labels.remember(&key);
             let current = values
                 .get(&key)
@@ -621,6 +725,22 @@ impl DurableMetrics {
         for (key, value) in staged.values {
             inner.insert(key, value);
         }
+        for (key, e) in staged.exemplars {
+            inner.exemplars.insert(key, e);
+        }
+    }
+
+    /// The latest exemplar of a series given by its family's name and label pairs (any
+    /// order), if it has one.
+    pub fn exemplar_of(&self, family: &str, pairs: &[(String, String)]) -> Option<Exemplar> {
+        let family = Family::from_name(family).filter(|f| f.has_exemplars())?;
+        let labels = family
+            .label_names()
+            .iter()
+            .map(|n| pairs.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()))
+            .collect::<Option<Vec<String>>>()?;
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner.exemplars.get(&(family, labels)).copied()
     }
 
     /// What moving every series labelled `agent=from` to `agent=to` takes: the series to
@@ -659,6 +779,7 @@ impl DurableMetrics {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         for key in &relabel.remove {
             inner.remove(key);
+            inner.exemplars.remove(key);
         }
         for (key, value) in relabel.put {
             inner.insert(key, value);
@@ -711,6 +832,13 @@ fn push_value(out: &mut Vec<u8>, v: f64) {
 impl DurableMetrics {
     /// Each family with series as text-format bytes (HELP, TYPE, samples), in name order.
     pub fn text_families(&self) -> Vec<(&'static str, Vec<u8>)> {
+        self.families_as(Flavor::Classic)
+    }
+
+    /// Each family with series in the flavour asked for, in name order: the classic text format
+    /// (0.0.4) or OpenMetrics (with exemplars).
+    pub fn families_as(&self, flavor: Flavor) -> Vec<(&'static str, Vec<u8>)> {
+        let om = flavor == Flavor::OpenMetrics;
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let mut by_name: Vec<Family> = Family::ALL.to_vec();
         by_name.sort_by_key(|f| f.name());
@@ -726,16 +854,29 @@ impl DurableMetrics {
             }
             let name = family.name();
             let mut text = Vec::with_capacity(4096);
-            text.extend_from_slice(b"# HELP ");
-            text.extend_from_slice(name.as_bytes());
-            text.push(b' ');
-            push_escaped(&mut text, family.help(), false);
-            text.extend_from_slice(b"\n# TYPE ");
-            text.extend_from_slice(name.as_bytes());
-            text.extend_from_slice(match family.buckets() {
-                Some(_) => b" histogram\n",
-                None => b" counter\n",
-            });
+            if om {
+                super::openmetrics::header(
+                    &mut text,
+                    name,
+                    family.help(),
+                    if family.buckets().is_some() {
+                        MetricType::HISTOGRAM
+                    } else {
+                        MetricType::COUNTER
+                    },
+                );
+            } else {
+                text.extend_from_slice(b"# HELP ");
+                text.extend_from_slice(name.as_bytes());
+                text.push(b' ');
+                push_escaped(&mut text, family.help(), false);
+                text.extend_from_slice(b"\n# TYPE ");
+                text.extend_from_slice(name.as_bytes());
+                text.extend_from_slice(match family.buckets() {
+                    Some(_) => b" histogram\n",
+                    None => b" counter\n",
+                });
+            }
             // Labels in name order, as the protobuf path sorts them.
             let names = family.label_names();
             let mut order: Vec<usize> = (0..names.len()).collect();
@@ -757,7 +898,9 @@ impl DurableMetrics {
                 .map(f64::to_string)
                 .collect();
             let mut labels = Vec::with_capacity(128);
-            for ((_, values), value) in series {
+            for (key, value) in series {
+                let values = &key.1;
+                let example = if om { inner.exemplars.get(key) } else { None };
                 labels.clear();
                 for (k, &i) in order.iter().enumerate() {
                     labels.push(if k == 0 { b'{' } else { b',' });
@@ -766,7 +909,11 @@ impl DurableMetrics {
                     push_escaped(&mut labels, &values[i], true);
                     labels.push(b'"');
                 }
-                let sample = |text: &mut Vec<u8>, suffix: &str, le: Option<&str>, v: f64| {
+                let sample = |text: &mut Vec<u8>,
+                              suffix: &str,
+                              le: Option<&str>,
+                              v: f64,
+                              example: Option<&Exemplar>| {
                     text.extend_from_slice(name.as_bytes());
                     text.extend_from_slice(suffix.as_bytes());
                     text.extend_from_slice(&labels);
@@ -784,20 +931,34 @@ impl DurableMetrics {
                     }
                     text.push(b' ');
                     push_value(text, v);
+                    if let Some(e) = example {
+                        super::openmetrics::exemplar(text, e);
+                    }
                     text.push(b'\n');
                 };
                 match value {
-                    SeriesValue::Counter(v) => sample(&mut text, "", None, from_micros(*v)),
+                    SeriesValue::Counter(v) => {
+                        sample(&mut text, "", None, from_micros(*v), example);
+                    }
                     SeriesValue::Histogram { counts, sum_us } => {
+                        // The exemplar goes on the bucket its observation fell in.
+                        let at = example.map(|e| {
+                            family
+                                .buckets()
+                                .unwrap_or(&[])
+                                .partition_point(|b| *b < e.value)
+                        });
                         let mut cumulative = 0u64;
-                        for (bound, n) in bounds.iter().zip(counts) {
+                        for (i, (bound, n)) in bounds.iter().zip(counts).enumerate() {
                             cumulative += n;
-                            sample(&mut text, "_bucket", Some(bound), cumulative as f64);
+                            let e = example.filter(|_| at == Some(i));
+                            sample(&mut text, "_bucket", Some(bound), cumulative as f64, e);
                         }
                         let total: u64 = counts.iter().sum();
-                        sample(&mut text, "_bucket", Some("+Inf"), total as f64);
-                        sample(&mut text, "_sum", None, from_micros(*sum_us));
-                        sample(&mut text, "_count", None, total as f64);
+                        let e = example.filter(|_| at == Some(bounds.len()));
+                        sample(&mut text, "_bucket", Some("+Inf"), total as f64, e);
+                        sample(&mut text, "_sum", None, from_micros(*sum_us), None);
+                        sample(&mut text, "_count", None, total as f64, None);
                     }
                 }
             }
@@ -1272,6 +1433,15 @@ pub struct Metrics {
     render_lock: std::sync::Arc<Mutex<()>>,
 }
 
+/// Which text exposition format a render writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// The classic text format 0.0.4, byte for byte what it always was.
+    Classic,
+    /// OpenMetrics 1.0.0, with exemplars (Prometheus asks for it first).
+    OpenMetrics,
+}
+
 /// Content type of the classic text format, version 0.0.4.
 pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -1300,18 +1470,17 @@ impl Metrics {
         })
     }
 
-    /// Renders every family, in name order. `protobuf` selects the delimited protobuf
-    /// exposition format.
+    /// Renders every family, in name order, in the exposition format asked for.
     ///
     /// The event-derived families are most of the series (50 000 at the budget) and are
     /// written to text straight from their values: going through the prometheus crate's
     /// protobuf structs and its `TextEncoder` took 11 ms at 50 000 series, this path 3 ms
     /// (BENCHMARKS.md), with the same bytes (a test compares them).
-    pub fn render(&self, protobuf: bool) -> (Vec<u8>, String) {
+    pub fn render(&self, format: Exposition) -> (Vec<u8>, String) {
         use prometheus::Encoder;
         let _guard = self.render_lock.lock().unwrap_or_else(|e| e.into_inner());
         let others = self.registry.gather();
-        if protobuf {
+        if format == Exposition::Protobuf {
             let mut families = others.clone();
             families.extend(self.durable.collect());
             families.sort_by(|a, b| a.name().cmp(b.name()));
@@ -1321,7 +1490,12 @@ impl Metrics {
                 return (buf, enc.format_type().to_owned());
             }
         }
-        let durable = self.durable.text_families();
+        let om = format == Exposition::OpenMetrics;
+        let durable = self.durable.families_as(if om {
+            Flavor::OpenMetrics
+        } else {
+            Flavor::Classic
+        });
         let mut buf =
             Vec::with_capacity(durable.iter().map(|(_, t)| t.len()).sum::<usize>() + 16 * 1024);
         let enc = prometheus::TextEncoder::new();
@@ -1330,14 +1504,33 @@ impl Metrics {
             while let Some((_, text)) = durable.next_if(|(name, _)| *name < family.name()) {
                 buf.extend_from_slice(&text);
             }
-            // Encoding into a Vec cannot fail for well-formed families.
-            let _ = enc.encode(std::slice::from_ref(family), &mut buf);
+            if om {
+                super::openmetrics::write_family(&mut buf, family);
+            } else {
+                // Encoding into a Vec cannot fail for well-formed families.
+                let _ = enc.encode(std::slice::from_ref(family), &mut buf);
+            }
         }
         for (_, text) in durable {
             buf.extend_from_slice(&text);
         }
+        if om {
+            buf.extend_from_slice(super::openmetrics::EOF);
+            return (buf, super::openmetrics::CONTENT_TYPE.to_owned());
+        }
         (buf, TEXT_FORMAT.to_owned())
     }
+}
+
+/// The exposition formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    /// The classic text format 0.0.4 (the default).
+    Text,
+    /// Delimited protobuf (`io.prometheus.client.MetricFamily`).
+    Protobuf,
+    /// OpenMetrics 1.0.0, with exemplars.
+    OpenMetrics,
 }
 
 #[derive(Debug)]
@@ -1389,6 +1582,77 @@ mod tests {
                 family.name()
             );
         }
+    }
+
+    #[test]
+    fn openmetrics_has_the_same_samples_and_exemplars_where_they_belong() {
+        let m = Metrics::new().expect("metrics");
+        let mut d = Delta::default();
+        let at = ExampleAt {
+            session_id: "sess_1",
+            trace_key: "turn_1",
+            span_event_id: "evt_1",
+            time_ns: Some(1_700_000_000_123_000_000),
+        };
+        d.inc(Family::ModelRequests, &["coder", "qwen"], 1.0);
+        d.exemplar(Family::ModelRequests, &["coder", "qwen"], at, 1.0);
+        d.observe_ns(Family::TurnDuration, &["coder"], 3_000_000_000);
+        d.exemplar(Family::TurnDuration, &["coder"], at, 3.0);
+        d.inc(Family::Tokens, &["input", "coder", "qwen"], 5.0);
+        m.durable.publish(m.durable.stage(&d));
+        let (classic, ct) = m.render(Exposition::Text);
+        assert_eq!(ct, TEXT_FORMAT);
+        let (om, ct) = m.render(Exposition::OpenMetrics);
+        assert_eq!(ct, super::super::openmetrics::CONTENT_TYPE);
+        let (classic, om) = (
+            String::from_utf8(classic).expect("utf8"),
+            String::from_utf8(om).expect("utf8"),
+        );
+        assert!(om.ends_with("# EOF\n"), "ends with # EOF");
+        assert!(
+            !classic.contains(" # {"),
+            "no exemplar in the classic format"
+        );
+        // The same samples, once the exemplars are cut off.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| l.split(" # {").next().unwrap_or(l).to_owned())
+                .filter(|l| !l.starts_with("process_"))
+                .collect()
+        };
+        assert_eq!(samples(&classic), samples(&om));
+        assert!(om.contains("# TYPE qoder_model_requests counter\n"), "{om}");
+        assert!(om.contains("# TYPE qoder_exporter_api_requests counter\n"));
+        let trace = hex_of(&crate::sinks::traces::trace_id("sess_1", "turn_1").to_bytes());
+        let span =
+            hex_of(&crate::sinks::traces::span_id("sess_1", "invoke_agent", "evt_1").to_bytes());
+        let suffix =
+            format!(" # {{trace_id=\"{trace}\",span_id=\"{span}\"}} 1 1700000000.123000000");
+        assert!(
+            om.contains(&format!(
+                "qoder_model_requests_total{{agent=\"coder\",model=\"qwen\"}} 1{suffix}\n"
+            )),
+            "{om}"
+        );
+        // 3 s falls in the bucket le="5" of the turn buckets, and only there.
+        let with: Vec<&str> = om
+            .lines()
+            .filter(|l| l.starts_with("qoder_turn_duration_seconds") && l.contains(" # {"))
+            .collect();
+        assert_eq!(with.len(), 1, "{with:?}");
+        assert!(
+            with[0]
+                .starts_with("qoder_turn_duration_seconds_bucket{agent=\"coder\",le=\"5\"} 1 # {"),
+            "{with:?}"
+        );
+        assert!(!om.contains(
+            "qoder_tokens_total{token_type=\"input\",agent=\"coder\",model=\"qwen\"} 5 #"
+        ));
+    }
+
+    fn hex_of(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
     #[test]
@@ -1459,7 +1723,7 @@ mod tests {
         prometheus::TextEncoder::new()
             .encode(&families, &mut expected)
             .expect("encode");
-        let (text, _) = m.render(false);
+        let (text, _) = m.render(Exposition::Text);
         // `process_*` move between the two renders (CPU time, memory); the rest must not.
         let steady = |b: &[u8]| {
             String::from_utf8_lossy(b)
@@ -1474,7 +1738,7 @@ mod tests {
             panic!("first difference (got, want): {first:?}");
         }
         // And the protobuf path has every family.
-        let (proto, _) = m.render(true);
+        let (proto, _) = m.render(Exposition::Protobuf);
         assert!(proto.len() > 1000);
     }
 
@@ -1645,7 +1909,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     fn a_fresh_registry_has_the_process_families_and_every_failure_series() {
         let metrics = Metrics::new().expect("metrics");
-        let (text, _) = metrics.render(false);
+        let (text, _) = metrics.render(Exposition::Text);
         let text = String::from_utf8(text).expect("utf8");
         for family in [
             "process_cpu_seconds_total",
@@ -1669,14 +1933,14 @@ mod tests {
         let mut d = Delta::default();
         d.inc(Family::Tokens, &["input", "a", "m"], 10.0);
         metrics.durable.publish(metrics.durable.stage(&d));
-        let (body, ct) = metrics.render(false);
+        let (body, ct) = metrics.render(Exposition::Text);
         let text = String::from_utf8(body).expect("utf8");
         assert!(ct.starts_with("text/plain; version=0.0.4"));
         assert!(text.contains("# HELP qoder_tokens_total "));
         assert!(text.contains("# TYPE qoder_tokens_total counter"));
         assert!(text.contains(r#"qoder_tokens_total{agent="a",model="m",token_type="input"} 10"#));
         assert!(text.contains("qoder_exporter_build_info{"));
-        let (_, ct) = metrics.render(true);
+        let (_, ct) = metrics.render(Exposition::Protobuf);
         assert!(ct.contains("application/vnd.google.protobuf"));
     }
 }

@@ -1,6 +1,7 @@
 //! Where the pipeline's results go: Prometheus metrics, and OTLP traces, metrics and logs.
 
 pub mod metrics;
+pub mod openmetrics;
 pub mod otlp;
 pub mod otlp_logs;
 pub mod otlp_metrics;

@@ -23,15 +23,15 @@ use std::time::{Duration, SystemTime};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{
-    AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
-    ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
+    AggregationTemporality, Exemplar, Gauge, Histogram, HistogramDataPoint, Metric,
+    NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, exemplar, metric, number_data_point,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prometheus::proto::{self as prom, MetricType};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Temporality;
-use crate::sinks::metrics::{Family, Metrics};
+use crate::sinks::metrics::{DurableMetrics, Family, Metrics};
 use crate::sinks::otlp_send::{OtlpSender, SendError};
 
 /// When each kind of series started counting, in Unix nanoseconds.
@@ -101,6 +101,8 @@ pub struct Conversion<'a> {
     pub reached: BTreeMap<SeriesId, Reached>,
     pub points: u64,
     durable: HashSet<&'static str>,
+    /// Where the durable series' exemplars come from.
+    exemplars: Option<&'a DurableMetrics>,
 }
 
 impl<'a> Conversion<'a> {
@@ -118,7 +120,25 @@ impl<'a> Conversion<'a> {
             reached: BTreeMap::new(),
             points: 0,
             durable: Family::ALL.iter().map(|f| f.name()).collect(),
+            exemplars: None,
         }
+    }
+
+    /// The exemplar of a series, as OTLP has it.
+    fn exemplars(&self, (family, labels): &SeriesId) -> Vec<Exemplar> {
+        let Some(e) = self.exemplars.and_then(|d| d.exemplar_of(family, labels)) else {
+            return Vec::new();
+        };
+        vec![Exemplar {
+            time_unix_nano: e
+                .time_ns
+                .and_then(|t| u64::try_from(t).ok())
+                .unwrap_or(self.now),
+            trace_id: e.trace_id.to_vec(),
+            span_id: e.span_id.to_vec(),
+            value: Some(exemplar::Value::AsDouble(e.value)),
+            ..Exemplar::default()
+        }]
     }
 
     fn temporality(&self) -> i32 {
@@ -161,7 +181,9 @@ impl<'a> Conversion<'a> {
                     if self.temporality == Temporality::Delta {
                         self.reached.insert(id.clone(), Reached::Counter(total));
                     }
-                    points.push(self.number_point(&id, start, value));
+                    let mut point = self.number_point(&id, start, value);
+                    point.exemplars = self.exemplars(&id);
+                    points.push(point);
                 }
                 metric::Data::Sum(Sum {
                     data_points: points,
@@ -220,6 +242,7 @@ impl<'a> Conversion<'a> {
                     }
                     self.points += 1;
                     points.push(HistogramDataPoint {
+                        exemplars: self.exemplars(&id),
                         attributes: attributes(&id),
                         start_time_unix_nano: start,
                         time_unix_nano: self.now,
@@ -291,14 +314,15 @@ fn bucket_counts(h: &prom::Histogram) -> (Vec<f64>, Vec<u64>) {
 }
 
 /// Everything `/metrics` serves, as one OTLP request (and the series totals, for delta).
-pub fn request(
-    metrics: &Metrics,
+pub fn request<'a>(
+    metrics: &'a Metrics,
     resource: &Resource,
-    conv: &mut Conversion<'_>,
+    conv: &mut Conversion<'a>,
 ) -> ExportMetricsServiceRequest {
     let mut families = metrics.registry.gather();
     families.extend(prometheus::core::Collector::collect(&*metrics.durable));
     families.sort_by(|a, b| a.name().cmp(b.name()));
+    conv.exemplars = Some(&metrics.durable);
     let out: Vec<Metric> = families.iter().filter_map(|f| conv.family(f)).collect();
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
@@ -476,6 +500,14 @@ mod tests {
         d.inc(Family::Credits, &["coder", "qwen"], n);
         d.observe_ns(Family::TurnDuration, &["coder"], 3_000_000_000);
         d.observe_ns(Family::TurnDuration, &["coder"], 7_200_000_000_000);
+        d.inc(Family::ModelRequests, &["coder", "qwen"], 1.0);
+        let at = crate::sinks::metrics::ExampleAt {
+            session_id: "s",
+            trace_key: "t",
+            span_event_id: "e",
+            time_ns: Some(77),
+        };
+        d.exemplar(Family::ModelRequests, &["coder", "qwen"], at, 1.0);
         m.durable.publish(m.durable.stage(&d));
         m
     }
@@ -518,6 +550,20 @@ mod tests {
             "two hours: past the last bound"
         );
         assert_eq!(h.bucket_counts.iter().sum::<u64>(), 2);
+        let metric::Data::Sum(model) = find(&req, "qoder_model_requests") else {
+            panic!("a sum")
+        };
+        let e = &model.data_points[0].exemplars;
+        assert_eq!(e.len(), 1, "the model request's exemplar");
+        assert_eq!(
+            e[0].trace_id,
+            crate::sinks::traces::trace_id("s", "t").to_bytes().to_vec()
+        );
+        assert_eq!(e[0].time_unix_nano, 77);
+        assert!(
+            credits.data_points[0].exemplars.is_empty(),
+            "credits carry none"
+        );
         let metric::Data::Sum(requests) = find(&req, "qoder_exporter_api_requests") else {
             panic!("a sum")
         };

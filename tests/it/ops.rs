@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use qoder_exporter::app;
+use qoder_exporter::config::{OtlpGeneral, OtlpLogsSettings, OtlpMetricsSettings, OtlpSignalFlags};
 use qoder_exporter::sim::{Fault, ScenarioConfig, SimConfig};
 use serde_json::Value;
 
@@ -168,6 +169,34 @@ fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
+}
+
+/// An OTLP/HTTP endpoint on loopback that accepts every metrics and logs push (200 with an
+/// empty body, which reads as an export response without a partial success). Stops on drop.
+struct OtlpSink {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OtlpSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn otlp_sink() -> OtlpSink {
+    let accept = axum::routing::post(async || axum::http::StatusCode::OK);
+    let app = axum::Router::new()
+        .route("/v1/metrics", accept.clone())
+        .route("/v1/logs", accept);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    OtlpSink { addr, task }
 }
 
 struct Prometheus(std::process::Child);
@@ -413,6 +442,32 @@ async fn a_real_prometheus_finds_data_for_every_panel_and_rule() {
         price: 0.01,
         currency: "USD".into(),
     });
+    // Metrics and logs over OTLP on, as OTEL_METRICS_EXPORTER=otlp, OTEL_LOGS_EXPORTER=otlp and
+    // OTEL_EXPORTER_OTLP_ENDPOINT set them: the values those variables carry, through the same
+    // resolution (set on this process, the variables would reach every test in it and every
+    // exporter they spawn). Traces stay off, as before. Metrics are pushed every 500 ms
+    // (OTEL_METRIC_EXPORT_INTERVAL=500). The endpoint accepts everything, so the delivery panels
+    // show data points and records going out, not only zeros, and the last-success gauge exists.
+    let otlp = otlp_sink().await;
+    let endpoint = format!("http://{}", otlp.addr);
+    let general = OtlpGeneral {
+        endpoint: Some(&endpoint),
+        protocol: None,
+    };
+    let mut signals = OtlpSignalFlags {
+        metrics_exporter: Some("otlp".into()),
+        metrics_interval: Some(Duration::from_millis(500)),
+        logs_exporter: Some("otlp".into()),
+        ..OtlpSignalFlags::default()
+    };
+    s.otlp_metrics = OtlpMetricsSettings::resolve(&mut signals, Default::default(), general)
+        .expect("metrics over OTLP");
+    s.otlp_logs = OtlpLogsSettings::resolve(&mut signals, Default::default(), general)
+        .expect("logs over OTLP");
+    assert!(
+        s.otlp_metrics.is_some() && s.otlp_logs.is_some(),
+        "both signals on"
+    );
     let running = app::start(s).await.expect("start");
 
     let (_prom, base) = start_prometheus(dir.path(), running.addr);

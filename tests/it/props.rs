@@ -12,7 +12,7 @@ use qoder_exporter::event::{DroppedFields, Event, UsageSnapshot};
 use qoder_exporter::pipeline::tracker::SessionState;
 use qoder_exporter::pipeline::{Batch, Item, Pipeline, SessionMeta};
 use qoder_exporter::sim::{ScenarioConfig, generate};
-use qoder_exporter::sinks::metrics::{Delta, Metrics};
+use qoder_exporter::sinks::metrics::{Delta, Exposition, Metrics};
 use qoder_exporter::source::poller::meta_of;
 use qoder_exporter::source::wire::{self, Page};
 use qoder_exporter::state::StateStore;
@@ -298,7 +298,7 @@ proptest! {
             drop(thread.join().expect("pipeline thread"));
             metrics
         });
-        let (text, _) = metrics.render(false);
+        let (text, _) = metrics.render(Exposition::Text);
         let series = parse(&String::from_utf8(text).expect("utf8"));
         let problems = mismatches(&series, &totals);
         prop_assert!(problems.is_empty(), "{} restarts; {}", restarts, problems.join("\n"));

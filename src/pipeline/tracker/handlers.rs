@@ -7,7 +7,8 @@ use super::{
     OpenRequest, OpenTool, SessionState, SpanEvent, TurnEnd, count_tokens, push_child,
 };
 use crate::event::{Event, RetryStatus, ThreadPhase, Tokens, ToolKind};
-use crate::sinks::metrics::{Delta, Family};
+use crate::sinks::metrics::{Delta, ExampleAt, Family};
+use crate::turn::Turn;
 
 /// What every handler needs besides the event's own fields.
 pub(super) struct Cx<'a> {
@@ -26,6 +27,21 @@ pub(super) struct RequestEnd<'a> {
     pub is_error: bool,
     pub tokens: Option<&'a Tokens>,
     pub credits: Option<f64>,
+}
+
+/// Where an increment made during turn `turn` of `session_id` at `time_ns` points: the turn's
+/// trace (a sub-agent's turn is in the trace of the session turn it ran in) and root span.
+pub(super) fn example_at<'a>(
+    session_id: &'a str,
+    turn: &'a Turn,
+    time_ns: Option<i64>,
+) -> ExampleAt<'a> {
+    ExampleAt {
+        session_id,
+        trace_key: turn.parent.as_ref().map_or(&turn.key, |p| &p.key),
+        span_event_id: &turn.first_event_id,
+        time_ns,
+    }
 }
 
 impl SessionState {
@@ -58,6 +74,11 @@ impl SessionState {
     ) {
         let stop = stop_reason.unwrap_or("unknown").to_owned();
         cx.delta.inc(Family::Turns, &[&stop, cx.agent], 1.0);
+        if let Some(turn) = &self.turn {
+            let at = example_at(cx.session_id, turn, cx.ev.time_ns);
+            cx.delta
+                .exemplar(Family::Turns, &[&stop, cx.agent], at, 1.0);
+        }
         let from_requests = self.turn.as_ref().is_some_and(|t| t.tokens_from_requests);
         if let Some(tokens) = tokens
             && !from_requests
@@ -112,11 +133,12 @@ impl SessionState {
         message: Option<&str>,
         code: Option<&String>,
     ) {
-        cx.delta.inc(
-            Family::SessionErrors,
-            &[error_type, retry_status.as_label(), cx.agent],
-            1.0,
-        );
+        let labels = [error_type, retry_status.as_label(), cx.agent];
+        cx.delta.inc(Family::SessionErrors, &labels, 1.0);
+        if let Some(turn) = &self.turn {
+            let at = example_at(cx.session_id, turn, cx.ev.time_ns);
+            cx.delta.exemplar(Family::SessionErrors, &labels, at, 1.0);
+        }
         if let Some(turn) = &mut self.turn {
             if turn.span_events.len() < MAX_SPAN_EVENTS {
                 let mut attributes = vec![
@@ -186,6 +208,21 @@ impl SessionState {
         if let (Some(s), Some(e)) = (start_ns, ev.time_ns) {
             cx.delta
                 .observe_ns(Family::ModelRequestDuration, &labels, e.saturating_sub(s));
+            if let Some(turn) = &self.turn {
+                let at = example_at(cx.session_id, turn, ev.time_ns);
+                #[allow(clippy::cast_precision_loss, reason = "a duration in seconds")]
+                let secs = e.saturating_sub(s).max(0) as f64 / 1e9;
+                cx.delta
+                    .exemplar(Family::ModelRequestDuration, &labels, at, secs);
+            }
+        }
+        if let Some(turn) = &self.turn {
+            let at = example_at(cx.session_id, turn, ev.time_ns);
+            cx.delta.exemplar(Family::ModelRequests, &labels, at, 1.0);
+            if end.is_error {
+                cx.delta
+                    .exemplar(Family::ModelRequestErrors, &labels, at, 1.0);
+            }
         }
         if let Some(t) = end.tokens {
             count_tokens(cx.delta, t, cx.agent, &model);

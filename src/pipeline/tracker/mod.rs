@@ -873,6 +873,10 @@ impl SessionState {
         // `qoder_turn_duration_seconds` times the session's turns; a thread's turn is inside one.
         if let (Some(s), Some(e), None) = (turn.start_ns, end_ns, &self.thread_id) {
             delta.observe_ns(Family::TurnDuration, &[&self.agent], e.saturating_sub(s));
+            #[allow(clippy::cast_precision_loss, reason = "a duration in seconds")]
+            let secs = e.saturating_sub(s).max(0) as f64 / 1e9;
+            let at = handlers::example_at(session_id, &turn, end_ns);
+            delta.exemplar(Family::TurnDuration, &[&self.agent], at, secs);
         }
         // What is still open ends with the turn, marked incomplete. Requests are done with;
         // tools stay open so a late result still counts against the right tool.
