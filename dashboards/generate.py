@@ -50,7 +50,8 @@ ALERTMANAGER = ROOT / "deploy/alertmanager/alertmanager.yml"
 
 # Alerts without `for:` on purpose (each says why in rules.yml): a counted event the API already
 # reported; the expression stays true for its whole window, so `for:` would only delay it.
-IMMEDIATE = {"QoderSessionRetriesExhausted", "QoderSessionTerminalErrors", "QoderSessionBudgetReached", "QoderSpansDropped"}
+IMMEDIATE = {"QoderSessionRetriesExhausted", "QoderSessionTerminalErrors", "QoderSessionBudgetReached", "QoderSpansDropped",
+             "QoderOTLPDataDropped"}
 SEVERITIES = {"critical", "warning", "info"}
 CLASSES = {"exporter", "data"}
 
@@ -326,6 +327,15 @@ def health():
     b.panel("Span outbox (turns waiting for the OTLP endpoint)", "timeseries",
             [(f'max(qoder_exporter_span_outbox_turns{{{J}}})', "turns")], "short",
             description="Grows while the OTLP endpoint is unreachable; past --otlp.outbox-max-turns the oldest are dropped.")
+    b.panel("OTLP metrics and logs delivered and dropped", "timeseries",
+            [(f'sum by (signal) (rate(qoder_exporter_otlp_exported_total{{{J}}}[$__rate_interval]))', "{{signal}} exported"),
+             (f'sum by (signal, reason) (rate(qoder_exporter_otlp_dropped_total{{{J}}}[$__rate_interval]))', "{{signal}} dropped: {{reason}}"),
+             (f'sum by (signal) (rate(qoder_exporter_otlp_export_failures_total{{{J}}}[$__rate_interval]))', "{{signal}} failed pushes")], "short",
+            description="Per second; empty unless --otlp.metrics.exporter or --otlp.logs.exporter is otlp. Metrics count data points (every series at every push), logs count records. "
+                        "A failed metrics push loses nothing (the next carries the totals); failed log records stay in the outbox.")
+    b.panel("Log outbox (records waiting for the OTLP endpoint)", "timeseries",
+            [(f'max(qoder_exporter_log_outbox_records{{{J}}})', "records")], "short",
+            description="Only with --otlp.logs.exporter otlp. Grows while the OTLP endpoint is unreachable; past --otlp.logs.outbox-max-records the oldest are dropped.")
     b.panel("Pipeline queue depth", "timeseries", [(f'max(qoder_exporter_pipeline_queue_depth{{{J}}})', "batches")], "short")
     b.row("Guards")
     b.panel("State file takes commits", "stat", [(f'min(qoder_exporter_state_writable{{{J}}})', "writable")], "bool_yes_no", w=6,
