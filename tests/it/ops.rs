@@ -225,6 +225,15 @@ async fn query(client: &reqwest::Client, base: &str, expr: &str) -> Value {
 /// A real Prometheus (Debian's package) with the shipped rules, scraping `target` every second
 /// and evaluating every second. Returns it (killed on drop) and its base URL.
 fn start_prometheus(dir: &Path, target: std::net::SocketAddr) -> (Prometheus, String) {
+    start_prometheus_with(dir, target, &[])
+}
+
+/// [`start_prometheus`] with extra command-line flags (`--enable-feature=…`).
+fn start_prometheus_with(
+    dir: &Path,
+    target: std::net::SocketAddr,
+    flags: &[&str],
+) -> (Prometheus, String) {
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
@@ -243,6 +252,7 @@ fn start_prometheus(dir: &Path, target: std::net::SocketAddr) -> (Prometheus, St
                 dir.join("tsdb").display()
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(flags)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -621,4 +631,103 @@ fn metric_names_are_extracted_without_recording_rules() {
         BTreeSet::from(["qoder_tokens_total".to_owned(), "qoder_x".to_owned()])
     );
     assert!(Path::new(&root()).join("docs/runbooks.md").exists());
+}
+
+/// Exemplars end to end: Prometheus negotiates OpenMetrics, stores the exemplars of turns and
+/// model requests, and each points at a trace the exporter exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_stores_exemplars_that_point_at_exported_traces() {
+    let sim = sim(ScenarioConfig {
+        seed: 32,
+        sessions: 6,
+        stagger: 0,
+        max_turns: 3,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.release_all();
+    let dir = tempfile::tempdir().expect("dir");
+    let spans = crate::otlp::http_receiver().await;
+    let mut s = settings(&sim, &dir.path().join("s.db"));
+    s.otlp = qoder_exporter::config::OtlpSettings::resolve(
+        Some(format!("http://{}", spans.addr)),
+        None,
+        None,
+        false,
+        None,
+        None,
+    )
+    .expect("traces on");
+    let running = app::start(s).await.expect("start");
+    wait_exact(running.addr, &sim.totals, Duration::from_secs(60)).await;
+    let (_prom, base) = start_prometheus_with(
+        dir.path(),
+        running.addr,
+        &["--enable-feature=exemplar-storage"],
+    );
+    let client = reqwest::Client::new();
+    let exemplars = async |metric: &str| -> Vec<String> {
+        let Ok(r) = client
+            .get(format!("{base}/api/v1/query_exemplars"))
+            .query(&[
+                ("query", metric),
+                ("start", "1000000000"),
+                ("end", "4000000000"),
+            ])
+            .send()
+            .await
+        else {
+            return Vec::new();
+        };
+        let v: Value = r.json().await.unwrap_or_default();
+        v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|series| series["exemplars"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["labels"]["trace_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut found = BTreeMap::new();
+    for metric in [
+        "qoder_model_requests_total",
+        "qoder_turns_total",
+        "qoder_turn_duration_seconds_bucket",
+        "qoder_model_request_duration_seconds_bucket",
+    ] {
+        let mut ids = Vec::new();
+        assert!(
+            eventually(Duration::from_secs(30), async || {
+                ids = exemplars(metric).await;
+                !ids.is_empty()
+            })
+            .await,
+            "Prometheus stored exemplars of {metric}"
+        );
+        found.insert(metric, ids);
+    }
+    // Every exemplar's trace was exported as spans (the spans go out when their turn closes).
+    assert!(
+        eventually(Duration::from_secs(30), async || !spans
+            .received
+            .span_ids()
+            .is_empty())
+        .await,
+        "spans exported"
+    );
+    let traces: BTreeSet<String> = spans
+        .received
+        .span_ids()
+        .into_iter()
+        .map(|(t, _)| t.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    for (metric, ids) in &found {
+        for id in ids {
+            assert!(
+                traces.contains(id),
+                "{metric}: exemplar trace {id} was not exported"
+            );
+        }
+    }
+    running.stop().await.expect("stop");
 }
