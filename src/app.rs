@@ -47,7 +47,7 @@ pub struct Running {
 
 /// A background task and the switch that stops it.
 #[derive(Debug)]
-pub struct Task {
+pub(crate) struct Task {
     what: &'static str,
     stop: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
@@ -89,7 +89,7 @@ impl Task {
 /// Everything behind the pipeline handle: the pipeline thread, and the shippers that deliver
 /// what it committed. Closed in order by [`Downstream::close`].
 #[derive(Debug)]
-pub struct Downstream {
+pub(crate) struct Downstream {
     pipeline: std::thread::JoinHandle<StateStore>,
     /// Drains the span outbox (traces on).
     spans: Option<Task>,
@@ -103,7 +103,7 @@ impl Downstream {
     /// Call once every pipeline handle but the shippers' is dropped: the outbox shippers send
     /// what is committed and stop, the pipeline drains and closes the store, and the metrics
     /// push sends the final totals.
-    pub async fn close(self) -> anyhow::Result<()> {
+    pub(crate) async fn close(self) -> anyhow::Result<()> {
         for t in [self.spans, self.logs].into_iter().flatten() {
             t.stop().await;
         }
@@ -118,7 +118,7 @@ impl Downstream {
 /// The state store, the pipeline thread over it, and the shippers: what the exporter and
 /// `replay` share.
 #[derive(Debug)]
-pub struct Core {
+pub(crate) struct Core {
     pub handle: PipelineHandle,
     pub stored: Vec<StoredSession>,
     pub downstream: Downstream,
@@ -252,7 +252,9 @@ impl Core {
 }
 
 /// Waits for the pipeline thread to drain its queue and close the store.
-pub async fn join_pipeline(pipeline: std::thread::JoinHandle<StateStore>) -> anyhow::Result<()> {
+pub(crate) async fn join_pipeline(
+    pipeline: std::thread::JoinHandle<StateStore>,
+) -> anyhow::Result<()> {
     let store = tokio::task::spawn_blocking(move || pipeline.join())
         .await
         .context("joining the pipeline")?
@@ -263,7 +265,7 @@ pub async fn join_pipeline(pipeline: std::thread::JoinHandle<StateStore>) -> any
 
 /// A registry with the `--metrics.*` and `--cost.*` settings applied (the exporter and
 /// `replay` alike).
-pub fn configured_metrics(settings: &Settings) -> anyhow::Result<Metrics> {
+pub(crate) fn configured_metrics(settings: &Settings) -> anyhow::Result<Metrics> {
     let metrics = Metrics::new().context("metrics registry")?;
     metrics
         .process

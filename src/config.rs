@@ -21,8 +21,8 @@ pub use otlp::{
     OtlpSettings, OtlpSignalFlags, OtlpTarget, Temporality,
 };
 
-pub const DEFAULT_API_URL: &str = "https://api.qoder.com/api/v1/cloud";
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:9874";
+pub(crate) const DEFAULT_API_URL: &str = "https://api.qoder.com/api/v1/cloud";
+pub(crate) const DEFAULT_LISTEN: &str = "0.0.0.0:9874";
 pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
 pub const DEFAULT_STATE_PATH: &str = "qoder-exporter.db";
 /// `--web.max-connections`: Prometheus needs one or two; the rest is room for people and
@@ -33,7 +33,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 /// (`--shard.count`).
 pub const DEFAULT_MAX_SESSIONS: usize = 50_000;
 /// `--metrics.session-series-limit`: per-session series for this many recent sessions.
-pub const DEFAULT_SESSION_SERIES_LIMIT: usize = 100;
+pub(crate) const DEFAULT_SESSION_SERIES_LIMIT: usize = 100;
 /// `--metrics.max-series`: Prometheus series of the event-derived families.
 pub const DEFAULT_MAX_SERIES: usize = 50_000;
 
@@ -91,7 +91,7 @@ impl Cli {
     }
 
     /// [`Cli::parse_checked`] on the given arguments, returning the error.
-    pub fn try_parse_checked<I, T>(args: I) -> Result<Cli, clap::Error>
+    pub(crate) fn try_parse_checked<I, T>(args: I) -> Result<Cli, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
@@ -413,7 +413,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 /// The config file: the same keys as the flags.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     #[serde(default)]
     pub qoder: QoderSection,
     #[serde(default)]
@@ -434,14 +434,14 @@ pub struct FileConfig {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct MetricsSection {
+pub(crate) struct MetricsSection {
     pub session_series_limit: Option<usize>,
     pub max_series: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct CostSection {
+pub(crate) struct CostSection {
     pub credit_price: Option<f64>,
     pub currency: Option<String>,
 }
@@ -484,7 +484,7 @@ impl CreditPrice {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ShardSection {
+pub(crate) struct ShardSection {
     pub count: Option<u32>,
     pub index: Option<String>,
 }
@@ -514,7 +514,7 @@ impl Shard {
         u32::try_from(n).unwrap_or(0)
     }
 
-    pub fn owns(&self, session_id: &str) -> bool {
+    pub(crate) fn owns(&self, session_id: &str) -> bool {
         self.count <= 1 || Shard::of(session_id, self.count) == self.index
     }
 
@@ -559,7 +559,7 @@ impl Shard {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct QoderSection {
+pub(crate) struct QoderSection {
     pub api_url: Option<String>,
     pub pat_file: Option<PathBuf>,
     #[serde(default)]
@@ -585,7 +585,7 @@ pub struct QoderSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct WebSection {
+pub(crate) struct WebSection {
     pub listen_address: Option<String>,
     pub telemetry_path: Option<String>,
     pub config_file: Option<PathBuf>,
@@ -594,7 +594,7 @@ pub struct WebSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct StateSection {
+pub(crate) struct StateSection {
     pub path: Option<PathBuf>,
     #[serde(default, with = "humantime_serde_opt")]
     pub max_turn_age: Option<Duration>,
@@ -602,7 +602,7 @@ pub struct StateSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct LogSection {
+pub(crate) struct LogSection {
     pub level: Option<String>,
     pub format: Option<String>,
 }
@@ -612,7 +612,9 @@ mod humantime_serde_opt {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
         let s: Option<String> = Option::deserialize(d)?;
         s.map(|s| super::parse_duration(&s).map_err(serde::de::Error::custom))
             .transpose()
@@ -892,7 +894,7 @@ pub enum LogFormat {
 
 /// The levels the Prometheus exporter toolkit accepts; anything else is refused (a typo must
 /// not silently turn the logs off).
-pub const LOG_LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
+pub(crate) const LOG_LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
 
 fn log_level(given: Option<String>) -> anyhow::Result<String> {
     match given {
@@ -904,7 +906,7 @@ fn log_level(given: Option<String>) -> anyhow::Result<String> {
 
 impl Settings {
     /// The token, or the error that says how to give one.
-    pub fn require_pat(&self) -> anyhow::Result<Pat> {
+    pub(crate) fn require_pat(&self) -> anyhow::Result<Pat> {
         self.pat.clone().context(
             "no Qoder token: set QODER_PAT (or QODER_PERSONAL_ACCESS_TOKEN), or pass --qoder.pat-file; \
              to try the exporter without an account run `qoder-exporter demo`",
@@ -932,7 +934,7 @@ fn check_api_url(api_url: &str, allow_insecure_http: bool) -> anyhow::Result<()>
 }
 
 /// `localhost` or a loopback address: a URL that never leaves this machine.
-pub fn is_this_machine(url: &reqwest::Url) -> bool {
+pub(crate) fn is_this_machine(url: &reqwest::Url) -> bool {
     let host = url.host_str().unwrap_or_default();
     host == "localhost"
         || host

@@ -22,7 +22,7 @@ impl Tokens {
     }
 
     /// `(token_type label, value)` pairs in a fixed order.
-    pub fn by_type(&self) -> [(&'static str, f64); 4] {
+    pub(crate) fn by_type(&self) -> [(&'static str, f64); 4] {
         [
             ("input", self.input),
             ("output", self.output),
@@ -74,7 +74,7 @@ impl RetryStatus {
         }
     }
 
-    pub fn as_label(self) -> &'static str {
+    pub(crate) fn as_label(self) -> &'static str {
         match self {
             RetryStatus::Retrying => "retrying",
             RetryStatus::Exhausted => "exhausted",
@@ -84,7 +84,7 @@ impl RetryStatus {
     }
 
     /// The error ends the turn: the server gave up on it (exhausted) or on the session.
-    pub fn ends_turn(self) -> bool {
+    pub(crate) fn ends_turn(self) -> bool {
         matches!(self, RetryStatus::Exhausted | RetryStatus::Terminal)
     }
 }
@@ -188,7 +188,7 @@ pub struct Event {
 
 /// The longest prefix of `s` no longer than `max` bytes that ends on a character boundary
 /// (label values, span text: wire text is unbounded, what the exporter keeps is not).
-pub fn truncate(s: &str, max: usize) -> &str {
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -261,7 +261,7 @@ pub enum InvalidReason {
 }
 
 impl InvalidReason {
-    pub fn as_label(self) -> &'static str {
+    pub(crate) fn as_label(self) -> &'static str {
         match self {
             InvalidReason::NotObject => "not_object",
             InvalidReason::MissingId => "missing_id",
@@ -288,10 +288,10 @@ pub struct DroppedFields {
 
 impl DroppedFields {
     /// The `reason` label values of `qoder_exporter_event_fields_dropped_total`.
-    pub const REASONS: [&'static str; 3] = ["wrong_shape", "out_of_range", "not_json"];
+    pub(crate) const REASONS: [&'static str; 3] = ["wrong_shape", "out_of_range", "not_json"];
 
     /// The counts by `reason` label, in the order of [`DroppedFields::REASONS`].
-    pub fn by_reason(&self) -> [(&'static str, u32); 3] {
+    pub(crate) fn by_reason(&self) -> [(&'static str, u32); 3] {
         let [a, b, c] = Self::REASONS;
         [
             (a, self.wrong_shape),

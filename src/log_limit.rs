@@ -9,7 +9,7 @@ const INTERVAL: Duration = Duration::from_secs(60);
 /// Tells the operator about failures without a line per request: the first of each kind is
 /// logged at once, repeats at most once a minute with the count since the last line.
 #[derive(Debug, Default)]
-pub struct LogLimiter {
+pub(crate) struct LogLimiter {
     /// Per kind: when it was last told, and how many came since.
     last: HashMap<String, (Option<Instant>, u64)>,
 }

@@ -56,7 +56,7 @@ pub struct ReplaySummary {
 }
 
 /// Invalid lines reported one by one; past this many, only counted.
-pub const REPORTED_INVALID: usize = 20;
+pub(crate) const REPORTED_INVALID: usize = 20;
 
 impl std::fmt::Display for ReplaySummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

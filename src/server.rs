@@ -27,11 +27,11 @@ pub struct AppState {
 /// waiting scrape is answered with a render that started after it arrived, if one did (so
 /// never with older numbers than it asked for): a storm of scrapes costs a few renders, and
 /// Prometheus's own scrape still gets an answer.
-pub const MAX_CONCURRENT_SCRAPES: usize = 4;
+pub(crate) const MAX_CONCURRENT_SCRAPES: usize = 4;
 /// How long a scrape waits for a render slot before it gets a 503.
-pub const SCRAPE_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const SCRAPE_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// No endpoint takes a body: anything larger than this is refused (413) before it is read.
-pub const MAX_REQUEST_BODY: usize = 4096;
+pub(crate) const MAX_REQUEST_BODY: usize = 4096;
 
 /// The endpoints, with what `--web.config.file` asks for (basic auth, extra headers).
 pub fn router(state: AppState, web: &WebConfig) -> Router {
@@ -45,7 +45,7 @@ pub fn router(state: AppState, web: &WebConfig) -> Router {
 ///
 /// `/healthz` and `/readyz` answer without credentials even when basic auth is on: they say
 /// only "ok" or "not ready", and Kubernetes' HTTP probes cannot send a password.
-pub fn router_with(state: AppState, web: &WebConfig, max_scrapes: usize) -> Router {
+pub(crate) fn router_with(state: AppState, web: &WebConfig, max_scrapes: usize) -> Router {
     let renders = std::sync::Arc::new(Renders {
         slots: tokio::sync::Semaphore::new(max_scrapes),
         last: Mutex::new([None, None, None]),
@@ -286,7 +286,7 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
 
 /// A client must have sent a request's headers within this long (slowloris, idle
 /// keep-alive connections): then the connection is closed and its descriptor freed.
-pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the web port holds at once, and where that is counted.
 #[derive(Debug, Clone)]

@@ -23,7 +23,7 @@ use crate::turn::ClosedTurn;
 /// The store's two outboxes: closed turns waiting to become spans, and counted events waiting
 /// to become log records. Each is written in the transaction of the batch that made its rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outbox {
+pub(crate) enum Outbox {
     Turns,
     Records,
 }
@@ -117,7 +117,7 @@ pub struct BatchWrite<'a, S> {
 
 /// An agent's name learned, and the series and sessions it moves from the id to the name.
 #[derive(Debug)]
-pub struct AgentRelabel<'a, S> {
+pub(crate) struct AgentRelabel<'a, S> {
     pub id: &'a str,
     pub name: &'a str,
     pub remove: &'a [SeriesKey],
@@ -282,7 +282,7 @@ impl StateStore {
     }
 
     /// When the durable series started counting, in Unix nanoseconds (kept in the file).
-    pub fn series_start(&self) -> Result<u64, StateError> {
+    pub(crate) fn series_start(&self) -> Result<u64, StateError> {
         let v: String = self.conn.query_row(
             "SELECT value FROM meta WHERE key = 'series_start_unix_nano'",
             [],
@@ -323,7 +323,7 @@ impl StateStore {
         Ok(out)
     }
 
-    pub fn load_series(&self) -> Result<Vec<(SeriesKey, SeriesValue)>, StateError> {
+    pub(crate) fn load_series(&self) -> Result<Vec<(SeriesKey, SeriesValue)>, StateError> {
         let mut stmt = self
             .conn
             .prepare("SELECT family, labels, value FROM series")?;
@@ -350,7 +350,7 @@ impl StateStore {
     }
 
     /// The agent directory: agent id → name, as learned from objects that show both.
-    pub fn load_agents(&self) -> Result<Vec<(String, String)>, StateError> {
+    pub(crate) fn load_agents(&self) -> Result<Vec<(String, String)>, StateError> {
         let mut stmt = self.conn.prepare("SELECT id, name FROM agents")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -359,7 +359,7 @@ impl StateStore {
     /// Commits a learned agent name and the relabelling it causes, in one transaction: the
     /// directory entry, the merged series (`put`) and the ones merged away (`remove`), and
     /// the sessions whose label changed.
-    pub fn commit_agent<S: Serialize>(
+    pub(crate) fn commit_agent<S: Serialize>(
         &mut self,
         r: &AgentRelabel<'_, S>,
     ) -> Result<(), StateError> {
@@ -397,7 +397,7 @@ impl StateStore {
 
     /// Records a session before its first batch (its agent and model), or updates them. A
     /// finished session is never read again: the ids it counted are forgotten with it.
-    pub fn upsert_session<S: Serialize>(
+    pub(crate) fn upsert_session<S: Serialize>(
         &mut self,
         id: &str,
         state: &S,
@@ -418,7 +418,11 @@ impl StateStore {
 
     /// The digests of the event ids one stream counted (`thread` `""`: the session's own).
     /// A stream written in many batches is merged into one row on the way.
-    pub fn load_event_ids(&mut self, session: &str, thread: &str) -> Result<Vec<u64>, StateError> {
+    pub(crate) fn load_event_ids(
+        &mut self,
+        session: &str,
+        thread: &str,
+    ) -> Result<Vec<u64>, StateError> {
         let rows: Vec<Vec<u8>> = {
             let mut stmt = self
                 .conn
@@ -506,7 +510,7 @@ impl StateStore {
     /// The oldest `limit` rows of an outbox, with their sequence numbers. A row that no longer
     /// decodes (written by another version) comes back as `None`, so the caller can remove it
     /// instead of stalling on it.
-    pub fn outbox_peek<T: DeserializeOwned>(
+    pub(crate) fn outbox_peek<T: DeserializeOwned>(
         &self,
         which: Outbox,
         limit: usize,
@@ -527,14 +531,18 @@ impl StateStore {
     }
 
     /// Removes exported (or given-up) rows up to and including `seq`.
-    pub fn outbox_remove_through(&mut self, which: Outbox, seq: i64) -> Result<usize, StateError> {
+    pub(crate) fn outbox_remove_through(
+        &mut self,
+        which: Outbox,
+        seq: i64,
+    ) -> Result<usize, StateError> {
         let (table, _) = which.table();
         Ok(self
             .conn
             .execute(&format!("DELETE FROM {table} WHERE seq <= ?1"), [seq])?)
     }
 
-    pub fn outbox_len(&self, which: Outbox) -> Result<u64, StateError> {
+    pub(crate) fn outbox_len(&self, which: Outbox) -> Result<u64, StateError> {
         let (table, _) = which.table();
         let n: i64 = self
             .conn
@@ -544,7 +552,7 @@ impl StateStore {
 
     /// Drops the oldest rows beyond `max`, never one at or below `keep_through` (a batch being
     /// exported right now); returns the dropped rows (`None`: a row that no longer decodes).
-    pub fn outbox_trim<T: DeserializeOwned>(
+    pub(crate) fn outbox_trim<T: DeserializeOwned>(
         &mut self,
         which: Outbox,
         max: u64,

@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 /// decides for itself are accepted and ignored with a warning).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WebConfigFile {
+pub(crate) struct WebConfigFile {
     #[serde(default)]
     pub tls_server_config: Option<TlsServerConfig>,
     #[serde(default)]
@@ -45,7 +45,7 @@ pub struct WebConfigFile {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsServerConfig {
+pub(crate) struct TlsServerConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     #[serde(default)]
@@ -66,8 +66,11 @@ pub struct TlsServerConfig {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HttpServerConfig {
+pub(crate) struct HttpServerConfig {
+    /// Accepted so a node_exporter file reads unchanged; the web port speaks HTTP/1.1 only
+    /// (a silent HTTP/2 connection could hold a connection slot forever), so it is not read.
     #[serde(default)]
+    #[allow(dead_code, reason = "accepted and ignored, see above")]
     pub http2: Option<bool>,
     #[serde(default)]
     pub headers: HashMap<String, String>,
@@ -307,7 +310,7 @@ pub struct BasicAuth {
 }
 
 /// Highest bcrypt cost accepted (about 1 s a check at 14; 31 would be days).
-pub const MAX_BCRYPT_COST: u32 = 14;
+pub(crate) const MAX_BCRYPT_COST: u32 = 14;
 
 impl BasicAuth {
     pub fn new(users: HashMap<String, String>) -> BasicAuth {
@@ -358,7 +361,7 @@ impl BasicAuth {
     }
 
     /// These credentials were accepted before: no bcrypt check needed.
-    pub fn is_cached_success(&self, authorization: Option<&HeaderValue>) -> bool {
+    pub(crate) fn is_cached_success(&self, authorization: Option<&HeaderValue>) -> bool {
         let Some((user, pass)) = Self::credentials(authorization) else {
             return false;
         };
@@ -405,7 +408,7 @@ impl BasicAuth {
 }
 
 /// Middleware: basic auth on everything but `/healthz`.
-pub async fn require_auth(
+pub(crate) async fn require_auth(
     axum::extract::State(auth): axum::extract::State<Arc<BasicAuth>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,

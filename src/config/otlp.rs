@@ -282,7 +282,7 @@ fn exporter_on(flag: &str, v: Option<&str>) -> anyhow::Result<bool> {
 }
 
 /// `key=value` pairs separated by commas, values percent-encoded (the spec's header format).
-pub fn parse_headers(var: &str, text: &str) -> anyhow::Result<Vec<(String, String)>> {
+pub(crate) fn parse_headers(var: &str, text: &str) -> anyhow::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = pair

@@ -26,10 +26,10 @@ use sha2::{Digest, Sha256};
 
 /// Digests held in memory across all streams before the least recently used streams are
 /// dropped (about 10–18 bytes each in a hash set: at most ~9 MB).
-pub const DEFAULT_BUDGET: usize = 500_000;
+pub(crate) const DEFAULT_BUDGET: usize = 500_000;
 
 /// A stream: the session id, and the thread id (`""` for the session's own stream).
-pub type StreamKey = (String, String);
+pub(crate) type StreamKey = (String, String);
 
 /// The digest an id is remembered by.
 pub fn digest(id: &str) -> u64 {
@@ -41,7 +41,7 @@ pub fn digest(id: &str) -> u64 {
 
 /// The counted ids of the streams in memory.
 #[derive(Debug)]
-pub struct EventIds {
+pub(crate) struct EventIds {
     streams: HashMap<StreamKey, Known>,
     /// Digests held across all streams in the map.
     held: usize,
@@ -58,7 +58,7 @@ struct Known {
 
 /// One stream's set, taken out of the map while a batch of its events is admitted.
 #[derive(Debug)]
-pub struct OpenStream {
+pub(crate) struct OpenStream {
     key: StreamKey,
     known: Known,
     new: Vec<u64>,
@@ -67,7 +67,7 @@ pub struct OpenStream {
 impl OpenStream {
     /// Takes event `id` off the stream: `false` when the stream counted it before (committed,
     /// or earlier in this group), else it is counted from now on.
-    pub fn admit(&mut self, id: &str) -> bool {
+    pub(crate) fn admit(&mut self, id: &str) -> bool {
         let d = digest(id);
         let new = self.known.ids.insert(d);
         if new {
@@ -86,7 +86,7 @@ pub struct Staged {
 
 impl Staged {
     /// The new digests of each stream of `session`, for the commit.
-    pub fn of_session(&self, session: &str) -> Vec<(String, Vec<u64>)> {
+    pub(crate) fn of_session(&self, session: &str) -> Vec<(String, Vec<u64>)> {
         let mut out: Vec<(String, Vec<u64>)> = self
             .sessions
             .get(session)
@@ -115,7 +115,7 @@ impl Default for EventIds {
 }
 
 impl EventIds {
-    pub fn with_budget(budget: usize) -> EventIds {
+    pub(crate) fn with_budget(budget: usize) -> EventIds {
         EventIds {
             streams: HashMap::new(),
             held: 0,
@@ -125,7 +125,7 @@ impl EventIds {
     }
 
     /// Whether the stream's set is in memory (else it is to be read from the state file).
-    pub fn is_loaded(&self, key: &StreamKey) -> bool {
+    pub(crate) fn is_loaded(&self, key: &StreamKey) -> bool {
         self.streams.contains_key(key)
     }
 
@@ -162,7 +162,7 @@ impl EventIds {
     }
 
     /// Puts a stream's set back, its new digests staged for the commit.
-    pub fn close(&mut self, open: OpenStream, staged: &mut Staged) {
+    pub(crate) fn close(&mut self, open: OpenStream, staged: &mut Staged) {
         let OpenStream { key, known, new } = open;
         if !new.is_empty() {
             staged
@@ -178,7 +178,7 @@ impl EventIds {
     }
 
     /// The group was not committed: its digests leave the sets.
-    pub fn discard(&mut self, staged: Staged) {
+    pub(crate) fn discard(&mut self, staged: Staged) {
         for (key, ids) in staged.streams() {
             if let Some(known) = self.streams.get_mut(&key) {
                 for d in ids {
@@ -222,7 +222,7 @@ impl EventIds {
     }
 
     /// The session has ended for good: its streams leave memory.
-    pub fn forget_session(&mut self, session: &str) {
+    pub(crate) fn forget_session(&mut self, session: &str) {
         let held = &mut self.held;
         self.streams.retain(|(s, _), k| {
             let keep = s != session;
@@ -234,7 +234,8 @@ impl EventIds {
     }
 
     /// Digests in memory.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.held
     }
 }

@@ -15,7 +15,7 @@ use crate::state::{Outbox, StateError};
 
 /// What goes to the log outbox.
 #[derive(Debug, Clone)]
-pub struct LogsConfig {
+pub(crate) struct LogsConfig {
     /// Past this many records, the oldest are dropped (`otlp_dropped_total{reason="outbox_full"}`).
     pub max_records: u64,
     /// Woken after a commit that added records.
@@ -47,7 +47,7 @@ impl LogOutbox {
 
 impl Pipeline {
     /// Turns logs on: counted events from here on also go to the log outbox.
-    pub fn with_logs(mut self, config: LogsConfig) -> Result<Pipeline, StateError> {
+    pub(crate) fn with_logs(mut self, config: LogsConfig) -> Result<Pipeline, StateError> {
         let len = self.store.outbox_len(Outbox::Records)?;
         self.metrics
             .process
@@ -138,19 +138,19 @@ impl Pipeline {
 }
 
 impl PipelineHandle {
-    pub async fn log_peek(
+    pub(crate) async fn log_peek(
         &self,
         limit: usize,
     ) -> Result<Vec<(i64, Option<EventRecord>)>, SendError> {
         self.call(|ack| super::Command::LogPeek(limit, ack)).await
     }
 
-    pub async fn log_remove(&self, through: i64) -> Result<(), SendError> {
+    pub(crate) async fn log_remove(&self, through: i64) -> Result<(), SendError> {
         self.call(|ack| super::Command::LogRemove(through, ack))
             .await
     }
 
-    pub async fn log_release(&self) -> Result<(), SendError> {
+    pub(crate) async fn log_release(&self) -> Result<(), SendError> {
         self.call(super::Command::LogRelease).await
     }
 }

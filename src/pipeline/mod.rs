@@ -85,7 +85,7 @@ pub struct BatchOutcome {
     pub threads: Vec<tracker::ThreadCursor>,
 }
 
-pub type Ack<T> = oneshot::Sender<Result<T, StateError>>;
+pub(crate) type Ack<T> = oneshot::Sender<Result<T, StateError>>;
 
 #[derive(Debug)]
 pub enum Command {
@@ -148,7 +148,7 @@ impl PipelineHandle {
 
     /// Sends batches from a blocking thread, to be applied in order and committed in one
     /// transaction, without waiting: `replay` keeps several groups in flight.
-    pub fn send_batches_blocking(
+    pub(crate) fn send_batches_blocking(
         &self,
         batches: Vec<Batch>,
     ) -> Result<oneshot::Receiver<Result<Vec<BatchOutcome>, StateError>>, SendError> {
@@ -178,18 +178,18 @@ impl PipelineHandle {
         self.call(|ack| Command::Finish(id, ack)).await
     }
 
-    pub async fn outbox_peek(
+    pub(crate) async fn outbox_peek(
         &self,
         limit: usize,
     ) -> Result<Vec<(i64, Option<ClosedTurn>)>, SendError> {
         self.call(|ack| Command::OutboxPeek(limit, ack)).await
     }
 
-    pub async fn outbox_remove(&self, through: i64) -> Result<(), SendError> {
+    pub(crate) async fn outbox_remove(&self, through: i64) -> Result<(), SendError> {
         self.call(|ack| Command::OutboxRemove(through, ack)).await
     }
 
-    pub async fn outbox_release(&self) -> Result<(), SendError> {
+    pub(crate) async fn outbox_release(&self) -> Result<(), SendError> {
         self.call(Command::OutboxRelease).await
     }
 }
@@ -315,7 +315,7 @@ impl Pipeline {
     }
 
     /// Closes turns that stay quiet longer than `age` (by event time) as stale.
-    pub fn with_max_turn_age(mut self, age: std::time::Duration) -> Pipeline {
+    pub(crate) fn with_max_turn_age(mut self, age: std::time::Duration) -> Pipeline {
         self.max_turn_age_ns = i64::try_from(age.as_nanos()).ok();
         self
     }

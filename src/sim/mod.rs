@@ -324,10 +324,6 @@ impl Sim {
             .unwrap_or(0)
     }
 
-    pub fn set_faults(&self, on: bool) {
-        self.state.faults_on.store(on, Ordering::Relaxed);
-    }
-
     /// The next events request with a cursor gets 400 (a cursor the API no longer knows).
     /// From now on, event pages ignore `limit` and hold up to 2 500 events.
     pub fn set_oversize_pages(&self, on: bool) {

@@ -54,7 +54,7 @@ pub struct SimThread {
 }
 
 /// One expected series: metric name, label pairs sorted by name, value.
-pub type SeriesRow = (String, Vec<(String, String)>, f64);
+pub(crate) type SeriesRow = (String, Vec<(String, String)>, f64);
 
 /// Totals by label values, in the contract's label order.
 #[derive(Debug, Clone, Default, PartialEq)]

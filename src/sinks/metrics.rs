@@ -225,17 +225,17 @@ impl Family {
         self.spec().help
     }
 
-    pub fn label_names(self) -> &'static [&'static str] {
+    pub(crate) fn label_names(self) -> &'static [&'static str] {
         self.spec().labels
     }
 
     /// Histogram bucket bounds; `None` for counters.
-    pub fn buckets(self) -> Option<&'static [f64]> {
+    pub(crate) fn buckets(self) -> Option<&'static [f64]> {
         self.spec().buckets
     }
 
     /// Whether its series carry exemplars.
-    pub fn has_exemplars(self) -> bool {
+    pub(crate) fn has_exemplars(self) -> bool {
         self.spec().exemplars
     }
 
@@ -252,7 +252,7 @@ impl Family {
     }
 
     /// The stable key used in the state store.
-    pub fn from_name(name: &str) -> Option<Family> {
+    pub(crate) fn from_name(name: &str) -> Option<Family> {
         Family::ALL.into_iter().find(|f| f.name() == name)
     }
 }
@@ -260,7 +260,7 @@ impl Family {
 /// Counters are kept in millionths, so that sums of fractional values (credits) come out the
 /// same whatever order the batches of different sessions commit in: integer addition is
 /// associative, float addition is not, and a replay must reproduce the numbers exactly.
-pub const COUNTER_SCALE: f64 = 1e6;
+pub(crate) const COUNTER_SCALE: f64 = 1e6;
 
 /// The value of one series.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -287,7 +287,7 @@ fn from_micros(m: u64) -> f64 {
     m as f64 / COUNTER_SCALE
 }
 
-pub type SeriesKey = (Family, Vec<String>);
+pub(crate) type SeriesKey = (Family, Vec<String>);
 
 /// What one batch of events adds to the event-derived families.
 ///
@@ -375,7 +375,7 @@ fn owned_key(family: Family, labels: &[&str]) -> SeriesKey {
 }
 
 /// Longest label value kept; longer ones (hostile input) are cut on a character boundary.
-pub const MAX_LABEL_BYTES: usize = 128;
+pub(crate) const MAX_LABEL_BYTES: usize = 128;
 
 fn label(s: &str) -> String {
     crate::event::truncate(s, MAX_LABEL_BYTES).to_owned()
@@ -530,7 +530,7 @@ pub struct Staged {
 
 /// Series moved from one `agent` label value to another (an agent's id to its name).
 #[derive(Debug, Default)]
-pub struct Relabel {
+pub(crate) struct Relabel {
     pub remove: Vec<SeriesKey>,
     pub put: Vec<(SeriesKey, SeriesValue)>,
 }
@@ -602,14 +602,14 @@ impl DurableMetrics {
     }
 
     /// Sets the series budget (`0`: none). Series already stored are kept whatever it is.
-    pub fn set_max_series(&self, max: usize) {
+    pub(crate) fn set_max_series(&self, max: usize) {
         let max = if max == 0 { usize::MAX } else { max };
         self.max_series
             .store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Loads values read from the state store at startup.
-    pub fn restore(&self, values: impl IntoIterator<Item = (SeriesKey, SeriesValue)>) {
+    pub(crate) fn restore(&self, values: impl IntoIterator<Item = (SeriesKey, SeriesValue)>) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         for (key, value) in values {
             inner.insert(key, value);
@@ -732,7 +732,7 @@ impl DurableMetrics {
 
     /// The latest exemplar of a series given by its family's name and label pairs (any
     /// order), if it has one.
-    pub fn exemplar_of(&self, family: &str, pairs: &[(String, String)]) -> Option<Exemplar> {
+    pub(crate) fn exemplar_of(&self, family: &str, pairs: &[(String, String)]) -> Option<Exemplar> {
         let family = Family::from_name(family).filter(|f| f.has_exemplars())?;
         let labels = family
             .label_names()
@@ -746,7 +746,7 @@ impl DurableMetrics {
     /// What moving every series labelled `agent=from` to `agent=to` takes: the series to
     /// remove and the merged values to write (counters added, histogram buckets added).
     /// Nothing is published; call `publish_relabel` once it is committed.
-    pub fn stage_relabel(&self, from: &str, to: &str) -> Relabel {
+    pub(crate) fn stage_relabel(&self, from: &str, to: &str) -> Relabel {
         // As the values were stored: cut like every label value.
         let (from, to) = (label(from), label(to));
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
@@ -775,7 +775,7 @@ impl DurableMetrics {
     }
 
     /// Makes a committed relabel visible.
-    pub fn publish_relabel(&self, relabel: Relabel) {
+    pub(crate) fn publish_relabel(&self, relabel: Relabel) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         for key in &relabel.remove {
             inner.remove(key);
@@ -830,14 +830,9 @@ fn push_value(out: &mut Vec<u8>, v: f64) {
 }
 
 impl DurableMetrics {
-    /// Each family with series as text-format bytes (HELP, TYPE, samples), in name order.
-    pub fn text_families(&self) -> Vec<(&'static str, Vec<u8>)> {
-        self.families_as(Flavor::Classic)
-    }
-
     /// Each family with series in the flavour asked for, in name order: the classic text format
     /// (0.0.4) or OpenMetrics (with exemplars).
-    pub fn families_as(&self, flavor: Flavor) -> Vec<(&'static str, Vec<u8>)> {
+    pub(crate) fn families_as(&self, flavor: Flavor) -> Vec<(&'static str, Vec<u8>)> {
         let om = flavor == Flavor::OpenMetrics;
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let mut by_name: Vec<Family> = Family::ALL.to_vec();
@@ -1042,7 +1037,8 @@ impl Collector for DurableMetrics {
 /// events at or before the cursor it was given (`after_id` ignored), event pages that lead
 /// back to one already read, a session list that points back to a page already read, and a
 /// page that was not valid JSON (repaired).
-pub const API_ANOMALIES: [&str; 4] = ["cursor_ignored", "page_loop", "list_loop", "invalid_json"];
+pub(crate) const API_ANOMALIES: [&str; 4] =
+    ["cursor_ignored", "page_loop", "list_loop", "invalid_json"];
 
 /// Process-derived series: this process's view of the API, the queue and the sinks.
 #[derive(Debug, Clone)]
@@ -1094,7 +1090,7 @@ pub struct ProcessMetrics {
 /// The `reason` values of `qoder_exporter_api_request_failures_total`: a fixed set, so every
 /// endpoint × reason series exists at zero from the first scrape (alerts over `rate()` and
 /// `increase()` see a failure's first occurrence).
-pub const FAILURE_REASONS: [&str; 16] = [
+pub(crate) const FAILURE_REASONS: [&str; 16] = [
     "timeout",
     "connect",
     "tls",
@@ -1114,7 +1110,7 @@ pub const FAILURE_REASONS: [&str; 16] = [
 ];
 
 /// The API endpoints, as the `endpoint` label names them.
-pub const ENDPOINTS: [&str; 6] = [
+pub(crate) const ENDPOINTS: [&str; 6] = [
     "sessions",
     "session",
     "events",
@@ -1125,7 +1121,7 @@ pub const ENDPOINTS: [&str; 6] = [
 
 impl ProcessMetrics {
     /// Creates the process metrics and registers them in `registry`.
-    pub fn register(registry: &Registry) -> prometheus::Result<ProcessMetrics> {
+    pub(crate) fn register(registry: &Registry) -> prometheus::Result<ProcessMetrics> {
         let m = ProcessMetrics {
             api_problem: std::sync::Arc::default(),
             up: IntGauge::new(
@@ -1373,7 +1369,7 @@ impl ProcessMetrics {
 
     /// Creates a switched-on signal's delivery series at zero (alerts see the first failure).
     /// The log outbox gauge is registered only with logs on.
-    pub fn otlp_signal_on(&self, registry: &Registry, signal: &str) {
+    pub(crate) fn otlp_signal_on(&self, registry: &Registry, signal: &str) {
         self.otlp_exported.with_label_values(&[signal]);
         self.otlp_export_failures.with_label_values(&[signal]);
         self.otlp_dropped.with_label_values(&[signal, "rejected"]);
@@ -1385,11 +1381,11 @@ impl ProcessMetrics {
     }
 
     /// Says what went wrong with the API (`None`: it works again).
-    pub fn set_api_problem(&self, problem: Option<String>) {
+    pub(crate) fn set_api_problem(&self, problem: Option<String>) {
         *self.api_problem.write().unwrap_or_else(|e| e.into_inner()) = problem;
     }
 
-    pub fn api_problem(&self) -> Option<String> {
+    pub(crate) fn api_problem(&self) -> Option<String> {
         self.api_problem
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -1397,12 +1393,12 @@ impl ProcessMetrics {
     }
 
     /// Records a successful poll round at `unix` seconds.
-    pub fn set_last_poll(&self, unix: f64) {
+    pub(crate) fn set_last_poll(&self, unix: f64) {
         self.last_poll.with_label_values::<&str>(&[]).set(unix);
     }
 
     /// The last successful poll, if there was one.
-    pub fn last_poll(&self) -> Option<f64> {
+    pub(crate) fn last_poll(&self) -> Option<f64> {
         // Read through `collect`: asking for the child would create it (at 0).
         self.last_poll
             .collect()
@@ -1412,7 +1408,7 @@ impl ProcessMetrics {
     }
 
     /// Exports the configured credit price (`--cost.credit-price`, `--cost.currency`).
-    pub fn set_credit_price(&self, price: Option<&crate::config::CreditPrice>) {
+    pub(crate) fn set_credit_price(&self, price: Option<&crate::config::CreditPrice>) {
         if let Some(p) = price {
             self.credit_price
                 .with_label_values(&[p.currency.as_str()])
@@ -1435,7 +1431,7 @@ pub struct Metrics {
 
 /// Which text exposition format a render writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavor {
+pub(crate) enum Flavor {
     /// The classic text format 0.0.4, byte for byte what it always was.
     Classic,
     /// OpenMetrics 1.0.0, with exemplars (Prometheus asks for it first).
@@ -1443,7 +1439,7 @@ pub enum Flavor {
 }
 
 /// Content type of the classic text format, version 0.0.4.
-pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {

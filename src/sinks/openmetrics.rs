@@ -107,7 +107,7 @@ fn sample(
 }
 
 /// One gathered family (the process's own metrics: no exemplars).
-pub fn write_family(out: &mut Vec<u8>, f: &proto::MetricFamily) {
+pub(crate) fn write_family(out: &mut Vec<u8>, f: &proto::MetricFamily) {
     if f.get_metric().is_empty() {
         return;
     }
@@ -165,4 +165,4 @@ pub fn write_family(out: &mut Vec<u8>, f: &proto::MetricFamily) {
 }
 
 /// The end of every OpenMetrics body.
-pub const EOF: &[u8] = b"# EOF\n";
+pub(crate) const EOF: &[u8] = b"# EOF\n";

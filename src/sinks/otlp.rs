@@ -63,7 +63,7 @@ pub fn resource(instance_id: &str) -> Resource {
 /// A `service.instance.id` that stays the same across restarts of one exporter and differs
 /// between exporters: a UUID (version 5 layout) from the host name and the state file, which
 /// no two running exporters share (the state file is locked).
-pub fn instance_id(state_path: &std::path::Path) -> String {
+pub(crate) fn instance_id(state_path: &std::path::Path) -> String {
     use sha2::Digest;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::env::var("HOSTNAME"))
@@ -132,7 +132,7 @@ fn is_rejection(message: &str) -> bool {
 
 /// Where the shipper takes closed turns from: the span outbox, which the pipeline keeps in the
 /// state file (a turn enters it in the transaction of the batch that closed it).
-pub trait TurnOutbox: Send + Sync {
+pub(crate) trait TurnOutbox: Send + Sync {
     /// The oldest turns waiting, at most `limit`, with their outbox sequence numbers (`None`: a
     /// row that no longer decodes). They stay leased until removed or released.
     fn peek(
@@ -146,7 +146,7 @@ pub trait TurnOutbox: Send + Sync {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutboxError {
+pub(crate) enum OutboxError {
     /// The pipeline stopped: the shipper stops too (what is left is sent at the next start).
     Gone,
     /// The state file refused the read or write: tried again after a back-off.
@@ -155,7 +155,7 @@ pub enum OutboxError {
 
 /// Drains the outbox into the endpoint until stopped.
 #[derive(Debug)]
-pub struct Shipper<E, O> {
+pub(crate) struct Shipper<E, O> {
     pub exporter: E,
     pub outbox: O,
     pub metrics: ProcessMetrics,

@@ -31,7 +31,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Where the shipper takes records from (the pipeline implements it over the state file).
-pub trait RecordOutbox: Send + Sync {
+pub(crate) trait RecordOutbox: Send + Sync {
     /// The oldest records waiting, at most `limit`, with their sequence numbers (`None`: a row
     /// that no longer decodes). They stay leased until removed or released.
     fn peek(
@@ -66,7 +66,7 @@ fn int(key: &str, v: f64) -> KeyValue {
 
 /// One record as OTLP has it: `event_name` the event type, time the event's, severity from
 /// the event, the turn's trace context, attributes for what the event says.
-pub fn log_record(r: &EventRecord, observed: u64) -> LogRecord {
+pub(crate) fn log_record(r: &EventRecord, observed: u64) -> LogRecord {
     let (severity_number, severity_text) = match r.severity() {
         Severity::Info => (SeverityNumber::Info, "INFO"),
         Severity::Warn => (SeverityNumber::Warn, "WARN"),
@@ -145,7 +145,7 @@ pub fn log_record(r: &EventRecord, observed: u64) -> LogRecord {
 
 /// Drains the log outbox into the endpoint until stopped.
 #[derive(Debug)]
-pub struct LogShipper<O> {
+pub(crate) struct LogShipper<O> {
     pub sender: OtlpSender,
     pub outbox: O,
     pub metrics: ProcessMetrics,

@@ -44,7 +44,7 @@ pub struct StartTimes {
 }
 
 /// The OTLP name and unit for a Prometheus family (see the module documentation).
-pub fn otlp_name(prom_name: &str, kind: MetricType) -> (&str, &'static str) {
+pub(crate) fn otlp_name(prom_name: &str, kind: MetricType) -> (&str, &'static str) {
     let name = match kind {
         MetricType::COUNTER => prom_name.strip_suffix("_total").unwrap_or(prom_name),
         _ => prom_name,
@@ -342,7 +342,7 @@ pub fn request<'a>(
 }
 
 /// The resource every signal is reported under, as OTLP attributes (the spans' resource).
-pub fn proto_resource(r: &opentelemetry_sdk::Resource) -> Resource {
+pub(crate) fn proto_resource(r: &opentelemetry_sdk::Resource) -> Resource {
     let mut attributes: Vec<KeyValue> = r
         .iter()
         .map(|(k, v)| string_kv(k.as_str(), &v.as_str()))
@@ -354,14 +354,14 @@ pub fn proto_resource(r: &opentelemetry_sdk::Resource) -> Resource {
     }
 }
 
-pub fn unix_nanos(t: SystemTime) -> u64 {
+pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Pushes the metrics every `interval` until stopped, then once more.
 #[derive(Debug)]
-pub struct MetricsPusher {
+pub(crate) struct MetricsPusher {
     pub sender: OtlpSender,
     pub metrics: Metrics,
     pub resource: Resource,

@@ -41,14 +41,14 @@ impl std::fmt::Display for SendError {
 
 /// An accepted request, with what the endpoint said it dropped of it (OTLP partial success).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Accepted {
+pub(crate) struct Accepted {
     pub rejected: u64,
     pub message: String,
 }
 
 /// One signal's connection to its endpoint.
 #[derive(Debug, Clone)]
-pub struct OtlpSender {
+pub(crate) struct OtlpSender {
     endpoint: String,
     transport: Transport,
 }

@@ -18,11 +18,11 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricType};
 
 /// A session not active (no new events, no new usage) for this long loses its series.
-pub const SESSION_SERIES_TTL: Duration = Duration::from_secs(3600);
+pub(crate) const SESSION_SERIES_TTL: Duration = Duration::from_secs(3600);
 
 /// What the series of one session show.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SessionView {
+pub(crate) struct SessionView {
     pub agent: String,
     pub status: String,
     /// Billed credits by kind (`model`, `sandbox_runtime`), from the latest snapshot applied.
@@ -77,7 +77,7 @@ impl SessionSeries {
     }
 
     /// `--metrics.session-series-limit`.
-    pub fn set_limit(&self, limit: usize) {
+    pub(crate) fn set_limit(&self, limit: usize) {
         self.limit.store(limit, Ordering::Relaxed);
     }
 
@@ -86,7 +86,7 @@ impl SessionSeries {
     }
 
     /// Records what a commit left a session at. `active`: it moved (events or usage) now.
-    pub fn update(&self, session_id: &str, view: SessionView, active: bool) {
+    pub(crate) fn update(&self, session_id: &str, view: SessionView, active: bool) {
         self.update_at(session_id, view, active, Instant::now());
     }
 
@@ -126,12 +126,6 @@ impl SessionSeries {
                 entries.remove(&id);
             }
         }
-    }
-
-    /// Forgets a session (finished and drained, or gone).
-    pub fn remove(&self, session_id: &str) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.remove(session_id);
     }
 
     /// The sessions shown now: the `limit` most recently active within the TTL.
@@ -246,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn limit_zero_turns_them_off_and_removed_sessions_go() {
+    fn limit_zero_turns_them_off() {
         let off = SessionSeries::new(0);
         off.update("s1", view(1.0), true);
         assert!(off.collect().is_empty());
@@ -254,7 +248,5 @@ mod tests {
         on.update("s1", view(1.0), true);
         on.update("s2", view(2.0), false);
         assert_eq!(on.shown().len(), 1, "a session never active is not shown");
-        on.remove("s1");
-        assert!(on.collect().is_empty());
     }
 }

@@ -34,41 +34,42 @@ use crate::event::{Tokens, ToolKind};
 use crate::turn::{ChildDetail, ChildSpan, ClosedTurn, Message, TurnEnd};
 
 /// The semantic-conventions version whose names the spans use (GenAI: core v1.41.0).
-pub const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.41.0";
+pub(crate) const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.41.0";
 
 /// Attribute names, as OpenTelemetry semantic conventions v1.41.0 spell them. (The
 /// `opentelemetry-semantic-conventions` crate has deprecated its GenAI names since they moved
 /// to their own repository; the contract pins these.)
 pub(crate) mod semconv {
-    pub const ERROR_TYPE: &str = "error.type";
-    pub const SESSION_ID: &str = "session.id";
-    pub const GEN_AI_OPERATION_NAME: &str = "gen_ai.operation.name";
-    pub const GEN_AI_PROVIDER_NAME: &str = "gen_ai.provider.name";
-    pub const GEN_AI_AGENT_ID: &str = "gen_ai.agent.id";
-    pub const GEN_AI_AGENT_NAME: &str = "gen_ai.agent.name";
-    pub const GEN_AI_CONVERSATION_ID: &str = "gen_ai.conversation.id";
-    pub const GEN_AI_REQUEST_MODEL: &str = "gen_ai.request.model";
-    pub const GEN_AI_RESPONSE_MODEL: &str = "gen_ai.response.model";
-    pub const GEN_AI_RESPONSE_FINISH_REASONS: &str = "gen_ai.response.finish_reasons";
-    pub const SERVER_ADDRESS: &str = "server.address";
-    pub const SERVER_PORT: &str = "server.port";
-    pub const GEN_AI_USAGE_INPUT_TOKENS: &str = "gen_ai.usage.input_tokens";
-    pub const GEN_AI_USAGE_OUTPUT_TOKENS: &str = "gen_ai.usage.output_tokens";
-    pub const GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: &str = "gen_ai.usage.cache_read.input_tokens";
-    pub const GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: &str =
+    pub(crate) const ERROR_TYPE: &str = "error.type";
+    pub(crate) const SESSION_ID: &str = "session.id";
+    pub(crate) const GEN_AI_OPERATION_NAME: &str = "gen_ai.operation.name";
+    pub(crate) const GEN_AI_PROVIDER_NAME: &str = "gen_ai.provider.name";
+    pub(crate) const GEN_AI_AGENT_ID: &str = "gen_ai.agent.id";
+    pub(crate) const GEN_AI_AGENT_NAME: &str = "gen_ai.agent.name";
+    pub(crate) const GEN_AI_CONVERSATION_ID: &str = "gen_ai.conversation.id";
+    pub(crate) const GEN_AI_REQUEST_MODEL: &str = "gen_ai.request.model";
+    pub(crate) const GEN_AI_RESPONSE_MODEL: &str = "gen_ai.response.model";
+    pub(crate) const GEN_AI_RESPONSE_FINISH_REASONS: &str = "gen_ai.response.finish_reasons";
+    pub(crate) const SERVER_ADDRESS: &str = "server.address";
+    pub(crate) const SERVER_PORT: &str = "server.port";
+    pub(crate) const GEN_AI_USAGE_INPUT_TOKENS: &str = "gen_ai.usage.input_tokens";
+    pub(crate) const GEN_AI_USAGE_OUTPUT_TOKENS: &str = "gen_ai.usage.output_tokens";
+    pub(crate) const GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: &str =
+        "gen_ai.usage.cache_read.input_tokens";
+    pub(crate) const GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: &str =
         "gen_ai.usage.cache_creation.input_tokens";
-    pub const GEN_AI_TOOL_NAME: &str = "gen_ai.tool.name";
-    pub const GEN_AI_TOOL_CALL_ID: &str = "gen_ai.tool.call.id";
-    pub const GEN_AI_INPUT_MESSAGES: &str = "gen_ai.input.messages";
-    pub const GEN_AI_OUTPUT_MESSAGES: &str = "gen_ai.output.messages";
+    pub(crate) const GEN_AI_TOOL_NAME: &str = "gen_ai.tool.name";
+    pub(crate) const GEN_AI_TOOL_CALL_ID: &str = "gen_ai.tool.call.id";
+    pub(crate) const GEN_AI_INPUT_MESSAGES: &str = "gen_ai.input.messages";
+    pub(crate) const GEN_AI_OUTPUT_MESSAGES: &str = "gen_ai.output.messages";
 }
 /// `gen_ai.provider.name` of every span.
-pub const PROVIDER: &str = "qoder";
+pub(crate) const PROVIDER: &str = "qoder";
 
 /// What every span of a run shares: the instrumentation scope, and the Qoder API server the
 /// model requests went through (`server.address`, `server.port` on chat spans).
 #[derive(Debug, Clone)]
-pub struct SpanShape {
+pub(crate) struct SpanShape {
     pub scope: InstrumentationScope,
     pub server: Option<(String, u16)>,
 }
@@ -87,7 +88,7 @@ impl SpanShape {
 }
 
 /// The instrumentation scope every span is reported under.
-pub fn scope() -> InstrumentationScope {
+pub(crate) fn scope() -> InstrumentationScope {
     InstrumentationScope::builder("qoder-exporter")
         .with_version(env!("CARGO_PKG_VERSION"))
         .with_schema_url(SCHEMA_URL)
@@ -193,7 +194,7 @@ fn messages_json(messages: &[Message], role: &str) -> Option<String> {
 
 /// Builds a turn's spans, root first. `None` when no event of the turn carried a time: a span
 /// needs times, and they never come from the clock.
-pub fn turn_spans(t: &ClosedTurn, shape: &SpanShape) -> Option<Vec<SpanData>> {
+pub(crate) fn turn_spans(t: &ClosedTurn, shape: &SpanShape) -> Option<Vec<SpanData>> {
     let scope = &shape.scope;
     let turn = &t.turn;
     let child_start = turn.children.iter().filter_map(|c| c.start_ns).min();

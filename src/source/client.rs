@@ -23,7 +23,7 @@ use crate::source::wire::ListCursor;
 
 /// The endpoints, as the `endpoint` label names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     Sessions,
     Session,
     Events,
@@ -33,7 +33,7 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub fn as_label(self) -> &'static str {
+    pub(crate) fn as_label(self) -> &'static str {
         match self {
             Endpoint::Sessions => "sessions",
             Endpoint::Session => "session",
@@ -49,7 +49,7 @@ impl Endpoint {
 const MAX_THREAD_LIST_PAGES: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("request timed out")]
     Timeout,
     #[error("could not connect: {0}")]
@@ -116,7 +116,7 @@ impl ApiError {
     }
 
     /// Worth trying again soon: the server or the network may do better next time.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             ApiError::Timeout
             | ApiError::Connect(_)
@@ -137,7 +137,7 @@ impl ApiError {
     }
 
     /// A server-requested wait too long to sit out inside the client.
-    pub fn retry_after(&self) -> Option<Duration> {
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             ApiError::Status { retry_after, .. } => *retry_after,
             _ => None,
@@ -164,7 +164,7 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     /// The client the settings ask for (timeouts, body cap, request budget).
-    pub fn from_settings(s: &crate::config::Settings) -> ClientConfig {
+    pub(crate) fn from_settings(s: &crate::config::Settings) -> ClientConfig {
         ClientConfig {
             base_url: s.api_url.clone(),
             timeout: s.request_timeout,
@@ -228,7 +228,7 @@ pub struct Client {
 
 /// Which sessions a listing asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListScope {
+pub(crate) enum ListScope {
     /// Every session, archived ones included.
     All,
     /// Only sessions that can still change (`statuses[]` of the live statuses, SDK 0.11):
@@ -298,7 +298,7 @@ impl Client {
     }
 
     /// Counts a failure found after the transfer (a body that does not decode).
-    pub fn count_failure(&self, endpoint: &str, reason: &str) {
+    pub(crate) fn count_failure(&self, endpoint: &str, reason: &str) {
         self.metrics
             .api_failures
             .with_label_values(&[endpoint, reason])
@@ -306,7 +306,7 @@ impl Client {
     }
 
     /// Counts the API breaking its paging rules (see `metrics::API_ANOMALIES`).
-    pub fn count_anomaly(&self, kind: &str) {
+    pub(crate) fn count_anomaly(&self, kind: &str) {
         self.metrics.api_anomalies.with_label_values(&[kind]).inc();
     }
 
@@ -329,7 +329,7 @@ impl Client {
     /// Archived sessions are asked for too (the SDK leaves them out by default, and their
     /// events were billed like any other); `Live` adds `statuses[]`. An API that refuses
     /// the filters (400) is asked again without them, and never with them again.
-    pub async fn list_sessions(
+    pub(crate) async fn list_sessions(
         &self,
         cursor: Option<&ListCursor>,
         scope: ListScope,
@@ -366,19 +366,14 @@ impl Client {
             .await
     }
 
-    /// Listings can be narrowed to live sessions (`statuses[]` was not refused).
-    pub fn list_filters_work(&self) -> bool {
-        !self.filters_refused.load(Ordering::Relaxed)
-    }
-
     /// `GET /sessions/{id}`.
-    pub async fn get_session(&self, id: &str) -> Result<Bytes, ApiError> {
+    pub(crate) async fn get_session(&self, id: &str) -> Result<Bytes, ApiError> {
         self.get(Endpoint::Session, self.url(&["sessions", id], &[]))
             .await
     }
 
     /// `GET /agents/{id}`: an agent's name, for sessions that name their agent by id alone.
-    pub async fn get_agent(&self, id: &str) -> Result<Bytes, ApiError> {
+    pub(crate) async fn get_agent(&self, id: &str) -> Result<Bytes, ApiError> {
         self.get(Endpoint::Agent, self.url(&["agents", id], &[]))
             .await
     }
@@ -386,7 +381,7 @@ impl Client {
     /// Every page of a session's thread list, as the objects the API sent: paged like the SDK
     /// (`next_page` while `has_more`), at most `MAX_THREAD_LIST_PAGES` pages, and a page token
     /// seen twice (a loop) ends it.
-    pub async fn thread_objects(
+    pub(crate) async fn thread_objects(
         &self,
         id: &str,
     ) -> Result<Vec<Box<serde_json::value::RawValue>>, ApiError> {
@@ -412,7 +407,11 @@ impl Client {
     }
 
     /// `GET /sessions/{id}/threads?limit=100[&page=…]`: a session's threads (SDK 0.11).
-    pub async fn list_threads(&self, id: &str, page: Option<&str>) -> Result<Bytes, ApiError> {
+    pub(crate) async fn list_threads(
+        &self,
+        id: &str,
+        page: Option<&str>,
+    ) -> Result<Bytes, ApiError> {
         let mut q = vec![("limit", "100")];
         if let Some(p) = page {
             q.push(("page", p));
@@ -426,7 +425,11 @@ impl Client {
 
     /// `GET /sessions/{id}/events?limit=100[&after_id=…]` (oldest first). Never more than one
     /// cursor: the API answers 400 to a combination.
-    pub async fn list_events(&self, id: &str, after_id: Option<&str>) -> Result<Bytes, ApiError> {
+    pub(crate) async fn list_events(
+        &self,
+        id: &str,
+        after_id: Option<&str>,
+    ) -> Result<Bytes, ApiError> {
         let mut q = vec![("limit", "100")];
         if let Some(a) = after_id {
             q.push(("after_id", a));
@@ -436,7 +439,7 @@ impl Client {
     }
 
     /// `GET /sessions/{id}/threads/{tid}/events?limit=100[&after_id=…]` (oldest first).
-    pub async fn list_thread_events(
+    pub(crate) async fn list_thread_events(
         &self,
         id: &str,
         thread: &str,
@@ -614,7 +617,7 @@ fn error_envelope(body: &[u8]) -> (Option<String>, Option<String>) {
 }
 
 /// The API URL as logs and the landing page show it: without credentials written into it.
-pub fn shown_url(url: &str) -> String {
+pub(crate) fn shown_url(url: &str) -> String {
     match Url::parse(url) {
         Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
             let _ = u.set_username("");
@@ -629,7 +632,7 @@ pub fn shown_url(url: &str) -> String {
 /// Text from the API made safe to log: the token (which a hostile or buggy server may echo
 /// back) becomes `[redacted]`, control characters (newlines that would forge a log line, ANSI
 /// escapes) are shown escaped, and the length is bounded.
-pub fn log_safe(s: &str, token: &str) -> String {
+pub(crate) fn log_safe(s: &str, token: &str) -> String {
     let s = if token.len() >= 4 {
         s.replace(token, "[redacted]")
     } else {
@@ -654,7 +657,7 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 /// `retry-after-ms`, else `Retry-After` in seconds or as an HTTP date.
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     if let Some(ms) = headers
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())

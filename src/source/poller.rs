@@ -36,7 +36,7 @@ use crate::source::client::{ApiError, Client, ListScope, backoff};
 use crate::source::wire::{self, ListCursor, Page, WireAgent, WireBudget, WireModel, WireSession};
 
 #[derive(Debug, Clone)]
-pub struct PollerConfig {
+pub(crate) struct PollerConfig {
     pub poll_interval: Duration,
     pub idle_interval: Duration,
     pub discovery_interval: Duration,
@@ -194,7 +194,7 @@ enum Done {
 }
 
 #[derive(Debug)]
-pub struct Poller {
+pub(crate) struct Poller {
     client: Client,
     pipeline: PipelineHandle,
     cfg: PollerConfig,
@@ -230,9 +230,9 @@ const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(300);
 const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// An idle session the session list says is unchanged is still read this often, in case the
 /// API's `updated_at` missed an event.
-pub const UNCHANGED_POLL_INTERVAL: Duration = Duration::from_secs(600);
+pub(crate) const UNCHANGED_POLL_INTERVAL: Duration = Duration::from_secs(600);
 /// Longest page of events read at once (we ask for 100).
-pub const MAX_EVENTS_PER_PAGE: usize = 1000;
+pub(crate) const MAX_EVENTS_PER_PAGE: usize = 1000;
 /// The "sessions: new, ended, followed" line comes at most this often.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 /// Every this many resync listings, one asks for every session rather than the live ones.

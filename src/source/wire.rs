@@ -35,7 +35,7 @@ pub enum StrOrNum {
 }
 
 impl StrOrNum {
-    pub fn into_string(self) -> String {
+    pub(crate) fn into_string(self) -> String {
         match self {
             StrOrNum::Str(s) => s,
             StrOrNum::Num(n) => n.to_string(),
@@ -135,7 +135,7 @@ pub struct WireUsage {
 impl WireUsage {
     /// Whether this is a cumulative session snapshot rather than one request's or turn's use:
     /// it carries a field only the snapshot shape has.
-    pub fn is_snapshot(&self) -> bool {
+    pub(crate) fn is_snapshot(&self) -> bool {
         self.model_credits.is_some()
             || self.sandbox_runtime_credits.is_some()
             || self.total_credits.is_some()
@@ -148,7 +148,7 @@ impl WireUsage {
 /// request or as a session's running total. A billion of any of them is far beyond what one
 /// session does; a larger number (1e308, u64::MAX) is hostile or broken, and counting it would
 /// pin a counter at its ceiling for good.
-pub const MAX_QUANTITY: f64 = 1e9;
+pub(crate) const MAX_QUANTITY: f64 = 1e9;
 
 /// Keeps `v` when it is a plausible quantity; `false` when it had to be dropped.
 fn plausible(v: &mut Option<f64>) -> bool {
@@ -163,7 +163,7 @@ fn plausible(v: &mut Option<f64>) -> bool {
 
 impl WireUsage {
     /// Drops every quantity beyond [`MAX_QUANTITY`]; returns how many.
-    pub fn drop_absurd(&mut self) -> u32 {
+    pub(crate) fn drop_absurd(&mut self) -> u32 {
         let mut dropped = 0;
         for v in [
             &mut self.input_tokens,
@@ -241,7 +241,7 @@ impl WireContent {
 static KEEP_TOOL_INPUTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Decode tool inputs from now on (content export was asked for).
-pub fn keep_tool_inputs() {
+pub(crate) fn keep_tool_inputs() {
     KEEP_TOOL_INPUTS.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
@@ -345,9 +345,9 @@ pub struct WireEvent {
 }
 
 /// Longest event id accepted (the API's are about 30 bytes).
-pub const MAX_ID_BYTES: usize = 256;
+pub(crate) const MAX_ID_BYTES: usize = 256;
 /// Longest event type accepted.
-pub const MAX_TYPE_BYTES: usize = 128;
+pub(crate) const MAX_TYPE_BYTES: usize = 128;
 
 /// A decoded event, with the fields that were dropped from it.
 #[derive(Debug, Clone, PartialEq)]
@@ -461,7 +461,7 @@ fn drop_absurd(e: &mut WireEvent) -> u32 {
 /// bare `NaN`, `Infinity` and `-Infinity` some encoders write become `null`. Returns the text
 /// and how many repairs it took; `None` when there was nothing to repair (it is broken in
 /// another way). One bad byte or number must cost one field, not the page it sits in.
-pub fn repair_json(raw: &[u8]) -> Option<(String, u32)> {
+pub(crate) fn repair_json(raw: &[u8]) -> Option<(String, u32)> {
     let text = String::from_utf8_lossy(raw);
     let mut repairs = u32::from(matches!(text, std::borrow::Cow::Owned(_)));
     let mut out = String::with_capacity(text.len());
@@ -578,7 +578,7 @@ pub struct WireSession {
 
 /// An agent object (`GET /agents/{id}`), as far as a label needs it.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-pub struct WireAgentObject {
+pub(crate) struct WireAgentObject {
     #[serde(default)]
     pub id: Option<String>,
     #[serde(default)]

@@ -145,7 +145,7 @@ const RECENT_TURNS: usize = 8;
 
 /// What a batch of a thread's stream did to the stream's position.
 #[derive(Debug)]
-pub struct ThreadRead {
+pub(crate) struct ThreadRead {
     pub cursor: Option<String>,
     pub at_end: bool,
     /// The thread is gone: nothing more will come, running or not.
@@ -229,7 +229,7 @@ impl SessionState {
     /// its stream, or cross-posted on the session's with its `session_thread_id`) goes to that
     /// thread's tracker, under the sub-agent's name, and counts once whichever stream shows it
     /// first.
-    pub fn apply_from(
+    pub(crate) fn apply_from(
         &mut self,
         session_id: &str,
         ev: &Event,
@@ -244,7 +244,7 @@ impl SessionState {
     /// already (`counted_on_thread`, from every id that stream counted: the tracker's own
     /// memory of a thread's ids is a window). A cross-post of such an event on the session's
     /// stream is a repeat, however late it comes.
-    pub fn apply_checked(
+    pub(crate) fn apply_checked(
         &mut self,
         session_id: &str,
         ev: &Event,
@@ -389,7 +389,7 @@ impl SessionState {
     /// Who `ev` (just applied, read on `from_thread`'s stream or the session's) was counted
     /// under and the turn it belongs to: the turn it closed (one of `closed_now`, the turns
     /// its application closed), else the turn open on its stream after it.
-    pub fn record_context(
+    pub(crate) fn record_context(
         &self,
         ev: &Event,
         from_thread: Option<&str>,
@@ -419,7 +419,7 @@ impl SessionState {
     /// known one whose object changed since the last listing is read again. Whether a
     /// listing shows it or not, `qoder_threads_created_total` counts `session.thread_created`
     /// events only, so a thread is never counted twice.
-    pub fn thread_listed(&mut self, listed: &ListedThread) {
+    pub(crate) fn thread_listed(&mut self, listed: &ListedThread) {
         if !self.threads.contains_key(&listed.id) {
             self.add_thread(&listed.id, listed.agent.clone());
             if let Some(t) = self.threads.get_mut(&listed.id) {
@@ -486,13 +486,13 @@ impl SessionState {
     }
 
     /// Applies a snapshot of the session object's usage (a listing or `GET /sessions/{id}`).
-    pub fn apply_object_usage(&mut self, snapshot: &UsageSnapshot, delta: &mut Delta) {
+    pub(crate) fn apply_object_usage(&mut self, snapshot: &UsageSnapshot, delta: &mut Delta) {
         self.usage
             .apply(snapshot, SnapshotSource::Object, &self.agent, delta);
     }
 
     /// Billed credits so far by kind, from the snapshots applied.
-    pub fn billed_credits(&self) -> BTreeMap<String, f64> {
+    pub(crate) fn billed_credits(&self) -> BTreeMap<String, f64> {
         self.usage
             .applied
             .iter()
@@ -507,7 +507,7 @@ impl SessionState {
     }
 
     /// The threads whose streams need reading: running, or named since last read to the end.
-    pub fn threads_to_read(&self) -> Vec<ThreadCursor> {
+    pub(crate) fn threads_to_read(&self) -> Vec<ThreadCursor> {
         self.threads
             .iter()
             .filter(|(_, t)| t.active || t.dirty)
@@ -522,7 +522,7 @@ impl SessionState {
     /// Records that a batch of thread `tid`'s stream was applied: its cursor (when it moved),
     /// and whether the stream was read to its end (or is gone). Returns the events
     /// consumed from that stream so far.
-    pub fn thread_read(
+    pub(crate) fn thread_read(
         &mut self,
         session_id: &str,
         tid: &str,
@@ -568,7 +568,7 @@ impl SessionState {
 
     /// An event of a stream (the session's, or thread `thread`'s) that could not be read: it
     /// is consumed from that stream all the same, so a re-read skips it.
-    pub fn skip_unreadable(&mut self, thread: Option<&str>) {
+    pub(crate) fn skip_unreadable(&mut self, thread: Option<&str>) {
         match thread {
             None => self.consumed += 1,
             Some(t) => {
@@ -778,7 +778,7 @@ impl SessionState {
     /// Closes the open turn as [`TurnEnd::Stale`] when event `at` comes more than `max_age_ns`
     /// after the turn's last event: a turn that never closed must not hold its state (and its
     /// spans) forever. Event time only, so a replay closes the same turns.
-    pub fn close_stale(
+    pub(crate) fn close_stale(
         &mut self,
         session_id: &str,
         at: Option<i64>,
@@ -802,7 +802,7 @@ impl SessionState {
 
     /// Records the text of a user message, agent message or thinking event on the open turn,
     /// cut to `max_bytes` (on a character boundary). Called only with content capture on.
-    pub fn capture(&mut self, ev: &Event, max_bytes: usize) {
+    pub(crate) fn capture(&mut self, ev: &Event, max_bytes: usize) {
         let (role, part) = match ev.type_name.as_str() {
             "user.message" => ("user", "text"),
             "agent.message" => ("assistant", "text"),
