@@ -145,7 +145,7 @@ impl Core {
             .as_ref()
             .map(|l| crate::sinks::otlp_send::OtlpSender::new(&l.target))
             .transpose()?;
-        let process_start = crate::sinks::otlp_metrics::unix_nanos(std::time::SystemTime::now());
+        let process_start = crate::event::unix_nanos(std::time::SystemTime::now());
         let store = StateStore::open(&settings.state_path)?;
         tracing::info!(path = %settings.state_path.display(), "state store open");
         let series_start = store.series_start()?;

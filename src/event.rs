@@ -199,6 +199,12 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// A wall-clock time as Unix nanoseconds (0 before 1970).
+pub fn unix_nanos(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// RFC 3339 with any fractional precision (ns, µs, ms, none) and any offset.
 pub fn parse_time(s: Option<&str>) -> Option<i64> {
     let s = s?.trim();

@@ -273,7 +273,7 @@ impl StateStore {
         // restarts. A file from before this key gets the time it was first opened with it.
         tx.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('series_start_unix_nano', ?1)",
-            [crate::sinks::otlp_metrics::unix_nanos(std::time::SystemTime::now()).to_string()],
+            [crate::event::unix_nanos(std::time::SystemTime::now()).to_string()],
         )?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;

@@ -18,10 +18,10 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::event::unix_nanos;
 use crate::record::{EventRecord, Severity};
 use crate::sinks::metrics::ProcessMetrics;
 use crate::sinks::otlp::OutboxError;
-use crate::sinks::otlp_metrics::unix_nanos;
 use crate::sinks::otlp_send::{OtlpSender, SendError};
 use crate::sinks::traces::{self, semconv};
 

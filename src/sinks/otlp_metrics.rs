@@ -31,6 +31,7 @@ use prometheus::proto::{self as prom, MetricType};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Temporality;
+use crate::event::unix_nanos;
 use crate::sinks::metrics::{DurableMetrics, Family, Metrics};
 use crate::sinks::otlp_send::{OtlpSender, SendError};
 
@@ -352,11 +353,6 @@ pub(crate) fn proto_resource(r: &opentelemetry_sdk::Resource) -> Resource {
         attributes,
         ..Resource::default()
     }
-}
-
-pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Pushes the metrics every `interval` until stopped, then once more.
