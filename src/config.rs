@@ -758,16 +758,15 @@ impl Settings {
         let otlp_metrics =
             OtlpMetricsSettings::resolve(&mut otlp_flags.signals, o.metrics, general)?;
         let otlp_logs = OtlpLogsSettings::resolve(&mut otlp_flags.signals, o.logs, general)?;
-        let flags_otlp = otlp_flags;
         let otlp = OtlpSettings::resolve(
-            flags_otlp.otlp_endpoint.or(o.endpoint),
+            otlp_flags.otlp_endpoint.or(o.endpoint),
             env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
             env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                .or(flags_otlp.otlp_protocol)
+                .or(otlp_flags.otlp_protocol)
                 .or(o.protocol),
-            flags_otlp.otlp_capture_content || o.capture_content,
-            flags_otlp.otlp_content_max_bytes.or(o.content_max_bytes),
-            flags_otlp.otlp_outbox_max_turns.or(o.outbox_max_turns),
+            otlp_flags.otlp_capture_content || o.capture_content,
+            otlp_flags.otlp_content_max_bytes.or(o.content_max_bytes),
+            otlp_flags.otlp_outbox_max_turns.or(o.outbox_max_turns),
         )?;
         let hostname = std::env::var("HOSTNAME")
             .ok()

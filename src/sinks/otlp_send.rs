@@ -122,61 +122,43 @@ impl OtlpSender {
     }
 
     pub async fn metrics(&self, req: ExportMetricsServiceRequest) -> Result<Accepted, SendError> {
-        match &self.transport {
+        let resp = match &self.transport {
             Transport::Http { client, headers } => {
                 let body = self.post(client, headers, req.encode_to_vec()).await?;
-                let resp = ExportMetricsServiceResponse::decode(body).unwrap_or_default();
-                Ok(resp
-                    .partial_success
-                    .map_or_else(Accepted::default, |p| Accepted {
-                        rejected: u64::try_from(p.rejected_data_points).unwrap_or(0),
-                        message: p.error_message,
-                    }))
+                ExportMetricsServiceResponse::decode(body).unwrap_or_default()
             }
-            Transport::Grpc { channel, metadata } => {
-                let mut client = MetricsServiceClient::new(channel.clone());
-                let resp = client
-                    .export(grpc_request(req, metadata))
-                    .await
-                    .map_err(grpc_error)?
-                    .into_inner();
-                Ok(resp
-                    .partial_success
-                    .map_or_else(Accepted::default, |p| Accepted {
-                        rejected: u64::try_from(p.rejected_data_points).unwrap_or(0),
-                        message: p.error_message,
-                    }))
-            }
-        }
+            Transport::Grpc { channel, metadata } => MetricsServiceClient::new(channel.clone())
+                .export(grpc_request(req, metadata))
+                .await
+                .map_err(grpc_error)?
+                .into_inner(),
+        };
+        Ok(resp
+            .partial_success
+            .map_or_else(Accepted::default, |p| Accepted {
+                rejected: u64::try_from(p.rejected_data_points).unwrap_or(0),
+                message: p.error_message,
+            }))
     }
 
     pub async fn logs(&self, req: ExportLogsServiceRequest) -> Result<Accepted, SendError> {
-        match &self.transport {
+        let resp = match &self.transport {
             Transport::Http { client, headers } => {
                 let body = self.post(client, headers, req.encode_to_vec()).await?;
-                let resp = ExportLogsServiceResponse::decode(body).unwrap_or_default();
-                Ok(resp
-                    .partial_success
-                    .map_or_else(Accepted::default, |p| Accepted {
-                        rejected: u64::try_from(p.rejected_log_records).unwrap_or(0),
-                        message: p.error_message,
-                    }))
+                ExportLogsServiceResponse::decode(body).unwrap_or_default()
             }
-            Transport::Grpc { channel, metadata } => {
-                let mut client = LogsServiceClient::new(channel.clone());
-                let resp = client
-                    .export(grpc_request(req, metadata))
-                    .await
-                    .map_err(grpc_error)?
-                    .into_inner();
-                Ok(resp
-                    .partial_success
-                    .map_or_else(Accepted::default, |p| Accepted {
-                        rejected: u64::try_from(p.rejected_log_records).unwrap_or(0),
-                        message: p.error_message,
-                    }))
-            }
-        }
+            Transport::Grpc { channel, metadata } => LogsServiceClient::new(channel.clone())
+                .export(grpc_request(req, metadata))
+                .await
+                .map_err(grpc_error)?
+                .into_inner(),
+        };
+        Ok(resp
+            .partial_success
+            .map_or_else(Accepted::default, |p| Accepted {
+                rejected: u64::try_from(p.rejected_log_records).unwrap_or(0),
+                message: p.error_message,
+            }))
     }
 
     /// POSTs a protobuf body; the response body on 2xx.
