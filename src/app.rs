@@ -16,6 +16,7 @@ use crate::config::Settings;
 use crate::pipeline::StoredSession;
 use crate::pipeline::{OutboxConfig, Pipeline, PipelineHandle};
 use crate::server::{AppState, router};
+use crate::sinks::drain::{StopRequest, StopSignal, stop_pair};
 use crate::sinks::metrics::Metrics;
 use crate::source::client::{Client, ClientConfig, TokenSource};
 use crate::source::poller::{Poller, PollerConfig};
@@ -24,9 +25,12 @@ use crate::state::StateStore;
 /// How long in-flight polling may take to wind down before it is abandoned (nothing is lost:
 /// cursors only move on commit).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
-/// How long the span outbox may take to flush at shutdown (what is left is sent next start).
-/// With the drain above, a SIGTERM exits well within 15 s.
+/// How long the outboxes may take to flush and the metrics push its final totals, together, at
+/// shutdown (what is left is sent next start). With the drain above, a SIGTERM exits well
+/// within 15 s.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long past its deadline a stopping task is waited for before it is abandoned.
+const ABANDON_AFTER: Duration = Duration::from_secs(1);
 /// With `--otlp.logs.include-content`, a record's message text is cut to this many bytes.
 const LOG_CONTENT_MAX_BYTES: usize = 16 * 1024;
 /// Bounded queue between pollers and the pipeline.
@@ -49,30 +53,30 @@ pub struct Running {
 #[derive(Debug)]
 pub(crate) struct Task {
     what: &'static str,
-    stop: CancellationToken,
+    stop: StopRequest,
     handle: tokio::task::JoinHandle<()>,
 }
 
 impl Task {
     pub fn spawn<F: Future<Output = ()> + Send + 'static>(
         what: &'static str,
-        run: impl FnOnce(CancellationToken) -> F,
+        run: impl FnOnce(StopSignal) -> F,
     ) -> Task {
-        let stop = CancellationToken::new();
-        let handle = tokio::spawn(run(stop.clone()));
+        let (stop, signal) = stop_pair();
+        let handle = tokio::spawn(run(signal));
         Task { what, stop, handle }
     }
 
-    /// Stops the task, which flushes within [`FLUSH_TIMEOUT`]; past that it is abandoned
-    /// (what it held is kept for the next start).
-    pub async fn stop(self) {
+    /// Asks the task to stop by `deadline` and waits for it; a moment past that it is
+    /// abandoned (what it held is kept for the next start).
+    pub async fn stop(self, deadline: tokio::time::Instant) {
         let Task {
             what,
             stop,
             mut handle,
         } = self;
-        stop.cancel();
-        if tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), &mut handle)
+        stop.stop_by(deadline);
+        if tokio::time::timeout_at(deadline + ABANDON_AFTER, &mut handle)
             .await
             .is_err()
         {
@@ -101,17 +105,19 @@ pub(crate) struct Downstream {
 
 impl Downstream {
     /// Call once every pipeline handle but the shippers' is dropped: the outbox shippers send
-    /// what is committed and stop, the pipeline drains and closes the store, and the metrics
-    /// push sends the final totals.
+    /// what is committed and stop (together), the pipeline drains and closes the store, and
+    /// the metrics push sends the final totals; all by one deadline, [`FLUSH_TIMEOUT`] away.
     pub(crate) async fn close(self) -> anyhow::Result<()> {
-        for t in [self.spans, self.logs].into_iter().flatten() {
-            t.stop().await;
-        }
-        join_pipeline(self.pipeline).await?;
-        if let Some(t) = self.metrics_push {
-            t.stop().await;
-        }
-        Ok(())
+        let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+        let stop = |t: Option<Task>| async move {
+            if let Some(t) = t {
+                t.stop(deadline).await;
+            }
+        };
+        tokio::join!(stop(self.spans), stop(self.logs));
+        let joined = join_pipeline(self.pipeline).await;
+        stop(self.metrics_push).await;
+        joined
     }
 }
 
@@ -161,9 +167,7 @@ impl Core {
         let logs_notify = std::sync::Arc::new(tokio::sync::Notify::new());
         if let Some(l) = &settings.otlp_logs {
             metrics.process.otlp_signal_on(&metrics.registry, "logs");
-            if l.include_content {
-                crate::source::wire::keep_tool_inputs();
-            }
+            crate::source::wire::set_keep_tool_inputs(l.include_content);
             pipeline = pipeline.with_logs(crate::pipeline::log_outbox::LogsConfig {
                 max_records: l.outbox_max_records,
                 notify: logs_notify.clone(),
@@ -184,9 +188,7 @@ impl Core {
                     endpoint: o.endpoint.clone(),
                     shape: crate::sinks::traces::SpanShape::new(Some(&settings.api_url)),
                 };
-                Some(Task::spawn("span shipper", |stop| {
-                    shipper.run(stop, FLUSH_TIMEOUT)
-                }))
+                Some(Task::spawn("span shipper", |stop| shipper.run(stop)))
             }
             _ => {
                 tracing::info!(
@@ -209,9 +211,7 @@ impl Core {
                     notify: logs_notify,
                     resource: resource.clone(),
                 };
-                Some(Task::spawn("log shipper", |stop| {
-                    shipper.run(stop, FLUSH_TIMEOUT)
-                }))
+                Some(Task::spawn("log shipper", |stop| shipper.run(stop)))
             }
             _ => None,
         };
@@ -232,8 +232,9 @@ impl Core {
                     interval: m.interval,
                     temporality: m.temporality,
                 };
+                let baseline = pusher.first_baseline();
                 Some(Task::spawn("metrics push", |stop| {
-                    pusher.run(stop, FLUSH_TIMEOUT)
+                    pusher.run(baseline, stop)
                 }))
             }
             _ => None,

@@ -23,7 +23,7 @@
 //! - [`state`]: the store that makes counts exact across crashes (it stores the tracker's
 //!   state without knowing its type).
 //! - [`sinks`]: metrics and spans; they never import the pipeline (the span shipper drains the
-//!   outbox through [`sinks::otlp::TurnOutbox`], which the pipeline implements).
+//!   outbox through [`sinks::drain::OutboxSource`], which the pipeline implements).
 //! - [`sim`]: a simulated Qoder API, for `qoder-exporter demo` and the tests.
 //! - [`offline`]: `dump` (API → JSON Lines) and `replay` (JSON Lines → pipeline → metrics).
 //! - [`app`] wires it all; `main` only parses and calls.

@@ -56,7 +56,7 @@ pub struct OtlpSignalFlags {
     /// How often metrics are pushed: milliseconds, as the variable has it, or a duration (`30s`) [default: 60000]
     #[arg(long = "otlp.metrics.interval", env = "OTEL_METRIC_EXPORT_INTERVAL", value_parser = parse_millis)]
     pub metrics_interval: Option<Duration>,
-    /// `cumulative` or `delta` (counters and histograms) [default: cumulative]
+    /// `cumulative`, or `delta` (or `lowmemory`, the same here) for counters and histograms [default: cumulative]
     #[arg(
         long = "otlp.metrics.temporality",
         env = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"
@@ -92,6 +92,14 @@ pub struct OtlpSignalFlags {
     pub logs_outbox_max_records: Option<u64>,
 }
 
+/// A number of milliseconds in the config file: `interval = 60000` or `interval = "60s"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Millis {
+    Count(u64),
+    Text(String),
+}
+
 /// `OTEL_METRIC_EXPORT_INTERVAL` is milliseconds; a flag may also say `30s`.
 fn parse_millis(s: &str) -> Result<Duration, String> {
     match s.trim().parse::<u64>() {
@@ -122,8 +130,8 @@ pub struct OtlpMetricsSection {
     pub exporter: Option<String>,
     pub endpoint: Option<String>,
     pub protocol: Option<String>,
-    /// Milliseconds or a duration string.
-    pub interval: Option<String>,
+    /// Milliseconds (a TOML integer or string) or a duration string.
+    pub interval: Option<Millis>,
     pub temporality: Option<String>,
 }
 
@@ -332,25 +340,42 @@ impl OtlpTarget {
         general: OtlpGeneral<'_>,
     ) -> anyhow::Result<OtlpTarget> {
         let upper = signal.to_ascii_uppercase();
-        let proto = nonempty(protocol_name).or(general.protocol.map(str::to_owned));
-        let proto = protocol(&format!("--otlp.{signal}.protocol"), proto.as_deref())?;
-        let endpoint = match (nonempty(endpoint), general.endpoint) {
-            (Some(e), _) => e,
+        // An error names where the wrong value came from: the signal's own setting, or the
+        // general one it fell back to.
+        let own = |key: &str| {
+            format!(
+                "--otlp.{signal}.{key} (OTEL_EXPORTER_OTLP_{upper}_{}, [otlp.{signal}] {key})",
+                key.to_ascii_uppercase()
+            )
+        };
+        let shared = |key: &str| {
+            format!(
+                "--otlp.{key} (OTEL_EXPORTER_OTLP_{}, [otlp] {key})",
+                key.to_ascii_uppercase()
+            )
+        };
+        let proto = match nonempty(protocol_name) {
+            Some(p) => protocol(&own("protocol"), Some(&p))?,
+            None => protocol(&shared("protocol"), general.protocol)?,
+        };
+        let (endpoint, endpoint_from) = match (nonempty(endpoint), general.endpoint) {
+            (Some(e), _) => (e, own("endpoint")),
             (None, base) => {
                 let base = base.unwrap_or(match proto {
                     OtlpProtocol::HttpProtobuf => "http://localhost:4318",
                     OtlpProtocol::Grpc => "http://localhost:4317",
                 });
-                match proto {
+                let url = match proto {
                     OtlpProtocol::HttpProtobuf => {
                         format!("{}/v1/{signal}", base.trim_end_matches('/'))
                     }
                     OtlpProtocol::Grpc => base.to_owned(),
-                }
+                };
+                (url, shared("endpoint"))
             }
         };
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            bail!("--otlp.{signal}.endpoint {endpoint:?}: must be an http:// or https:// URL");
+            bail!("{endpoint_from} {endpoint:?}: must be an http:// or https:// URL");
         }
         let headers_var = format!("OTEL_EXPORTER_OTLP_{upper}_HEADERS");
         let headers = match env(&headers_var) {
@@ -401,7 +426,8 @@ impl OtlpMetricsSettings {
         )?;
         let interval = match (flags.metrics_interval, file.interval) {
             (Some(d), _) => d,
-            (None, Some(s)) => parse_millis(&s)
+            (None, Some(Millis::Count(ms))) => Duration::from_millis(ms),
+            (None, Some(Millis::Text(s))) => parse_millis(&s)
                 .map_err(|e| anyhow::anyhow!("[otlp.metrics] interval {s:?}: {e}"))?,
             (None, None) => Duration::from_secs(60),
         };
@@ -414,9 +440,13 @@ impl OtlpMetricsSettings {
             .as_deref()
         {
             None | Some("cumulative") => Temporality::Cumulative,
-            Some("delta") => Temporality::Delta,
+            // The spec's `lowmemory` is delta for the synchronous counters and histograms
+            // this exporter has (its up-down counters stay cumulative, and it has none).
+            Some("delta" | "lowmemory") => Temporality::Delta,
             Some(other) => {
-                bail!("--otlp.metrics.temporality {other:?}: expected `cumulative` or `delta`")
+                bail!(
+                    "--otlp.metrics.temporality {other:?}: expected `cumulative`, `delta` or `lowmemory`"
+                )
             }
         };
         Ok(Some(OtlpMetricsSettings {
@@ -522,5 +552,61 @@ mod tests {
         let o = s.otlp.expect("on");
         assert_eq!(o.capture_content, Some(10));
         assert_eq!(o.outbox_max_turns, 100_000);
+    }
+
+    #[test]
+    fn the_metrics_section_takes_an_integer_interval_and_lowmemory_means_delta() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[otlp.metrics]\nexporter = \"otlp\"\ninterval = 60000\ntemporality = \"lowmemory\"\n",
+        )
+        .expect("write");
+        let s = Settings::resolve(flags(&["--config.file", path.to_str().expect("utf-8")]))
+            .expect("reads");
+        let m = s.otlp_metrics.expect("on");
+        assert_eq!(m.interval, Duration::from_secs(60));
+        assert_eq!(m.temporality, Temporality::Delta);
+        std::fs::write(
+            &path,
+            "[otlp.metrics]\nexporter = \"otlp\"\ninterval = \"30s\"\n",
+        )
+        .expect("write");
+        let s = Settings::resolve(flags(&["--config.file", path.to_str().expect("utf-8")]))
+            .expect("reads");
+        assert_eq!(
+            s.otlp_metrics.expect("on").interval,
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn an_error_names_the_setting_the_wrong_value_came_from() {
+        let err =
+            |args: &[&str]| format!("{:#}", Settings::resolve(flags(args)).expect_err("refused"));
+        let general = err(&[
+            "--otlp.metrics.exporter",
+            "otlp",
+            "--otlp.protocol",
+            "bogus",
+        ]);
+        assert!(general.starts_with("--otlp.protocol "), "{general}");
+        let own = err(&[
+            "--otlp.logs.exporter",
+            "otlp",
+            "--otlp.logs.protocol",
+            "bogus",
+        ]);
+        assert!(own.starts_with("--otlp.logs.protocol "), "{own}");
+        let general = err(&["--otlp.logs.exporter", "otlp", "--otlp.endpoint", "c:4318"]);
+        assert!(general.starts_with("--otlp.endpoint "), "{general}");
+        let own = err(&[
+            "--otlp.metrics.exporter",
+            "otlp",
+            "--otlp.metrics.endpoint",
+            "c:1",
+        ]);
+        assert!(own.starts_with("--otlp.metrics.endpoint "), "{own}");
     }
 }

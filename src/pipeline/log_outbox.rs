@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use super::{Pipeline, PipelineHandle, SendError};
 use crate::record::EventRecord;
-use crate::sinks::otlp::OutboxError;
+use crate::sinks::drain::{OutboxError, OutboxSource};
 use crate::state::{Outbox, StateError};
 
 /// What goes to the log outbox.
@@ -42,6 +42,19 @@ impl LogOutbox {
             .event_types
             .as_ref()
             .is_none_or(|t| t.contains(type_name))
+    }
+
+    /// The record of counted event `ev` (read on `thread`'s stream), when its type is wanted;
+    /// `context` (who counted it, its turn) is asked only then.
+    pub(super) fn record_of(
+        &self,
+        session_id: &str,
+        thread: Option<&str>,
+        ev: &crate::event::Event,
+        context: impl FnOnce() -> crate::record::RecordContext,
+    ) -> Option<EventRecord> {
+        self.wants(&ev.type_name)
+            .then(|| EventRecord::of(session_id, thread, ev, context(), self.config.content_max))
     }
 }
 
@@ -156,7 +169,7 @@ impl PipelineHandle {
 }
 
 /// The log shipper drains the log outbox through the pipeline.
-impl crate::sinks::otlp_logs::RecordOutbox for PipelineHandle {
+impl OutboxSource<EventRecord> for PipelineHandle {
     async fn peek(&self, limit: usize) -> Result<Vec<(i64, Option<EventRecord>)>, OutboxError> {
         self.log_peek(limit).await.map_err(super::outbox_error)
     }

@@ -19,8 +19,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::event::{DroppedFields, Event, InvalidReason, UsageSnapshot};
 use crate::record::EventRecord;
+use crate::sinks::drain::{OutboxError, OutboxSource};
 use crate::sinks::metrics::{Delta, Metrics};
-use crate::sinks::otlp::OutboxError;
 use crate::sinks::session_series::SessionView;
 use crate::state::{BatchWrite, Outbox, StateError, StateStore};
 use event_ids::{EventIds, Staged, StreamKey};
@@ -195,7 +195,7 @@ impl PipelineHandle {
 }
 
 /// The span shipper drains the outbox through the pipeline, the one writer of the state file.
-impl crate::sinks::otlp::TurnOutbox for PipelineHandle {
+impl OutboxSource<ClosedTurn> for PipelineHandle {
     async fn peek(&self, limit: usize) -> Result<Vec<(i64, Option<ClosedTurn>)>, OutboxError> {
         self.outbox_peek(limit).await.map_err(outbox_error)
     }
@@ -213,7 +213,7 @@ fn outbox_error(e: SendError) -> OutboxError {
     match e {
         SendError::Stopped => OutboxError::Gone,
         SendError::State(e) => {
-            tracing::debug!(error = %e, "span outbox read or write failed");
+            tracing::debug!(error = %e, "outbox read or write failed");
             OutboxError::Store
         }
     }
@@ -687,16 +687,11 @@ impl Pipeline {
                             }
                         }
                         if matches!(applied, Applied::Counted | Applied::DecreasingSnapshot)
-                            && let Some(logs) = self.logs.as_ref().filter(|l| l.wants(&e.type_name))
+                            && let Some(logs) = &self.logs
                         {
-                            let cx = t.state.record_context(e, thread, &closed[closed_before..]);
-                            records.push(EventRecord::of(
-                                &t.id,
-                                thread,
-                                e,
-                                cx,
-                                logs.config.content_max,
-                            ));
+                            records.extend(logs.record_of(&t.id, thread, e, || {
+                                t.state.record_context(e, thread, &closed[closed_before..])
+                            }));
                         }
                     }
                     Item::Invalid(reason) => {
@@ -712,17 +707,29 @@ impl Pipeline {
                 t.state.apply_object_usage(snapshot, &mut delta);
             }
             let consumed = match thread {
-                Some(tid) => t.state.thread_read(
-                    &t.id,
-                    tid,
-                    tracker::ThreadRead {
-                        cursor: batch.cursor.clone(),
-                        at_end: batch.at_end,
-                        gone: batch.thread_gone,
-                    },
-                    &mut delta,
-                    &mut closed,
-                ),
+                Some(tid) => {
+                    let read = t.state.thread_read(
+                        &t.id,
+                        tid,
+                        tracker::ThreadRead {
+                            cursor: batch.cursor.clone(),
+                            at_end: batch.at_end,
+                            gone: batch.thread_gone,
+                        },
+                        &mut delta,
+                        &mut closed,
+                    );
+                    // Held cross-posts its end released: counted now, like any other event.
+                    for r in read.released {
+                        if let Some(max) = capture {
+                            t.state.capture(&r.event, max);
+                        }
+                        if let Some(logs) = &self.logs {
+                            records.extend(logs.record_of(&t.id, thread, &r.event, || r.context));
+                        }
+                    }
+                    read.consumed
+                }
                 None => {
                     if batch.cursor.is_some() {
                         t.cursor = batch.cursor;
@@ -1015,5 +1022,135 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("agent_7"), "{text}");
+    }
+}
+
+/// Log records: one per counted event, in the right turn, with the right names.
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+    use crate::sinks::metrics::Family;
+    use crate::source::wire;
+
+    fn event(raw: &str) -> Item {
+        Item::Event(Event::from_wire(
+            wire::decode_event(raw).expect("event").event,
+        ))
+    }
+
+    fn logs_pipeline(path: &std::path::Path) -> (Pipeline, Metrics) {
+        let metrics = Metrics::new().expect("metrics");
+        let store = StateStore::open(path).expect("store");
+        let (p, _) = Pipeline::new(store, metrics.clone(), None).expect("pipeline");
+        let p = p
+            .with_logs(log_outbox::LogsConfig {
+                max_records: 1000,
+                notify: Arc::new(Notify::new()),
+                event_types: None,
+                content_max: None,
+            })
+            .expect("logs");
+        (p, metrics)
+    }
+
+    /// Every counted event has exactly one record: a cross-post held on the session's stream
+    /// and released when the thread's stream ends without it is counted too.
+    #[test]
+    fn a_held_cross_post_released_at_its_threads_end_has_a_record() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut p, metrics) = logs_pipeline(&dir.path().join("s.db"));
+        let own = |items: Vec<Item>| Batch {
+            session_id: "s1".into(),
+            items,
+            ..Batch::default()
+        };
+        p.apply_batch(own(vec![event(
+            r#"{"id":"c1","type":"session.thread_created","session_thread_id":"t1","agent_name":"sub"}"#,
+        )]))
+        .expect("created");
+        p.apply_batch(own(vec![event(
+            r#"{"id":"x1","type":"agent.tool_use","name":"Read","session_thread_id":"t1"}"#,
+        )]))
+        .expect("cross-post (held)");
+        p.apply_batch(Batch {
+            session_id: "s1".into(),
+            thread: Some("t1".into()),
+            at_end: true,
+            ..Batch::default()
+        })
+        .expect("thread read to its end without it");
+        let counted = metrics.durable.total(Family::Events);
+        let records = p.store.outbox_len(Outbox::Records).expect("len");
+        assert_eq!(
+            metrics.durable.counter(Family::ToolCalls, &["Read", "sub"]),
+            1.0,
+            "the held tool use is counted"
+        );
+        assert_eq!((counted, records), (2.0, 2), "one record per counted event");
+    }
+
+    /// A request-end record names the model its metrics count it under.
+    #[test]
+    fn a_request_end_record_names_the_model_its_request_is_counted_under() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut p, metrics) = logs_pipeline(&dir.path().join("s.db"));
+        p.apply_batch(Batch {
+            session_id: "s1".into(),
+            meta: Some(SessionMeta { agent_name: Some("coder".into()), model: Some("qwen".into()), ..SessionMeta::default() }),
+            items: vec![
+                event(r#"{"id":"u1","type":"user.message","content":"hi"}"#),
+                event(r#"{"id":"r1","type":"span.model_request_start","model":"claude-x"}"#),
+                event(r#"{"id":"r2","type":"span.model_request_end","model_request_start_id":"r1","model_usage":{"input_tokens":3}}"#),
+            ],
+            ..Batch::default()
+        })
+        .expect("commit");
+        let counted_under = metrics
+            .durable
+            .counter(Family::ModelRequests, &["coder", "claude-x"]);
+        let rows = p
+            .store
+            .outbox_peek::<EventRecord>(Outbox::Records, 10)
+            .expect("peek");
+        let end = rows
+            .iter()
+            .filter_map(|(_, r)| r.as_ref())
+            .find(|r| r.event_id == "r2")
+            .expect("record");
+        assert_eq!(counted_under, 1.0);
+        assert_eq!(end.model.as_deref(), Some("claude-x"));
+    }
+
+    /// The first event of a new turn points at the new turn's trace, not at the turn its
+    /// arrival closed.
+    #[test]
+    fn the_event_that_opens_a_turn_points_at_that_turn_not_the_one_it_closed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut p, _metrics) = logs_pipeline(&dir.path().join("s.db"));
+        p.apply_batch(Batch {
+            session_id: "s1".into(),
+            meta: Some(SessionMeta { agent_name: Some("coder".into()), ..SessionMeta::default() }),
+            items: vec![
+                event(r#"{"id":"a1","type":"user.message","content":"hi","turn_id":"turn_1","processed_at":"2026-10-01T00:00:00Z"}"#),
+                event(r#"{"id":"a2","type":"agent.message","content":"x","turn_id":"turn_1","processed_at":"2026-10-01T00:00:01Z"}"#),
+                event(r#"{"id":"b1","type":"user.message","content":"again","turn_id":"turn_2","processed_at":"2026-10-01T00:01:00Z"}"#),
+                event(r#"{"id":"b2","type":"agent.message","content":"y","turn_id":"turn_2","processed_at":"2026-10-01T00:01:01Z"}"#),
+            ],
+            ..Batch::default()
+        })
+        .expect("commit");
+        let rows = p
+            .store
+            .outbox_peek::<EventRecord>(Outbox::Records, 10)
+            .expect("peek");
+        let b1 = rows
+            .iter()
+            .filter_map(|(_, r)| r.as_ref())
+            .find(|r| r.event_id == "b1")
+            .expect("b1");
+        assert_eq!(
+            b1.turn.as_ref().map(|t| t.span_event_id.as_str()),
+            Some("b1")
+        );
     }
 }

@@ -346,6 +346,19 @@ pub struct Exemplar {
     pub time_ns: Option<i64>,
 }
 
+/// Whether an example at `candidate` replaces the one at `shown`: only a newer one does (or
+/// the same instant). Prometheus drops an exemplar older than the last it stored for a series,
+/// and events reach a series out of time order (a thread's stream is read after the session's).
+/// A timed example is not replaced by an untimed one, which a scraper would stamp with the
+/// scrape's time and so make every later timed one look old.
+fn replaces(candidate: Option<i64>, shown: Option<i64>) -> bool {
+    match (candidate, shown) {
+        (Some(c), Some(s)) => c >= s,
+        (None, Some(_)) => false,
+        (_, None) => true,
+    }
+}
+
 /// Most labels a family has.
 const MAX_LABELS: usize = 3;
 
@@ -421,6 +434,7 @@ impl Delta {
         let mut buf = [""; MAX_LABELS];
         let labels = cut_labels(labels, &mut buf);
         let slot = match self.exemplars.get_mut(&LabelsRef(family, labels)) {
+            Some(slot) if !replaces(at.time_ns, slot.time_ns) => return,
             Some(slot) => slot,
             None => self.exemplars.entry(owned_key(family, labels)).or_default(),
         };
@@ -450,6 +464,8 @@ struct Inner {
     prometheus_series: usize,
     /// The latest example of the series of families with exemplars.
     exemplars: HashMap<SeriesKey, Exemplar>,
+    /// Every relabel published, in order (one per agent id whose name was learned: few).
+    relabels: Vec<(String, String)>,
 }
 
 /// How many Prometheus series one label set of `family` is.
@@ -531,6 +547,8 @@ pub struct Staged {
 /// Series moved from one `agent` label value to another (an agent's id to its name).
 #[derive(Debug, Default)]
 pub(crate) struct Relabel {
+    /// The `agent` value moved from and to, cut like every label value.
+    pub moved: (String, String),
     pub remove: Vec<SeriesKey>,
     pub put: Vec<(SeriesKey, SeriesValue)>,
 }
@@ -726,7 +744,13 @@ impl DurableMetrics {
             inner.insert(key, value);
         }
         for (key, e) in staged.exemplars {
-            inner.exemplars.insert(key, e);
+            match inner.exemplars.get_mut(&key) {
+                Some(shown) if replaces(e.time_ns, shown.time_ns) => *shown = e,
+                Some(_) => {}
+                None => {
+                    inner.exemplars.insert(key, e);
+                }
+            }
         }
     }
 
@@ -769,6 +793,7 @@ impl DurableMetrics {
             merged.insert(key, merge_values(base, value));
         }
         Relabel {
+            moved: (from.to_owned(), to.to_owned()),
             remove,
             put: merged.into_iter().collect(),
         }
@@ -784,6 +809,19 @@ impl DurableMetrics {
         for (key, value) in relabel.put {
             inner.insert(key, value);
         }
+        inner.relabels.push(relabel.moved);
+    }
+
+    /// The durable families as [`Collector::collect`] has them, and the relabels published
+    /// after the first `seen`, read at one instant: a delta push moves what it last pushed
+    /// along with the series, or a relabelled value would be pushed twice.
+    pub(crate) fn collect_since(
+        &self,
+        seen: usize,
+    ) -> (Vec<proto::MetricFamily>, Vec<(String, String)>) {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let moved = inner.relabels.get(seen..).unwrap_or_default().to_vec();
+        (collect_families(&inner), moved)
     }
 
     /// The current value of a counter series, for tests and summaries.
@@ -830,10 +868,10 @@ fn push_value(out: &mut Vec<u8>, v: f64) {
 }
 
 impl DurableMetrics {
-    /// Each family with series in the flavour asked for, in name order: the classic text format
-    /// (0.0.4) or OpenMetrics (with exemplars).
-    pub(crate) fn families_as(&self, flavor: Flavor) -> Vec<(&'static str, Vec<u8>)> {
-        let om = flavor == Flavor::OpenMetrics;
+    /// Each family with series as text, in name order: OpenMetrics (with exemplars) when
+    /// `format` says so, else the classic text format 0.0.4 (byte for byte what it always was).
+    pub(crate) fn families_as(&self, format: Exposition) -> Vec<(&'static str, Vec<u8>)> {
+        let om = format == Exposition::OpenMetrics;
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let mut by_name: Vec<Family> = Family::ALL.to_vec();
         by_name.sort_by_key(|f| f.name());
@@ -892,10 +930,17 @@ impl DurableMetrics {
                 .iter()
                 .map(f64::to_string)
                 .collect();
+            // OpenMetrics has exemplars on counters and histogram buckets, not on `unknown`.
+            let exemplars_allowed = om
+                && (family.buckets().is_some() || super::openmetrics::counter_stem(name).is_some());
             let mut labels = Vec::with_capacity(128);
             for (key, value) in series {
                 let values = &key.1;
-                let example = if om { inner.exemplars.get(key) } else { None };
+                let example = if exemplars_allowed {
+                    inner.exemplars.get(key)
+                } else {
+                    None
+                };
                 labels.clear();
                 for (k, &i) in order.iter().enumerate() {
                     labels.push(if k == 0 { b'{' } else { b',' });
@@ -969,68 +1014,72 @@ impl Collector for DurableMetrics {
     }
 
     fn collect(&self) -> Vec<proto::MetricFamily> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        let mut families: BTreeMap<Family, Vec<proto::Metric>> = BTreeMap::new();
-        for ((family, labels), value) in &inner.series {
-            let mut m = proto::Metric::default();
-            let mut pairs: Vec<proto::LabelPair> = family
-                .label_names()
-                .iter()
-                .zip(labels)
-                .map(|(n, v)| {
-                    let mut p = proto::LabelPair::default();
-                    p.set_name((*n).to_owned());
-                    p.set_value(v.clone());
-                    p
-                })
-                .collect();
-            pairs.sort_by(|a, b| a.name().cmp(b.name()));
-            m.set_label(pairs);
-            match value {
-                SeriesValue::Counter(v) => {
-                    let mut c = proto::Counter::default();
-                    c.set_value(from_micros(*v));
-                    m.set_counter(c);
-                }
-                SeriesValue::Histogram { counts, sum_us } => {
-                    let bounds = family.buckets().unwrap_or(&[]);
-                    let mut h = proto::Histogram::default();
-                    let mut cumulative = 0;
-                    let buckets = bounds
-                        .iter()
-                        .zip(counts)
-                        .map(|(bound, n)| {
-                            cumulative += n;
-                            let mut b = proto::Bucket::default();
-                            b.set_upper_bound(*bound);
-                            b.set_cumulative_count(cumulative);
-                            b
-                        })
-                        .collect();
-                    h.set_bucket(buckets);
-                    h.set_sample_count(counts.iter().sum());
-                    h.set_sample_sum(from_micros(*sum_us));
-                    m.set_histogram(h);
-                }
-            }
-            families.entry(*family).or_default().push(m);
-        }
-        families
-            .into_iter()
-            .map(|(family, metrics)| {
-                let mut mf = proto::MetricFamily::default();
-                mf.set_name(family.name().to_owned());
-                mf.set_help(family.help().to_owned());
-                mf.set_field_type(if family.buckets().is_some() {
-                    MetricType::HISTOGRAM
-                } else {
-                    MetricType::COUNTER
-                });
-                mf.set_metric(metrics);
-                mf
-            })
-            .collect()
+        collect_families(&self.inner.read().unwrap_or_else(|e| e.into_inner()))
     }
+}
+
+/// The durable series as Prometheus families.
+fn collect_families(inner: &Inner) -> Vec<proto::MetricFamily> {
+    let mut families: BTreeMap<Family, Vec<proto::Metric>> = BTreeMap::new();
+    for ((family, labels), value) in &inner.series {
+        let mut m = proto::Metric::default();
+        let mut pairs: Vec<proto::LabelPair> = family
+            .label_names()
+            .iter()
+            .zip(labels)
+            .map(|(n, v)| {
+                let mut p = proto::LabelPair::default();
+                p.set_name((*n).to_owned());
+                p.set_value(v.clone());
+                p
+            })
+            .collect();
+        pairs.sort_by(|a, b| a.name().cmp(b.name()));
+        m.set_label(pairs);
+        match value {
+            SeriesValue::Counter(v) => {
+                let mut c = proto::Counter::default();
+                c.set_value(from_micros(*v));
+                m.set_counter(c);
+            }
+            SeriesValue::Histogram { counts, sum_us } => {
+                let bounds = family.buckets().unwrap_or(&[]);
+                let mut h = proto::Histogram::default();
+                let mut cumulative = 0;
+                let buckets = bounds
+                    .iter()
+                    .zip(counts)
+                    .map(|(bound, n)| {
+                        cumulative += n;
+                        let mut b = proto::Bucket::default();
+                        b.set_upper_bound(*bound);
+                        b.set_cumulative_count(cumulative);
+                        b
+                    })
+                    .collect();
+                h.set_bucket(buckets);
+                h.set_sample_count(counts.iter().sum());
+                h.set_sample_sum(from_micros(*sum_us));
+                m.set_histogram(h);
+            }
+        }
+        families.entry(*family).or_default().push(m);
+    }
+    families
+        .into_iter()
+        .map(|(family, metrics)| {
+            let mut mf = proto::MetricFamily::default();
+            mf.set_name(family.name().to_owned());
+            mf.set_help(family.help().to_owned());
+            mf.set_field_type(if family.buckets().is_some() {
+                MetricType::HISTOGRAM
+            } else {
+                MetricType::COUNTER
+            });
+            mf.set_metric(metrics);
+            mf
+        })
+        .collect()
 }
 
 /// How the API can break its paging rules (`qoder_exporter_api_anomalies_total{kind}`):
@@ -1429,15 +1478,6 @@ pub struct Metrics {
     render_lock: std::sync::Arc<Mutex<()>>,
 }
 
-/// Which text exposition format a render writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Flavor {
-    /// The classic text format 0.0.4, byte for byte what it always was.
-    Classic,
-    /// OpenMetrics 1.0.0, with exemplars (Prometheus asks for it first).
-    OpenMetrics,
-}
-
 /// Content type of the classic text format, version 0.0.4.
 pub(crate) const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -1487,11 +1527,7 @@ impl Metrics {
             }
         }
         let om = format == Exposition::OpenMetrics;
-        let durable = self.durable.families_as(if om {
-            Flavor::OpenMetrics
-        } else {
-            Flavor::Classic
-        });
+        let durable = self.durable.families_as(format);
         let mut buf =
             Vec::with_capacity(durable.iter().map(|(_, t)| t.len()).sum::<usize>() + 16 * 1024);
         let enc = prometheus::TextEncoder::new();
@@ -1578,6 +1614,38 @@ mod tests {
                 family.name()
             );
         }
+    }
+
+    #[test]
+    fn a_series_example_is_only_ever_replaced_by_a_newer_one() {
+        let m = Metrics::new().expect("metrics");
+        let labels = ["coder", "qwen"];
+        let pairs = [
+            ("agent".to_owned(), "coder".to_owned()),
+            ("model".to_owned(), "qwen".to_owned()),
+        ];
+        let batch = |times: &[i64]| {
+            let mut d = Delta::default();
+            for (i, t) in times.iter().enumerate() {
+                d.inc(Family::ModelRequests, &labels, 1.0);
+                let span = format!("evt_{i}");
+                let at = ExampleAt {
+                    session_id: "sess_1",
+                    trace_key: "turn_1",
+                    span_event_id: &span,
+                    time_ns: Some(*t),
+                };
+                d.exemplar(Family::ModelRequests, &labels, at, 1.0);
+            }
+            m.durable.publish(m.durable.stage(&d));
+            m.durable
+                .exemplar_of("qoder_model_requests_total", &pairs)
+                .and_then(|e| e.time_ns)
+        };
+        assert_eq!(batch(&[20, 10]), Some(20), "within a batch");
+        assert_eq!(batch(&[15]), Some(20), "a later batch with an older event");
+        assert_eq!(batch(&[30]), Some(30));
+        assert!(replaces(Some(1), None) && !replaces(None, Some(1)) && replaces(None, None));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Where the pipeline's results go: Prometheus metrics, and OTLP traces, metrics and logs.
 
+pub mod drain;
 pub mod metrics;
 pub mod openmetrics;
 pub mod otlp;

@@ -43,10 +43,14 @@ fn hex(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
-/// `# TYPE` and `# HELP` of a family (a counter named without `_total`).
+/// `# TYPE` and `# HELP` of a family (a counter named by its stem, without `_total`; one whose
+/// stem is taken is `unknown` under its full name, see [`counter_stem`]).
 pub fn header(out: &mut Vec<u8>, name: &str, help: &str, kind: MetricType) {
     let (base, word) = match kind {
-        MetricType::COUNTER => (name.strip_suffix("_total").unwrap_or(name), "counter"),
+        MetricType::COUNTER => match counter_stem(name) {
+            Some(stem) => (stem, "counter"),
+            None => (name, "unknown"),
+        },
         MetricType::GAUGE => (name, "gauge"),
         MetricType::HISTOGRAM => (name, "histogram"),
         MetricType::SUMMARY => (name, "summary"),
@@ -61,6 +65,16 @@ pub fn header(out: &mut Vec<u8>, name: &str, help: &str, kind: MetricType) {
     out.push(b' ');
     push_escaped(out, help);
     out.push(b'\n');
+}
+
+/// The name OpenMetrics and OTLP give counter `name`: without its `_total`, unless that stem is
+/// another family's name (the per-session gauge `qoder_session_credits` next to the counter
+/// `qoder_session_credits_total`), or there is no `_total`. Such a counter keeps its full name:
+/// OpenMetrics declares it `unknown` (one name, one family), OTLP sends a sum under the full
+/// name (which the Collector's Prometheus translation leaves as it is).
+pub(crate) fn counter_stem(name: &str) -> Option<&str> {
+    name.strip_suffix("_total")
+        .filter(|stem| !super::session_series::GAUGE_NAMES.contains(stem))
 }
 
 /// ` # {trace_id="…",span_id="…"} value timestamp`, after a sample's value (the two ids are 63

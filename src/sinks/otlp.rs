@@ -6,11 +6,12 @@
 //! removes them from the outbox only when the endpoint accepted them. A crash between the two
 //! sends the same spans again with the same ids, which backends fold.
 //!
-//! When the endpoint fails, the turns stay and the shipper retries with capped backoff; the
-//! pipeline bounds the outbox and drops the oldest past `--otlp.outbox-max-turns`. A batch the
-//! endpoint refuses as malformed (HTTP 400/413, gRPC `InvalidArgument`) is retried one turn at
-//! a time, and a single turn it refuses is dropped (`reason="rejected"`), so one bad turn
-//! cannot stall the rest. Metrics never wait on any of this.
+//! When the endpoint fails, the turns stay and the shipper retries with capped backoff (the
+//! loop, and how it stops, are [`super::drain`]'s); the pipeline bounds the outbox and drops
+//! the oldest past `--otlp.outbox-max-turns`. A batch the endpoint refuses as malformed (HTTP
+//! 400/413, gRPC `InvalidArgument`) is retried one turn at a time, and a single turn it
+//! refuses is dropped (`reason="rejected"`), so one bad turn cannot stall the rest. Metrics
+//! never wait on any of this.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,17 +22,15 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{OtlpProtocol, OtlpSettings};
+use crate::sinks::drain::{OutboxSource, Round, Rounds, StopSignal, drain};
 use crate::sinks::metrics::ProcessMetrics;
 use crate::sinks::traces;
 use crate::turn::ClosedTurn;
 
 /// Turns per export request (a turn is one root span plus its children).
 const BATCH_TURNS: usize = 64;
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// The resource every span is reported under: `service.name` defaults to `qoder-exporter`
 /// unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` names one; `service.instance.id`
@@ -130,30 +129,7 @@ fn is_rejection(message: &str) -> bool {
     .any(|p| m.contains(p))
 }
 
-/// Where the shipper takes closed turns from: the span outbox, which the pipeline keeps in the
-/// state file (a turn enters it in the transaction of the batch that closed it).
-pub(crate) trait TurnOutbox: Send + Sync {
-    /// The oldest turns waiting, at most `limit`, with their outbox sequence numbers (`None`: a
-    /// row that no longer decodes). They stay leased until removed or released.
-    fn peek(
-        &self,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<(i64, Option<ClosedTurn>)>, OutboxError>> + Send;
-    /// Turns up to `seq` were exported (or given up on).
-    fn remove_through(&self, seq: i64) -> impl Future<Output = Result<(), OutboxError>> + Send;
-    /// The export of the last peeked turns failed: they may be trimmed again.
-    fn release(&self) -> impl Future<Output = Result<(), OutboxError>> + Send;
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OutboxError {
-    /// The pipeline stopped: the shipper stops too (what is left is sent at the next start).
-    Gone,
-    /// The state file refused the read or write: tried again after a back-off.
-    Store,
-}
-
-/// Drains the outbox into the endpoint until stopped.
+/// Drains the span outbox into the endpoint until stopped.
 #[derive(Debug)]
 pub(crate) struct Shipper<E, O> {
     pub exporter: E,
@@ -165,86 +141,48 @@ pub(crate) struct Shipper<E, O> {
     pub shape: traces::SpanShape,
 }
 
-impl Round {
-    fn after(e: OutboxError) -> Round {
-        match e {
-            OutboxError::Gone => Round::Stopped,
-            OutboxError::Store => Round::Failed,
-        }
-    }
-}
-
-enum Round {
-    /// The outbox is empty.
-    Idle,
-    /// Something was sent (or dropped); look again at once.
-    Progress,
-    /// The endpoint failed; wait before trying again.
-    Failed,
-    /// The pipeline is gone.
-    Stopped,
-}
-
-impl<E: opentelemetry_sdk::trace::SpanExporter, O: TurnOutbox> Shipper<E, O> {
-    /// Runs until `stop` is cancelled, then makes a last attempt to empty the outbox, for at
-    /// most `flush_within`.
-    pub async fn run(self, stop: CancellationToken, flush_within: Duration) {
-        let shape = self.shape.clone();
-        let mut batch = BATCH_TURNS;
-        let mut backoff = BACKOFF_MIN;
-        let mut failing: Option<Outage> = None;
-        loop {
-            let round = tokio::select! {
-                r = self.round(&shape, &mut batch, &mut failing) => r,
-                () = stop.cancelled() => break,
-            };
-            match round {
-                Round::Progress => backoff = BACKOFF_MIN,
-                Round::Idle => {
-                    tokio::select! {
-                        () = self.notify.notified() => {}
-                        () = stop.cancelled() => break,
-                    }
-                }
-                Round::Failed => {
-                    let wait = backoff.mul_f64(0.5 + fastrand::f64());
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = stop.cancelled() => break,
-                    }
-                }
-                Round::Stopped => return,
-            }
-        }
-        // Shutting down: the pipeline has committed what it will; send what is left.
-        let flush = async {
-            loop {
-                match self.round(&shape, &mut batch, &mut failing).await {
-                    Round::Progress => {}
-                    Round::Idle | Round::Stopped => return true,
-                    Round::Failed => return false,
-                }
-            }
+impl<E, O> Shipper<E, O>
+where
+    E: opentelemetry_sdk::trace::SpanExporter,
+    O: OutboxSource<ClosedTurn>,
+{
+    /// Runs until `stop` is asked for, then empties the outbox by its deadline (see
+    /// [`super::drain`]).
+    pub async fn run(self, stop: StopSignal) {
+        let notify = self.notify.clone();
+        let rounds = SpanRounds {
+            shipper: self,
+            batch: BATCH_TURNS,
+            failing: None,
         };
-        match tokio::time::timeout(flush_within, flush).await {
-            Ok(true) => tracing::info!("span outbox flushed"),
-            Ok(false) | Err(_) => tracing::warn!(
-                endpoint = %self.endpoint,
-                "could not flush the span outbox before exit; the spans are kept and sent at the next start"
-            ),
-        }
+        drain(rounds, notify, stop).await;
+    }
+}
+
+/// The span shipper between rounds: how many turns it reads at once (one at a time while it
+/// looks for a turn the endpoint refuses), and the outage in progress.
+struct SpanRounds<E, O> {
+    shipper: Shipper<E, O>,
+    batch: usize,
+    failing: Option<Outage>,
+}
+
+impl<E, O> Rounds for SpanRounds<E, O>
+where
+    E: opentelemetry_sdk::trace::SpanExporter,
+    O: OutboxSource<ClosedTurn>,
+{
+    const SIGNAL: &'static str = "traces";
+
+    fn endpoint(&self) -> &str {
+        &self.shipper.endpoint
     }
 
-    async fn round(
-        &self,
-        shape: &traces::SpanShape,
-        batch: &mut usize,
-        failing: &mut Option<Outage>,
-    ) -> Round {
-        let rows = match self.outbox.peek(*batch).await {
+    async fn round(&mut self) -> Round {
+        let s = &self.shipper;
+        let rows = match s.outbox.peek(self.batch).await {
             Ok(rows) => rows,
-            Err(e) => return Round::after(e),
+            Err(e) => return e.into(),
         };
         let Some(&(last, _)) = rows.last() else {
             return Round::Idle;
@@ -252,74 +190,82 @@ impl<E: opentelemetry_sdk::trace::SpanExporter, O: TurnOutbox> Shipper<E, O> {
         let mut spans: Vec<SpanData> = Vec::new();
         let mut unusable = 0u64;
         for (_, turn) in &rows {
-            match turn.as_ref().and_then(|t| traces::turn_spans(t, shape)) {
-                Some(s) => spans.extend(s),
+            match turn.as_ref().and_then(|t| traces::turn_spans(t, &s.shape)) {
+                Some(t) => spans.extend(t),
                 None => unusable += 1,
             }
         }
-        if unusable > 0 {
-            tracing::warn!(
-                turns = unusable,
-                "turns without any timestamp (or unreadable) cannot become spans; dropped"
-            );
-            self.metrics
-                .spans_dropped
-                .with_label_values(&["invalid"])
-                .inc_by(unusable);
-        }
+        // Turns that cannot become spans are counted when they leave the outbox, once.
+        let drop_unusable = || {
+            if unusable > 0 {
+                tracing::warn!(
+                    turns = unusable,
+                    "turns without any timestamp (or unreadable) cannot become spans; dropped"
+                );
+                s.metrics
+                    .spans_dropped
+                    .with_label_values(&["invalid"])
+                    .inc_by(unusable);
+            }
+        };
         let n = spans.len() as u64;
         let result = if spans.is_empty() {
             Ok(())
         } else {
-            self.exporter.export(spans).await
+            s.exporter.export(spans).await
         };
         match result {
             Ok(()) => {
                 // Exported: counted even if the outbox cannot forget them now (they would be
                 // sent again, with the same ids, rather than lost).
-                self.metrics.spans_exported.inc_by(n);
-                if let Err(e) = self.outbox.remove_through(last).await {
-                    return Round::after(e);
+                s.metrics.spans_exported.inc_by(n);
+                if let Err(e) = s.outbox.remove_through(last).await {
+                    return e.into();
                 }
-                if let Some(outage) = failing.take() {
-                    tracing::info!(endpoint = %self.endpoint, failed_attempts = outage.failures,
+                drop_unusable();
+                if let Some(outage) = self.failing.take() {
+                    tracing::info!(endpoint = %s.endpoint, failed_attempts = outage.failures,
                         outage = %humantime::format_duration(round_secs(outage.since.elapsed())),
                         "OTLP endpoint accepts spans again");
                 }
-                *batch = BATCH_TURNS;
+                self.batch = BATCH_TURNS;
                 Round::Progress
             }
             Err(e) => {
-                self.metrics.span_export_failures.inc();
+                s.metrics.span_export_failures.inc();
                 let message = e.to_string();
                 if is_rejection(&message) {
                     if rows.len() > 1 {
                         // Find the turn it refuses: one at a time from here.
-                        *batch = 1;
-                        return Round::Progress;
+                        self.batch = 1;
+                        return match s.outbox.release().await {
+                            Ok(()) => Round::Progress,
+                            Err(e) => e.into(),
+                        };
                     }
-                    tracing::warn!(endpoint = %self.endpoint, error = %message, spans = n,
+                    tracing::warn!(endpoint = %s.endpoint, error = %message, spans = n,
                         "the OTLP endpoint refused a turn's spans; dropped");
-                    self.metrics
+                    if let Err(e) = s.outbox.remove_through(last).await {
+                        return e.into();
+                    }
+                    s.metrics
                         .spans_dropped
                         .with_label_values(&["rejected"])
                         .inc_by(n);
-                    if let Err(e) = self.outbox.remove_through(last).await {
-                        return Round::after(e);
-                    }
+                    drop_unusable();
                     return Round::Progress;
                 }
-                if let Err(e) = self.outbox.release().await {
-                    return Round::after(e);
+                if let Err(e) = s.outbox.release().await {
+                    return e.into();
                 }
-                match failing {
+                match &mut self.failing {
                     Some(outage) => {
-                        outage.again(&self.endpoint, &message);
+                        outage.again(&s.endpoint, &message);
                     }
                     None => {
-                        tracing::warn!(endpoint = %self.endpoint, error = %message,
+                        tracing::warn!(endpoint = %s.endpoint, error = %message,
                             "OTLP export failed; spans stay in the outbox and are retried");
-                        *failing = Some(Outage::new());
+                        self.failing = Some(Outage::new());
                     }
                 }
                 Round::Failed

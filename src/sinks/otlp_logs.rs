@@ -9,40 +9,23 @@
 //! Refused as malformed (HTTP 400/413, gRPC `InvalidArgument`): retried one record at a time,
 //! and a single refused record is dropped and counted, so one bad record cannot stall the rest.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::event::unix_nanos;
 use crate::record::{EventRecord, Severity};
+use crate::sinks::drain::{OutboxSource, Round, Rounds, StopSignal, drain};
 use crate::sinks::metrics::ProcessMetrics;
-use crate::sinks::otlp::OutboxError;
 use crate::sinks::otlp_send::{OtlpSender, SendError};
 use crate::sinks::traces::{self, semconv};
 
 /// Records per export request.
 const BATCH_RECORDS: usize = 512;
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// Where the shipper takes records from (the pipeline implements it over the state file).
-pub(crate) trait RecordOutbox: Send + Sync {
-    /// The oldest records waiting, at most `limit`, with their sequence numbers (`None`: a row
-    /// that no longer decodes). They stay leased until removed or released.
-    fn peek(
-        &self,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<(i64, Option<EventRecord>)>, OutboxError>> + Send;
-    /// Records up to `seq` were exported (or given up on).
-    fn remove_through(&self, seq: i64) -> impl Future<Output = Result<(), OutboxError>> + Send;
-    /// The export of the last peeked records failed: they may be trimmed again.
-    fn release(&self) -> impl Future<Output = Result<(), OutboxError>> + Send;
-}
 
 fn kv(key: &str, value: any_value::Value) -> KeyValue {
     KeyValue {
@@ -153,70 +136,43 @@ pub(crate) struct LogShipper<O> {
     pub resource: Resource,
 }
 
-enum Round {
-    Idle,
-    Progress,
-    Failed,
-    Stopped,
-}
-
-fn after(e: OutboxError) -> Round {
-    match e {
-        OutboxError::Gone => Round::Stopped,
-        OutboxError::Store => Round::Failed,
-    }
-}
-
-impl<O: RecordOutbox> LogShipper<O> {
-    /// Runs until `stop` is cancelled, then sends what is left for at most `flush_within`.
-    pub async fn run(self, stop: CancellationToken, flush_within: Duration) {
-        let mut batch = BATCH_RECORDS;
-        let mut backoff = BACKOFF_MIN;
-        let mut failing = false;
-        loop {
-            let round = tokio::select! {
-                r = self.round(&mut batch, &mut failing) => r,
-                () = stop.cancelled() => break,
-            };
-            match round {
-                Round::Progress => backoff = BACKOFF_MIN,
-                Round::Idle => {
-                    tokio::select! {
-                        () = self.notify.notified() => {}
-                        () = stop.cancelled() => break,
-                    }
-                }
-                Round::Failed => {
-                    let wait = backoff.mul_f64(0.5 + fastrand::f64());
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = stop.cancelled() => break,
-                    }
-                }
-                Round::Stopped => return,
-            }
-        }
-        let flush = async {
-            loop {
-                match self.round(&mut batch, &mut failing).await {
-                    Round::Progress => {}
-                    Round::Idle | Round::Stopped => return true,
-                    Round::Failed => return false,
-                }
-            }
-        };
-        match tokio::time::timeout(flush_within, flush).await {
-            Ok(true) => tracing::info!("log outbox flushed"),
-            Ok(false) | Err(_) => tracing::warn!(endpoint = %self.sender.endpoint(),
-                "could not flush the log outbox before exit; the records are kept and sent at the next start"),
-        }
+impl<O: OutboxSource<EventRecord>> LogShipper<O> {
+    /// Runs until `stop` is asked for, then empties the outbox by its deadline (see
+    /// [`super::drain`]).
+    pub async fn run(self, stop: StopSignal) {
+        let notify = self.notify.clone();
+        drain(self.rounds(), notify, stop).await;
     }
 
-    async fn round(&self, batch: &mut usize, failing: &mut bool) -> Round {
-        let rows = match self.outbox.peek(*batch).await {
+    fn rounds(self) -> LogRounds<O> {
+        LogRounds {
+            shipper: self,
+            batch: BATCH_RECORDS,
+            failing: false,
+        }
+    }
+}
+
+/// The log shipper between rounds: how many records it reads at once (one at a time while it
+/// looks for a record the endpoint refuses), and whether the endpoint is failing.
+struct LogRounds<O> {
+    shipper: LogShipper<O>,
+    batch: usize,
+    failing: bool,
+}
+
+impl<O: OutboxSource<EventRecord>> Rounds for LogRounds<O> {
+    const SIGNAL: &'static str = "logs";
+
+    fn endpoint(&self) -> &str {
+        self.shipper.sender.endpoint()
+    }
+
+    async fn round(&mut self) -> Round {
+        let s = &self.shipper;
+        let rows = match s.outbox.peek(self.batch).await {
             Ok(rows) => rows,
-            Err(e) => return after(e),
+            Err(e) => return e.into(),
         };
         let Some(&(last, _)) = rows.last() else {
             return Round::Idle;
@@ -226,22 +182,25 @@ impl<O: RecordOutbox> LogShipper<O> {
             .iter()
             .filter_map(|(_, r)| r.as_ref().map(|r| log_record(r, observed)))
             .collect();
+        let p = &s.metrics;
+        // Rows that no longer read are counted when they leave the outbox, once.
         let unreadable = (rows.len() - records.len()) as u64;
-        let p = &self.metrics;
-        if unreadable > 0 {
-            tracing::warn!(
-                records = unreadable,
-                "log outbox rows that no longer read (another version wrote them); dropped"
-            );
-            p.otlp_dropped
-                .with_label_values(&["logs", "rejected"])
-                .inc_by(unreadable);
-        }
+        let drop_unreadable = || {
+            if unreadable > 0 {
+                tracing::warn!(
+                    records = unreadable,
+                    "log outbox rows that no longer read (another version wrote them); dropped"
+                );
+                p.otlp_dropped
+                    .with_label_values(&["logs", "rejected"])
+                    .inc_by(unreadable);
+            }
+        };
         let n = records.len() as u64;
         let result = if records.is_empty() {
             Ok(Default::default())
         } else {
-            self.sender.logs(self.request(records)).await
+            s.sender.logs(s.request(records)).await
         };
         match result {
             Ok(accepted) => {
@@ -249,7 +208,7 @@ impl<O: RecordOutbox> LogShipper<O> {
                     .with_label_values(&["logs"])
                     .inc_by(n.saturating_sub(accepted.rejected));
                 if accepted.rejected > 0 {
-                    tracing::warn!(endpoint = %self.sender.endpoint(), rejected = accepted.rejected,
+                    tracing::warn!(endpoint = %s.sender.endpoint(), rejected = accepted.rejected,
                         message = %accepted.message, "the OTLP endpoint dropped some log records");
                     p.otlp_dropped
                         .with_label_values(&["logs", "rejected"])
@@ -259,51 +218,55 @@ impl<O: RecordOutbox> LogShipper<O> {
                 p.otlp_last_success
                     .with_label_values(&["logs"])
                     .set(observed as f64 / 1e9);
-                if let Err(e) = self.outbox.remove_through(last).await {
-                    return after(e);
+                if let Err(e) = s.outbox.remove_through(last).await {
+                    return e.into();
                 }
-                if std::mem::take(failing) {
-                    tracing::info!(endpoint = %self.sender.endpoint(), "OTLP endpoint accepts log records again");
+                drop_unreadable();
+                if std::mem::take(&mut self.failing) {
+                    tracing::info!(endpoint = %s.sender.endpoint(), "OTLP endpoint accepts log records again");
                 }
-                *batch = BATCH_RECORDS;
+                self.batch = BATCH_RECORDS;
                 Round::Progress
             }
             Err(SendError::Rejected(message)) => {
                 p.otlp_export_failures.with_label_values(&["logs"]).inc();
                 if rows.len() > 1 {
                     // Find the record it refuses: one at a time from here.
-                    *batch = 1;
-                    if let Err(e) = self.outbox.release().await {
-                        return after(e);
-                    }
-                    return Round::Progress;
+                    self.batch = 1;
+                    return match s.outbox.release().await {
+                        Ok(()) => Round::Progress,
+                        Err(e) => e.into(),
+                    };
                 }
-                tracing::warn!(endpoint = %self.sender.endpoint(), error = %message,
+                tracing::warn!(endpoint = %s.sender.endpoint(), error = %message,
                     "the OTLP endpoint refused a log record; dropped");
+                if let Err(e) = s.outbox.remove_through(last).await {
+                    return e.into();
+                }
                 p.otlp_dropped
                     .with_label_values(&["logs", "rejected"])
                     .inc_by(n);
-                if let Err(e) = self.outbox.remove_through(last).await {
-                    return after(e);
-                }
+                drop_unreadable();
                 Round::Progress
             }
             Err(SendError::Failed(message)) => {
                 p.otlp_export_failures.with_label_values(&["logs"]).inc();
-                if let Err(e) = self.outbox.release().await {
-                    return after(e);
+                if let Err(e) = s.outbox.release().await {
+                    return e.into();
                 }
-                if std::mem::replace(failing, true) {
-                    tracing::debug!(endpoint = %self.sender.endpoint(), error = %message, "OTLP log export failed again");
+                if std::mem::replace(&mut self.failing, true) {
+                    tracing::debug!(endpoint = %s.sender.endpoint(), error = %message, "OTLP log export failed again");
                 } else {
-                    tracing::warn!(endpoint = %self.sender.endpoint(), error = %message,
+                    tracing::warn!(endpoint = %s.sender.endpoint(), error = %message,
                         "OTLP log export failed; records stay in the outbox and are retried");
                 }
                 Round::Failed
             }
         }
     }
+}
 
+impl<O> LogShipper<O> {
     fn request(&self, records: Vec<LogRecord>) -> ExportLogsServiceRequest {
         ExportLogsServiceRequest {
             resource_logs: vec![ResourceLogs {
@@ -364,5 +327,85 @@ mod tests {
             keys.contains(&"error.type") && keys.contains(&"session.id"),
             "{keys:?}"
         );
+    }
+
+    /// An outbox in memory, for the shipper's rounds.
+    #[derive(Default)]
+    struct Rows(std::sync::Mutex<Vec<(i64, Option<EventRecord>)>>);
+
+    impl OutboxSource<EventRecord> for Rows {
+        async fn peek(
+            &self,
+            limit: usize,
+        ) -> Result<Vec<(i64, Option<EventRecord>)>, crate::sinks::drain::OutboxError> {
+            Ok(self
+                .0
+                .lock()
+                .expect("rows")
+                .iter()
+                .take(limit)
+                .cloned()
+                .collect())
+        }
+        async fn remove_through(&self, seq: i64) -> Result<(), crate::sinks::drain::OutboxError> {
+            self.0.lock().expect("rows").retain(|(s, _)| *s > seq);
+            Ok(())
+        }
+        async fn release(&self) -> Result<(), crate::sinks::drain::OutboxError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_row_is_one_dropped_record_however_often_its_batch_is_retried() {
+        let metrics = crate::sinks::metrics::Metrics::new().expect("metrics");
+        // Nothing listens on port 9 (discard) here: every send fails.
+        let target = crate::config::OtlpTarget {
+            endpoint: "http://127.0.0.1:9/v1/logs".into(),
+            protocol: crate::config::OtlpProtocol::HttpProtobuf,
+            headers: Vec::new(),
+            timeout: std::time::Duration::from_secs(1),
+        };
+        let outbox = Rows::default();
+        let readable = EventRecord {
+            session_id: "s".into(),
+            event_id: "e".into(),
+            ..EventRecord::default()
+        };
+        outbox
+            .0
+            .lock()
+            .expect("rows")
+            .extend([(1, None), (2, Some(readable))]);
+        let mut rounds = LogShipper {
+            sender: OtlpSender::new(&target).expect("sender"),
+            outbox,
+            metrics: metrics.process.clone(),
+            notify: std::sync::Arc::default(),
+            resource: Resource::default(),
+        }
+        .rounds();
+        let dropped = || {
+            metrics
+                .process
+                .otlp_dropped
+                .with_label_values(&["logs", "rejected"])
+                .get()
+        };
+        for _ in 0..3 {
+            assert_eq!(rounds.round().await, Round::Failed);
+        }
+        assert_eq!(dropped(), 0, "still in the outbox: not dropped yet");
+        // With only the unreadable row left there is nothing to send: it leaves, counted once.
+        rounds
+            .shipper
+            .outbox
+            .0
+            .lock()
+            .expect("rows")
+            .retain(|(s, _)| *s == 1);
+        assert_eq!(rounds.round().await, Round::Progress);
+        assert_eq!(rounds.round().await, Round::Idle);
+        assert_eq!(dropped(), 1);
     }
 }

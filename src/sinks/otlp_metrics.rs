@@ -3,8 +3,9 @@
 //! The push reads what a scrape reads (the registry and the durable families, gathered as
 //! Prometheus families) and converts it, so the two cannot disagree. Names and units are chosen
 //! so that an OpenTelemetry Collector's Prometheus exporter, with its default name translation,
-//! gives back the `/metrics` names: a counter loses `_total` (re-added for a monotonic sum), a
-//! `_seconds` or `_bytes` suffix becomes the unit `s` or `By` (re-added from the unit).
+//! gives back the `/metrics` names: a counter loses `_total` (re-added for a monotonic sum)
+//! unless that would give it another family's name, a `_seconds` or `_bytes` suffix becomes the
+//! unit `s` or `By` (re-added from the unit).
 //!
 //! Start times: the event-derived (durable) families count since the state file was created,
 //! and that time is kept in the state file, so a restart continues the same cumulative series;
@@ -17,6 +18,7 @@
 //! startup (a crash loses the changes since the last accepted push; a SIGTERM pushes once more
 //! before exit).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
@@ -28,10 +30,10 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prometheus::proto::{self as prom, MetricType};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Temporality;
 use crate::event::unix_nanos;
+use crate::sinks::drain::StopSignal;
 use crate::sinks::metrics::{DurableMetrics, Family, Metrics};
 use crate::sinks::otlp_send::{OtlpSender, SendError};
 
@@ -47,7 +49,7 @@ pub struct StartTimes {
 /// The OTLP name and unit for a Prometheus family (see the module documentation).
 pub(crate) fn otlp_name(prom_name: &str, kind: MetricType) -> (&str, &'static str) {
     let name = match kind {
-        MetricType::COUNTER => prom_name.strip_suffix("_total").unwrap_or(prom_name),
+        MetricType::COUNTER => super::openmetrics::counter_stem(prom_name).unwrap_or(prom_name),
         _ => prom_name,
     };
     for (suffix, unit) in [("_seconds", "s"), ("_bytes", "By")] {
@@ -79,10 +81,61 @@ pub enum Reached {
 }
 
 /// The totals of the last accepted push, and when it was taken (delta temporality).
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Baseline {
     at: u64,
     series: BTreeMap<SeriesId, Reached>,
+    /// The durable relabels (agent id → name) this baseline's series reflect.
+    relabels_seen: usize,
+}
+
+impl Baseline {
+    /// This baseline with the durable series of `moves` (agent `from` → `to`, in order) moved
+    /// as the metrics moved them: what was pushed under the id counts as pushed under the
+    /// name, so the next delta of the name's series is only what is new.
+    fn relabelled(&self, moves: &[(String, String)], durable: &HashSet<&str>) -> Baseline {
+        let mut series = self.series.clone();
+        for (from, to) in moves {
+            let from_agent = ("agent".to_owned(), from.clone());
+            let moving: Vec<SeriesId> = series
+                .keys()
+                .filter(|(name, labels)| {
+                    durable.contains(name.as_str()) && labels.contains(&from_agent)
+                })
+                .cloned()
+                .collect();
+            for id in moving {
+                let Some(reached) = series.remove(&id) else {
+                    continue;
+                };
+                let (name, mut labels) = id;
+                for pair in &mut labels {
+                    if *pair == from_agent {
+                        pair.1.clone_from(to);
+                    }
+                }
+                let merged = match (series.remove(&(name.clone(), labels.clone())), reached) {
+                    (Some(Reached::Counter(a)), Reached::Counter(b)) => {
+                        Reached::Counter(micro_diff(a + b, 0.0))
+                    }
+                    (
+                        Some(Reached::Histogram { counts: a, sum: sa }),
+                        Reached::Histogram { counts: b, sum: sb },
+                    ) if a.len() == b.len() => Reached::Histogram {
+                        counts: a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+                        sum: micro_diff(sa + sb, 0.0),
+                    },
+                    (_, reached) => reached,
+                };
+                series.insert((name, labels), merged);
+            }
+        }
+        Baseline {
+            at: self.at,
+            series,
+            relabels_seen: self.relabels_seen + moves.len(),
+        }
+    }
 }
 
 /// Counters in the durable families are exact to a millionth; differences are taken in those
@@ -97,9 +150,10 @@ pub struct Conversion<'a> {
     pub starts: StartTimes,
     pub now: u64,
     pub temporality: Temporality,
-    /// Delta: the last accepted push (read), and the totals of this one (written).
-    pub baseline: &'a Baseline,
-    pub reached: BTreeMap<SeriesId, Reached>,
+    /// Delta: the last accepted push (read; relabelled when the series moved since), and
+    /// the totals of this one (written).
+    baseline: Cow<'a, Baseline>,
+    reached: BTreeMap<SeriesId, Reached>,
     pub points: u64,
     durable: HashSet<&'static str>,
     /// Where the durable series' exemplars come from.
@@ -117,11 +171,20 @@ impl<'a> Conversion<'a> {
             starts,
             now,
             temporality,
-            baseline,
+            baseline: Cow::Borrowed(baseline),
             reached: BTreeMap::new(),
             points: 0,
             durable: Family::ALL.iter().map(|f| f.name()).collect(),
             exemplars: None,
+        }
+    }
+
+    /// The baseline of the next delta, once this push is accepted.
+    pub fn accepted(self) -> Baseline {
+        Baseline {
+            at: self.now,
+            series: self.reached,
+            relabels_seen: self.baseline.relabels_seen,
         }
     }
 
@@ -321,7 +384,11 @@ pub fn request<'a>(
     conv: &mut Conversion<'a>,
 ) -> ExportMetricsServiceRequest {
     let mut families = metrics.registry.gather();
-    families.extend(prometheus::core::Collector::collect(&*metrics.durable));
+    let (durable, moved) = metrics.durable.collect_since(conv.baseline.relabels_seen);
+    families.extend(durable);
+    if !moved.is_empty() {
+        conv.baseline = Cow::Owned(conv.baseline.relabelled(&moved, &conv.durable));
+    }
     families.sort_by(|a, b| a.name().cmp(b.name()));
     conv.exemplars = Some(&metrics.durable);
     let out: Vec<Metric> = families.iter().filter_map(|f| conv.family(f)).collect();
@@ -367,24 +434,25 @@ pub(crate) struct MetricsPusher {
 }
 
 impl MetricsPusher {
-    pub async fn run(self, stop: CancellationToken, flush_within: Duration) {
-        let mut baseline = Baseline::default();
-        if self.temporality == Temporality::Delta {
-            // Counted before this start was pushed by the last run (or lost with a crash):
-            // deltas start from the totals at startup.
-            let mut conv = Conversion::new(
-                self.starts,
-                unix_nanos(SystemTime::now()),
-                self.temporality,
-                &baseline,
-            );
-            let _ = request(&self.metrics, &self.resource, &mut conv);
-            let (at, reached) = (conv.now, conv.reached);
-            baseline = Baseline {
-                at,
-                series: reached,
-            };
+    /// Where the first delta starts: the totals now (cumulative: nothing). Taken before the
+    /// pipeline counts anything, so what it counts from here is in a delta; what was counted
+    /// before was pushed by the last run (or lost with a crash).
+    pub fn first_baseline(&self) -> Baseline {
+        let baseline = Baseline::default();
+        if self.temporality == Temporality::Cumulative {
+            return baseline;
         }
+        let now = unix_nanos(SystemTime::now());
+        let mut conv = Conversion::new(self.starts, now, self.temporality, &baseline);
+        let _ = request(&self.metrics, &self.resource, &mut conv);
+        conv.accepted()
+    }
+
+    /// Pushes every interval until `stop` is asked for; then, once the pipeline's last
+    /// batch is committed (it is asked last), the final totals, by the stop's deadline. A
+    /// push in flight is finished, not cut, unless the deadline passes: a delta cut after the
+    /// endpoint took it would be sent again.
+    pub async fn run(self, mut baseline: Baseline, stop: StopSignal) {
         let mut failing = false;
         let mut tick =
             tokio::time::interval_at(tokio::time::Instant::now() + self.interval, self.interval);
@@ -392,14 +460,20 @@ impl MetricsPusher {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = stop.cancelled() => break,
+                _ = stop.requested() => break,
             }
-            self.push(&mut baseline, &mut failing).await;
+            if stop
+                .finish(self.push(&mut baseline, &mut failing))
+                .await
+                .is_none()
+            {
+                break;
+            }
         }
-        // Stopping: the pipeline has committed its last batch; push the final totals.
-        if tokio::time::timeout(flush_within, self.push(&mut baseline, &mut failing))
+        if stop
+            .finish(self.push(&mut baseline, &mut failing))
             .await
-            .is_err()
+            .is_none()
         {
             tracing::warn!(endpoint = %self.sender.endpoint(), "the last metrics push did not finish before exit");
         }
@@ -410,7 +484,7 @@ impl MetricsPusher {
         let now = unix_nanos(SystemTime::now());
         let mut conv = Conversion::new(self.starts, now, self.temporality, baseline);
         let req = request(&self.metrics, &self.resource, &mut conv);
-        let (points, reached) = (conv.points, conv.reached);
+        let points = conv.points;
         let p = &self.metrics.process;
         let advance = match self.sender.metrics(req).await {
             Ok(accepted) => {
@@ -455,10 +529,7 @@ impl MetricsPusher {
             }
         };
         if advance && self.temporality == Temporality::Delta {
-            *baseline = Baseline {
-                at: now,
-                series: reached,
-            };
+            *baseline = conv.accepted();
         }
         advance
     }
@@ -467,7 +538,77 @@ impl MetricsPusher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::metrics::Delta;
+    use crate::sinks::metrics::{Delta, Exposition};
+
+    /// Metrics with a series in every durable family, a session's gauges, and the OTLP
+    /// delivery families.
+    fn every_family() -> Metrics {
+        let m = Metrics::new().expect("metrics");
+        m.process.otlp_signal_on(&m.registry, "metrics");
+        m.process.otlp_signal_on(&m.registry, "logs");
+        let mut d = Delta::default();
+        for f in Family::ALL {
+            let labels = vec!["x"; f.label_names().len()];
+            match f.buckets() {
+                Some(_) => d.observe_ns(f, &labels, 1_000_000),
+                None => d.inc(f, &labels, 1.0),
+            }
+        }
+        m.durable.publish(m.durable.stage(&d));
+        m.sessions.set_limit(10);
+        let view = crate::sinks::session_series::SessionView {
+            agent: "coder".into(),
+            status: "running".into(),
+            credits: [("model".to_owned(), 1.5)].into(),
+            budget: Some(10.0),
+        };
+        m.sessions.update("sess_1", view, true);
+        m
+    }
+
+    #[test]
+    fn every_family_has_a_name_of_its_own_in_openmetrics_and_in_otlp() {
+        let m = every_family();
+        let (body, _) = m.render(Exposition::OpenMetrics);
+        let body = String::from_utf8(body).expect("utf-8");
+        let mut declared: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert!(
+            declared.contains(&"qoder_session_credits"),
+            "the gauge is there"
+        );
+        assert!(
+            declared.contains(&"qoder_session_credits_total"),
+            "the counter too"
+        );
+        let n = declared.len();
+        declared.sort_unstable();
+        declared.dedup();
+        assert_eq!(declared.len(), n, "a family declared twice:\n{body}");
+        let base = Baseline::default();
+        let mut conv = Conversion::new(
+            StartTimes {
+                durable: 1,
+                process: 1,
+            },
+            2,
+            Temporality::Cumulative,
+            &base,
+        );
+        let req = request(&m, &Resource::default(), &mut conv);
+        let mut names: Vec<&str> = req.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .iter()
+            .map(|x| x.name.as_str())
+            .collect();
+        let n = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n, "two OTLP metrics share a name: {names:?}");
+    }
 
     #[test]
     fn names_come_back_through_the_collectors_translation() {
@@ -602,13 +743,79 @@ mod tests {
             let v = credits(&req);
             if accepted {
                 sum += v;
-                base = Baseline {
-                    at: round * 10,
-                    series: conv.reached,
-                };
+                base = conv.accepted();
             }
         }
         assert!((sum - 0.7).abs() < 1e-12, "{sum}");
         assert!((m.durable.counter(Family::Credits, &["coder", "qwen"]) - 0.7).abs() < 1e-12);
+    }
+}
+
+/// Delta temporality across a relabel.
+#[cfg(test)]
+mod relabel_tests {
+    use super::*;
+    use crate::sinks::metrics::Delta;
+
+    fn sum_points(req: &ExportMetricsServiceRequest, name: &str) -> Vec<(String, f64)> {
+        let Some(metric::Data::Sum(s)) = req.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.data.as_ref())
+        else {
+            return Vec::new();
+        };
+        s.data_points
+            .iter()
+            .map(|p| {
+                let agent = p
+                    .attributes
+                    .iter()
+                    .find(|a| a.key == "agent")
+                    .and_then(|a| a.value.as_ref())
+                    .and_then(|v| match &v.value {
+                        Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                let v = match p.value {
+                    Some(number_data_point::Value::AsDouble(v)) => v,
+                    _ => f64::NAN,
+                };
+                (agent, v)
+            })
+            .collect()
+    }
+
+    /// Σ of every delta pushed must equal the total counted.
+    #[test]
+    fn deltas_sum_to_the_total_across_an_agent_id_to_name_relabel() {
+        let m = Metrics::new().expect("metrics");
+        let starts = StartTimes {
+            durable: 1,
+            process: 1,
+        };
+        let mut base = Baseline::default();
+        let mut pushed = 0.0;
+        let push = |m: &Metrics, base: &mut Baseline, at: u64| {
+            let mut conv = Conversion::new(starts, at, Temporality::Delta, base);
+            let req = request(m, &Resource::default(), &mut conv);
+            let pts = sum_points(&req, "qoder_model_requests");
+            *base = conv.accepted();
+            pts.iter().map(|(_, v)| v).sum::<f64>()
+        };
+        // One request under the agent's id, one under its name: both pushed.
+        let mut d = Delta::default();
+        d.inc(Family::ModelRequests, &["agent_7", "qwen"], 1.0);
+        d.inc(Family::ModelRequests, &["triage", "qwen"], 1.0);
+        m.durable.publish(m.durable.stage(&d));
+        pushed += push(&m, &mut base, 10);
+        // The id's name is learned: its series move to the name (the pipeline's learn_agent).
+        let r = m.durable.stage_relabel("agent_7", "triage");
+        m.durable.publish_relabel(r);
+        pushed += push(&m, &mut base, 20);
+        let total = m.durable.total(Family::ModelRequests);
+        assert_eq!(pushed, total, "Σ deltas = total");
     }
 }

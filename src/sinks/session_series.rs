@@ -48,6 +48,8 @@ pub struct SessionSeries {
 const INFO: &str = "qoder_session_info";
 const CREDITS: &str = "qoder_session_credits";
 const BUDGET: &str = "qoder_session_budget_credits";
+/// Every family these series are in (all gauges).
+pub(crate) const GAUGE_NAMES: [&str; 3] = [INFO, CREDITS, BUDGET];
 
 impl SessionSeries {
     pub fn new(limit: usize) -> SessionSeries {

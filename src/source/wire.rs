@@ -235,29 +235,42 @@ impl WireContent {
     }
 }
 
-/// Whether tool inputs are decoded (`--otlp.logs.include-content`). Process-wide: the decoder
+/// Whether tool inputs are kept (`--otlp.logs.include-content`). Process-wide: the decoder
 /// runs deep in the poller and `replay`, and an input is skipped unread unless it is wanted
-/// (inputs hold whole files; building them for nothing would cost every `agent.tool_use`).
+/// (inputs hold whole files; copying them for nothing would cost every `agent.tool_use`).
 static KEEP_TOOL_INPUTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Decode tool inputs from now on (content export was asked for).
-pub(crate) fn keep_tool_inputs() {
-    KEEP_TOOL_INPUTS.store(true, std::sync::atomic::Ordering::Relaxed);
+/// Keep tool inputs from now on (content export was asked for), or stop keeping them.
+pub(crate) fn set_keep_tool_inputs(on: bool) {
+    KEEP_TOOL_INPUTS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// A tool use's `input`, as compact JSON text when kept.
+/// A tool use's `input`, as the JSON text it was sent as, when kept.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ToolInput(pub Option<String>);
 
 impl<'de> Deserialize<'de> for ToolInput {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ToolInput, D::Error> {
         if KEEP_TOOL_INPUTS.load(std::sync::atomic::Ordering::Relaxed) {
-            let v = serde_json::Value::deserialize(d)?;
-            Ok(ToolInput((!v.is_null()).then(|| v.to_string())))
+            KeptInput::deserialize(d).map(|k| ToolInput(k.0))
         } else {
             serde::de::IgnoredAny::deserialize(d)?;
             Ok(ToolInput(None))
         }
+    }
+}
+
+/// A tool input kept as its text, unparsed: whatever the skipping decoder accepts (any depth,
+/// numbers past `f64`), the keeping one accepts too, so the flag changes nothing but the text.
+#[derive(Debug, Default, PartialEq)]
+struct KeptInput(Option<String>);
+
+impl<'de> Deserialize<'de> for KeptInput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KeptInput, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        Ok(KeptInput(
+            (raw.get() != "null").then(|| raw.get().to_owned()),
+        ))
     }
 }
 
@@ -334,7 +347,7 @@ pub struct WireEvent {
     pub custom_tool_use_id: Option<String>,
     #[serde(default)]
     pub mcp_server_name: Option<String>,
-    /// A tool use's input, as JSON text, only while [`keep_tool_inputs`] is on.
+    /// A tool use's input, as JSON text, only while [`set_keep_tool_inputs`] has it on.
     #[serde(default)]
     pub input: ToolInput,
     // messages
@@ -856,5 +869,29 @@ mod tests {
         assert_eq!(g1.agent, Some(WireAgent::Id("agent_9".into())));
         assert_eq!(g1.status, None);
         assert!(decode_session(r#"{"status":"idle"}"#).is_none());
+    }
+
+    #[test]
+    fn a_kept_tool_input_is_its_text_whatever_the_skipping_decoder_accepts() {
+        // Deeper than serde_json's recursion limit (128), and a number past f64: skipping
+        // reads both, so keeping must too (the flag must not make an event unreadable).
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        for input in [deep.as_str(), r#"{"x":1e400}"#, r#"{"command":"ls"}"#] {
+            let skipped = serde_json::from_str::<serde::de::IgnoredAny>(input);
+            let kept = serde_json::from_str::<KeptInput>(input).expect("kept");
+            assert!(skipped.is_ok(), "{input}");
+            assert_eq!(kept.0.as_deref(), Some(input));
+        }
+        assert_eq!(
+            serde_json::from_str::<KeptInput>("null").expect("null").0,
+            None
+        );
+        // The lenient decoder's path (a `Value`) keeps it too.
+        let v = serde_json::json!({"command": "ls"});
+        let kept = serde_json::from_value::<KeptInput>(v).expect("from a value");
+        assert_eq!(kept.0.as_deref(), Some(r#"{"command":"ls"}"#));
+        // With inputs skipped (the default), such an event reads.
+        let raw = format!(r#"{{"id":"e1","type":"agent.tool_use","name":"Read","input":{deep}}}"#);
+        assert!(decode_event(&raw).is_ok());
     }
 }

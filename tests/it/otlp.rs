@@ -243,9 +243,16 @@ fn label_pairs(kvs: &[KeyValue]) -> Vec<(String, String)> {
 
 /// The OpenTelemetry Collector's Prometheus name translation (its default, with suffixes):
 /// the unit's Prometheus word is appended unless the name has it, and a monotonic sum gets
-/// `_total` (`pkg/translator/prometheus`, `normalize_name.go`).
+/// `_total` in place of any `total` word (`pkg/translator/prometheus`, `normalize_name.go`).
 fn prometheus_name(name: &str, unit: &str, monotonic: bool) -> String {
-    let mut out = name.to_owned();
+    let mut out = if monotonic {
+        name.split('_')
+            .filter(|t| *t != "total")
+            .collect::<Vec<_>>()
+            .join("_")
+    } else {
+        name.to_owned()
+    };
     let word = match unit {
         "s" => Some("seconds"),
         "By" => Some("bytes"),
@@ -693,4 +700,45 @@ async fn content_goes_out_only_on_opt_in_and_only_for_the_chosen_event_types() {
             .any(|(t, b)| t == "user.message" && !b.is_empty()),
         "message text"
     );
+}
+
+/// An endpoint that takes connections and never answers (a blackhole: a firewall dropping
+/// replies, a hung collector) holds every export until its timeout (10 s by default). A
+/// SIGTERM must not wait for each signal's in turn: the shippers and the final push share one
+/// 5 s deadline, and what is left stays for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_every_signal_at_a_silent_endpoint_exits_by_the_shared_deadline() {
+    let sim = sim(ScenarioConfig {
+        seed: 43,
+        sessions: 3,
+        stagger: 0,
+        max_turns: 2,
+        ..ScenarioConfig::default()
+    })
+    .await;
+    sim.release_all();
+    // Listening, never accepting: the kernel completes the connections, nobody answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let at = format!("http://{}", silent.local_addr().expect("addr"));
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", at),
+        ("OTEL_METRICS_EXPORTER", "otlp".to_owned()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "100".to_owned()),
+        ("OTEL_LOGS_EXPORTER", "otlp".to_owned()),
+    ];
+    let dir = tempfile::tempdir().expect("dir");
+    let mut p = spawn_with_env(&sim, &dir.path().join("s.db"), &[], &env_refs(&env));
+    wait_exact(p.addr, &sim.totals, Duration::from_secs(60)).await;
+    let took = p.terminate();
+    let log = p.log();
+    assert!(
+        took < Duration::from_secs(9),
+        "SIGTERM took {took:?}: the deadlines were not shared\n{log}"
+    );
+    assert!(
+        log.contains("could not flush the outbox before exit"),
+        "{log}"
+    );
+    assert!(log.contains("state committed and closed"), "{log}");
+    drop(silent);
 }

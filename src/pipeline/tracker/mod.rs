@@ -152,6 +152,22 @@ pub(crate) struct ThreadRead {
     pub gone: bool,
 }
 
+/// What reading a batch of a thread's stream leaves: the events consumed from that stream so
+/// far, and the cross-posts the end of the stream released and counted (each with the
+/// context of its log record).
+#[derive(Debug)]
+pub(crate) struct ThreadReadOutcome {
+    pub consumed: u64,
+    pub released: Vec<Released>,
+}
+
+/// A held cross-post counted when its thread's stream ended without showing it.
+#[derive(Debug)]
+pub(crate) struct Released {
+    pub event: Event,
+    pub context: crate::record::RecordContext,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct OpenRequest {
@@ -404,13 +420,24 @@ impl SessionState {
             trace_key: t.parent.as_ref().map_or(&t.key, |p| &p.key).clone(),
             span_event_id: t.first_event_id.clone(),
         };
-        let turn = match closed_now.last() {
-            Some(c) => Some(turn_ref(&c.turn)),
-            None => tracker.turn.as_ref().map(turn_ref),
+        // An event that closed one turn and opened the next (a new `turn_id`) is the next
+        // turn's first event: it belongs to the turn it opened.
+        let opened = tracker.turn.as_ref().filter(|t| t.first_event_id == ev.id);
+        let turn = match (opened, closed_now.last()) {
+            (Some(t), _) => Some(turn_ref(t)),
+            (None, Some(c)) => Some(turn_ref(&c.turn)),
+            (None, None) => tracker.turn.as_ref().map(turn_ref),
+        };
+        // A request is counted under the model its start named, which the turn keeps.
+        let request_model = match ev.kind {
+            EventKind::ModelRequestEnd { .. } => {
+                tracker.turn.as_ref().and_then(|t| t.last_model.clone())
+            }
+            _ => None,
         };
         RecordContext {
             agent: tracker.agent.clone(),
-            model: tracker.model.clone(),
+            model: request_model.or_else(|| tracker.model.clone()),
             turn,
         }
     }
@@ -521,7 +548,7 @@ impl SessionState {
 
     /// Records that a batch of thread `tid`'s stream was applied: its cursor (when it moved),
     /// and whether the stream was read to its end (or is gone). Returns the events
-    /// consumed from that stream so far.
+    /// consumed from that stream so far, and the held cross-posts this counted.
     pub(crate) fn thread_read(
         &mut self,
         session_id: &str,
@@ -529,12 +556,13 @@ impl SessionState {
         read: ThreadRead,
         delta: &mut Delta,
         closed: &mut Vec<ClosedTurn>,
-    ) -> u64 {
+    ) -> ThreadReadOutcome {
         let ThreadRead {
             cursor,
             at_end,
             gone,
         } = read;
+        let mut released = Vec::new();
         if at_end {
             // Read to its end without showing them: the cross-posts count as they are.
             let held = self
@@ -544,15 +572,22 @@ impl SessionState {
                 .unwrap_or_default();
             for ev in held {
                 let parent = self.turn_at(ev.time_ns);
+                let closed_before = closed.len();
                 if let Some(thread) = self.threads.get_mut(tid)
                     && !thread.seen.contains(&ev.id)
+                    && Self::apply_to_thread(thread, parent, session_id, &ev, delta, closed)
+                        == Applied::Counted
                 {
-                    Self::apply_to_thread(thread, parent, session_id, &ev, delta, closed);
+                    let context = self.record_context(&ev, Some(tid), &closed[closed_before..]);
+                    released.push(Released { event: ev, context });
                 }
             }
         }
         let Some(thread) = self.threads.get_mut(tid) else {
-            return 0;
+            return ThreadReadOutcome {
+                consumed: 0,
+                released,
+            };
         };
         if cursor.is_some() {
             thread.cursor = cursor;
@@ -563,7 +598,10 @@ impl SessionState {
         if gone {
             thread.active = false;
         }
-        thread.tracker.consumed
+        ThreadReadOutcome {
+            consumed: thread.tracker.consumed,
+            released,
+        }
     }
 
     /// An event of a stream (the session's, or thread `thread`'s) that could not be read: it
@@ -1082,7 +1120,13 @@ mod tests {
             at_end: true,
             gone: true,
         };
-        s3.thread_read("s", "t1", read, &mut d, &mut closed);
+        let out = s3.thread_read("s", "t1", read, &mut d, &mut closed);
+        let released: Vec<&str> = out.released.iter().map(|r| r.event.id.as_str()).collect();
+        assert_eq!(
+            released,
+            [ev(tool_use).id.as_str()],
+            "the held one is released"
+        );
         assert!(s3.threads_to_read().is_empty());
         m.publish(m.stage(&d));
         assert_eq!(
