@@ -95,6 +95,8 @@ impl Task {
 #[derive(Debug)]
 pub(crate) struct Downstream {
     pipeline: std::thread::JoinHandle<StateStore>,
+    /// To wait for what was sent to be committed before the last deliveries.
+    handle: PipelineHandle,
     /// Drains the span outbox (traces on).
     spans: Option<Task>,
     /// Drains the log outbox (logs on).
@@ -104,20 +106,22 @@ pub(crate) struct Downstream {
 }
 
 impl Downstream {
-    /// Call once every pipeline handle but the shippers' is dropped: the outbox shippers send
-    /// what is committed and stop (together), the pipeline drains and closes the store, and
-    /// the metrics push sends the final totals; all by one deadline, [`FLUSH_TIMEOUT`] away.
+    /// Call once nothing more will be sent to the pipeline: once what was sent is committed,
+    /// the outbox shippers send what is left and the metrics push sends the final totals,
+    /// together, by one deadline [`FLUSH_TIMEOUT`] away (a slow endpoint for one signal takes
+    /// no time from another); then the pipeline closes the store.
     pub(crate) async fn close(self) -> anyhow::Result<()> {
+        // An error means the pipeline is gone already: there is nothing more to wait for.
+        let _ = self.handle.barrier().await;
+        drop(self.handle);
         let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
         let stop = |t: Option<Task>| async move {
             if let Some(t) = t {
                 t.stop(deadline).await;
             }
         };
-        tokio::join!(stop(self.spans), stop(self.logs));
-        let joined = join_pipeline(self.pipeline).await;
-        stop(self.metrics_push).await;
-        joined
+        tokio::join!(stop(self.spans), stop(self.logs), stop(self.metrics_push));
+        join_pipeline(self.pipeline).await
     }
 }
 
@@ -165,9 +169,14 @@ impl Core {
         let (pipeline, stored) = Pipeline::new(store, metrics.clone(), outbox)?;
         let mut pipeline = pipeline.with_max_turn_age(settings.max_turn_age);
         let logs_notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        crate::source::wire::set_keep_tool_inputs(
+            settings
+                .otlp_logs
+                .as_ref()
+                .is_some_and(|l| l.include_content),
+        );
         if let Some(l) = &settings.otlp_logs {
             metrics.process.otlp_signal_on(&metrics.registry, "logs");
-            crate::source::wire::set_keep_tool_inputs(l.include_content);
             pipeline = pipeline.with_logs(crate::pipeline::log_outbox::LogsConfig {
                 max_records: l.outbox_max_records,
                 notify: logs_notify.clone(),
@@ -240,14 +249,15 @@ impl Core {
             _ => None,
         };
         Ok(Core {
-            handle,
-            stored,
             downstream: Downstream {
                 pipeline,
+                handle: handle.clone(),
                 spans,
                 logs,
                 metrics_push,
             },
+            handle,
+            stored,
         })
     }
 }
@@ -411,5 +421,55 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A span endpoint that never answers takes no time from the final metrics push: they
+    /// share the deadline side by side, not one after the other.
+    #[tokio::test(start_paused = true)]
+    async fn the_final_push_runs_even_when_a_shipper_spends_the_whole_deadline() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = StateStore::open(&dir.path().join("s.db")).expect("store");
+        let metrics = Metrics::new().expect("metrics");
+        let (pipeline, _) = Pipeline::new(store, metrics, None).expect("pipeline");
+        let (handle, thread) = pipeline.spawn(4).expect("pipeline thread");
+        // A shipper whose round never ends (a silent endpoint): cut at the deadline.
+        let spans = Task::spawn("span shipper", |stop| async move {
+            let _ = stop.finish(std::future::pending::<()>()).await;
+        });
+        // The push's last step, as `MetricsPusher::run` has it: a 50 ms export by the deadline.
+        let pushed = Arc::new(AtomicBool::new(false));
+        let push = Task::spawn("metrics push", {
+            let pushed = pushed.clone();
+            move |stop| async move {
+                stop.requested().await;
+                let export = tokio::time::sleep(Duration::from_millis(50));
+                if stop.finish(export).await.is_some() {
+                    pushed.store(true, Ordering::SeqCst);
+                }
+            }
+        });
+        let started = tokio::time::Instant::now();
+        Downstream {
+            pipeline: thread,
+            handle,
+            spans: Some(spans),
+            logs: None,
+            metrics_push: Some(push),
+        }
+        .close()
+        .await
+        .expect("close");
+        assert!(
+            pushed.load(Ordering::SeqCst),
+            "the final totals were pushed"
+        );
+        assert!(started.elapsed() <= FLUSH_TIMEOUT + Duration::from_millis(100));
     }
 }

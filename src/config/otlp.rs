@@ -94,7 +94,10 @@ pub struct OtlpSignalFlags {
 
 /// A number of milliseconds in the config file: `interval = 60000` or `interval = "60s"`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a whole number of milliseconds, or a duration string such as \"30s\""
+)]
 pub enum Millis {
     Count(u64),
     Text(String),
@@ -432,7 +435,9 @@ impl OtlpMetricsSettings {
             (None, None) => Duration::from_secs(60),
         };
         if interval < Duration::from_millis(100) {
-            bail!("--otlp.metrics.interval: must be at least 100ms");
+            bail!(
+                "--otlp.metrics.interval (OTEL_METRIC_EXPORT_INTERVAL, [otlp.metrics] interval): must be at least 100ms"
+            );
         }
         let temporality = match nonempty(flags.metrics_temporality.take())
             .or(file.temporality)
@@ -445,7 +450,7 @@ impl OtlpMetricsSettings {
             Some("delta" | "lowmemory") => Temporality::Delta,
             Some(other) => {
                 bail!(
-                    "--otlp.metrics.temporality {other:?}: expected `cumulative`, `delta` or `lowmemory`"
+                    "--otlp.metrics.temporality (OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, [otlp.metrics] temporality) {other:?}: expected `cumulative`, `delta` or `lowmemory`"
                 )
             }
         };
@@ -578,6 +583,17 @@ mod tests {
         assert_eq!(
             s.otlp_metrics.expect("on").interval,
             Duration::from_secs(30)
+        );
+        std::fs::write(
+            &path,
+            "[otlp.metrics]\nexporter = \"otlp\"\ninterval = 1.5\n",
+        )
+        .expect("write");
+        let err = Settings::resolve(flags(&["--config.file", path.to_str().expect("utf-8")]))
+            .expect_err("refused");
+        assert!(
+            format!("{err:#}").contains("a whole number of milliseconds"),
+            "{err:#}"
         );
     }
 

@@ -104,6 +104,8 @@ pub enum Command {
     LogPeek(usize, Ack<Vec<(i64, Option<EventRecord>)>>),
     LogRemove(i64, Ack<()>),
     LogRelease(Ack<()>),
+    /// Answered once every command sent before it is done: what was sent is committed.
+    Barrier(Ack<()>),
 }
 
 /// Traces on: closed turns go to the outbox, in the transaction of the batch that closed them.
@@ -191,6 +193,12 @@ impl PipelineHandle {
 
     pub(crate) async fn outbox_release(&self) -> Result<(), SendError> {
         self.call(Command::OutboxRelease).await
+    }
+
+    /// Waits until everything sent before is applied and committed (and so visible in the
+    /// metrics and the outboxes).
+    pub(crate) async fn barrier(&self) -> Result<(), SendError> {
+        self.call(Command::Barrier).await
     }
 }
 
@@ -375,6 +383,9 @@ impl Pipeline {
                 }
                 Command::LogRelease(ack) => {
                     self.log_release();
+                    let _ = ack.send(Ok(()));
+                }
+                Command::Barrier(ack) => {
                     let _ = ack.send(Ok(()));
                 }
             }

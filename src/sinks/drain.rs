@@ -130,21 +130,19 @@ pub(crate) async fn drain<R: Rounds>(mut rounds: R, notify: Arc<Notify>, stop: S
     let mut backoff = BACKOFF_MIN;
     loop {
         let Some(round) = stop.finish(rounds.round()).await else {
-            tracing::warn!(signal = R::SIGNAL, endpoint = %rounds.endpoint(),
-                "could not flush the outbox before exit; what is left is sent at the next start");
+            not_flushed(R::SIGNAL, rounds.endpoint());
             return;
         };
         if stop.deadline().is_some() {
             // Stopping: rounds until empty; one failure ends it (the deadline would not do).
             match round {
                 Round::Progress => continue,
-                Round::Idle | Round::Stopped => {
-                    tracing::info!(signal = R::SIGNAL, "outbox flushed");
-                }
-                Round::Failed => {
-                    tracing::warn!(signal = R::SIGNAL, endpoint = %rounds.endpoint(),
-                        "could not flush the outbox before exit; what is left is sent at the next start");
-                }
+                Round::Idle => tracing::info!(signal = R::SIGNAL, "outbox flushed"),
+                Round::Stopped => tracing::warn!(
+                    signal = R::SIGNAL,
+                    "the pipeline stopped before the outbox was flushed; what is left is sent at the next start"
+                ),
+                Round::Failed => not_flushed(R::SIGNAL, rounds.endpoint()),
             }
             return;
         }
@@ -167,6 +165,14 @@ pub(crate) async fn drain<R: Rounds>(mut rounds: R, notify: Arc<Notify>, stop: S
             Round::Stopped => return,
         }
     }
+}
+
+fn not_flushed(signal: &str, endpoint: &str) {
+    tracing::warn!(
+        signal,
+        endpoint,
+        "could not flush the outbox before exit; what is left is sent at the next start"
+    );
 }
 
 #[cfg(test)]

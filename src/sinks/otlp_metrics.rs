@@ -448,8 +448,8 @@ impl MetricsPusher {
         conv.accepted()
     }
 
-    /// Pushes every interval until `stop` is asked for; then, once the pipeline's last
-    /// batch is committed (it is asked last), the final totals, by the stop's deadline. A
+    /// Pushes every interval until `stop` is asked for (only once the pipeline has committed
+    /// everything it was sent); then the final totals, by the stop's deadline. A
     /// push in flight is finished, not cut, unless the deadline passes: a delta cut after the
     /// endpoint took it would be sent again.
     pub async fn run(self, mut baseline: Baseline, stop: StopSignal) {

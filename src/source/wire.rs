@@ -245,7 +245,8 @@ pub(crate) fn set_keep_tool_inputs(on: bool) {
     KEEP_TOOL_INPUTS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// A tool use's `input`, as the JSON text it was sent as, when kept.
+/// A tool use's `input`, as the JSON text it was sent as, when kept (re-written from a parsed
+/// value, keys sorted, when the event had a field of the wrong shape and was read leniently).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ToolInput(pub Option<String>);
 
