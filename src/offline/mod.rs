@@ -7,6 +7,7 @@
 //! Replay is also how the benchmarks measure the pipeline without the network.
 
 mod dump;
+mod lines;
 mod replay;
 
 pub use dump::dump;

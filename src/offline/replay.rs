@@ -20,7 +20,7 @@ use crate::source::poller::meta_of;
 use crate::source::wire;
 use crate::state::StateError;
 
-use super::{AGENT_LINE, THREAD_LINE};
+use super::lines::{self, Line};
 
 /// Events buffered across all sessions before everything buffered is sent.
 const MAX_BUFFERED: usize = 200_000;
@@ -29,8 +29,6 @@ const IN_FLIGHT: usize = 8;
 /// Events per state transaction: batches of many sessions are committed together, so a
 /// backfill pays for one synchronous commit per this many events, not one per session.
 const GROUP_EVENTS: usize = 20_000;
-/// Longest line accepted (a hostile file must not exhaust memory).
-const MAX_LINE: usize = 16 * 1024 * 1024;
 
 /// What a replay read.
 #[derive(Debug, Default, Clone)]
@@ -199,89 +197,116 @@ impl Feeder<'_> {
             .inc();
     }
 
-    fn line(&mut self, raw: &str) -> anyhow::Result<()> {
-        let raw = raw.trim();
-        if raw.is_empty() {
-            return Ok(());
-        }
-        self.summary.lines += 1;
-        let decoded = match wire::decode_event(raw) {
-            Ok(d) => d,
-            Err(reason) => {
-                self.invalid(reason.as_label());
+    /// One decoded line, in file order.
+    fn line(&mut self, line: Line) -> anyhow::Result<()> {
+        let (session, stream, event, bad_fields) = match line {
+            Line::Blank => return Ok(()),
+            Line::TooLarge => {
+                self.invalid("too_large");
                 return Ok(());
             }
+            Line::Invalid(reason) => {
+                self.summary.lines += 1;
+                self.invalid(reason);
+                return Ok(());
+            }
+            Line::Agent(agent) => {
+                self.summary.lines += 1;
+                self.agent_line(agent);
+                return Ok(());
+            }
+            Line::Thread { thread, session } => {
+                self.summary.lines += 1;
+                self.thread_line(thread, session);
+                return Ok(());
+            }
+            Line::Session(session) => {
+                self.summary.lines += 1;
+                return self.session_line(session);
+            }
+            Line::Event {
+                session,
+                stream,
+                event,
+                bad_fields,
+            } => (session, stream, event, bad_fields),
         };
-        match decoded.event.kind.as_deref() {
-            Some(AGENT_LINE) => {
-                match serde_json::from_str::<wire::WireAgentObject>(raw) {
-                    // An agent without a name names nothing: the id stays the label, as live.
-                    Ok(wire::WireAgentObject {
-                        id: Some(id),
-                        name: Some(name),
-                    }) if !name.is_empty() => {
-                        self.agent_names.insert(id, name);
-                    }
-                    Ok(wire::WireAgentObject { id: Some(_), .. }) => {}
-                    _ => self.invalid("missing_id"),
-                }
-                return Ok(());
+        self.summary.lines += 1;
+        self.event_line(session, stream, event, bad_fields)
+    }
+
+    fn agent_line(&mut self, agent: Option<wire::WireAgentObject>) {
+        match agent {
+            // An agent without a name names nothing: the id stays the label, as live.
+            Some(wire::WireAgentObject {
+                id: Some(id),
+                name: Some(name),
+            }) if !name.is_empty() => {
+                self.agent_names.insert(id, name);
             }
-            Some(THREAD_LINE) => {
-                let thread = serde_json::from_str::<wire::WireThread>(raw).ok();
-                let (Some(t), Some(session)) = (thread, decoded.event.session_id.clone()) else {
-                    self.invalid("missing_session_id");
-                    return Ok(());
-                };
-                let (Some(tid), Some(_)) = (t.id.clone(), t.parent_thread_id.as_ref()) else {
-                    return Ok(());
-                };
-                let listed = ListedThread {
-                    id: tid,
-                    agent: t.agent_name().map(str::to_owned),
-                    updated_at: t.updated_at.clone(),
-                };
-                if self.finished.contains(&session) {
-                    return Ok(());
-                }
-                let p = self.pending.entry(session.clone()).or_default();
-                p.session = session;
-                p.threads_listed.push(listed);
-                return Ok(());
-            }
-            _ => {}
+            Some(wire::WireAgentObject { id: Some(_), .. }) => {}
+            _ => self.invalid("missing_id"),
         }
-        if decoded.event.kind.as_deref() == Some("session") {
-            let Some(s) = wire::decode_session(raw) else {
-                self.invalid("missing_id");
-                return Ok(());
-            };
-            let id = s.id.clone().unwrap_or_default();
-            if self.finished.contains(&id) {
-                return Ok(());
-            }
-            // Metadata applies to what follows: it goes after what came before it, in the
-            // same transaction as the events after it.
-            self.flush(&id)?;
-            if self.seen.insert(id.clone()) {
-                self.summary.sessions += 1;
-            }
-            let p = self.pending.entry(id.clone()).or_default();
-            p.session = id;
-            let mut meta = meta_of(&s);
-            if meta.agent_name.is_none() {
-                meta.agent_name = meta
-                    .agent_id
-                    .as_ref()
-                    .and_then(|a| self.agent_names.get(a))
-                    .cloned();
-            }
-            p.meta = Some(meta);
+    }
+
+    fn thread_line(&mut self, thread: Option<wire::WireThread>, session: Option<String>) {
+        let (Some(t), Some(session)) = (thread, session) else {
+            self.invalid("missing_session_id");
+            return;
+        };
+        let (Some(tid), Some(_)) = (t.id.clone(), t.parent_thread_id.as_ref()) else {
+            return;
+        };
+        let listed = ListedThread {
+            id: tid,
+            agent: t.agent_name().map(str::to_owned),
+            updated_at: t.updated_at.clone(),
+        };
+        if self.finished.contains(&session) {
+            return;
+        }
+        let p = self.pending.entry(session.clone()).or_default();
+        p.session = session;
+        p.threads_listed.push(listed);
+    }
+
+    fn session_line(&mut self, session: Option<wire::WireSession>) -> anyhow::Result<()> {
+        let Some(s) = session else {
+            self.invalid("missing_id");
+            return Ok(());
+        };
+        let id = s.id.clone().unwrap_or_default();
+        if self.finished.contains(&id) {
             return Ok(());
         }
-        // Taken, not cloned: the event needs neither (this runs once per line).
-        let mut event = decoded.event;
-        let Some(session) = event.session_id.take().filter(|s| !s.is_empty()) else {
+        // Metadata applies to what follows: it goes after what came before it, in the
+        // same transaction as the events after it.
+        self.flush(&id)?;
+        if self.seen.insert(id.clone()) {
+            self.summary.sessions += 1;
+        }
+        let p = self.pending.entry(id.clone()).or_default();
+        p.session = id;
+        let mut meta = meta_of(&s);
+        if meta.agent_name.is_none() {
+            meta.agent_name = meta
+                .agent_id
+                .as_ref()
+                .and_then(|a| self.agent_names.get(a))
+                .cloned();
+        }
+        p.meta = Some(meta);
+        Ok(())
+    }
+
+    fn event_line(
+        &mut self,
+        session: Option<String>,
+        stream: Option<String>,
+        event: Event,
+        bad_fields: DroppedFields,
+    ) -> anyhow::Result<()> {
+        let Some(session) = session.filter(|s| !s.is_empty()) else {
             self.invalid("missing_session_id");
             return Ok(());
         };
@@ -292,7 +317,7 @@ impl Feeder<'_> {
         if !self.pending.contains_key(&session) && self.seen.insert(session.clone()) {
             self.summary.sessions += 1;
         }
-        let thread = event.dump_stream.take().filter(|t| !t.is_empty());
+        let thread = stream.filter(|t| !t.is_empty());
         // A session's own stream is keyed by its id as it is; only a thread's needs a new key.
         let thread_key;
         let key: &str = match &thread {
@@ -309,7 +334,6 @@ impl Feeder<'_> {
             self.summary.skipped += 1;
             return Ok(());
         }
-        let e = Event::from_wire(event);
         self.summary.events += 1;
         self.buffered += 1;
         let batch_size = self.batch_size;
@@ -325,8 +349,8 @@ impl Feeder<'_> {
                     ..Pending::default()
                 }),
         };
-        p.bad_fields += decoded.bad_fields;
-        p.items.push(Item::Event(e));
+        p.bad_fields += bad_fields;
+        p.items.push(Item::Event(event));
         if p.items.len() >= self.batch_size {
             let key = key.to_owned();
             self.flush(&key)?;
@@ -344,7 +368,6 @@ fn stream_key(session: &str, thread: Option<&str>) -> String {
         None => session.to_owned(),
     }
 }
-
 
 /// Opens a replay input, decompressing gzip when its first bytes say so (whatever its name).
 fn open_input(path: &Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
@@ -420,47 +443,33 @@ fn feed(
         file: String::new(),
         line_no: 0,
     };
-    let mut buf = Vec::with_capacity(64 * 1024);
-    for path in files {
-        let mut r = open_input(path)?;
-        f.file = if path.as_os_str() == "-" {
-            "<stdin>".to_owned()
-        } else {
-            path.display().to_string()
-        };
-        f.line_no = 0;
-        loop {
-            buf.clear();
-            f.line_no += 1;
-            let n = (&mut r)
-                .take(MAX_LINE as u64 + 1)
-                .read_until(b'\n', &mut buf)
-                .with_context(|| format!("replay: reading {}", path.display()))?;
-            if n == 0 {
-                break;
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| {
+            if p.as_os_str() == "-" {
+                "<stdin>".to_owned()
+            } else {
+                p.display().to_string()
             }
-            f.summary.bytes += n as u64;
-            bar.inc(n as u64);
-            if buf.len() > MAX_LINE && buf.last() != Some(&b'\n') {
-                // Skip the rest of an overlong line.
-                f.invalid("too_large");
-                loop {
-                    buf.clear();
-                    let m = (&mut r).take(1 << 20).read_until(b'\n', &mut buf)?;
-                    f.summary.bytes += m as u64;
-                    if m == 0 || buf.last() == Some(&b'\n') {
-                        break;
-                    }
-                }
-                continue;
+        })
+        .collect();
+    // The decoders share the cores with this thread and the pipeline's.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    lines::read_decoded(
+        files,
+        |p| open_input(p),
+        workers,
+        |chunk| {
+            f.summary.bytes += chunk.place.bytes;
+            bar.inc(chunk.place.bytes);
+            f.file.clone_from(&names[chunk.place.file]);
+            for (line_no, line) in (chunk.place.first_line..).zip(chunk.lines.drain(..)) {
+                f.line_no = line_no;
+                f.line(line)?;
             }
-            match std::str::from_utf8(&buf) {
-                Ok(line) => f.line(line)?,
-                // A byte that is not UTF-8 costs the string it sits in, not the line.
-                Err(_) => f.line(&String::from_utf8_lossy(&buf))?,
-            }
-        }
-    }
+            Ok(())
+        },
+    )?;
     f.at_end = true;
     f.flush_all()?;
     while let Some(a) = f.acks.pop_front() {
