@@ -795,6 +795,7 @@ mod tests {
                 failed: None,
                 children: vec![],
                 children_dropped: 0,
+                errors: vec![],
                 span_events: vec![],
                 messages: vec![],
                 parent: None,

@@ -44,6 +44,12 @@ pub struct Turn {
     pub failed: Option<(String, Option<i64>)>,
     pub children: Vec<ChildSpan>,
     pub children_dropped: u32,
+    /// The `session.error`s of the turn (the spans show them as span events).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<TurnError>,
+    /// Span events as releases before 2026-12-01 stored them (their names and attributes
+    /// already in OpenTelemetry's words); read so that turns they left in an outbox keep them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub span_events: Vec<SpanEvent>,
     /// Message and thinking text, recorded only when content capture is on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -94,7 +100,22 @@ pub enum ChildDetail {
     },
 }
 
-/// A `session.error` (or captured message) to attach to the turn span as a span event.
+/// A `session.error` during a turn.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TurnError {
+    pub time_ns: Option<i64>,
+    pub error_type: String,
+    /// As the `retry_status` label has it.
+    pub retry_status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// `error.qoder_error_code` (SDK 0.11).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// A span event as older releases stored it (see [`Turn::span_events`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SpanEvent {

@@ -67,7 +67,7 @@ pub(crate) fn log_record(r: &EventRecord, observed: u64) -> LogRecord {
         (semconv::GEN_AI_REQUEST_MODEL, &r.model),
         (semconv::GEN_AI_TOOL_NAME, &r.tool),
         (semconv::ERROR_TYPE, &r.error_type),
-        ("qoder.retry_status", &r.retry_status),
+        (semconv::QODER_RETRY_STATUS, &r.retry_status),
         ("qoder.stop_reason", &r.stop_reason),
     ];
     for (key, value) in optional {

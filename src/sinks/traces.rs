@@ -41,6 +41,9 @@ pub(crate) const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.41.0";
 /// to their own repository; the contract pins these.)
 pub(crate) mod semconv {
     pub(crate) const ERROR_TYPE: &str = "error.type";
+    pub(crate) const EXCEPTION_MESSAGE: &str = "exception.message";
+    pub(crate) const QODER_RETRY_STATUS: &str = "qoder.retry_status";
+    pub(crate) const QODER_ERROR_CODE: &str = "qoder.error.code";
     pub(crate) const SESSION_ID: &str = "session.id";
     pub(crate) const GEN_AI_OPERATION_NAME: &str = "gen_ai.operation.name";
     pub(crate) const GEN_AI_PROVIDER_NAME: &str = "gen_ai.provider.name";
@@ -256,7 +259,7 @@ pub(crate) fn turn_spans(t: &ClosedTurn, shape: &SpanShape) -> Option<Vec<SpanDa
             attrs.push(KeyValue::new(semconv::ERROR_TYPE, error_type.clone()));
             // Diagnostic only (SDK 0.11): an attribute, never a label.
             if let Some(code) = &turn.error_code {
-                attrs.push(KeyValue::new("qoder.error.code", code.clone()));
+                attrs.push(KeyValue::new(semconv::QODER_ERROR_CODE, code.clone()));
             }
             Status::error(format!("the turn ended with a {error_type} error"))
         }
@@ -274,21 +277,30 @@ pub(crate) fn turn_spans(t: &ClosedTurn, shape: &SpanShape) -> Option<Vec<SpanDa
     if let Some(j) = messages_json(&turn.messages, "assistant") {
         attrs.push(KeyValue::new(semconv::GEN_AI_OUTPUT_MESSAGES, j));
     }
-    let events = turn
-        .span_events
-        .iter()
-        .map(|e| {
-            SpanEventData::new(
-                e.name.clone(),
-                at(e.time_ns.unwrap_or(start).clamp(start, end)),
-                e.attributes
-                    .iter()
-                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
-                    .collect(),
-                0,
-            )
-        })
-        .collect();
+    let when = |t: Option<i64>| at(t.unwrap_or(start).clamp(start, end));
+    let errors = turn.errors.iter().map(|e| {
+        let mut attributes = vec![
+            KeyValue::new(semconv::ERROR_TYPE, e.error_type.clone()),
+            KeyValue::new(semconv::QODER_RETRY_STATUS, e.retry_status.clone()),
+        ];
+        if let Some(m) = &e.message {
+            attributes.push(KeyValue::new(semconv::EXCEPTION_MESSAGE, m.clone()));
+        }
+        if let Some(c) = &e.code {
+            attributes.push(KeyValue::new(semconv::QODER_ERROR_CODE, c.clone()));
+        }
+        SpanEventData::new("session.error", when(e.time_ns), attributes, 0)
+    });
+    // Turns stored by older releases carry their span events ready-made.
+    let stored = turn.span_events.iter().map(|e| {
+        let attributes = e
+            .attributes
+            .iter()
+            .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+            .collect();
+        SpanEventData::new(e.name.clone(), when(e.time_ns), attributes, 0)
+    });
+    let events = errors.chain(stored).collect();
 
     let mut spans = Vec::with_capacity(1 + turn.children.len());
     spans.push(span(
@@ -455,7 +467,7 @@ mod tests {
         assert_eq!(SpanShape::new(Some("not a url")).server, None);
         assert_eq!(SpanShape::new(None).server, None);
     }
-    use crate::turn::{SpanEvent, Turn};
+    use crate::turn::{SpanEvent, Turn, TurnError};
 
     fn closed(end: TurnEnd) -> ClosedTurn {
         ClosedTurn {
@@ -508,10 +520,18 @@ mod tests {
                     },
                 ],
                 children_dropped: 0,
+                errors: vec![TurnError {
+                    time_ns: Some(4_000_000_000),
+                    error_type: "overloaded".into(),
+                    retry_status: "retrying".into(),
+                    message: Some("try later".into()),
+                    code: None,
+                }],
+                // As a release before 2026-12-01 stored a turn's error.
                 span_events: vec![SpanEvent {
                     name: "session.error".into(),
-                    time_ns: Some(4_000_000_000),
-                    attributes: vec![("error.type".into(), "overloaded".into())],
+                    time_ns: Some(4_500_000_000),
+                    attributes: vec![("error.type".into(), "stored".into())],
                 }],
                 messages: Vec::new(),
                 parent: None,
@@ -553,7 +573,34 @@ mod tests {
             Some(&Value::I64(115))
         );
         assert_eq!(root.status, Status::Unset);
-        assert_eq!(root.events.len(), 1);
+        let events: Vec<(String, Vec<String>)> = root
+            .events
+            .iter()
+            .map(|e| {
+                let attrs = e
+                    .attributes
+                    .iter()
+                    .map(|kv| format!("{}={}", kv.key, kv.value));
+                (e.name.to_string(), attrs.collect())
+            })
+            .collect();
+        assert_eq!(
+            events,
+            [
+                (
+                    "session.error".to_owned(),
+                    vec![
+                        "error.type=overloaded".to_owned(),
+                        "qoder.retry_status=retrying".to_owned(),
+                        "exception.message=try later".to_owned()
+                    ]
+                ),
+                (
+                    "session.error".to_owned(),
+                    vec!["error.type=stored".to_owned()]
+                )
+            ]
+        );
         let chat = &spans[1];
         assert_eq!(chat.name, "chat qwen3-coder");
         assert_eq!(chat.parent_span_id, root.span_context.span_id());

@@ -3,8 +3,8 @@
 //! here; a new kind of event is one arm there and one function here.
 
 use super::{
-    ChildDetail, ChildSpan, ClosedTurn, MAX_OPEN_REQUESTS, MAX_OPEN_TOOLS, MAX_SPAN_EVENTS,
-    OpenRequest, OpenTool, SessionState, SpanEvent, TurnEnd, count_tokens, push_child,
+    ChildDetail, ChildSpan, ClosedTurn, MAX_OPEN_REQUESTS, MAX_OPEN_TOOLS, MAX_TURN_ERRORS,
+    OpenRequest, OpenTool, SessionState, TurnEnd, TurnError, count_tokens, push_child,
 };
 use crate::event::{Event, RetryStatus, ThreadPhase, Tokens, ToolKind};
 use crate::sinks::metrics::{Delta, ExampleAt, Family};
@@ -140,24 +140,13 @@ impl SessionState {
             cx.delta.exemplar(Family::SessionErrors, &labels, at, 1.0);
         }
         if let Some(turn) = &mut self.turn {
-            if turn.span_events.len() < MAX_SPAN_EVENTS {
-                let mut attributes = vec![
-                    ("error.type".to_owned(), error_type.to_owned()),
-                    (
-                        "qoder.retry_status".to_owned(),
-                        retry_status.as_label().to_owned(),
-                    ),
-                ];
-                if let Some(m) = message {
-                    attributes.push(("exception.message".to_owned(), m.to_owned()));
-                }
-                if let Some(c) = code {
-                    attributes.push(("qoder.error.code".to_owned(), c.clone()));
-                }
-                turn.span_events.push(SpanEvent {
-                    name: "session.error".to_owned(),
+            if turn.errors.len() < MAX_TURN_ERRORS {
+                turn.errors.push(TurnError {
                     time_ns: cx.ev.time_ns,
-                    attributes,
+                    error_type: error_type.to_owned(),
+                    retry_status: retry_status.as_label().to_owned(),
+                    message: message.map(str::to_owned),
+                    code: code.cloned(),
                 });
             }
             if retry_status.ends_turn() {

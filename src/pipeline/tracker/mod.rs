@@ -28,14 +28,14 @@ use super::usage::{SnapshotOutcome, SnapshotSource, UsageState};
 use crate::event::{Event, EventKind, ThreadPhase, Tokens, ToolKind, UsageSnapshot, truncate};
 use crate::sinks::metrics::{Delta, Family};
 pub use crate::turn::{
-    ChildDetail, ChildSpan, ClosedTurn, Message, ParentTurn, SpanEvent, Turn, TurnEnd,
+    ChildDetail, ChildSpan, ClosedTurn, Message, ParentTurn, Turn, TurnEnd, TurnError,
 };
 
 /// Bounds on open state: a session that never closes what it opens cannot grow without limit.
 const MAX_OPEN_REQUESTS: usize = 256;
 const MAX_OPEN_TOOLS: usize = 256;
 const MAX_CHILDREN: usize = 1000;
-const MAX_SPAN_EVENTS: usize = 100;
+const MAX_TURN_ERRORS: usize = 100;
 /// Captured messages per turn (only with `--otlp.capture-content`).
 const MAX_MESSAGES: usize = 64;
 
@@ -806,6 +806,7 @@ impl SessionState {
             failed: None,
             children: Vec::new(),
             children_dropped: 0,
+            errors: Vec::new(),
             span_events: Vec::new(),
             messages: Vec::new(),
             parent: None,
@@ -1291,7 +1292,7 @@ mod tests {
                 error_type: "model_overloaded_error".into()
             }
         );
-        assert_eq!(closed[0].turn.span_events.len(), 2);
+        assert_eq!(closed[0].turn.errors.len(), 2);
         assert!(s.turn.is_some(), "the second turn is open");
     }
 
