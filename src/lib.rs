@@ -13,12 +13,13 @@
 //! server: /metrics, /, /healthz, /readyz (reads the registry only)
 //! ```
 //!
-//! - [`event`], [`turn`] and [`record`]: the domain model (what an event means; a turn and its
-//!   child spans; an event as its log record needs it). They import nothing else of the crate
-//!   but `event`.
+//! - [`event`], [`turn`], [`record`] and [`outcome`]: the domain model (what an event means; a
+//!   turn and its child spans; an event as its log record needs it; what the tracker concludes,
+//!   as the sinks take it). They import nothing else of the crate but `event`.
 //! - [`source::wire`]: the API's JSON in all three generations; [`source::convert`]: wire →
 //!   [`event`], pure.
-//! - [`pipeline::tracker`]: the per-session state machine, a pure function per event;
+//! - [`pipeline::tracker`]: the per-session state machine, a pure function per event that tells
+//!   an [`outcome::Tally`] what happened (the metrics sink's `Delta` counts it);
 //!   [`pipeline::event_ids`]: every counted id, so nothing counts twice.
 //! - [`state`]: the store that makes counts exact across crashes (it stores the tracker's
 //!   state without knowing its type).
@@ -34,6 +35,7 @@ pub mod event;
 pub mod log_limit;
 pub mod logfmt;
 pub mod offline;
+pub mod outcome;
 pub mod pipeline;
 pub mod record;
 pub mod secret;

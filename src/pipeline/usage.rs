@@ -19,7 +19,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::event::UsageSnapshot;
-use crate::sinks::metrics::{COUNTER_SCALE, Delta, Family};
+use crate::outcome::{Tally, UsageQuantity};
+
+/// Applied values are kept in millionths, as the durable counters count (a test checks the two
+/// scales agree), so the increases add up to a snapshot exactly.
+pub(crate) const SCALE: f64 = 1_000_000.0;
 
 /// Where a snapshot was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,27 +64,21 @@ fn micros(v: f64) -> Option<u64> {
         clippy::cast_sign_loss,
         reason = "checked finite and non-negative; saturating float to int"
     )]
-    (v.is_finite() && v >= 0.0).then(|| (v * COUNTER_SCALE).round() as u64)
+    (v.is_finite() && v >= 0.0).then(|| (v * SCALE).round() as u64)
 }
 
-/// One quantity of a snapshot: its key, the family and labels it counts into, its value.
-struct Quantity {
+/// One quantity of a snapshot: its key in the applied values, what it is, its value.
+struct Quantity<'a> {
     key: String,
-    family: Family,
-    labels: Vec<String>,
+    what: UsageQuantity<'a>,
     value: u64,
 }
 
-fn quantities(s: &UsageSnapshot, agent: &str) -> Vec<Quantity> {
+fn quantities(s: &UsageSnapshot) -> Vec<Quantity<'_>> {
     let mut out = Vec::new();
-    let mut push = |key: String, family, labels: Vec<String>, v: Option<f64>| {
+    let mut push = |key: String, what, v: Option<f64>| {
         if let Some(value) = v.and_then(micros) {
-            out.push(Quantity {
-                key,
-                family,
-                labels,
-                value,
-            });
+            out.push(Quantity { key, what, value });
         }
     };
     for (kind, v) in [
@@ -89,22 +87,19 @@ fn quantities(s: &UsageSnapshot, agent: &str) -> Vec<Quantity> {
     ] {
         push(
             format!("credits:{kind}"),
-            Family::SessionCredits,
-            vec![agent.to_owned(), kind.to_owned()],
+            UsageQuantity::Credits { kind },
             v,
         );
     }
     push(
         "active_seconds".to_owned(),
-        Family::SessionActiveSeconds,
-        vec![agent.to_owned()],
+        UsageQuantity::ActiveSeconds,
         s.active_seconds,
     );
     for (tool, v) in &s.server_tools {
         push(
             format!("server_tool:{tool}"),
-            Family::ServerToolUses,
-            vec![agent.to_owned(), tool.clone()],
+            UsageQuantity::ServerTool { tool },
             Some(*v),
         );
     }
@@ -117,15 +112,15 @@ impl UsageState {
     }
 
     /// Applies a snapshot of the session whose `agent` label is given, adding its increases
-    /// over what was applied before to `delta`.
+    /// over what was applied before to `tally`.
     pub fn apply(
         &mut self,
         snapshot: &UsageSnapshot,
         source: SnapshotSource,
         agent: &str,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
     ) -> SnapshotOutcome {
-        let qs = quantities(snapshot, agent);
+        let qs = quantities(snapshot);
         if source == SnapshotSource::Event {
             let decreased = qs.iter().any(|q| {
                 self.last_event
@@ -142,12 +137,7 @@ impl UsageState {
         for q in qs {
             let applied = self.applied.get(&q.key).copied().unwrap_or(0);
             if q.value > applied {
-                let labels: Vec<&str> = q.labels.iter().map(String::as_str).collect();
-                delta.inc(
-                    q.family,
-                    &labels,
-                    (q.value - applied) as f64 / COUNTER_SCALE,
-                );
+                tally.usage_increased(agent, q.what, (q.value - applied) as f64 / SCALE);
                 self.applied.insert(q.key, q.value);
             }
         }
@@ -158,7 +148,14 @@ impl UsageState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::metrics::DurableMetrics;
+    use crate::sinks::metrics::{COUNTER_SCALE, Delta, DurableMetrics, Family};
+
+    #[test]
+    fn applied_values_use_the_durable_counters_scale() {
+        // An increase is handed over as `millionths / SCALE` and counted as `value * COUNTER_SCALE`:
+        // the two must be the same scale for the sum of increases to be the snapshot exactly.
+        assert_eq!(SCALE, COUNTER_SCALE);
+    }
 
     fn snap(model: f64, sandbox: f64) -> UsageSnapshot {
         UsageSnapshot {

@@ -20,6 +20,8 @@ use prometheus::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::outcome::{Example, RequestFinished, Tally, UsageQuantity};
+
 /// The event-derived families of the telemetry contract (`shared/conventions.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Family {
@@ -303,17 +305,6 @@ pub struct Delta {
     exemplars: hashbrown::HashMap<SeriesKey, ExemplarRef>,
 }
 
-/// Where an example increment happened: the session, the turn whose trace it is in, and the
-/// event that opened the span it belongs to (the ids are hashed once per series and batch, at
-/// staging, not per event).
-#[derive(Debug, Clone, Copy)]
-pub struct ExampleAt<'a> {
-    pub session_id: &'a str,
-    pub trace_key: &'a str,
-    pub span_event_id: &'a str,
-    pub time_ns: Option<i64>,
-}
-
 #[derive(Debug, Default, Clone)]
 struct ExemplarRef {
     session_id: String,
@@ -344,6 +335,117 @@ pub struct Exemplar {
     /// The increment (counters) or the observation in seconds (histograms).
     pub value: f64,
     pub time_ns: Option<i64>,
+}
+
+/// The tracker's outcomes, counted: which series each moves is decided here, with the
+/// families' names and labels.
+impl Tally for Delta {
+    fn event(&mut self, type_name: &str, agent: &str) {
+        self.inc(Family::Events, &[type_name, agent], 1.0);
+    }
+
+    fn turn_ended(&mut self, agent: &str, stop_reason: &str, example: Option<Example<'_>>) {
+        let labels = [stop_reason, agent];
+        self.inc(Family::Turns, &labels, 1.0);
+        if let Some(at) = example {
+            self.exemplar(Family::Turns, &labels, at, 1.0);
+        }
+    }
+
+    fn turn_timed(&mut self, agent: &str, duration_ns: i64, example: Example<'_>) {
+        self.observe_ns(Family::TurnDuration, &[agent], duration_ns);
+        self.exemplar(
+            Family::TurnDuration,
+            &[agent],
+            example,
+            seconds(duration_ns),
+        );
+    }
+
+    fn tokens_used(&mut self, agent: &str, model: &str, tokens: &crate::event::Tokens) {
+        for (token_type, v) in tokens.by_type() {
+            self.inc(Family::Tokens, &[token_type, agent, model], v);
+        }
+    }
+
+    fn session_error(
+        &mut self,
+        agent: &str,
+        error_type: &str,
+        retry_status: &str,
+        example: Option<Example<'_>>,
+    ) {
+        let labels = [error_type, retry_status, agent];
+        self.inc(Family::SessionErrors, &labels, 1.0);
+        if let Some(at) = example {
+            self.exemplar(Family::SessionErrors, &labels, at, 1.0);
+        }
+    }
+
+    fn request_finished(&mut self, r: RequestFinished<'_>) {
+        let labels = [r.agent, r.model];
+        self.inc(Family::ModelRequests, &labels, 1.0);
+        if r.is_error {
+            self.inc(Family::ModelRequestErrors, &labels, 1.0);
+        }
+        if let Some(ns) = r.duration_ns {
+            self.observe_ns(Family::ModelRequestDuration, &labels, ns);
+        }
+        if let Some(at) = r.example {
+            self.exemplar(Family::ModelRequests, &labels, at, 1.0);
+            if r.is_error {
+                self.exemplar(Family::ModelRequestErrors, &labels, at, 1.0);
+            }
+            if let Some(ns) = r.duration_ns {
+                self.exemplar(Family::ModelRequestDuration, &labels, at, seconds(ns));
+            }
+        }
+        if let Some(c) = r.credits {
+            self.inc(Family::Credits, &labels, c);
+        }
+    }
+
+    fn tool_called(&mut self, agent: &str, tool: &str) {
+        self.inc(Family::ToolCalls, &[tool, agent], 1.0);
+    }
+
+    fn tool_finished(&mut self, agent: &str, tool: &str, is_error: bool, duration_ns: Option<i64>) {
+        if is_error {
+            self.inc(Family::ToolCallErrors, &[tool, agent], 1.0);
+        }
+        if let Some(ns) = duration_ns {
+            self.observe_ns(Family::ToolCallDuration, &[tool, agent], ns);
+        }
+    }
+
+    fn thread_created(&mut self, agent: &str) {
+        self.inc(Family::ThreadsCreated, &[agent], 1.0);
+    }
+
+    fn thread_turn_ended(&mut self, agent: &str, stop_reason: &str) {
+        self.inc(Family::ThreadTurns, &[agent, stop_reason], 1.0);
+    }
+
+    fn usage_increased(&mut self, agent: &str, quantity: UsageQuantity<'_>, amount: f64) {
+        match quantity {
+            UsageQuantity::Credits { kind } => {
+                self.inc(Family::SessionCredits, &[agent, kind], amount);
+            }
+            UsageQuantity::ActiveSeconds => {
+                self.inc(Family::SessionActiveSeconds, &[agent], amount);
+            }
+            UsageQuantity::ServerTool { tool } => {
+                self.inc(Family::ServerToolUses, &[agent, tool], amount);
+            }
+        }
+    }
+}
+
+/// A duration in seconds, as exemplars of duration histograms have it (negative: zero).
+fn seconds(duration_ns: i64) -> f64 {
+    #[allow(clippy::cast_precision_loss, reason = "a duration in seconds")]
+    let secs = duration_ns.max(0) as f64 / 1e9;
+    secs
 }
 
 /// Whether an example at `candidate` replaces the one at `shown`: only a newer one does (or
@@ -427,7 +529,7 @@ impl Delta {
 
     /// Records `at` as the latest example of a series `inc` or `observe_ns` moved by `value`
     /// (seconds for histograms); ignored for families without exemplars.
-    pub fn exemplar(&mut self, family: Family, labels: &[&str], at: ExampleAt<'_>, value: f64) {
+    pub fn exemplar(&mut self, family: Family, labels: &[&str], at: Example<'_>, value: f64) {
         if !family.has_exemplars() {
             return;
         }
@@ -1629,7 +1731,7 @@ mod tests {
             for (i, t) in times.iter().enumerate() {
                 d.inc(Family::ModelRequests, &labels, 1.0);
                 let span = format!("evt_{i}");
-                let at = ExampleAt {
+                let at = Example {
                     session_id: "sess_1",
                     trace_key: "turn_1",
                     span_event_id: &span,
@@ -1652,7 +1754,7 @@ mod tests {
     fn openmetrics_has_the_same_samples_and_exemplars_where_they_belong() {
         let m = Metrics::new().expect("metrics");
         let mut d = Delta::default();
-        let at = ExampleAt {
+        let at = Example {
             session_id: "sess_1",
             trace_key: "turn_1",
             span_event_id: "evt_1",

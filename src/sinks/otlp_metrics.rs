@@ -638,7 +638,7 @@ mod tests {
         d.observe_ns(Family::TurnDuration, &["coder"], 3_000_000_000);
         d.observe_ns(Family::TurnDuration, &["coder"], 7_200_000_000_000);
         d.inc(Family::ModelRequests, &["coder", "qwen"], 1.0);
-        let at = crate::sinks::metrics::ExampleAt {
+        let at = crate::outcome::Example {
             session_id: "s",
             trace_key: "t",
             span_event_id: "e",

@@ -4,10 +4,10 @@
 
 use super::{
     ChildDetail, ChildSpan, ClosedTurn, MAX_OPEN_REQUESTS, MAX_OPEN_TOOLS, MAX_TURN_ERRORS,
-    OpenRequest, OpenTool, SessionState, TurnEnd, TurnError, count_tokens, push_child,
+    OpenRequest, OpenTool, SessionState, TurnEnd, TurnError, push_child,
 };
 use crate::event::{Event, RetryStatus, ThreadPhase, Tokens, ToolKind};
-use crate::sinks::metrics::{Delta, ExampleAt, Family};
+use crate::outcome::{Example, RequestFinished, Tally};
 use crate::turn::Turn;
 
 /// What every handler needs besides the event's own fields.
@@ -16,7 +16,7 @@ pub(super) struct Cx<'a> {
     pub ev: &'a Event,
     /// The `agent` label of the tracker (the session's agent, or the sub-agent's).
     pub agent: &'a str,
-    pub delta: &'a mut Delta,
+    pub tally: &'a mut dyn Tally,
     pub closed: &'a mut Vec<ClosedTurn>,
 }
 
@@ -35,8 +35,8 @@ pub(super) fn example_at<'a>(
     session_id: &'a str,
     turn: &'a Turn,
     time_ns: Option<i64>,
-) -> ExampleAt<'a> {
-    ExampleAt {
+) -> Example<'a> {
+    Example {
         session_id,
         trace_key: turn.parent.as_ref().map_or(&turn.key, |p| &p.key),
         span_event_id: &turn.first_event_id,
@@ -56,7 +56,7 @@ impl SessionState {
                 cx.session_id,
                 end,
                 TurnEnd::Failed { error_type },
-                cx.delta,
+                cx.tally,
                 cx.closed,
             );
         }
@@ -73,12 +73,11 @@ impl SessionState {
         tokens: Option<&Tokens>,
     ) {
         let stop = stop_reason.unwrap_or("unknown").to_owned();
-        cx.delta.inc(Family::Turns, &[&stop, cx.agent], 1.0);
-        if let Some(turn) = &self.turn {
-            let at = example_at(cx.session_id, turn, cx.ev.time_ns);
-            cx.delta
-                .exemplar(Family::Turns, &[&stop, cx.agent], at, 1.0);
-        }
+        let at = self
+            .turn
+            .as_ref()
+            .map(|turn| example_at(cx.session_id, turn, cx.ev.time_ns));
+        cx.tally.turn_ended(cx.agent, &stop, at);
         let from_requests = self.turn.as_ref().is_some_and(|t| t.tokens_from_requests);
         if let Some(tokens) = tokens
             && !from_requests
@@ -88,7 +87,7 @@ impl SessionState {
                 .as_ref()
                 .and_then(|t| t.last_model.clone())
                 .unwrap_or_else(|| self.model_or_unknown());
-            count_tokens(cx.delta, tokens, cx.agent, &model);
+            cx.tally.tokens_used(cx.agent, &model, tokens);
             if let Some(turn) = &mut self.turn {
                 turn.tokens.add(tokens);
                 turn.tokens_reported = true;
@@ -100,7 +99,7 @@ impl SessionState {
                 cx.session_id,
                 cx.ev.time_ns,
                 TurnEnd::Idle { stop_reason: stop },
-                cx.delta,
+                cx.tally,
                 cx.closed,
             );
         }
@@ -117,7 +116,7 @@ impl SessionState {
                 None => TurnEnd::Terminated,
             };
             let at = cx.ev.time_ns.or(turn.last_ns);
-            self.close_turn(cx.session_id, at, end, cx.delta, cx.closed);
+            self.close_turn(cx.session_id, at, end, cx.tally, cx.closed);
         }
         self.requests.clear();
         self.tools.clear();
@@ -133,12 +132,12 @@ impl SessionState {
         message: Option<&str>,
         code: Option<&String>,
     ) {
-        let labels = [error_type, retry_status.as_label(), cx.agent];
-        cx.delta.inc(Family::SessionErrors, &labels, 1.0);
-        if let Some(turn) = &self.turn {
-            let at = example_at(cx.session_id, turn, cx.ev.time_ns);
-            cx.delta.exemplar(Family::SessionErrors, &labels, at, 1.0);
-        }
+        let at = self
+            .turn
+            .as_ref()
+            .map(|turn| example_at(cx.session_id, turn, cx.ev.time_ns));
+        cx.tally
+            .session_error(cx.agent, error_type, retry_status.as_label(), at);
         if let Some(turn) = &mut self.turn {
             if turn.errors.len() < MAX_TURN_ERRORS {
                 turn.errors.push(TurnError {
@@ -188,36 +187,20 @@ impl SessionState {
             .as_ref()
             .and_then(|r| r.model.clone())
             .unwrap_or_else(|| self.model_or_unknown());
-        let labels = [cx.agent, model.as_str()];
-        cx.delta.inc(Family::ModelRequests, &labels, 1.0);
-        if end.is_error {
-            cx.delta.inc(Family::ModelRequestErrors, &labels, 1.0);
-        }
         let start_ns = open.as_ref().and_then(|r| r.start_ns);
-        if let (Some(s), Some(e)) = (start_ns, ev.time_ns) {
-            cx.delta
-                .observe_ns(Family::ModelRequestDuration, &labels, e.saturating_sub(s));
-            if let Some(turn) = &self.turn {
-                let at = example_at(cx.session_id, turn, ev.time_ns);
-                #[allow(clippy::cast_precision_loss, reason = "a duration in seconds")]
-                let secs = e.saturating_sub(s).max(0) as f64 / 1e9;
-                cx.delta
-                    .exemplar(Family::ModelRequestDuration, &labels, at, secs);
-            }
-        }
-        if let Some(turn) = &self.turn {
-            let at = example_at(cx.session_id, turn, ev.time_ns);
-            cx.delta.exemplar(Family::ModelRequests, &labels, at, 1.0);
-            if end.is_error {
-                cx.delta
-                    .exemplar(Family::ModelRequestErrors, &labels, at, 1.0);
-            }
-        }
+        cx.tally.request_finished(RequestFinished {
+            agent: cx.agent,
+            model: &model,
+            is_error: end.is_error,
+            duration_ns: start_ns.zip(ev.time_ns).map(|(s, e)| e.saturating_sub(s)),
+            credits: end.credits,
+            example: self
+                .turn
+                .as_ref()
+                .map(|turn| example_at(cx.session_id, turn, ev.time_ns)),
+        });
         if let Some(t) = end.tokens {
-            count_tokens(cx.delta, t, cx.agent, &model);
-        }
-        if let Some(c) = end.credits {
-            cx.delta.inc(Family::Credits, &labels, c);
+            cx.tally.tokens_used(cx.agent, &model, t);
         }
         if let Some(turn) = &mut self.turn {
             if let Some(t) = end.tokens {
@@ -259,7 +242,7 @@ impl SessionState {
     ) {
         let ev = cx.ev;
         self.ensure_turn(ev);
-        cx.delta.inc(Family::ToolCalls, &[name, cx.agent], 1.0);
+        cx.tally.tool_called(cx.agent, name);
         if self.tools.len() == MAX_OPEN_TOOLS {
             self.tools.pop_front();
         }
@@ -288,17 +271,10 @@ impl SessionState {
             .as_ref()
             .map_or("unknown", |t| t.name.as_str())
             .to_owned();
-        if is_error {
-            cx.delta
-                .inc(Family::ToolCallErrors, &[&name, cx.agent], 1.0);
-        }
-        if let (Some(s), Some(e)) = (open.as_ref().and_then(|t| t.start_ns), ev.time_ns) {
-            cx.delta.observe_ns(
-                Family::ToolCallDuration,
-                &[&name, cx.agent],
-                e.saturating_sub(s),
-            );
-        }
+        let started = open.as_ref().and_then(|t| t.start_ns);
+        let duration_ns = started.zip(ev.time_ns).map(|(s, e)| e.saturating_sub(s));
+        cx.tally
+            .tool_finished(cx.agent, &name, is_error, duration_ns);
         if let (Some(turn), Some(tool)) = (&mut self.turn, open)
             && !tool.span_emitted
         {
@@ -326,10 +302,10 @@ impl SessionState {
     pub(super) fn on_thread_status(&mut self, cx: &mut Cx<'_>, phase: &ThreadPhase) {
         if let ThreadPhase::Idle { stop_reason } = phase {
             let stop = stop_reason.as_deref().unwrap_or("unknown");
-            cx.delta.inc(Family::ThreadTurns, &[cx.agent, stop], 1.0);
+            cx.tally.thread_turn_ended(cx.agent, stop);
         }
         if self.thread_id.is_some() {
-            self.thread_status(cx.session_id, cx.ev, phase, cx.delta, cx.closed);
+            self.thread_status(cx.session_id, cx.ev, phase, cx.tally, cx.closed);
         }
     }
 }

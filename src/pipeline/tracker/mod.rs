@@ -1,8 +1,9 @@
 //! The per-session state machine: turns, model requests paired start→end, tool calls paired
 //! use→result, and what each event adds to the metrics.
 //!
-//! [`SessionState::apply`] is a pure function of the state and one event: it writes metric
-//! increments into a [`Delta`] and hands closed turns (with their child spans) to the caller.
+//! [`SessionState::apply`] is a pure function of the state and one event: it tells a [`Tally`]
+//! what happened (the metrics sink counts it) and hands closed turns (with their child spans)
+//! to the caller.
 //! The state is plain data, serialised into the state store with the batch that produced it,
 //! so a restart resumes a half-finished turn exactly where it was.
 //!
@@ -26,7 +27,7 @@ use handlers::{Cx, RequestEnd};
 
 use super::usage::{SnapshotOutcome, SnapshotSource, UsageState};
 use crate::event::{Event, EventKind, ThreadPhase, Tokens, ToolKind, UsageSnapshot, truncate};
-use crate::sinks::metrics::{Delta, Family};
+use crate::outcome::Tally;
 pub use crate::turn::{
     ChildDetail, ChildSpan, ClosedTurn, Message, ParentTurn, Turn, TurnEnd, TurnError,
 };
@@ -234,10 +235,10 @@ impl SessionState {
         &mut self,
         session_id: &str,
         ev: &Event,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
         closed: &mut Vec<ClosedTurn>,
     ) -> Applied {
-        self.apply_from(session_id, ev, None, delta, closed)
+        self.apply_from(session_id, ev, None, tally, closed)
     }
 
     /// Applies one readable event read from the session's stream (`from_thread` `None`) or
@@ -250,10 +251,10 @@ impl SessionState {
         session_id: &str,
         ev: &Event,
         from_thread: Option<&str>,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
         closed: &mut Vec<ClosedTurn>,
     ) -> Applied {
-        self.apply_checked(session_id, ev, from_thread, false, delta, closed)
+        self.apply_checked(session_id, ev, from_thread, false, tally, closed)
     }
 
     /// [`SessionState::apply_from`], told whether the event's thread's own stream counted it
@@ -266,7 +267,7 @@ impl SessionState {
         ev: &Event,
         from_thread: Option<&str>,
         counted_on_thread: bool,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
         closed: &mut Vec<ClosedTurn>,
     ) -> Applied {
         if let EventKind::ThreadCreated { thread, agent } = &ev.kind
@@ -285,7 +286,7 @@ impl SessionState {
                 {
                     t.tracker.agent.clone_from(a);
                 }
-                delta.inc(Family::ThreadsCreated, &[&t.tracker.agent], 1.0);
+                tally.thread_created(&t.tracker.agent);
             }
         }
         let owner = match from_thread {
@@ -298,12 +299,12 @@ impl SessionState {
             None => self.cross_posted_to(ev),
         };
         let Some(tid) = owner else {
-            let applied = self.apply_own(session_id, ev, delta, closed);
+            let applied = self.apply_own(session_id, ev, tally, closed);
             if applied == Applied::Counted
                 && let Some(snap) = session_snapshot(&ev.kind)
                 && self
                     .usage
-                    .apply(snap, SnapshotSource::Event, &self.agent, delta)
+                    .apply(snap, SnapshotSource::Event, &self.agent, tally)
                     == SnapshotOutcome::Decreased
             {
                 return Applied::DecreasingSnapshot;
@@ -312,7 +313,7 @@ impl SessionState {
         };
         let parent = self.turn_at(ev.time_ns);
         if !self.threads.contains_key(&tid) {
-            return self.apply_own(session_id, ev, delta, closed);
+            return self.apply_own(session_id, ev, tally, closed);
         }
         // Consumed from the stream it was read on, even when the other stream showed it first.
         let admitted = match from_thread {
@@ -346,7 +347,7 @@ impl SessionState {
             }
             Some(_) => thread.held.retain(|h| h.id != ev.id),
         }
-        Self::apply_to_thread(thread, parent, session_id, ev, delta, closed)
+        Self::apply_to_thread(thread, parent, session_id, ev, tally, closed)
     }
 
     /// Applies an event to a thread's tracker, under the sub-agent's name.
@@ -355,7 +356,7 @@ impl SessionState {
         parent: Option<ParentTurn>,
         session_id: &str,
         ev: &Event,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
         closed: &mut Vec<ClosedTurn>,
     ) -> Applied {
         if may_be_cross_posted(&ev.type_name) {
@@ -372,7 +373,7 @@ impl SessionState {
                 thread.tracker.agent = a.clone();
             }
         }
-        let applied = thread.tracker.apply_admitted(session_id, ev, delta, closed);
+        let applied = thread.tracker.apply_admitted(session_id, ev, tally, closed);
         if let Some(turn) = &mut thread.tracker.turn
             && turn.parent.is_none()
         {
@@ -513,9 +514,9 @@ impl SessionState {
     }
 
     /// Applies a snapshot of the session object's usage (a listing or `GET /sessions/{id}`).
-    pub(crate) fn apply_object_usage(&mut self, snapshot: &UsageSnapshot, delta: &mut Delta) {
+    pub(crate) fn apply_object_usage(&mut self, snapshot: &UsageSnapshot, tally: &mut dyn Tally) {
         self.usage
-            .apply(snapshot, SnapshotSource::Object, &self.agent, delta);
+            .apply(snapshot, SnapshotSource::Object, &self.agent, tally);
     }
 
     /// Billed credits so far by kind, from the snapshots applied.
@@ -525,10 +526,7 @@ impl SessionState {
             .iter()
             .filter_map(|(k, v)| {
                 let kind = k.strip_prefix("credits:")?;
-                Some((
-                    kind.to_owned(),
-                    *v as f64 / crate::sinks::metrics::COUNTER_SCALE,
-                ))
+                Some((kind.to_owned(), *v as f64 / crate::pipeline::usage::SCALE))
             })
             .collect()
     }
@@ -554,7 +552,7 @@ impl SessionState {
         session_id: &str,
         tid: &str,
         read: ThreadRead,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
         closed: &mut Vec<ClosedTurn>,
     ) -> ThreadReadOutcome {
         let ThreadRead {
@@ -575,7 +573,7 @@ impl SessionState {
                 let closed_before = closed.len();
                 if let Some(thread) = self.threads.get_mut(tid)
                     && !thread.seen.contains(&ev.id)
-                    && Self::apply_to_thread(thread, parent, session_id, &ev, delta, closed)
+                    && Self::apply_to_thread(thread, parent, session_id, &ev, tally, closed)
                         == Applied::Counted
                 {
                     let context = self.record_context(&ev, Some(tid), &closed[closed_before..]);
@@ -622,13 +620,13 @@ impl SessionState {
         &mut self,
         session_id: &str,
         ev: &Event,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
         closed: &mut Vec<ClosedTurn>,
     ) -> Applied {
         if !self.admit(&ev.id) {
             return Applied::Duplicate;
         }
-        self.apply_admitted(session_id, ev, delta, closed)
+        self.apply_admitted(session_id, ev, tally, closed)
     }
 
     /// Whether `id` is among the recent ids an older state file left. Ids of one stream share
@@ -664,11 +662,11 @@ impl SessionState {
         &mut self,
         session_id: &str,
         ev: &Event,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
         closed: &mut Vec<ClosedTurn>,
     ) -> Applied {
         let agent = self.agent.clone();
-        delta.inc(Family::Events, &[&ev.type_name, &agent], 1.0);
+        tally.event(&ev.type_name, &agent);
 
         // G1: a new turn_id closes a turn that never idled.
         if let (Some(tid), Some(turn)) = (&ev.turn_id, &self.turn)
@@ -676,14 +674,14 @@ impl SessionState {
             && &turn.key != tid
         {
             let end = turn.last_ns;
-            self.close_turn(session_id, end, TurnEnd::Superseded, delta, closed);
+            self.close_turn(session_id, end, TurnEnd::Superseded, tally, closed);
         }
 
         let mut cx = Cx {
             session_id,
             ev,
             agent: &agent,
-            delta,
+            tally,
             closed,
         };
         match &ev.kind {
@@ -752,7 +750,7 @@ impl SessionState {
         session_id: &str,
         ev: &Event,
         phase: &ThreadPhase,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
         closed: &mut Vec<ClosedTurn>,
     ) {
         match phase {
@@ -767,13 +765,13 @@ impl SessionState {
                     session_id,
                     ev.time_ns,
                     TurnEnd::Idle { stop_reason },
-                    delta,
+                    tally,
                     closed,
                 );
             }
             ThreadPhase::Terminated => {
                 self.status = "terminated".to_owned();
-                self.close_turn(session_id, ev.time_ns, TurnEnd::Terminated, delta, closed);
+                self.close_turn(session_id, ev.time_ns, TurnEnd::Terminated, tally, closed);
                 self.requests.clear();
                 self.tools.clear();
             }
@@ -822,7 +820,7 @@ impl SessionState {
         session_id: &str,
         at: Option<i64>,
         max_age_ns: i64,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
         closed: &mut Vec<ClosedTurn>,
     ) -> bool {
         let (Some(at), Some(turn)) = (at, &self.turn) else {
@@ -834,7 +832,7 @@ impl SessionState {
         if at.saturating_sub(last) <= max_age_ns {
             return false;
         }
-        self.close_turn(session_id, Some(last), TurnEnd::Stale, delta, closed);
+        self.close_turn(session_id, Some(last), TurnEnd::Stale, tally, closed);
         self.requests.clear();
         true
     }
@@ -903,7 +901,7 @@ impl SessionState {
         session_id: &str,
         end_ns: Option<i64>,
         end: TurnEnd,
-        delta: &mut Delta,
+        tally: &mut dyn Tally,
         closed: &mut Vec<ClosedTurn>,
     ) {
         let Some(mut turn) = self.turn.take() else {
@@ -911,11 +909,8 @@ impl SessionState {
         };
         // `qoder_turn_duration_seconds` times the session's turns; a thread's turn is inside one.
         if let (Some(s), Some(e), None) = (turn.start_ns, end_ns, &self.thread_id) {
-            delta.observe_ns(Family::TurnDuration, &[&self.agent], e.saturating_sub(s));
-            #[allow(clippy::cast_precision_loss, reason = "a duration in seconds")]
-            let secs = e.saturating_sub(s).max(0) as f64 / 1e9;
             let at = handlers::example_at(session_id, &turn, end_ns);
-            delta.exemplar(Family::TurnDuration, &[&self.agent], at, secs);
+            tally.turn_timed(&self.agent, e.saturating_sub(s), at);
         }
         // What is still open ends with the turn, marked incomplete. Requests are done with;
         // tools stay open so a late result still counts against the right tool.
@@ -1004,16 +999,10 @@ fn push_child(turn: &mut Turn, child: ChildSpan) {
     }
 }
 
-fn count_tokens(delta: &mut Delta, tokens: &Tokens, agent: &str, model: &str) {
-    for (token_type, v) in tokens.by_type() {
-        delta.inc(Family::Tokens, &[token_type, agent, model], v);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::metrics::DurableMetrics;
+    use crate::sinks::metrics::{Delta, DurableMetrics, Family};
     use crate::source::wire::decode_event;
 
     /// A state written before a field existed reads with the field's default (every stored
