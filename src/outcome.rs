@@ -1,8 +1,8 @@
 //! What the tracker concludes from the events, as the sinks take it: one method per domain
 //! outcome (an event was counted, a turn ended, a model request finished, a usage snapshot
-//! raised a quantity). The tracker says what happened; the metrics sink
-//! ([`crate::sinks::metrics::Delta`]) decides which series that moves. No metric or span
-//! vocabulary here, and nothing but the event model imported.
+//! raised a quantity). The tracker says what happened; the metrics sink (its `Delta`) decides
+//! which series that moves. No metric or span vocabulary here, and nothing but the event model
+//! imported.
 
 use crate::event::Tokens;
 
