@@ -13,9 +13,10 @@
 //! server: /metrics, /, /healthz, /readyz (reads the registry only)
 //! ```
 //!
-//! - [`event`], [`turn`], [`record`] and [`outcome`]: the domain model (what an event means; a
-//!   turn and its child spans; an event as its log record needs it; what the tracker concludes,
-//!   as the sinks take it). They import nothing else of the crate but `event`.
+//! - [`event`], [`turn`], [`session`], [`record`] and [`outcome`]: the domain model (what an
+//!   event means; a turn and its child spans; what is kept about a session between batches; an
+//!   event as its log record needs it; what the tracker concludes, as the sinks take it). They
+//!   import nothing else of the crate but `event` and `turn`.
 //! - [`source::wire`]: the API's JSON in all three generations; [`source::convert`]: wire →
 //!   [`event`], pure.
 //! - [`pipeline::tracker`]: the per-session state machine, a pure function per event that tells
@@ -40,6 +41,7 @@ pub mod pipeline;
 pub mod record;
 pub mod secret;
 pub mod server;
+pub mod session;
 pub mod sim;
 pub mod sinks;
 pub mod source;

@@ -14,12 +14,9 @@
 //! event snapshot is the API contradicting itself: it is counted invalid and adds nothing. An
 //! object snapshot lower than the watermark is merely an older view, and adds nothing quietly.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
-
 use crate::event::UsageSnapshot;
 use crate::outcome::{Tally, UsageQuantity};
+pub use crate::session::UsageState;
 
 /// Applied values are kept in millionths, as the durable counters count (a test checks the two
 /// scales agree), so the increases add up to a snapshot exactly.
@@ -40,20 +37,6 @@ pub enum SnapshotOutcome {
     Applied,
     /// An event snapshot below the previous one: nothing was added.
     Decreased,
-}
-
-/// The per-session record of applied snapshots. Quantities are keyed `credits:<kind>`,
-/// `active_seconds` and `server_tool:<tool>`; values are in the counters' millionths, so the
-/// increases add up to the snapshot exactly, whatever the float arithmetic.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct UsageState {
-    /// The highest value applied per quantity, from either source.
-    #[serde(default)]
-    pub applied: BTreeMap<String, u64>,
-    /// The last event snapshot per quantity: a later event below it is a decrease.
-    #[serde(default)]
-    pub last_event: BTreeMap<String, u64>,
 }
 
 fn micros(v: f64) -> Option<u64> {
@@ -107,10 +90,6 @@ fn quantities(s: &UsageSnapshot) -> Vec<Quantity<'_>> {
 }
 
 impl UsageState {
-    pub fn is_empty(&self) -> bool {
-        self.applied.is_empty() && self.last_event.is_empty()
-    }
-
     /// Applies a snapshot of the session whose `agent` label is given, adding its increases
     /// over what was applied before to `tally`.
     pub fn apply(
