@@ -12,6 +12,7 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    app::no_huge_pages();
     let (command, mut flags) = Cli::parse_checked().into_parts();
     if let Some(Command::Healthcheck { url, insecure }) = &command {
         return cmd::healthcheck::run(url, *insecure);
