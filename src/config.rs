@@ -1027,6 +1027,117 @@ mod tests {
     }
 
     #[test]
+    fn the_help_says_the_defaults_the_code_uses() {
+        // A default is written in the help (`[default: X]`, which the README test holds the
+        // README to) and in the code that applies it; they must agree. Settings resolved
+        // from nothing but switches (signals on, a price), then every help default compared.
+        use clap::CommandFactory;
+        let s = Settings::resolve(flags(&[
+            "--otlp.endpoint",
+            "http://127.0.0.1:4318",
+            "--otlp.capture-content",
+            "--otlp.metrics.exporter",
+            "otlp",
+            "--otlp.logs.exporter",
+            "otlp",
+            "--cost.credit-price",
+            "1",
+        ]))
+        .expect("resolves");
+        let otlp = s.otlp.as_ref().expect("traces on");
+        let metrics = s.otlp_metrics.as_ref().expect("metrics on");
+        let logs = s.otlp_logs.as_ref().expect("logs on");
+        let d = |v: Duration| humantime::format_duration(v).to_string();
+        let used: Vec<(&str, String)> = vec![
+            ("log.level", s.log_level.clone()),
+            ("log.format", format!("{:?}", s.log_format).to_lowercase()),
+            ("qoder.api-url", s.api_url.clone()),
+            ("qoder.request-timeout", d(s.request_timeout)),
+            (
+                "qoder.max-requests-per-second",
+                format!("{}", s.max_requests_per_second.unwrap_or(0)),
+            ),
+            ("qoder.concurrency", s.concurrency.to_string()),
+            ("qoder.max-response-bytes", s.max_response_bytes.to_string()),
+            ("qoder.poll-interval", d(s.poll_interval)),
+            ("qoder.idle-poll-interval", d(s.idle_poll_interval)),
+            ("qoder.discovery-interval", d(s.discovery_interval)),
+            ("qoder.resync-interval", d(s.resync_interval)),
+            ("qoder.max-sessions", s.max_sessions.to_string()),
+            ("web.listen-address", s.listen_address.to_string()),
+            ("web.telemetry-path", s.telemetry_path.clone()),
+            ("web.max-connections", s.max_connections.to_string()),
+            ("state.path", s.state_path.display().to_string()),
+            ("state.max-turn-age", d(s.max_turn_age)),
+            ("shard.count", s.shard.count.to_string()),
+            ("shard.index", s.shard.index.to_string()),
+            (
+                "metrics.session-series-limit",
+                s.session_series_limit.to_string(),
+            ),
+            ("metrics.max-series", s.max_series.to_string()),
+            (
+                "cost.currency",
+                s.credit_price
+                    .as_ref()
+                    .map(|p| p.currency.clone())
+                    .unwrap_or_default(),
+            ),
+            ("otlp.protocol", "http/protobuf".to_owned()),
+            (
+                "otlp.content-max-bytes",
+                otlp.capture_content.unwrap_or(0).to_string(),
+            ),
+            ("otlp.outbox-max-turns", otlp.outbox_max_turns.to_string()),
+            (
+                "otlp.metrics.interval",
+                metrics.interval.as_millis().to_string(),
+            ),
+            (
+                "otlp.metrics.temporality",
+                format!("{:?}", metrics.temporality).to_lowercase(),
+            ),
+            (
+                "otlp.logs.outbox-max-records",
+                logs.outbox_max_records.to_string(),
+            ),
+        ];
+        assert_eq!(otlp.protocol, OtlpProtocol::HttpProtobuf);
+        // Defaults that name another setting or an absence: nothing to compare.
+        let words = ["--otlp.protocol", "none", "all"];
+        let root = Cli::command();
+        let mut commands = vec![root.clone()];
+        commands.extend(root.get_subcommands().cloned());
+        let mut compared = 0;
+        for arg in commands.iter().flat_map(|c| c.get_arguments()) {
+            let (Some(long), Some(help)) = (arg.get_long(), arg.get_help()) else {
+                continue;
+            };
+            let help = help.to_string();
+            let Some((_, said)) = help.split_once("[default: ") else {
+                continue;
+            };
+            let said = said.split([']', ',']).next().unwrap_or(said);
+            if words.contains(&said) {
+                continue;
+            }
+            let (_, value) = used
+                .iter()
+                .find(|(flag, _)| *flag == long)
+                .unwrap_or_else(|| panic!("--{long}: add its default ({said}) to this test"));
+            match (
+                humantime::parse_duration(said),
+                humantime::parse_duration(value),
+            ) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "--{long}: help {said}, code {value}"),
+                _ => assert_eq!(said, value, "--{long}: help and code disagree"),
+            }
+            compared += 1;
+        }
+        assert!(compared >= 25, "{compared} defaults compared");
+    }
+
+    #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
