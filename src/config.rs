@@ -36,6 +36,101 @@ pub const DEFAULT_MAX_SESSIONS: usize = 50_000;
 pub(crate) const DEFAULT_SESSION_SERIES_LIMIT: usize = 100;
 /// `--metrics.max-series`: Prometheus series of the event-derived families.
 pub const DEFAULT_MAX_SERIES: usize = 50_000;
+pub(crate) const DEFAULT_LOG_LEVEL: &str = "info";
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// `--qoder.max-requests-per-second`: the request budget of the whole exporter.
+pub(crate) const DEFAULT_MAX_REQUESTS_PER_SECOND: u32 = 50;
+pub(crate) const DEFAULT_CONCURRENCY: usize = 8;
+pub(crate) const DEFAULT_MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+pub(crate) const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_IDLE_POLL_INTERVAL: Duration = Duration::from_secs(15);
+pub(crate) const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_MAX_TURN_AGE: Duration = Duration::from_secs(6 * 3600);
+pub(crate) const DEFAULT_CURRENCY: &str = "USD";
+
+/// `cmd` (and its subcommands) with `[default: X]` after the help of each flag `shown` names.
+fn with_defaults(mut cmd: clap::Command, shown: &[(&str, String)]) -> clap::Command {
+    let defaulted: Vec<(String, String)> = cmd
+        .get_arguments()
+        .filter_map(|a| {
+            let long = a.get_long()?;
+            let (_, d) = shown.iter().find(|(flag, _)| *flag == long)?;
+            Some((a.get_id().to_string(), d.clone()))
+        })
+        .collect();
+    for (id, d) in defaulted {
+        cmd = cmd.mut_arg(id, |a| {
+            let help = a.get_help().map(ToString::to_string).unwrap_or_default();
+            let long = a.get_long_help().map(ToString::to_string);
+            let a = a.help(format!("{help} [default: {d}]"));
+            match long {
+                Some(l) => a.long_help(format!("{l} [default: {d}]")),
+                None => a,
+            }
+        });
+    }
+    let subcommands: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    for name in subcommands {
+        cmd = cmd.mut_subcommand(name, |c| with_defaults(c, shown));
+    }
+    cmd
+}
+
+/// Every default as the help shows it (``, added to the flag's help by
+/// [`Cli::full_command`]), from the constants the code applies: a default is written once.
+/// The README's flag table is checked against the help in a test.
+pub(crate) fn shown_defaults() -> Vec<(&'static str, String)> {
+    // As the flags are written: `6h`, `60s` (humantime would say `1m`).
+    let d = |v: Duration| match v.as_secs() {
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s => format!("{s}s"),
+    };
+    let mut shown = vec![
+        ("log.level", DEFAULT_LOG_LEVEL.to_owned()),
+        (
+            "log.format",
+            format!("{:?}", LogFormat::default()).to_lowercase(),
+        ),
+        ("qoder.api-url", DEFAULT_API_URL.to_owned()),
+        ("qoder.request-timeout", d(DEFAULT_REQUEST_TIMEOUT)),
+        (
+            "qoder.max-requests-per-second",
+            DEFAULT_MAX_REQUESTS_PER_SECOND.to_string(),
+        ),
+        ("qoder.concurrency", DEFAULT_CONCURRENCY.to_string()),
+        (
+            "qoder.max-response-bytes",
+            DEFAULT_MAX_RESPONSE_BYTES.to_string(),
+        ),
+        ("qoder.poll-interval", d(DEFAULT_POLL_INTERVAL)),
+        ("qoder.idle-poll-interval", d(DEFAULT_IDLE_POLL_INTERVAL)),
+        ("qoder.discovery-interval", d(DEFAULT_DISCOVERY_INTERVAL)),
+        ("qoder.resync-interval", d(DEFAULT_RESYNC_INTERVAL)),
+        ("qoder.max-sessions", DEFAULT_MAX_SESSIONS.to_string()),
+        ("web.listen-address", DEFAULT_LISTEN.to_owned()),
+        ("web.telemetry-path", DEFAULT_TELEMETRY_PATH.to_owned()),
+        ("web.max-connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+        ("state.path", DEFAULT_STATE_PATH.to_owned()),
+        ("state.max-turn-age", d(DEFAULT_MAX_TURN_AGE)),
+        (
+            "shard.count",
+            format!("{}, no sharding", Shard::default().count),
+        ),
+        ("shard.index", Shard::default().index.to_string()),
+        (
+            "metrics.session-series-limit",
+            DEFAULT_SESSION_SERIES_LIMIT.to_string(),
+        ),
+        ("metrics.max-series", DEFAULT_MAX_SERIES.to_string()),
+        ("cost.currency", DEFAULT_CURRENCY.to_owned()),
+    ];
+    shown.extend(otlp::shown_defaults());
+    shown
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -86,6 +181,13 @@ impl Cli {
     /// so it is refused with a hint instead. Environment variables are not refused (one
     /// environment serves every subcommand). The shared flags (`--log.*`, `--config.file`)
     /// go anywhere.
+    /// The command line as clap parses and shows it: each flag's help ends with its default,
+    /// from [`shown_defaults`] (the constants the code applies).
+    pub(crate) fn full_command() -> clap::Command {
+        use clap::CommandFactory;
+        with_defaults(Cli::command(), &shown_defaults())
+    }
+
     pub fn parse_checked() -> Cli {
         Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit())
     }
@@ -96,8 +198,8 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        use clap::{CommandFactory, FromArgMatches};
-        let mut command = Cli::command();
+        use clap::FromArgMatches;
+        let mut command = Cli::full_command();
         let matches = command.try_get_matches_from_mut(args)?;
         if let Some((sub, _)) = matches.subcommand() {
             let misplaced = command.get_arguments().find(|a| {
@@ -246,11 +348,11 @@ pub struct CommonFlags {
         global = true
     )]
     pub config_file: Option<PathBuf>,
-    /// Only log messages with this severity or above: debug, info, warn, error [default: info].
+    /// Only log messages with this severity or above: debug, info, warn, error.
     /// RUST_LOG, when set, overrides it (an expert filter, e.g. `qoder_exporter::source=debug`)
     #[arg(long = "log.level", env = "QODER_EXPORTER_LOG_LEVEL", global = true)]
     pub log_level: Option<String>,
-    /// Log line format: text (for people), logfmt or json (for log shippers) [default: text]
+    /// Log line format: text (for people), logfmt or json (for log shippers)
     #[arg(long = "log.format", env = "QODER_EXPORTER_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
 }
@@ -259,7 +361,7 @@ pub struct CommonFlags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "Qoder API")]
 pub struct ApiFlags {
-    /// Qoder API base URL (CN: https://api.qoder.com.cn/api/v1/cloud) [default: https://api.qoder.com/api/v1/cloud]
+    /// Qoder API base URL (CN: https://api.qoder.com.cn/api/v1/cloud)
     #[arg(long = "qoder.api-url", env = "QODER_API_URL")]
     pub api_url: Option<String>,
     /// File holding the personal access token; re-read when it changes.
@@ -271,19 +373,19 @@ pub struct ApiFlags {
     /// Send the `qoder-workspace-id` header with every request (a workspace-scoped token)
     #[arg(long = "qoder.workspace-id", env = "QODER_WORKSPACE_ID")]
     pub workspace_id: Option<String>,
-    /// Timeout of one API request, body included [default: 30s]
+    /// Timeout of one API request, body included
     #[arg(long = "qoder.request-timeout", env = "QODER_REQUEST_TIMEOUT", value_parser = parse_duration)]
     pub request_timeout: Option<Duration>,
-    /// Request budget for the whole exporter; 0 turns the limiter off [default: 50]
+    /// Request budget for the whole exporter; 0 turns the limiter off
     #[arg(
         long = "qoder.max-requests-per-second",
         env = "QODER_MAX_REQUESTS_PER_SECOND"
     )]
     pub max_requests_per_second: Option<u32>,
-    /// Sessions read at the same time [default: 8]
+    /// Sessions read at the same time
     #[arg(long = "qoder.concurrency", env = "QODER_CONCURRENCY")]
     pub concurrency: Option<usize>,
-    /// Largest API response accepted, in bytes [default: 33554432]
+    /// Largest API response accepted, in bytes
     #[arg(long = "qoder.max-response-bytes", env = "QODER_MAX_RESPONSE_BYTES")]
     pub max_response_bytes: Option<usize>,
     /// Accept a plain http:// --qoder.api-url to another machine (the token then travels in
@@ -296,22 +398,22 @@ pub struct ApiFlags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "Polling")]
 pub struct PollFlags {
-    /// How often a running session is polled [default: 2s]
+    /// How often a running session is polled
     #[arg(long = "qoder.poll-interval", env = "QODER_POLL_INTERVAL", value_parser = parse_duration)]
     pub poll_interval: Option<Duration>,
-    /// How often an idle session is polled [default: 15s]
+    /// How often an idle session is polled
     #[arg(long = "qoder.idle-poll-interval", env = "QODER_IDLE_POLL_INTERVAL", value_parser = parse_duration)]
     pub idle_poll_interval: Option<Duration>,
-    /// How often the session list is checked for new sessions [default: 10s]
+    /// How often the session list is checked for new sessions
     #[arg(long = "qoder.discovery-interval", env = "QODER_DISCOVERY_INTERVAL", value_parser = parse_duration)]
     pub discovery_interval: Option<Duration>,
     /// How often the whole session list is read to learn, from `updated_at`, which idle
-    /// sessions changed (unchanged ones are not polled) [default: 60s]
+    /// sessions changed (unchanged ones are not polled)
     #[arg(long = "qoder.resync-interval", env = "QODER_RESYNC_INTERVAL", value_parser = parse_duration)]
     pub resync_interval: Option<Duration>,
     /// Sessions followed at once (not ended) from discovery; past it new sessions in the list
     /// wait until some end, counted and logged. Memory stays bounded if the list never ends
-    /// with live sessions; an account with more, shard [default: 50000]
+    /// with live sessions; an account with more, shard
     #[arg(long = "qoder.max-sessions", env = "QODER_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
 }
@@ -320,17 +422,16 @@ pub struct PollFlags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "Web")]
 pub struct WebFlags {
-    /// Address to serve /metrics, /, /healthz and /readyz on [default: 0.0.0.0:9874]
+    /// Address to serve /metrics, /, /healthz and /readyz on
     #[arg(long = "web.listen-address", env = "QODER_EXPORTER_WEB_LISTEN_ADDRESS")]
     pub listen_address: Option<String>,
-    /// Path of the metrics endpoint [default: /metrics]
+    /// Path of the metrics endpoint
     #[arg(long = "web.telemetry-path", env = "QODER_EXPORTER_WEB_TELEMETRY_PATH")]
     pub telemetry_path: Option<String>,
     /// TLS and basic auth for the endpoints, in the Prometheus exporter-toolkit format (YAML)
     #[arg(long = "web.config.file", env = "QODER_EXPORTER_WEB_CONFIG_FILE")]
     pub web_config_file: Option<PathBuf>,
     /// Connections open at once on the web port; one more is closed on arrival and counted
-    /// [default: 512]
     #[arg(
         long = "web.max-connections",
         env = "QODER_EXPORTER_WEB_MAX_CONNECTIONS"
@@ -342,11 +443,11 @@ pub struct WebFlags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "State")]
 pub struct StateFlags {
-    /// The state file (SQLite) that keeps counts exact across restarts [default: qoder-exporter.db]
+    /// The state file (SQLite) that keeps counts exact across restarts
     #[arg(long = "state.path", env = "QODER_EXPORTER_STATE_PATH")]
     pub state_path: Option<PathBuf>,
     /// A turn whose session stays quiet this long (by event time) mid-turn is closed as
-    /// incomplete (`qoder.turn.end=stale`) [default: 6h]
+    /// incomplete (`qoder.turn.end=stale`)
     #[arg(long = "state.max-turn-age", env = "QODER_EXPORTER_MAX_TURN_AGE", value_parser = parse_duration)]
     pub max_turn_age: Option<Duration>,
 }
@@ -356,11 +457,11 @@ pub struct StateFlags {
 #[command(next_help_heading = "Sharding")]
 pub struct ShardFlags {
     /// Split the sessions across N exporters: this one follows only the sessions whose stable
-    /// hash falls in --shard.index [default: 1, no sharding]
+    /// hash falls in --shard.index
     #[arg(long = "shard.count", env = "QODER_SHARD_COUNT")]
     pub shard_count: Option<u32>,
     /// This exporter's shard, 0..count-1, or `ordinal` to take it from the host name's
-    /// trailing number (a StatefulSet pod `qoder-exporter-2` is shard 2) [default: 0]
+    /// trailing number (a StatefulSet pod `qoder-exporter-2` is shard 2)
     #[arg(long = "shard.index", env = "QODER_SHARD_INDEX")]
     pub shard_index: Option<String>,
 }
@@ -371,7 +472,7 @@ pub struct ShardFlags {
 pub struct MetricsFlags {
     /// Per-session series (`qoder_session_info`, `qoder_session_credits`,
     /// `qoder_session_budget_credits`) for at most this many of the most recently active
-    /// sessions; 0 turns them off [default: 100]
+    /// sessions; 0 turns them off
     #[arg(
         long = "metrics.session-series-limit",
         env = "QODER_METRICS_SESSION_SERIES_LIMIT"
@@ -379,14 +480,14 @@ pub struct MetricsFlags {
     pub session_series_limit: Option<usize>,
     /// Most Prometheus series the event-derived families may have (a histogram counts its
     /// buckets, `_sum` and `_count`); past it, new label sets are counted under `other` and in
-    /// `qoder_exporter_series_dropped_total`. 0: no budget [default: 50000]
+    /// `qoder_exporter_series_dropped_total`. 0: no budget
     #[arg(long = "metrics.max-series", env = "QODER_METRICS_MAX_SERIES")]
     pub max_series: Option<usize>,
     /// Price of one Qoder credit, exported as `qoder_credit_price{currency}` so dashboards and
     /// recording rules can show money; unset: credits only
     #[arg(long = "cost.credit-price", env = "QODER_COST_CREDIT_PRICE", value_parser = parse_price)]
     pub credit_price: Option<f64>,
-    /// Currency of --cost.credit-price (an ISO 4217 code) [default: USD]
+    /// Currency of --cost.credit-price (an ISO 4217 code)
     #[arg(long = "cost.currency", env = "QODER_COST_CURRENCY")]
     pub currency: Option<String>,
 }
@@ -476,7 +577,7 @@ impl CreditPrice {
             }
             Some(price) => Ok(Some(CreditPrice {
                 price,
-                currency: currency.unwrap_or_else(|| "USD".to_owned()),
+                currency: currency.unwrap_or_else(|| DEFAULT_CURRENCY.to_owned()),
             })),
         }
     }
@@ -524,7 +625,7 @@ impl Shard {
         index: Option<&str>,
         hostname: Option<&str>,
     ) -> anyhow::Result<Shard> {
-        let count = count.unwrap_or(1);
+        let count = count.unwrap_or(Shard::default().count);
         if count == 0 {
             bail!("--shard.count: must be at least 1");
         }
@@ -703,7 +804,7 @@ impl Settings {
             .web
             .telemetry_path
             .or(file.web.telemetry_path)
-            .unwrap_or_else(|| "/metrics".to_owned());
+            .unwrap_or_else(|| DEFAULT_TELEMETRY_PATH.to_owned());
         if !telemetry_path.starts_with('/') || telemetry_path.len() < 2 {
             bail!(
                 "--web.telemetry-path {telemetry_path:?}: must start with '/' and name a path other than '/'"
@@ -734,7 +835,11 @@ impl Settings {
         }
         sessions.sort();
         sessions.dedup();
-        let concurrency = flags.api.concurrency.or(q.concurrency).unwrap_or(8);
+        let concurrency = flags
+            .api
+            .concurrency
+            .or(q.concurrency)
+            .unwrap_or(DEFAULT_CONCURRENCY);
         if concurrency == 0 {
             bail!("--qoder.concurrency: must be at least 1");
         }
@@ -742,7 +847,7 @@ impl Settings {
             .api
             .max_response_bytes
             .or(q.max_response_bytes)
-            .unwrap_or(32 * 1024 * 1024);
+            .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
         if max_response_bytes < 1024 {
             bail!("--qoder.max-response-bytes: must be at least 1024");
         }
@@ -811,27 +916,27 @@ impl Settings {
                 .poll
                 .poll_interval
                 .or(q.poll_interval)
-                .unwrap_or(Duration::from_secs(2)),
+                .unwrap_or(DEFAULT_POLL_INTERVAL),
             idle_poll_interval: flags
                 .poll
                 .idle_poll_interval
                 .or(q.idle_poll_interval)
-                .unwrap_or(Duration::from_secs(15)),
+                .unwrap_or(DEFAULT_IDLE_POLL_INTERVAL),
             discovery_interval: flags
                 .poll
                 .discovery_interval
                 .or(q.discovery_interval)
-                .unwrap_or(Duration::from_secs(10)),
+                .unwrap_or(DEFAULT_DISCOVERY_INTERVAL),
             resync_interval: flags
                 .poll
                 .resync_interval
                 .or(q.resync_interval)
-                .unwrap_or(Duration::from_secs(60)),
+                .unwrap_or(DEFAULT_RESYNC_INTERVAL),
             request_timeout: flags
                 .api
                 .request_timeout
                 .or(q.request_timeout)
-                .unwrap_or(Duration::from_secs(30)),
+                .unwrap_or(DEFAULT_REQUEST_TIMEOUT),
             max_requests_per_second: match flags
                 .api
                 .max_requests_per_second
@@ -839,7 +944,7 @@ impl Settings {
             {
                 Some(0) => None,
                 Some(n) => Some(n),
-                None => Some(50),
+                None => Some(DEFAULT_MAX_REQUESTS_PER_SECOND),
             },
             concurrency,
             max_response_bytes,
@@ -865,7 +970,7 @@ impl Settings {
                 .state
                 .max_turn_age
                 .or(file.state.max_turn_age)
-                .unwrap_or(Duration::from_secs(6 * 3600)),
+                .unwrap_or(DEFAULT_MAX_TURN_AGE),
             log_level: log_level(flags.common.log_level.or(file.log.level))?,
             log_format: match flags.common.log_format.or(file.log.format).as_deref() {
                 None | Some("text") => LogFormat::Text,
@@ -897,7 +1002,7 @@ pub(crate) const LOG_LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
 
 fn log_level(given: Option<String>) -> anyhow::Result<String> {
     match given {
-        None => Ok("info".to_owned()),
+        None => Ok(DEFAULT_LOG_LEVEL.to_owned()),
         Some(l) if LOG_LEVELS.contains(&l.as_str()) => Ok(l),
         Some(l) => anyhow::bail!("--log.level {l:?}: must be one of debug, info, warn, error"),
     }
@@ -977,10 +1082,9 @@ mod tests {
         // The README's table is the operator's view of the flags: every flag of every
         // subcommand (but the subcommands' own) has a row with its environment variable, and
         // a `[default: X]` in the help shows up in that row.
-        use clap::CommandFactory;
         let readme = include_str!("../README.md");
         let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
-        let root = Cli::command();
+        let root = Cli::full_command();
         let mut commands = vec![root.clone()];
         commands.extend(root.get_subcommands().cloned());
         let mut checked = 0;
@@ -1031,7 +1135,6 @@ mod tests {
         // A default is written in the help (`[default: X]`, which the README test holds the
         // README to) and in the code that applies it; they must agree. Settings resolved
         // from nothing but switches (signals on, a price), then every help default compared.
-        use clap::CommandFactory;
         let s = Settings::resolve(flags(&[
             "--otlp.endpoint",
             "http://127.0.0.1:4318",
@@ -1105,7 +1208,7 @@ mod tests {
         assert_eq!(otlp.protocol, OtlpProtocol::HttpProtobuf);
         // Defaults that name another setting or an absence: nothing to compare.
         let words = ["--otlp.protocol", "none", "all"];
-        let root = Cli::command();
+        let root = Cli::full_command();
         let mut commands = vec![root.clone()];
         commands.extend(root.get_subcommands().cloned());
         let mut compared = 0;
@@ -1139,8 +1242,7 @@ mod tests {
 
     #[test]
     fn cli_definition_is_consistent() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
+        Cli::full_command().debug_assert();
         let cli = Cli::try_parse_checked([
             "q",
             "demo",
@@ -1209,8 +1311,7 @@ mod tests {
         assert_eq!(flags.shard.shard_count, Some(2));
         assert_eq!(flags.common.log_format.as_deref(), Some("json"));
         // Each subcommand's help lists its own groups only.
-        use clap::CommandFactory;
-        let mut cli = Cli::command();
+        let mut cli = Cli::full_command();
         cli.build();
         let help = |cli: &mut clap::Command, sub: &str| {
             cli.find_subcommand_mut(sub)

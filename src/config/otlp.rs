@@ -16,16 +16,16 @@ pub struct OtlpFlags {
     /// added (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, taken as is, wins)
     #[arg(long = "otlp.endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-    /// OTLP protocol: `grpc` or `http/protobuf` (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins) [default: http/protobuf]
+    /// OTLP protocol: `grpc` or `http/protobuf` (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins)
     #[arg(long = "otlp.protocol", env = "OTEL_EXPORTER_OTLP_PROTOCOL")]
     pub otlp_protocol: Option<String>,
     /// Export message and thinking text on turn spans (off: content never leaves the exporter)
     #[arg(long = "otlp.capture-content", env = "QODER_OTLP_CAPTURE_CONTENT")]
     pub otlp_capture_content: bool,
-    /// With --otlp.capture-content, each message is cut to this many bytes [default: 4096]
+    /// With --otlp.capture-content, each message is cut to this many bytes
     #[arg(long = "otlp.content-max-bytes", env = "QODER_OTLP_CONTENT_MAX_BYTES")]
     pub otlp_content_max_bytes: Option<usize>,
-    /// Closed turns kept for the OTLP endpoint while it is unreachable; past it the oldest are dropped [default: 100000]
+    /// Closed turns kept for the OTLP endpoint while it is unreachable; past it the oldest are dropped
     #[arg(long = "otlp.outbox-max-turns", env = "QODER_OTLP_OUTBOX_MAX_TURNS")]
     pub otlp_outbox_max_turns: Option<u64>,
     #[command(flatten)]
@@ -38,7 +38,7 @@ pub struct OtlpFlags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "OpenTelemetry metrics and logs")]
 pub struct OtlpSignalFlags {
-    /// `otlp`: push every `/metrics` family over OTLP as well; `none` [default: none]
+    /// `otlp`: push every `/metrics` family over OTLP as well; `none`
     #[arg(long = "otlp.metrics.exporter", env = "OTEL_METRICS_EXPORTER")]
     pub metrics_exporter: Option<String>,
     /// Where metrics go, used as is (for HTTP the full URL, `.../v1/metrics`)
@@ -47,28 +47,28 @@ pub struct OtlpSignalFlags {
         env = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
     )]
     pub metrics_endpoint: Option<String>,
-    /// `grpc` or `http/protobuf` for metrics [default: --otlp.protocol]
+    /// `grpc` or `http/protobuf` for metrics
     #[arg(
         long = "otlp.metrics.protocol",
         env = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
     )]
     pub metrics_protocol: Option<String>,
-    /// How often metrics are pushed: milliseconds, as the variable has it, or a duration (`30s`) [default: 60000]
+    /// How often metrics are pushed: milliseconds, as the variable has it, or a duration (`30s`)
     #[arg(long = "otlp.metrics.interval", env = "OTEL_METRIC_EXPORT_INTERVAL", value_parser = parse_millis)]
     pub metrics_interval: Option<Duration>,
-    /// `cumulative`, or `delta` (or `lowmemory`, the same here) for counters and histograms [default: cumulative]
+    /// `cumulative`, or `delta` (or `lowmemory`, the same here) for counters and histograms
     #[arg(
         long = "otlp.metrics.temporality",
         env = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"
     )]
     pub metrics_temporality: Option<String>,
-    /// `otlp`: every event read becomes one OTLP log record, at most once; `none` [default: none]
+    /// `otlp`: every event read becomes one OTLP log record, at most once; `none`
     #[arg(long = "otlp.logs.exporter", env = "OTEL_LOGS_EXPORTER")]
     pub logs_exporter: Option<String>,
     /// Where log records go, used as is (for HTTP the full URL, `.../v1/logs`)
     #[arg(long = "otlp.logs.endpoint", env = "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")]
     pub logs_endpoint: Option<String>,
-    /// `grpc` or `http/protobuf` for logs [default: --otlp.protocol]
+    /// `grpc` or `http/protobuf` for logs
     #[arg(long = "otlp.logs.protocol", env = "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL")]
     pub logs_protocol: Option<String>,
     /// Put message text and tool inputs in log records (off: content never leaves the exporter)
@@ -77,19 +77,54 @@ pub struct OtlpSignalFlags {
         env = "QODER_OTLP_LOGS_INCLUDE_CONTENT"
     )]
     pub logs_include_content: bool,
-    /// Export only these event types (comma list, e.g. `session.error,span.model_request_end`) [default: all]
+    /// Export only these event types (comma list, e.g. `session.error,span.model_request_end`)
     #[arg(
         long = "otlp.logs.event-types",
         env = "QODER_OTLP_LOGS_EVENT_TYPES",
         value_delimiter = ','
     )]
     pub logs_event_types: Vec<String>,
-    /// Log records kept for the endpoint while it is unreachable; past it the oldest are dropped [default: 1000000]
+    /// Log records kept for the endpoint while it is unreachable; past it the oldest are dropped
     #[arg(
         long = "otlp.logs.outbox-max-records",
         env = "QODER_OTLP_LOGS_OUTBOX_MAX_RECORDS"
     )]
     pub logs_outbox_max_records: Option<u64>,
+}
+
+const DEFAULT_CONTENT_MAX_BYTES: usize = 4096;
+const DEFAULT_OUTBOX_MAX_TURNS: u64 = 100_000;
+const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(60);
+const DEFAULT_OUTBOX_MAX_RECORDS: u64 = 1_000_000;
+
+/// The OTLP flags' defaults as the help shows them (see `config::shown_defaults`).
+pub(super) fn shown_defaults() -> Vec<(&'static str, String)> {
+    let general = "--otlp.protocol".to_owned();
+    vec![
+        ("otlp.protocol", "http/protobuf".to_owned()),
+        (
+            "otlp.content-max-bytes",
+            DEFAULT_CONTENT_MAX_BYTES.to_string(),
+        ),
+        (
+            "otlp.outbox-max-turns",
+            DEFAULT_OUTBOX_MAX_TURNS.to_string(),
+        ),
+        ("otlp.metrics.exporter", "none".to_owned()),
+        ("otlp.metrics.protocol", general.clone()),
+        (
+            "otlp.metrics.interval",
+            DEFAULT_METRICS_INTERVAL.as_millis().to_string(),
+        ),
+        ("otlp.metrics.temporality", "cumulative".to_owned()),
+        ("otlp.logs.exporter", "none".to_owned()),
+        ("otlp.logs.protocol", general),
+        ("otlp.logs.event-types", "all".to_owned()),
+        (
+            "otlp.logs.outbox-max-records",
+            DEFAULT_OUTBOX_MAX_RECORDS.to_string(),
+        ),
+    ]
 }
 
 /// A number of milliseconds in the config file: `interval = 60000` or `interval = "60s"`.
@@ -201,11 +236,11 @@ impl OtlpSettings {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             bail!("--otlp.endpoint {url:?}: must be an http:// or https:// URL");
         }
-        let max_bytes = content_max_bytes.unwrap_or(4096);
+        let max_bytes = content_max_bytes.unwrap_or(DEFAULT_CONTENT_MAX_BYTES);
         if max_bytes == 0 {
             bail!("--otlp.content-max-bytes: must be at least 1");
         }
-        let outbox_max_turns = outbox_max_turns.unwrap_or(100_000);
+        let outbox_max_turns = outbox_max_turns.unwrap_or(DEFAULT_OUTBOX_MAX_TURNS);
         if outbox_max_turns == 0 {
             bail!("--otlp.outbox-max-turns: must be at least 1");
         }
@@ -432,7 +467,7 @@ impl OtlpMetricsSettings {
             (None, Some(Millis::Count(ms))) => Duration::from_millis(ms),
             (None, Some(Millis::Text(s))) => parse_millis(&s)
                 .map_err(|e| anyhow::anyhow!("[otlp.metrics] interval {s:?}: {e}"))?,
-            (None, None) => Duration::from_secs(60),
+            (None, None) => DEFAULT_METRICS_INTERVAL,
         };
         if interval < Duration::from_millis(100) {
             bail!(
@@ -492,7 +527,7 @@ impl OtlpLogsSettings {
         let outbox_max_records = flags
             .logs_outbox_max_records
             .or(file.outbox_max_records)
-            .unwrap_or(1_000_000);
+            .unwrap_or(DEFAULT_OUTBOX_MAX_RECORDS);
         if outbox_max_records == 0 {
             bail!("--otlp.logs.outbox-max-records: must be at least 1");
         }
