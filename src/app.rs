@@ -397,7 +397,7 @@ impl Running {
 /// Turns transparent huge pages off for this process, first thing in `main`. Where the kernel
 /// backs every aligned 2 MiB of the allocator's arenas with a huge page (`enabled=always`, the
 /// default of many distributions), memory freed inside them stays resident: 10 000 idle
-/// sessions held 105–112 MB with them and 84 MB without, a replay's peak 203 MB and 156 MB, in
+/// sessions held 105–112 MB with them and 87 MB without, a replay's peak 203 MB and 156 MB, in
 /// the same time (BENCHMARKS.md). A kernel that refuses changes nothing, so its error is ignored.
 pub fn no_huge_pages() {
     #[cfg(target_os = "linux")]

@@ -5,7 +5,7 @@
 //! lines, a few workers decode the chunks (each line into a [`Line`], with the domain event
 //! built), and the caller gets the chunks back in the order they were read, to route them to
 //! the pipeline exactly as a single thread would. Memory stays bounded: a few chunks per
-//! worker are in flight, and their buffers go round (fresh memory costs the kernel's page
+//! worker are in flight (whatever one slow chunk does), and their buffers go round (fresh memory costs the kernel's page
 //! zeroing, which had been a fifth of a replay's cycles).
 
 use std::collections::BTreeMap;
@@ -26,8 +26,8 @@ pub(super) const MAX_LINE: usize = 16 * 1024 * 1024;
 /// rare, small enough that the chunks in flight stay in cache.
 const CHUNK_LINES: usize = 1024;
 const CHUNK_BYTES: usize = 512 * 1024;
-/// Chunks waiting for a worker, and decoded chunks waiting for the caller, per worker.
-const QUEUED_PER_WORKER: usize = 2;
+/// Chunks read and not yet handed on, per worker.
+const QUEUED_PER_WORKER: usize = 4;
 
 /// One line of a replay input, decoded.
 #[derive(Debug)]
@@ -150,7 +150,10 @@ fn decode_chunk(mut raw: RawChunk, pools: &Pools) -> (u64, Chunk) {
         },
     }));
     raw.text.clear();
-    pools.raw.put((raw.text, raw.lines));
+    // A buffer an overlong line grew is let go rather than kept round.
+    if raw.text.capacity() <= 2 * CHUNK_BYTES {
+        pools.raw.put((raw.text, raw.lines));
+    }
     let chunk = Chunk {
         place: raw.place,
         lines,
@@ -160,70 +163,97 @@ fn decode_chunk(mut raw: RawChunk, pools: &Pools) -> (u64, Chunk) {
 
 /// Reads `inputs` (opened by `open`, in order) and hands `each` their decoded chunks in file
 /// order, decoding on `workers` threads; `each` takes the lines it wants out of the chunk.
-/// Stops at the first error of `open`, of a read or of `each`, after the chunks read before it.
+/// A read error ends the input after every line read before it was handed on; an error of
+/// `each` returns at once.
 pub(super) fn read_decoded(
-    inputs: &[PathBuf],
-    open: impl Fn(&PathBuf) -> anyhow::Result<Box<dyn BufRead + Send>> + Sync,
+    inputs: Vec<PathBuf>,
+    open: Open,
     workers: usize,
     mut each: impl FnMut(&mut Chunk) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let workers = workers.max(1);
-    let pools = Pools {
+    let pools = Arc::new(Pools {
         raw: Pool(Mutex::new(Vec::new())),
         lines: Pool(Mutex::new(Vec::new())),
-    };
-    let pools = &pools;
-    std::thread::scope(|scope| {
-        let (raw_tx, raw_rx) = mpsc::sync_channel::<RawChunk>(workers * QUEUED_PER_WORKER);
-        let (done_tx, done_rx) = mpsc::sync_channel::<(u64, Chunk)>(workers * QUEUED_PER_WORKER);
-        let reader = std::thread::Builder::new()
-            .name("replay-read".to_owned())
-            .spawn_scoped(scope, || read_chunks(inputs, &open, &pools.raw, raw_tx))
-            .context("starting the replay reader")?;
-        let raw_rx = Arc::new(Mutex::new(raw_rx));
-        for _ in 0..workers {
-            let (raw_rx, done_tx) = (raw_rx.clone(), done_tx.clone());
-            std::thread::Builder::new()
-                .name("replay-decode".to_owned())
-                .spawn_scoped(scope, move || {
-                    loop {
-                        // The lock is held only while waiting for the next chunk.
-                        let next = raw_rx.lock().map(|rx| rx.recv());
-                        let Ok(Ok(raw)) = next else { return };
-                        if done_tx.send(decode_chunk(raw, pools)).is_err() {
-                            return;
-                        }
+    });
+    // Chunks read and not yet handed on are bounded by tokens: the reader takes one for each
+    // chunk, and one comes back when a chunk is handed on (however slow one chunk is to decode,
+    // the others cannot pile up behind it).
+    let in_flight = workers * QUEUED_PER_WORKER;
+    let (tokens_back, tokens) = mpsc::sync_channel::<()>(in_flight);
+    for _ in 0..in_flight {
+        let _ = tokens_back.send(());
+    }
+    let (raw_tx, raw_rx) = mpsc::channel::<RawChunk>();
+    let (done_tx, done_rx) = mpsc::channel::<(u64, Option<Chunk>)>();
+    // The threads are not joined on an error of `each`: the reader may be blocked in a read of
+    // a quiet pipe, which nothing cuts short. They end at their next hand-off (the channels
+    // are closed then), or with the process.
+    let reader = std::thread::Builder::new()
+        .name("replay-read".to_owned())
+        .spawn({
+            let pools = pools.clone();
+            move || read_chunks(&inputs, open, &pools.raw, &tokens, &raw_tx)
+        })
+        .context("starting the replay reader")?;
+    let raw_rx = Arc::new(Mutex::new(raw_rx));
+    for _ in 0..workers {
+        let (raw_rx, done_tx, pools) = (raw_rx.clone(), done_tx.clone(), pools.clone());
+        std::thread::Builder::new()
+            .name("replay-decode".to_owned())
+            .spawn(move || {
+                loop {
+                    // The lock is held only while waiting for the next chunk.
+                    let next = raw_rx.lock().map(|rx| rx.recv());
+                    let Ok(Ok(raw)) = next else { return };
+                    let seq = raw.seq;
+                    // A decoder that panics reports its chunk as lost, rather than leave a gap
+                    // the chunks after it would wait behind for ever.
+                    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        decode_chunk(raw, &pools)
+                    }));
+                    if done_tx.send((seq, decoded.ok().map(|(_, c)| c))).is_err() {
+                        return;
                     }
-                })
-                .context("starting a replay decoder")?;
+                }
+            })
+            .context("starting a replay decoder")?;
+    }
+    drop(done_tx);
+    // Back in the order read: a chunk waits here until those before it are handed on.
+    let mut next = 0u64;
+    let mut waiting: BTreeMap<u64, Chunk> = BTreeMap::new();
+    for (seq, chunk) in done_rx {
+        let chunk = chunk.ok_or_else(|| anyhow::anyhow!("a replay decoder failed"))?;
+        waiting.insert(seq, chunk);
+        while let Some(mut chunk) = waiting.remove(&next) {
+            each(&mut chunk)?;
+            chunk.lines.clear();
+            pools.lines.put(chunk.lines);
+            next += 1;
+            let _ = tokens_back.send(());
         }
-        drop(done_tx);
-        // Back in the order read: a chunk waits here until those before it are handed on.
-        let mut next = 0u64;
-        let mut waiting: BTreeMap<u64, Chunk> = BTreeMap::new();
-        for (seq, chunk) in done_rx {
-            waiting.insert(seq, chunk);
-            while let Some(mut chunk) = waiting.remove(&next) {
-                each(&mut chunk)?;
-                chunk.lines.clear();
-                pools.lines.put(chunk.lines);
-                next += 1;
-            }
-        }
-        // Every chunk read was handed on; a read error ends the input here.
-        reader
-            .join()
-            .map_err(|_| anyhow::anyhow!("the replay reader panicked"))?
-    })
+    }
+    // The decoders are done, so the reader is: every chunk it read was handed on, and a read
+    // error ends the input here.
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the replay reader panicked"))?
 }
+
+/// How an input is opened (a path, or `-` for stdin).
+pub(super) type Open = fn(&std::path::Path) -> anyhow::Result<Box<dyn BufRead + Send>>;
 
 /// The reading thread: every input's lines, in chunks, to the workers.
 fn read_chunks(
     inputs: &[PathBuf],
-    open: &(impl Fn(&PathBuf) -> anyhow::Result<Box<dyn BufRead + Send>> + Sync),
+    open: Open,
     spare: &Pool<ReadBuffers>,
-    to_workers: mpsc::SyncSender<RawChunk>,
+    tokens: &mpsc::Receiver<()>,
+    to_workers: &mpsc::Sender<RawChunk>,
 ) -> anyhow::Result<()> {
+    // A chunk goes out only with a token; no token (the caller stopped): reading stops.
+    let send = |chunk: RawChunk| tokens.recv().is_ok() && to_workers.send(chunk).is_ok();
     let fresh = |seq: u64, place: Place| {
         let (text, lines) = spare.take().unwrap_or_else(|| {
             (
@@ -252,10 +282,20 @@ fn read_chunks(
         let mut line_no = 1u64;
         loop {
             let start = chunk.text.len();
-            let n = (&mut r)
+            let n = match (&mut r)
                 .take(MAX_LINE as u64 + 1)
                 .read_until(b'\n', &mut chunk.text)
-                .with_context(|| format!("replay: reading {}", path.display()))?;
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    // What was read before the error is handed on first.
+                    chunk.text.truncate(start);
+                    if !chunk.lines.is_empty() {
+                        send(chunk);
+                    }
+                    return Err(e).with_context(|| format!("replay: reading {}", path.display()));
+                }
+            };
             if n == 0 {
                 break;
             }
@@ -268,10 +308,14 @@ fn read_chunks(
                 let mut rest = Vec::new();
                 loop {
                     rest.clear();
-                    let m = (&mut r)
-                        .take(1 << 20)
-                        .read_until(b'\n', &mut rest)
-                        .with_context(|| format!("replay: reading {}", path.display()))?;
+                    let m = match (&mut r).take(1 << 20).read_until(b'\n', &mut rest) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            send(chunk);
+                            return Err(e)
+                                .with_context(|| format!("replay: reading {}", path.display()));
+                        }
+                    };
                     chunk.place.bytes += m as u64;
                     if m == 0 || rest.last() == Some(&b'\n') {
                         break;
@@ -290,17 +334,14 @@ fn read_chunks(
                     },
                 );
                 seq += 1;
-                if to_workers
-                    .send(std::mem::replace(&mut chunk, next))
-                    .is_err()
-                {
+                if !send(std::mem::replace(&mut chunk, next)) {
                     return Ok(());
                 }
             }
         }
         if !chunk.lines.is_empty() || chunk.place.bytes > 0 {
             seq += 1;
-            if to_workers.send(chunk).is_err() {
+            if !send(chunk) {
                 return Ok(());
             }
         }
@@ -312,6 +353,64 @@ fn read_chunks(
 mod tests {
     use super::*;
     use std::io::Write;
+
+    fn open_file(p: &std::path::Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
+        Ok(Box::new(std::io::BufReader::new(std::fs::File::open(p)?)))
+    }
+
+    /// Event lines (ten for `fail`, more than a chunk for `quiet`), then what the path asks
+    /// for: `fail` an I/O error, `quiet` a read that never returns (a pipe nobody writes to).
+    fn open_odd(p: &std::path::Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
+        struct Odd {
+            head: std::io::Cursor<Vec<u8>>,
+            quiet: bool,
+        }
+        impl Read for Odd {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.head.read(buf)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+                if self.quiet {
+                    // Blocks for good: nothing is ever sent, and the sender stays alive.
+                    let (tx, rx) = mpsc::channel::<()>();
+                    let _ = rx.recv();
+                    drop(tx);
+                }
+                Err(std::io::Error::other("disk gone"))
+            }
+        }
+        let quiet = p.ends_with("quiet");
+        let lines = if quiet { CHUNK_LINES + 10 } else { 10 };
+        let head: String = (0..lines).map(|i| event_line("s1", i) + "\n").collect();
+        Ok(Box::new(std::io::BufReader::new(Odd {
+            head: std::io::Cursor::new(head.into_bytes()),
+            quiet,
+        })))
+    }
+
+    #[test]
+    fn a_read_error_ends_the_input_after_the_lines_read_before_it() {
+        let mut handed = 0;
+        let err = read_decoded(vec![PathBuf::from("fail")], open_odd, 2, |chunk| {
+            handed += chunk.lines.drain(..).count();
+            Ok(())
+        })
+        .expect_err("the read error");
+        assert!(format!("{err:#}").contains("disk gone"), "{err:#}");
+        assert_eq!(handed, 10, "the lines read before the error were handed on");
+    }
+
+    #[test]
+    fn an_error_of_the_caller_returns_while_the_reader_waits_on_a_quiet_input() {
+        // The first chunk is handed on while the reader blocks in a read that never returns;
+        // the caller's error must not wait for the reader (this test would never end if it did).
+        let err = read_decoded(vec![PathBuf::from("quiet")], open_odd, 2, |_| {
+            anyhow::bail!("the pipeline stopped")
+        })
+        .expect_err("the caller's error");
+        assert!(err.to_string().contains("pipeline stopped"), "{err}");
+    }
 
     fn event_line(session: &str, i: usize) -> String {
         format!(r#"{{"id":"e{i}","type":"user.message","content":"hi","session_id":"{session}"}}"#)
@@ -372,12 +471,9 @@ mod tests {
         fb.write_all(event_line("s2", 3).as_bytes()).expect("write");
         drop((fa, fb));
         let inputs = vec![a.clone(), b.clone()];
-        let open = |p: &PathBuf| -> anyhow::Result<Box<dyn BufRead + Send>> {
-            Ok(Box::new(std::io::BufReader::new(std::fs::File::open(p)?)))
-        };
         let mut seen: Vec<(usize, u64, String)> = Vec::new();
         let mut bytes = 0;
-        read_decoded(&inputs, open, 3, |chunk| {
+        read_decoded(inputs, open_file, 3, |chunk| {
             bytes += chunk.place.bytes;
             for (i, line) in chunk.lines.drain(..).enumerate() {
                 let what = match line {
@@ -421,11 +517,8 @@ mod tests {
         let a = dir.path().join("a.jsonl");
         let text: String = (0..20_000).map(|i| event_line("s1", i) + "\n").collect();
         std::fs::write(&a, text).expect("write");
-        let open = |p: &PathBuf| -> anyhow::Result<Box<dyn BufRead + Send>> {
-            Ok(Box::new(std::io::BufReader::new(std::fs::File::open(p)?)))
-        };
         let mut chunks = 0;
-        let err = read_decoded(&[a], open, 2, |_| {
+        let err = read_decoded(vec![a], open_file, 2, |_| {
             chunks += 1;
             anyhow::ensure!(chunks < 2, "the pipeline stopped");
             Ok(())

@@ -455,21 +455,16 @@ fn feed(
         .collect();
     // The decoders share the cores with this thread and the pipeline's.
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-    lines::read_decoded(
-        files,
-        |p| open_input(p),
-        workers,
-        |chunk| {
-            f.summary.bytes += chunk.place.bytes;
-            bar.inc(chunk.place.bytes);
-            f.file.clone_from(&names[chunk.place.file]);
-            for (line_no, line) in (chunk.place.first_line..).zip(chunk.lines.drain(..)) {
-                f.line_no = line_no;
-                f.line(line)?;
-            }
-            Ok(())
-        },
-    )?;
+    lines::read_decoded(files.to_vec(), open_input, workers, |chunk| {
+        f.summary.bytes += chunk.place.bytes;
+        bar.inc(chunk.place.bytes);
+        f.file.clone_from(&names[chunk.place.file]);
+        for (line_no, line) in (chunk.place.first_line..).zip(chunk.lines.drain(..)) {
+            f.line_no = line_no;
+            f.line(line)?;
+        }
+        Ok(())
+    })?;
     f.at_end = true;
     f.flush_all()?;
     while let Some(a) = f.acks.pop_front() {
