@@ -21,7 +21,7 @@ use crate::event::{DroppedFields, Event};
 use crate::source::wire::{self, WireAgentObject, WireSession, WireThread};
 
 /// Longest line accepted (a hostile file must not exhaust memory).
-pub(super) const MAX_LINE: usize = 16 * 1024 * 1024;
+const MAX_LINE: usize = 16 * 1024 * 1024;
 /// A chunk ends after this many lines or bytes: big enough that hand-offs between threads are
 /// rare, small enough that the chunks in flight stay in cache.
 const CHUNK_LINES: usize = 1024;

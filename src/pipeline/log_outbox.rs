@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use super::{Pipeline, PipelineHandle, SendError};
+use super::{Pipeline, PipelineHandle};
 use crate::record::EventRecord;
 use crate::sinks::drain::{OutboxError, OutboxSource};
 use crate::state::{Outbox, StateError};
@@ -150,35 +150,23 @@ impl Pipeline {
     }
 }
 
-impl PipelineHandle {
-    pub(crate) async fn log_peek(
-        &self,
-        limit: usize,
-    ) -> Result<Vec<(i64, Option<EventRecord>)>, SendError> {
-        self.call(|ack| super::Command::LogPeek(limit, ack)).await
-    }
-
-    pub(crate) async fn log_remove(&self, through: i64) -> Result<(), SendError> {
-        self.call(|ack| super::Command::LogRemove(through, ack))
-            .await
-    }
-
-    pub(crate) async fn log_release(&self) -> Result<(), SendError> {
-        self.call(super::Command::LogRelease).await
-    }
-}
-
 /// The log shipper drains the log outbox through the pipeline.
 impl OutboxSource<EventRecord> for PipelineHandle {
     async fn peek(&self, limit: usize) -> Result<Vec<(i64, Option<EventRecord>)>, OutboxError> {
-        self.log_peek(limit).await.map_err(super::outbox_error)
+        self.call(|ack| super::Command::LogPeek(limit, ack))
+            .await
+            .map_err(super::outbox_error)
     }
 
     async fn remove_through(&self, seq: i64) -> Result<(), OutboxError> {
-        self.log_remove(seq).await.map_err(super::outbox_error)
+        self.call(|ack| super::Command::LogRemove(seq, ack))
+            .await
+            .map_err(super::outbox_error)
     }
 
     async fn release(&self) -> Result<(), OutboxError> {
-        self.log_release().await.map_err(super::outbox_error)
+        self.call(super::Command::LogRelease)
+            .await
+            .map_err(super::outbox_error)
     }
 }

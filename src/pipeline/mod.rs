@@ -180,21 +180,6 @@ impl PipelineHandle {
         self.call(|ack| Command::Finish(id, ack)).await
     }
 
-    pub(crate) async fn outbox_peek(
-        &self,
-        limit: usize,
-    ) -> Result<Vec<(i64, Option<ClosedTurn>)>, SendError> {
-        self.call(|ack| Command::OutboxPeek(limit, ack)).await
-    }
-
-    pub(crate) async fn outbox_remove(&self, through: i64) -> Result<(), SendError> {
-        self.call(|ack| Command::OutboxRemove(through, ack)).await
-    }
-
-    pub(crate) async fn outbox_release(&self) -> Result<(), SendError> {
-        self.call(Command::OutboxRelease).await
-    }
-
     /// Waits until everything sent before is applied and committed (and so visible in the
     /// metrics and the outboxes).
     pub(crate) async fn barrier(&self) -> Result<(), SendError> {
@@ -205,15 +190,21 @@ impl PipelineHandle {
 /// The span shipper drains the outbox through the pipeline, the one writer of the state file.
 impl OutboxSource<ClosedTurn> for PipelineHandle {
     async fn peek(&self, limit: usize) -> Result<Vec<(i64, Option<ClosedTurn>)>, OutboxError> {
-        self.outbox_peek(limit).await.map_err(outbox_error)
+        self.call(|ack| Command::OutboxPeek(limit, ack))
+            .await
+            .map_err(outbox_error)
     }
 
     async fn remove_through(&self, seq: i64) -> Result<(), OutboxError> {
-        self.outbox_remove(seq).await.map_err(outbox_error)
+        self.call(|ack| Command::OutboxRemove(seq, ack))
+            .await
+            .map_err(outbox_error)
     }
 
     async fn release(&self) -> Result<(), OutboxError> {
-        self.outbox_release().await.map_err(outbox_error)
+        self.call(Command::OutboxRelease)
+            .await
+            .map_err(outbox_error)
     }
 }
 
