@@ -169,11 +169,17 @@ impl Core {
         let (pipeline, stored) = Pipeline::new(store, metrics.clone(), outbox)?;
         let mut pipeline = pipeline.with_max_turn_age(settings.max_turn_age);
         let logs_notify = std::sync::Arc::new(tokio::sync::Notify::new());
-        crate::source::wire::set_keep_tool_inputs(
-            settings
-                .otlp_logs
-                .as_ref()
-                .is_some_and(|l| l.include_content),
+        let logs_content = settings
+            .otlp_logs
+            .as_ref()
+            .is_some_and(|l| l.include_content);
+        crate::source::wire::set_keep_tool_inputs(logs_content);
+        crate::source::wire::set_keep_text(
+            logs_content
+                || settings
+                    .otlp
+                    .as_ref()
+                    .is_some_and(|o| o.capture_content.is_some()),
         );
         if let Some(l) = &settings.otlp_logs {
             metrics.process.otlp_signal_on(&metrics.registry, "logs");

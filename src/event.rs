@@ -173,8 +173,9 @@ pub enum EventKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub id: String,
-    /// The wire `type`, verbatim (it is the `event_type` label).
-    pub type_name: String,
+    /// The wire `type`, verbatim (it is the `event_type` label): a known type is a static
+    /// string, so an event costs no allocation for it.
+    pub type_name: std::borrow::Cow<'static, str>,
     pub turn_id: Option<String>,
     /// `session_thread_id` (SDK 0.11): the thread the event belongs to.
     pub thread_id: Option<String>,

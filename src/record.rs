@@ -81,7 +81,7 @@ impl EventRecord {
             session_id: session_id.to_owned(),
             thread_id: thread.map(str::to_owned).or_else(|| ev.thread_id.clone()),
             event_id: ev.id.clone(),
-            type_name: ev.type_name.clone(),
+            type_name: ev.type_name.to_string(),
             time_ns: ev.time_ns,
             agent: cx.agent,
             model: cx.model,
@@ -156,7 +156,7 @@ mod tests {
     fn event(kind: EventKind, type_name: &str) -> Event {
         Event {
             id: "evt_1".into(),
-            type_name: type_name.into(),
+            type_name: type_name.to_owned().into(),
             turn_id: None,
             thread_id: None,
             time_ns: Some(5),

@@ -18,7 +18,8 @@ use anyhow::Context;
 
 use super::{AGENT_LINE, THREAD_LINE};
 use crate::event::{DroppedFields, Event};
-use crate::source::wire::{self, WireAgentObject, WireSession, WireThread};
+use crate::pipeline::event_ids;
+use crate::source::wire::{self, Str, WireAgentObject, WireSession, WireThread};
 
 /// Longest line accepted (a hostile file must not exhaust memory).
 const MAX_LINE: usize = 16 * 1024 * 1024;
@@ -52,6 +53,8 @@ pub(super) enum Line {
         session: Option<String>,
         stream: Option<String>,
         event: Event,
+        /// Its id's digest, taken here on a decoder rather than on the pipeline's thread.
+        digest: u64,
         bad_fields: DroppedFields,
     },
 }
@@ -70,17 +73,20 @@ pub(super) fn decode_line(raw: &str) -> Line {
         Some(AGENT_LINE) => Line::Agent(serde_json::from_str(raw).ok()),
         Some(THREAD_LINE) => Line::Thread {
             thread: serde_json::from_str(raw).ok(),
-            session: decoded.event.session_id,
+            session: decoded.event.session_id.map(Str::into_owned),
         },
         Some("session") => Line::Session(wire::decode_session(raw)),
         _ => {
             let mut event = decoded.event;
-            let session = event.session_id.take();
-            let stream = event.dump_stream.take();
+            let session = event.session_id.take().map(Str::into_owned);
+            let stream = event.dump_stream.take().map(Str::into_owned);
+            let event = Event::from_wire(event);
+            let digest = event_ids::digest(&event.id);
             Line::Event {
                 session,
                 stream,
-                event: Event::from_wire(event),
+                event,
+                digest,
                 bad_fields: decoded.bad_fields,
             }
         }

@@ -8,17 +8,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::sync::oneshot;
 
 use crate::app::Core;
 use crate::config::{ReplayFlags, Settings};
-use crate::event::{DroppedFields, Event};
+use crate::event::DroppedFields;
 use crate::pipeline::tracker::ListedThread;
-use crate::pipeline::{Batch, BatchOutcome, Item, PipelineHandle};
+use crate::pipeline::{Batch, GroupAck, Item, PipelineHandle};
 use crate::sinks::metrics::Metrics;
 use crate::source::poller::meta_of;
 use crate::source::wire;
-use crate::state::StateError;
 
 use super::lines::{self, Line};
 
@@ -64,11 +62,14 @@ impl std::fmt::Display for ReplaySummary {
     }
 }
 
-struct Ack(oneshot::Receiver<Result<Vec<BatchOutcome>, StateError>>);
+struct Ack(GroupAck);
 
 impl Ack {
+    /// Waits for the group's commit; its applied items are freed here, off the pipeline's
+    /// thread.
     fn wait(self) -> anyhow::Result<()> {
-        self.0.blocking_recv().context("pipeline stopped")??;
+        let (_outcomes, spent) = self.0.blocking_recv().context("pipeline stopped")??;
+        drop(spent);
         Ok(())
     }
 }
@@ -142,7 +143,7 @@ impl Feeder<'_> {
         self.buffered -= p.items.len();
         self.group_events += p.items.len();
         let cursor = p.items.iter().rev().find_map(|i| match i {
-            Item::Event(e) => Some(e.id.clone()),
+            Item::Event(e, _) => Some(e.id.clone()),
             Item::Invalid(_) => None,
         });
         self.group.push(Batch {
@@ -228,8 +229,9 @@ impl Feeder<'_> {
                 session,
                 stream,
                 event,
+                digest,
                 bad_fields,
-            } => (session, stream, event, bad_fields),
+            } => (session, stream, Item::Event(event, digest), bad_fields),
         };
         self.summary.lines += 1;
         self.event_line(session, stream, event, bad_fields)
@@ -303,7 +305,7 @@ impl Feeder<'_> {
         &mut self,
         session: Option<String>,
         stream: Option<String>,
-        event: Event,
+        item: Item,
         bad_fields: DroppedFields,
     ) -> anyhow::Result<()> {
         let Some(session) = session.filter(|s| !s.is_empty()) else {
@@ -350,7 +352,7 @@ impl Feeder<'_> {
                 }),
         };
         p.bad_fields += bad_fields;
-        p.items.push(Item::Event(event));
+        p.items.push(item);
         if p.items.len() >= self.batch_size {
             let key = key.to_owned();
             self.flush(&key)?;

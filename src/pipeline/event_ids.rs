@@ -65,10 +65,9 @@ pub(crate) struct OpenStream {
 }
 
 impl OpenStream {
-    /// Takes event `id` off the stream: `false` when the stream counted it before (committed,
-    /// or earlier in this group), else it is counted from now on.
-    pub(crate) fn admit(&mut self, id: &str) -> bool {
-        let d = digest(id);
+    /// Takes the event whose id has digest `d` off the stream: `false` when the stream
+    /// counted it before (committed, or earlier in this group), else it is counted from now on.
+    pub(crate) fn admit(&mut self, d: u64) -> bool {
         let new = self.known.ids.insert(d);
         if new {
             self.new.push(d);
@@ -141,10 +140,9 @@ impl EventIds {
         }
     }
 
-    /// Whether the stream counted `id` (committed, or earlier in this group). The stream's
-    /// set must be loaded, and not open.
-    pub fn counted(&self, key: &StreamKey, id: &str) -> bool {
-        let d = digest(id);
+    /// Whether the stream counted the event whose id has digest `d` (committed, or earlier in
+    /// this group). The stream's set must be loaded, and not open.
+    pub fn counted(&self, key: &StreamKey, d: u64) -> bool {
         self.streams.get(key).is_some_and(|k| k.ids.contains(&d))
     }
 
@@ -251,7 +249,7 @@ mod tests {
     /// Admits `ids` on stream `s` as one batch of a group.
     fn batch(ids: &mut EventIds, staged: &mut Staged, s: &str, events: &[&str]) -> Vec<bool> {
         let mut open = ids.open(key(s));
-        let admitted = events.iter().map(|e| open.admit(e)).collect();
+        let admitted = events.iter().map(|e| open.admit(digest(e))).collect();
         ids.close(open, staged);
         admitted
     }
@@ -282,7 +280,7 @@ mod tests {
             [true],
             "another stream"
         );
-        assert!(ids.counted(&key("s1"), "e1"));
+        assert!(ids.counted(&key("s1"), digest("e1")));
         ids.publish(staged);
         let mut staged = Staged::default();
         let later: Vec<String> = (2..500).map(|n| format!("e{n}")).collect();
@@ -357,7 +355,7 @@ mod tests {
         assert_eq!(ids.held(), 6);
         ids.load(key("a"), vec![digest("a0")]);
         assert_eq!(ids.held(), 7);
-        assert!(ids.counted(&key("a"), "a0"));
+        assert!(ids.counted(&key("a"), digest("a0")));
         ids.forget_session("a");
         assert!(!ids.is_loaded(&key("a")));
         assert_eq!(ids.held(), 6);

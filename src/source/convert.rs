@@ -3,12 +3,19 @@
 //! `session.status_terminated`, `retry_status` at top level or inside `error`. Everything after
 //! this module sees one shape ([`crate::event`]). Pure functions, no I/O.
 
+use std::borrow::Cow;
+
 use crate::event::{
     Event, EventKind, RetryStatus, ThreadPhase, Tokens, ToolKind, UsageSnapshot, parse_time,
 };
 use crate::source::wire::{
-    MAX_ID_BYTES, StrOrNum, Typed, WireError, WireEvent, WireModel, WireUsage,
+    MAX_ID_BYTES, Str, StrOrNum, Typed, WireError, WireEvent, WireModel, WireUsage,
 };
+
+/// A borrowed wire string the domain keeps: its own copy.
+fn owned(s: Option<Str<'_>>) -> Option<String> {
+    s.map(Str::into_owned)
+}
 
 impl Tokens {
     /// `None` unless at least one token field is present: a usage object with credits only
@@ -68,25 +75,29 @@ impl UsageSnapshot {
 
 impl Event {
     /// Converts a decoded wire event. The caller has checked that `id` and `type` exist.
-    pub fn from_wire(mut w: WireEvent) -> Event {
+    pub fn from_wire(mut w: WireEvent<'_>) -> Event {
         let time_ns =
             parse_time(w.processed_at.as_deref()).or_else(|| parse_time(w.created_at.as_deref()));
-        let id = w.id.take().unwrap_or_default();
-        let type_name = w.kind.take().unwrap_or_default();
-        let turn_id = w
-            .turn_id
-            .take()
-            .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES);
+        let id = w.id.take().map(Str::into_owned).unwrap_or_default();
+        let type_name = w.kind.take().map_or(Cow::Borrowed(""), interned);
+        let turn_id = owned(
+            w.turn_id
+                .take()
+                .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES),
+        );
         let thread_id = w
             .session_thread_id
-            .clone()
-            .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES);
+            .as_deref()
+            .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES)
+            .map(str::to_owned);
         // Message or thinking text; a tool use's input when inputs are kept (both are exported
         // only on opt-in).
-        let text = match w.content.take() {
-            Some(c) => Some(c.text()),
-            None => w.thinking.take().or_else(|| w.input.0.take()),
-        };
+        let text = w
+            .content
+            .0
+            .take()
+            .or_else(|| w.thinking.0.take())
+            .or_else(|| w.input.0.take());
         let kind = kind_of(&type_name, &id, w);
         Event {
             id,
@@ -100,7 +111,44 @@ impl Event {
     }
 }
 
-fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
+/// The types every API generation writes, as static strings.
+const KNOWN_TYPES: &[&str] = &[
+    "user.message",
+    "agent.message",
+    "agent.thinking",
+    "agent.tool_use",
+    "agent.tool_result",
+    "agent.mcp_tool_use",
+    "agent.mcp_tool_result",
+    "agent.custom_tool_use",
+    "user.custom_tool_result",
+    "span.model_request_start",
+    "span.model_request_end",
+    "session.status_running",
+    "session.status_rescheduled",
+    "session.status_idle",
+    "session.status_terminated",
+    "session.error",
+    "session.usage",
+    "session.updated",
+    "session.deleted",
+    "session.thread_created",
+    "session.thread_status_running",
+    "session.thread_status_rescheduled",
+    "session.thread_status_idle",
+    "session.thread_status_terminated",
+    "terminated",
+];
+
+/// An event type as the domain keeps it: a known one without an allocation of its own.
+fn interned(t: Str<'_>) -> Cow<'static, str> {
+    match KNOWN_TYPES.iter().find(|k| **k == t.as_str()) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(t.into_owned()),
+    }
+}
+
+fn kind_of(type_name: &str, id: &str, w: WireEvent<'_>) -> EventKind {
     match type_name {
         "user.message" => EventKind::UserMessage,
         "session.status_running" | "session.status_rescheduled" => EventKind::TurnRunning,
@@ -119,7 +167,7 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
                 // A snapshot's tokens are the session's so far, not the turn's.
                 tokens: match snapshot {
                     Some(_) => None,
-                    None => w.usage.as_ref().and_then(Tokens::from_wire),
+                    None => w.usage.as_deref().and_then(Tokens::from_wire),
                 },
                 snapshot,
             }
@@ -131,7 +179,7 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
                 total_credits: w.total_credits,
                 ..WireUsage::default()
             };
-            match UsageSnapshot::from_wire(&top, w.usage.as_ref()) {
+            match UsageSnapshot::from_wire(&top, w.usage.as_deref()) {
                 Some(s) => EventKind::Usage(Box::new(s)),
                 None => EventKind::Other,
             }
@@ -146,8 +194,8 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
             .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES)
         {
             Some(thread) => EventKind::ThreadCreated {
-                thread,
-                agent: w.agent_name.filter(|a| !a.is_empty()),
+                thread: thread.into_owned(),
+                agent: owned(w.agent_name.filter(|a| !a.is_empty())),
             },
             None => EventKind::Other,
         },
@@ -167,8 +215,8 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
             };
             match w.session_thread_id {
                 Some(thread) => EventKind::ThreadStatus {
-                    thread,
-                    agent: w.agent_name.filter(|a| !a.is_empty()),
+                    thread: thread.into_owned(),
+                    agent: owned(w.agent_name.filter(|a| !a.is_empty())),
                     phase,
                 },
                 None => EventKind::Other,
@@ -180,15 +228,15 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
         "session.error" => error_kind(w),
         "span.model_request_start" => EventKind::ModelRequestStart {
             model: w.model.and_then(WireModel::name).filter(|m| !m.is_empty()),
-            span_id: w.span_id,
+            span_id: owned(w.span_id),
         },
         "span.model_request_end" => {
             // G3 and Anthropic write `model_usage`; G1 wrote `usage`. Either may carry tokens,
             // credits or both.
-            let usage = w.model_usage.or(w.usage).unwrap_or_default();
+            let usage = w.model_usage.or(w.usage).map(|u| *u).unwrap_or_default();
             EventKind::ModelRequestEnd {
-                start_id: w.model_request_start_id,
-                span_id: w.span_id,
+                start_id: owned(w.model_request_start_id),
+                span_id: owned(w.span_id),
                 is_error: w.is_error.unwrap_or(false),
                 tokens: Tokens::from_wire(&usage),
                 credits: usage.credits.filter(|c| c.is_finite() && *c > 0.0),
@@ -201,7 +249,7 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
                 _ => ToolKind::Builtin,
             };
             // G2 documents a `tool_use_id` of its own on the use; G3 results point at the id.
-            let use_id = w.tool_use_id.unwrap_or_else(|| id.to_owned());
+            let use_id = w.tool_use_id.map_or_else(|| id.to_owned(), Str::into_owned);
             EventKind::ToolUse {
                 kind,
                 use_id,
@@ -209,19 +257,19 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent) -> EventKind {
                     .name
                     .or(w.tool_name)
                     .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| "unknown".to_owned()),
-                server: w.mcp_server_name,
+                    .map_or_else(|| "unknown".to_owned(), Str::into_owned),
+                server: owned(w.mcp_server_name),
             }
         }
-        "agent.tool_result" => tool_result(ToolKind::Builtin, w.tool_use_id, w.is_error),
+        "agent.tool_result" => tool_result(ToolKind::Builtin, owned(w.tool_use_id), w.is_error),
         "agent.mcp_tool_result" => tool_result(
             ToolKind::Mcp,
-            w.mcp_tool_use_id.or(w.tool_use_id),
+            owned(w.mcp_tool_use_id.or(w.tool_use_id)),
             w.is_error,
         ),
         "user.custom_tool_result" => tool_result(
             ToolKind::Custom,
-            w.custom_tool_use_id.or(w.tool_use_id),
+            owned(w.custom_tool_use_id.or(w.tool_use_id)),
             w.is_error,
         ),
         "agent.message" | "agent.thinking" => EventKind::AgentOutput,
@@ -237,10 +285,10 @@ fn tool_result(kind: ToolKind, use_id: Option<String>, is_error: Option<bool>) -
     }
 }
 
-fn error_kind(w: WireEvent) -> EventKind {
+fn error_kind(w: WireEvent<'_>) -> EventKind {
     let top_retry = w.retry_status.and_then(Typed::kind);
     let code = w.code.map(StrOrNum::into_string);
-    let (error_type, nested_retry, message, qoder_code) = match w.error {
+    let (error_type, nested_retry, message, qoder_code) = match w.error.map(|e| *e) {
         Some(WireError::Obj {
             kind,
             message,

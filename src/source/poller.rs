@@ -1313,7 +1313,7 @@ async fn read_stream(
                     bad_fields += d.bad_fields;
                     let e = Event::from_wire(d.event);
                     last_id = Some(e.id.clone());
-                    items.push(Item::Event(e));
+                    items.push(Item::event(e));
                 }
                 Err(reason) => items.push(Item::Invalid(reason)),
             }
@@ -1333,7 +1333,7 @@ async fn read_stream(
         if let Some(at) = pos.cursor.as_deref()
             && let Some(i) = items
                 .iter()
-                .position(|it| matches!(it, Item::Event(e) if e.id == at))
+                .position(|it| matches!(it, Item::Event(e, _) if e.id == at))
         {
             let repeated = i + 1;
             items.drain(..repeated);

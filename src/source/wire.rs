@@ -7,7 +7,10 @@
 //! decoding fails is decoded again field by field, dropping only the fields of the wrong shape
 //! (see [`decode_event`]).
 
+use std::borrow::Cow;
+
 use crate::event::{DroppedFields, InvalidReason};
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -235,6 +238,32 @@ impl WireContent {
     }
 }
 
+/// Whether message and thinking text is kept (`--otlp.capture-content`,
+/// `--otlp.logs.include-content`). Process-wide, as [`KEEP_TOOL_INPUTS`]: without it the text
+/// is skipped unread instead of copied into every message event and dropped again.
+static KEEP_TEXT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keep message and thinking text from now on (content export was asked for), or stop.
+pub(crate) fn set_keep_text(on: bool) {
+    KEEP_TEXT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A message's `content` (a string, or blocks whose text is joined) or `thinking`, as text,
+/// when kept ([`set_keep_text`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MessageText(pub Option<String>);
+
+impl<'de> Deserialize<'de> for MessageText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MessageText, D::Error> {
+        if KEEP_TEXT.load(std::sync::atomic::Ordering::Relaxed) {
+            Option::<WireContent>::deserialize(d).map(|c| MessageText(c.map(|c| c.text())))
+        } else {
+            serde::de::IgnoredAny::deserialize(d)?;
+            Ok(MessageText(None))
+        }
+    }
+}
+
 /// Whether tool inputs are kept (`--otlp.logs.include-content`). Process-wide: the decoder
 /// runs deep in the poller and `replay`, and an input is skipped unread unless it is wanted
 /// (inputs hold whole files; copying them for nothing would cost every `agent.tool_use`).
@@ -275,33 +304,79 @@ impl<'de> Deserialize<'de> for KeptInput {
     }
 }
 
+/// A string field of an event, borrowed from the input unless the JSON escaped something in
+/// it: most of an event's strings are read, looked at and dropped (times, the session id, the
+/// type of a known kind), so copying each into a `String` of its own was a third of `replay`'s
+/// decoding. (serde's own `Cow<str>` borrows only as a bare field, not inside an `Option`.)
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Str<'a>(pub Cow<'a, str>);
+
+impl Str<'_> {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_owned(self) -> String {
+        self.0.into_owned()
+    }
+}
+
+impl std::ops::Deref for Str<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Str<'a>, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Cow<'de, str>, E> {
+                Ok(Cow::Owned(v))
+            }
+        }
+        d.deserialize_str(Visit).map(Str)
+    }
+}
+
 /// One event as it arrives. Unknown fields are ignored; every known spelling is a field.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-pub struct WireEvent {
-    #[serde(default)]
-    pub id: Option<String>,
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
-    #[serde(default)]
-    pub session_id: Option<String>,
-    #[serde(default)]
-    pub turn_id: Option<String>,
-    #[serde(default)]
-    pub processed_at: Option<String>,
-    #[serde(default)]
-    pub created_at: Option<String>,
+pub struct WireEvent<'a> {
+    #[serde(default, borrow)]
+    pub id: Option<Str<'a>>,
+    #[serde(default, borrow, rename = "type")]
+    pub kind: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    pub session_id: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    pub turn_id: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    pub processed_at: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    pub created_at: Option<Str<'a>>,
     /// SDK 0.11: the thread an event belongs to (sub-agents run in threads).
-    #[serde(default)]
-    pub session_thread_id: Option<String>,
+    #[serde(default, borrow)]
+    pub session_thread_id: Option<Str<'a>>,
     /// `session.updated`: the session's new budget.
     #[serde(default)]
-    pub budget: Option<WireBudget>,
+    pub budget: Option<Box<WireBudget>>,
     /// In a `dump` file: the sub-agent thread whose stream the event was read from.
-    #[serde(default, rename = "qoder_exporter_stream")]
-    pub dump_stream: Option<String>,
+    #[serde(default, borrow, rename = "qoder_exporter_stream")]
+    pub dump_stream: Option<Str<'a>>,
     /// `session.thread_*`: the thread's agent name.
-    #[serde(default)]
-    pub agent_name: Option<String>,
+    #[serde(default, borrow)]
+    pub agent_name: Option<Str<'a>>,
     // session.usage writes the snapshot's credit fields at top level (and/or in `usage`).
     #[serde(default)]
     pub model_credits: Option<f64>,
@@ -313,10 +388,10 @@ pub struct WireEvent {
     #[serde(default)]
     pub stop_reason: Option<Typed>,
     #[serde(default)]
-    pub usage: Option<WireUsage>,
+    pub usage: Option<Box<WireUsage>>,
     // session.error
     #[serde(default)]
-    pub error: Option<WireError>,
+    pub error: Option<Box<WireError>>,
     #[serde(default)]
     pub code: Option<StrOrNum>,
     #[serde(default)]
@@ -327,35 +402,35 @@ pub struct WireEvent {
     // span.model_request_*
     #[serde(default)]
     pub model: Option<WireModel>,
-    #[serde(default)]
-    pub span_id: Option<String>,
-    #[serde(default)]
-    pub model_request_start_id: Option<String>,
+    #[serde(default, borrow)]
+    pub span_id: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    pub model_request_start_id: Option<Str<'a>>,
     #[serde(default)]
     pub is_error: Option<bool>,
     #[serde(default)]
-    pub model_usage: Option<WireUsage>,
+    pub model_usage: Option<Box<WireUsage>>,
     // tools
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub tool_name: Option<String>,
-    #[serde(default)]
-    pub tool_use_id: Option<String>,
-    #[serde(default)]
-    pub mcp_tool_use_id: Option<String>,
-    #[serde(default)]
-    pub custom_tool_use_id: Option<String>,
-    #[serde(default)]
-    pub mcp_server_name: Option<String>,
+    #[serde(default, borrow)]
+    pub name: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    pub tool_name: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    pub tool_use_id: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    pub mcp_tool_use_id: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    pub custom_tool_use_id: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    pub mcp_server_name: Option<Str<'a>>,
     /// A tool use's input, as JSON text, only while [`set_keep_tool_inputs`] has it on.
     #[serde(default)]
     pub input: ToolInput,
     // messages
     #[serde(default)]
-    pub content: Option<WireContent>,
+    pub content: MessageText,
     #[serde(default)]
-    pub thinking: Option<String>,
+    pub thinking: MessageText,
 }
 
 /// Longest event id accepted (the API's are about 30 bytes).
@@ -365,8 +440,8 @@ pub(crate) const MAX_TYPE_BYTES: usize = 128;
 
 /// A decoded event, with the fields that were dropped from it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Decoded {
-    pub event: WireEvent,
+pub struct Decoded<'a> {
+    pub event: WireEvent<'a>,
     pub bad_fields: DroppedFields,
 }
 
@@ -419,9 +494,10 @@ impl Page<'_> {
 
 /// Decodes one event. The fast path is one typed parse; when it fails the event is read as a
 /// JSON object and every field that does not fit its type is dropped and counted.
-pub fn decode_event(raw: &str) -> Result<Decoded, InvalidReason> {
+/// The event's strings borrow from `raw` where they can.
+pub fn decode_event(raw: &str) -> Result<Decoded<'_>, InvalidReason> {
     let mut bad_fields = DroppedFields::default();
-    let event = match serde_json::from_str::<WireEvent>(raw) {
+    let event = match serde_json::from_str::<WireEvent<'_>>(raw) {
         Ok(event) => event,
         Err(_) => match decode_leniently(raw) {
             Some((event, bad)) => {
@@ -456,7 +532,7 @@ pub fn decode_event(raw: &str) -> Result<Decoded, InvalidReason> {
 }
 
 /// Drops an event's implausible quantities (counted with the fields of the wrong shape).
-fn drop_absurd(e: &mut WireEvent) -> u32 {
+fn drop_absurd(e: &mut WireEvent<'_>) -> u32 {
     let mut dropped = 0;
     for v in [
         &mut e.model_credits,
@@ -477,7 +553,7 @@ fn drop_absurd(e: &mut WireEvent) -> u32 {
 /// another way). One bad byte or number must cost one field, not the page it sits in.
 pub(crate) fn repair_json(raw: &[u8]) -> Option<(String, u32)> {
     let text = String::from_utf8_lossy(raw);
-    let mut repairs = u32::from(matches!(text, std::borrow::Cow::Owned(_)));
+    let mut repairs = u32::from(matches!(text, Cow::Owned(_)));
     let mut out = String::with_capacity(text.len());
     let (mut in_string, mut escaped) = (false, false);
     let mut rest = text.as_ref();
@@ -529,8 +605,9 @@ pub fn parse_page<'a>(
 }
 
 /// Parses `raw` as a JSON object into `T`, keeping every field that fits `T` on its own and
-/// counting those that do not. `None` when `raw` is not a JSON object.
-fn decode_leniently<T: serde::de::DeserializeOwned>(raw: &str) -> Option<(T, u32)> {
+/// counting those that do not. `None` when `raw` is not a JSON object. The result's strings
+/// are its own (read from a parsed object, they borrow from nothing), whatever `'a` is.
+fn decode_leniently<'a, T: Deserialize<'a>>(raw: &str) -> Option<(T, u32)> {
     let serde_json::Value::Object(map) = serde_json::from_str(raw).ok()? else {
         return None;
     };
@@ -538,7 +615,7 @@ fn decode_leniently<T: serde::de::DeserializeOwned>(raw: &str) -> Option<(T, u32
     let mut bad = 0;
     for (key, field) in map {
         let single = serde_json::Value::Object(serde_json::Map::from_iter([(key, field)]));
-        if serde_json::from_value::<T>(single.clone()).is_ok() {
+        if T::deserialize(single.clone()).is_ok() {
             if let serde_json::Value::Object(mut m) = single {
                 kept.append(&mut m);
             }
@@ -546,7 +623,7 @@ fn decode_leniently<T: serde::de::DeserializeOwned>(raw: &str) -> Option<(T, u32
             bad += 1;
         }
     }
-    let value = serde_json::from_value::<T>(serde_json::Value::Object(kept)).ok()?;
+    let value = T::deserialize(serde_json::Value::Object(kept)).ok()?;
     Some((value, bad))
 }
 
@@ -709,17 +786,21 @@ mod tests {
         let raw = r#"{"id":"evt_1","type":"user.message","content":"hi","session_id":"sess_1",
             "turn_id":"turn_1","schema_version":"1.0","created_at":"2026-05-18T03:40:48.888851795Z",
             "processed_at":"2026-05-18T03:40:48.888851795Z"}"#;
+        set_keep_text(true);
         let d = decode_event(raw).expect("decodes");
         assert_eq!(d.bad_fields.total(), 0);
         assert_eq!(d.event.turn_id.as_deref(), Some("turn_1"));
-        assert_eq!(d.event.content, Some(WireContent::Str("hi".into())));
+        assert_eq!(d.event.content, MessageText(Some("hi".into())));
     }
 
     #[test]
     fn error_in_both_shapes() {
         let g1 = decode_event(r#"{"id":"e","type":"session.error","error":"boom","code":503}"#)
             .expect("g1");
-        assert_eq!(g1.event.error, Some(WireError::Str("boom".into())));
+        assert_eq!(
+            g1.event.error,
+            Some(Box::new(WireError::Str("boom".into())))
+        );
         assert_eq!(g1.event.code.map(StrOrNum::into_string), Some("503".into()));
         let g3 = decode_event(
             r#"{"id":"e","type":"session.error","error":{"type":"model_overloaded_error",
@@ -728,7 +809,7 @@ mod tests {
         .expect("g3");
         let Some(WireError::Obj {
             kind, retry_status, ..
-        }) = g3.event.error
+        }) = g3.event.error.map(|e| *e)
         else {
             panic!("object error expected");
         };
@@ -839,11 +920,12 @@ mod tests {
 
     #[test]
     fn content_blocks_join_text() {
+        set_keep_text(true);
         let d = decode_event(
             r#"{"id":"e","type":"agent.message","content":[{"type":"text","text":"a"},{"type":"image"},{"type":"text","text":"b"}]}"#,
         )
         .expect("decodes");
-        assert_eq!(d.event.content.map(|c| c.text()).as_deref(), Some("a\nb"));
+        assert_eq!(d.event.content.0.as_deref(), Some("a\nb"));
     }
 
     #[test]

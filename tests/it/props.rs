@@ -190,7 +190,7 @@ proptest! {
             events
                 .iter()
                 .map(|e| match wire::decode_event(&e.json) {
-                    Ok(d) => (Item::Event(Event::from_wire(d.event)), d.bad_fields),
+                    Ok(d) => (Item::event(Event::from_wire(d.event)), d.bad_fields),
                     Err(r) => (Item::Invalid(r), DroppedFields::default()),
                 })
                 .collect()

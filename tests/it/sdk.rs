@@ -25,7 +25,8 @@ fn read(rel: &str) -> String {
 }
 
 fn event(rel: &str) -> Event {
-    let d = wire::decode_event(&read(rel)).unwrap_or_else(|r| panic!("{rel}: {r:?}"));
+    let text = read(rel);
+    let d = wire::decode_event(&text).unwrap_or_else(|r| panic!("{rel}: {r:?}"));
     assert_eq!(
         d.bad_fields.total(),
         0,

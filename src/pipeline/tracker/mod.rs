@@ -735,7 +735,7 @@ impl SessionState {
     /// Records the text of a user message, agent message or thinking event on the open turn,
     /// cut to `max_bytes` (on a character boundary). Called only with content capture on.
     pub(crate) fn capture(&mut self, ev: &Event, max_bytes: usize) {
-        let (role, part) = match ev.type_name.as_str() {
+        let (role, part) = match &*ev.type_name {
             "user.message" => ("user", "text"),
             "agent.message" => ("assistant", "text"),
             "agent.thinking" => ("assistant", "reasoning"),
