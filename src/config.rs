@@ -15,6 +15,8 @@ use serde::Deserialize;
 
 use crate::secret::Pat;
 
+#[cfg(test)]
+mod docs;
 mod otlp;
 pub use otlp::{
     OtlpFlags, OtlpGeneral, OtlpLogsSettings, OtlpMetricsSettings, OtlpProtocol, OtlpSection,
@@ -51,16 +53,21 @@ pub(crate) const DEFAULT_CURRENCY: &str = "USD";
 
 /// `cmd` (and its subcommands) with `[default: X]` after the help of each flag `shown` names.
 fn with_defaults(mut cmd: clap::Command, shown: &[(&str, String)]) -> clap::Command {
-    let defaulted: Vec<(String, String)> = cmd
+    // `mut_arg` moves an argument to the end of the list, and the help orders its headings
+    // by that list: every argument goes through it, in order, so the order stays as declared.
+    let args: Vec<(String, Option<String>)> = cmd
         .get_arguments()
-        .filter_map(|a| {
-            let long = a.get_long()?;
-            let (_, d) = shown.iter().find(|(flag, _)| *flag == long)?;
-            Some((a.get_id().to_string(), d.clone()))
+        .map(|a| {
+            let d = a
+                .get_long()
+                .and_then(|long| shown.iter().find(|(flag, _)| *flag == long))
+                .map(|(_, d)| d.clone());
+            (a.get_id().to_string(), d)
         })
         .collect();
-    for (id, d) in defaulted {
+    for (id, d) in args {
         cmd = cmd.mut_arg(id, |a| {
+            let Some(d) = d else { return a };
             let help = a.get_help().map(ToString::to_string).unwrap_or_default();
             let long = a.get_long_help().map(ToString::to_string);
             let a = a.help(format!("{help} [default: {d}]"));
@@ -80,9 +87,11 @@ fn with_defaults(mut cmd: clap::Command, shown: &[(&str, String)]) -> clap::Comm
     cmd
 }
 
-/// Every default as the help shows it (``, added to the flag's help by
+/// Every default as the help shows it (`[default: X]`, added to the flag's help by
 /// [`Cli::full_command`]), from the constants the code applies: a default is written once.
-/// The README's flag table is checked against the help in a test.
+/// A default may go on after a comma (`1, no sharding`): the value is what comes before it.
+/// The README's flag table and `deploy/config.example.toml` are generated from the help
+/// (`config/docs.rs`).
 pub(crate) fn shown_defaults() -> Vec<(&'static str, String)> {
     // As the flags are written: `6h`, `60s` (humantime would say `1m`).
     let d = |v: Duration| match v.as_secs() {
@@ -104,7 +113,10 @@ pub(crate) fn shown_defaults() -> Vec<(&'static str, String)> {
         ("qoder.concurrency", DEFAULT_CONCURRENCY.to_string()),
         (
             "qoder.max-response-bytes",
-            DEFAULT_MAX_RESPONSE_BYTES.to_string(),
+            format!(
+                "{DEFAULT_MAX_RESPONSE_BYTES}, {} MiB",
+                DEFAULT_MAX_RESPONSE_BYTES >> 20
+            ),
         ),
         ("qoder.poll-interval", d(DEFAULT_POLL_INTERVAL)),
         ("qoder.idle-poll-interval", d(DEFAULT_IDLE_POLL_INTERVAL)),
@@ -173,14 +185,37 @@ pub enum Command {
     },
 }
 
+/// A setting read only from the environment: no flag, no key in the file. The help says
+/// where the token comes from (`Cli`'s `long_about`); the README's flag table lists these
+/// with the flags, under `heading` (`config/docs.rs`).
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct EnvOnly {
+    /// The help heading of the flags it goes with.
+    pub heading: &'static str,
+    /// What it sets, in words (the table has no flag to name it by).
+    pub what: &'static str,
+    pub vars: &'static [&'static str],
+    /// As the table shows it (markdown): `—` for none.
+    pub default: String,
+    pub meaning: &'static str,
+}
+
+/// Every [`EnvOnly`] setting: the token ([`Settings::resolve`] reads it), and the OTLP ones.
+#[cfg(test)]
+pub(crate) fn env_only() -> Vec<EnvOnly> {
+    let mut all = vec![EnvOnly {
+        heading: "Qoder API",
+        what: "token",
+        vars: &["QODER_PAT", "QODER_PERSONAL_ACCESS_TOKEN"],
+        default: "—".to_owned(),
+        meaning: "Personal access token (--qoder.pat-file wins over it); never logged or shown",
+    }];
+    all.extend(otlp::env_only());
+    all
+}
+
 impl Cli {
-    /// Parses the command line; exits with clap's message on an error, as `Parser::parse`.
-    ///
-    /// A subcommand reads only its own groups, written after it: an exporter flag written
-    /// before a subcommand (`qoder-exporter --state.path s.db replay f`) would be ignored,
-    /// so it is refused with a hint instead. Environment variables are not refused (one
-    /// environment serves every subcommand). The shared flags (`--log.*`, `--config.file`)
-    /// go anywhere.
     /// The command line as clap parses and shows it: each flag's help ends with its default,
     /// from [`shown_defaults`] (the constants the code applies).
     pub(crate) fn full_command() -> clap::Command {
@@ -188,6 +223,13 @@ impl Cli {
         with_defaults(Cli::command(), &shown_defaults())
     }
 
+    /// Parses the command line; exits with clap's message on an error, as `Parser::parse`.
+    ///
+    /// A subcommand reads only its own groups, written after it: an exporter flag written
+    /// before a subcommand (`qoder-exporter --state.path s.db replay f`) would be ignored,
+    /// so it is refused with a hint instead. Environment variables are not refused (one
+    /// environment serves every subcommand). The shared flags (`--log.*`, `--config.file`)
+    /// go anywhere.
     pub fn parse_checked() -> Cli {
         Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit())
     }
@@ -341,7 +383,13 @@ pub struct Flags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "Config file and logs")]
 pub struct CommonFlags {
+    // Every subcommand shows this help: it names no flag that some of them do not take.
     /// TOML file with the same settings (flags and environment win over it).
+    ///
+    /// Every other flag is a key: its first part is the table (`[otlp.metrics]` and
+    /// `[otlp.logs]` for those signals' flags), the rest the key, so `--log.level` is `[log]
+    /// level`; the sessions to follow are `[qoder] sessions`, a list.
+    /// deploy/config.example.toml has every key with its default.
     #[arg(
         long = "config.file",
         env = "QODER_EXPORTER_CONFIG_FILE",
@@ -349,10 +397,15 @@ pub struct CommonFlags {
     )]
     pub config_file: Option<PathBuf>,
     /// Only log messages with this severity or above: debug, info, warn, error.
-    /// RUST_LOG, when set, overrides it (an expert filter, e.g. `qoder_exporter::source=debug`)
+    ///
+    /// Anything else is refused. RUST_LOG, when set to a valid filter, overrides it as an
+    /// expert filter (e.g. `qoder_exporter::source=debug`), and the log says so once.
     #[arg(long = "log.level", env = "QODER_EXPORTER_LOG_LEVEL", global = true)]
     pub log_level: Option<String>,
-    /// Log line format: text (for people), logfmt or json (for log shippers)
+    /// Log line format: text (for people), logfmt or json (for log shippers).
+    ///
+    /// `text` has colours on a terminal; `logfmt` is `ts=… level=… target=… msg="…"
+    /// key=value`, as the Prometheus exporters write it; `json` is one object a line.
     #[arg(long = "log.format", env = "QODER_EXPORTER_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
 }
@@ -361,35 +414,44 @@ pub struct CommonFlags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "Qoder API")]
 pub struct ApiFlags {
-    /// Qoder API base URL (CN: https://api.qoder.com.cn/api/v1/cloud)
+    /// Qoder API base URL (CN: https://api.qoder.com.cn/api/v1/cloud).
+    ///
+    /// Plain http:// only to this machine, unless --qoder.allow-insecure-http.
     #[arg(long = "qoder.api-url", env = "QODER_API_URL")]
     pub api_url: Option<String>,
     /// File holding the personal access token; re-read when it changes.
+    ///
+    /// A rotated token needs no restart. Without it, the token comes from QODER_PAT (or
+    /// QODER_PERSONAL_ACCESS_TOKEN).
     #[arg(long = "qoder.pat-file", env = "QODER_PAT_FILE")]
     pub pat_file: Option<PathBuf>,
-    /// Follow only this session (repeatable); without it, every session the token can see.
+    /// Follow only this session (repeatable, or a comma list); without it, every session the
+    /// token can see is discovered.
     #[arg(long = "qoder.session", env = "QODER_SESSIONS", value_delimiter = ',')]
     pub sessions: Vec<String>,
-    /// Send the `qoder-workspace-id` header with every request (a workspace-scoped token)
+    /// Send the `qoder-workspace-id` header with every request (a workspace-scoped token).
     #[arg(long = "qoder.workspace-id", env = "QODER_WORKSPACE_ID")]
     pub workspace_id: Option<String>,
-    /// Timeout of one API request, body included
+    /// Timeout of one API request, body included.
     #[arg(long = "qoder.request-timeout", env = "QODER_REQUEST_TIMEOUT", value_parser = parse_duration)]
     pub request_timeout: Option<Duration>,
-    /// Request budget for the whole exporter; 0 turns the limiter off
+    /// Request budget for the whole exporter (the API's guidance); 0 turns the limiter off.
     #[arg(
         long = "qoder.max-requests-per-second",
         env = "QODER_MAX_REQUESTS_PER_SECOND"
     )]
     pub max_requests_per_second: Option<u32>,
-    /// Sessions read at the same time
+    /// Sessions read at the same time.
     #[arg(long = "qoder.concurrency", env = "QODER_CONCURRENCY")]
     pub concurrency: Option<usize>,
-    /// Largest API response accepted, in bytes
+    /// Largest API response accepted, in bytes; a larger one is refused and counted.
     #[arg(long = "qoder.max-response-bytes", env = "QODER_MAX_RESPONSE_BYTES")]
     pub max_response_bytes: Option<usize>,
     /// Accept a plain http:// --qoder.api-url to another machine (the token then travels in
-    /// clear; e.g. a TLS-terminating proxy on a private network). Loopback needs no flag.
+    /// clear).
+    ///
+    /// For a TLS-terminating proxy on a private network, say. Without it such a URL is
+    /// refused at start; `localhost` and loopback addresses need no flag.
     #[arg(long = "qoder.allow-insecure-http", env = "QODER_ALLOW_INSECURE_HTTP")]
     pub allow_insecure_http: bool,
 }
@@ -398,22 +460,28 @@ pub struct ApiFlags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "Polling")]
 pub struct PollFlags {
-    /// How often a running session is polled
+    /// How often a running session is polled.
     #[arg(long = "qoder.poll-interval", env = "QODER_POLL_INTERVAL", value_parser = parse_duration)]
     pub poll_interval: Option<Duration>,
-    /// How often an idle session is polled
+    /// How often an idle session is polled.
     #[arg(long = "qoder.idle-poll-interval", env = "QODER_IDLE_POLL_INTERVAL", value_parser = parse_duration)]
     pub idle_poll_interval: Option<Duration>,
-    /// How often the session list is checked for new sessions
+    /// How often the session list is checked for new sessions.
     #[arg(long = "qoder.discovery-interval", env = "QODER_DISCOVERY_INTERVAL", value_parser = parse_duration)]
     pub discovery_interval: Option<Duration>,
     /// How often the whole session list is read to learn, from `updated_at`, which idle
-    /// sessions changed (unchanged ones are not polled)
+    /// sessions changed (unchanged ones are not polled).
+    ///
+    /// An idle session whose `updated_at` has not moved since it was last read is not polled
+    /// (but for a safety read every 10 min); one whose `updated_at` moved is read at once.
     #[arg(long = "qoder.resync-interval", env = "QODER_RESYNC_INTERVAL", value_parser = parse_duration)]
     pub resync_interval: Option<Duration>,
-    /// Sessions followed at once (not ended) from discovery; past it new sessions in the list
-    /// wait until some end, counted and logged. Memory stays bounded if the list never ends
-    /// with live sessions; an account with more, shard
+    /// Sessions followed at once (ended ones do not count), from discovery; past it new
+    /// sessions in the list wait until some end.
+    ///
+    /// Those waiting are counted in `qoder_exporter_sessions_not_followed_total` (each listing
+    /// that skips one counts it) and logged once a minute. It bounds memory if a list of live
+    /// sessions never ends; an account with more live sessions shards (--shard.count).
     #[arg(long = "qoder.max-sessions", env = "QODER_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
 }
@@ -422,16 +490,21 @@ pub struct PollFlags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "Web")]
 pub struct WebFlags {
-    /// Address to serve /metrics, /, /healthz and /readyz on
+    /// Address to serve /metrics, /, /healthz and /readyz on.
+    ///
+    /// `host:port`, `:port` (every interface) or `[v6]:port`.
     #[arg(long = "web.listen-address", env = "QODER_EXPORTER_WEB_LISTEN_ADDRESS")]
     pub listen_address: Option<String>,
-    /// Path of the metrics endpoint
+    /// Path of the metrics endpoint.
     #[arg(long = "web.telemetry-path", env = "QODER_EXPORTER_WEB_TELEMETRY_PATH")]
     pub telemetry_path: Option<String>,
-    /// TLS and basic auth for the endpoints, in the Prometheus exporter-toolkit format (YAML)
+    /// TLS and basic auth for the endpoints, in the Prometheus exporter-toolkit format (YAML).
+    ///
+    /// The file node_exporter takes; the README's section "Access to the endpoints" shows one
+    /// and what it does.
     #[arg(long = "web.config.file", env = "QODER_EXPORTER_WEB_CONFIG_FILE")]
     pub web_config_file: Option<PathBuf>,
-    /// Connections open at once on the web port; one more is closed on arrival and counted
+    /// Connections open at once on the web port; one more is closed on arrival and counted.
     #[arg(
         long = "web.max-connections",
         env = "QODER_EXPORTER_WEB_MAX_CONNECTIONS"
@@ -443,11 +516,13 @@ pub struct WebFlags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "State")]
 pub struct StateFlags {
-    /// The state file (SQLite) that keeps counts exact across restarts
+    /// The state file (SQLite) that keeps counts exact across restarts.
+    ///
+    /// SQLite in WAL mode; keep it on a volume.
     #[arg(long = "state.path", env = "QODER_EXPORTER_STATE_PATH")]
     pub state_path: Option<PathBuf>,
     /// A turn whose session stays quiet this long (by event time) mid-turn is closed as
-    /// incomplete (`qoder.turn.end=stale`)
+    /// incomplete (`qoder.turn.end=stale`).
     #[arg(long = "state.max-turn-age", env = "QODER_EXPORTER_MAX_TURN_AGE", value_parser = parse_duration)]
     pub max_turn_age: Option<Duration>,
 }
@@ -457,11 +532,14 @@ pub struct StateFlags {
 #[command(next_help_heading = "Sharding")]
 pub struct ShardFlags {
     /// Split the sessions across N exporters: this one follows only the sessions whose stable
-    /// hash falls in --shard.index
+    /// hash falls in --shard.index.
+    ///
+    /// The hash is of the session id (SHA-256, so the same on every machine and version).
+    /// deploy/README.md, "Scaling past one exporter", says how to run shards and change N.
     #[arg(long = "shard.count", env = "QODER_SHARD_COUNT")]
     pub shard_count: Option<u32>,
     /// This exporter's shard, 0..count-1, or `ordinal` to take it from the host name's
-    /// trailing number (a StatefulSet pod `qoder-exporter-2` is shard 2)
+    /// trailing number (a StatefulSet pod `qoder-exporter-2` is shard 2).
     #[arg(long = "shard.index", env = "QODER_SHARD_INDEX")]
     pub shard_index: Option<String>,
 }
@@ -472,7 +550,7 @@ pub struct ShardFlags {
 pub struct MetricsFlags {
     /// Per-session series (`qoder_session_info`, `qoder_session_credits`,
     /// `qoder_session_budget_credits`) for at most this many of the most recently active
-    /// sessions; 0 turns them off
+    /// sessions; 0 turns them off.
     #[arg(
         long = "metrics.session-series-limit",
         env = "QODER_METRICS_SESSION_SERIES_LIMIT"
@@ -480,14 +558,18 @@ pub struct MetricsFlags {
     pub session_series_limit: Option<usize>,
     /// Most Prometheus series the event-derived families may have (a histogram counts its
     /// buckets, `_sum` and `_count`); past it, new label sets are counted under `other` and in
-    /// `qoder_exporter_series_dropped_total`. 0: no budget
+    /// `qoder_exporter_series_dropped_total`. 0: no budget.
+    ///
+    /// `other` takes the place of a new label set's wire-derived labels; the drop is counted
+    /// once per committed batch the label set appears in, and the log says so once. Series
+    /// already counted keep moving.
     #[arg(long = "metrics.max-series", env = "QODER_METRICS_MAX_SERIES")]
     pub max_series: Option<usize>,
     /// Price of one Qoder credit, exported as `qoder_credit_price{currency}` so dashboards and
-    /// recording rules can show money; unset: credits only
+    /// recording rules can show money; unset: credits only.
     #[arg(long = "cost.credit-price", env = "QODER_COST_CREDIT_PRICE", value_parser = parse_price)]
     pub credit_price: Option<f64>,
-    /// Currency of --cost.credit-price (an ISO 4217 code)
+    /// Currency of --cost.credit-price (an ISO 4217 code).
     #[arg(long = "cost.currency", env = "QODER_COST_CURRENCY")]
     pub currency: Option<String>,
 }
@@ -1078,62 +1160,10 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_documents_every_flag_with_its_variable_and_default() {
-        // The README's table is the operator's view of the flags: every flag of every
-        // subcommand (but the subcommands' own) has a row with its environment variable, and
-        // a `[default: X]` in the help shows up in that row.
-        let readme = include_str!("../README.md");
-        let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
-        let root = Cli::full_command();
-        let mut commands = vec![root.clone()];
-        commands.extend(root.get_subcommands().cloned());
-        let mut checked = 0;
-        for cmd in &commands {
-            for arg in cmd.get_arguments() {
-                let Some(long) = arg.get_long() else { continue };
-                if ["help", "version"].contains(&long)
-                    || !long.contains('.')
-                    || long.starts_with("demo.")
-                {
-                    continue;
-                }
-                let row = rows
-                    .iter()
-                    .find(|r| r.starts_with(&format!("| `--{long}`")))
-                    .unwrap_or_else(|| panic!("README has no row for --{long}"));
-                if let Some(env) = arg.get_env() {
-                    let env = env.to_string_lossy();
-                    assert!(
-                        row.contains(&format!("`{env}`")),
-                        "--{long}: {env} not in {row}"
-                    );
-                }
-                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
-                if let Some((_, d)) = help.split_once("[default: ") {
-                    let d = d.split([']', ',']).next().unwrap_or(d);
-                    let cells: Vec<&str> = row.split(" | ").collect();
-                    assert!(
-                        cells.get(2).is_some_and(|c| c.contains(d)),
-                        "--{long}: the help's default {d:?} is not the README's ({row})"
-                    );
-                }
-                checked += 1;
-            }
-        }
-        assert!(checked > 40, "{checked} flags checked");
-        // The example config file in the README is one the exporter reads.
-        let example = readme
-            .split("Example `config.toml`:\n\n```toml\n")
-            .nth(1)
-            .and_then(|r| r.split("```").next())
-            .expect("an example config");
-        toml::from_str::<FileConfig>(example).expect("the README's example config reads");
-    }
-
-    #[test]
     fn the_help_says_the_defaults_the_code_uses() {
-        // A default is written in the help (`[default: X]`, which the README test holds the
-        // README to) and in the code that applies it; they must agree. Settings resolved
+        // A default is written in the help (`[default: X]`, which the README's table and
+        // deploy/config.example.toml are generated from) and in the code that applies it;
+        // they must agree. Settings resolved
         // from nothing but switches (signals on, a price), then every help default compared.
         let s = Settings::resolve(flags(&[
             "--otlp.endpoint",

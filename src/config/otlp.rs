@@ -12,20 +12,28 @@ use serde::Deserialize;
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "OpenTelemetry traces")]
 pub struct OtlpFlags {
-    /// Where spans go (OTLP); without it traces are off. For HTTP the base URL, `/v1/traces` is
-    /// added (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, taken as is, wins)
+    /// Where spans go (OTLP); without it traces are off.
+    ///
+    /// For HTTP the base URL: `/v1/traces` is added. OTEL_EXPORTER_OTLP_TRACES_ENDPOINT wins
+    /// and is used as is. Metrics and logs, when on, go here too unless they have their own.
     #[arg(long = "otlp.endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-    /// OTLP protocol: `grpc` or `http/protobuf` (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins)
+    /// OTLP protocol: `grpc` or `http/protobuf` (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins).
+    ///
+    /// `http/json` is not supported. Metrics and logs use it too unless they have their own.
     #[arg(long = "otlp.protocol", env = "OTEL_EXPORTER_OTLP_PROTOCOL")]
     pub otlp_protocol: Option<String>,
-    /// Export message and thinking text on turn spans (off: content never leaves the exporter)
+    /// Export message and thinking text on turn spans (off: content never leaves the exporter).
+    ///
+    /// As `gen_ai.input.messages` and `gen_ai.output.messages`, each message cut to
+    /// --otlp.content-max-bytes.
     #[arg(long = "otlp.capture-content", env = "QODER_OTLP_CAPTURE_CONTENT")]
     pub otlp_capture_content: bool,
-    /// With --otlp.capture-content, each message is cut to this many bytes
+    /// With --otlp.capture-content, each message is cut to this many bytes.
     #[arg(long = "otlp.content-max-bytes", env = "QODER_OTLP_CONTENT_MAX_BYTES")]
     pub otlp_content_max_bytes: Option<usize>,
-    /// Closed turns kept for the OTLP endpoint while it is unreachable; past it the oldest are dropped
+    /// Closed turns kept for the OTLP endpoint while it is unreachable; past it the oldest are
+    /// dropped and counted.
     #[arg(long = "otlp.outbox-max-turns", env = "QODER_OTLP_OUTBOX_MAX_TURNS")]
     pub otlp_outbox_max_turns: Option<u64>,
     #[command(flatten)]
@@ -38,53 +46,72 @@ pub struct OtlpFlags {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "OpenTelemetry metrics and logs")]
 pub struct OtlpSignalFlags {
-    /// `otlp`: push every `/metrics` family over OTLP as well; `none`
+    /// `otlp`: push every `/metrics` family over OTLP as well; `none`.
+    ///
+    /// `/metrics` is served either way. The README's section "Without Prometheus" shows what
+    /// arrives and how to use it.
     #[arg(long = "otlp.metrics.exporter", env = "OTEL_METRICS_EXPORTER")]
     pub metrics_exporter: Option<String>,
-    /// Where metrics go, used as is (for HTTP the full URL, `.../v1/metrics`)
+    /// Where metrics go, used as is (for HTTP the full URL, `.../v1/metrics`).
+    ///
+    /// Unset: --otlp.endpoint (for HTTP with `/v1/metrics` added), else the spec's default,
+    /// `http://localhost:4318/v1/metrics` (gRPC: `http://localhost:4317`).
     #[arg(
         long = "otlp.metrics.endpoint",
         env = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
     )]
     pub metrics_endpoint: Option<String>,
-    /// `grpc` or `http/protobuf` for metrics
+    /// `grpc` or `http/protobuf` for metrics.
     #[arg(
         long = "otlp.metrics.protocol",
         env = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
     )]
     pub metrics_protocol: Option<String>,
-    /// How often metrics are pushed: milliseconds, as the variable has it, or a duration (`30s`)
+    /// How often metrics are pushed: milliseconds, as the variable has it, or a duration
+    /// (`30s`).
+    ///
+    /// At least 100ms. In the config file an integer (milliseconds) or a string.
     #[arg(long = "otlp.metrics.interval", env = "OTEL_METRIC_EXPORT_INTERVAL", value_parser = parse_millis)]
     pub metrics_interval: Option<Duration>,
-    /// `cumulative`, or `delta` (or `lowmemory`, the same here) for counters and histograms
+    /// `cumulative`, or `delta` (or `lowmemory`, the same here) for counters and histograms.
+    ///
+    /// Cumulative totals keep their start time in the state file, across restarts; delta
+    /// reports what changed since the last accepted push.
     #[arg(
         long = "otlp.metrics.temporality",
         env = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"
     )]
     pub metrics_temporality: Option<String>,
-    /// `otlp`: every event read becomes one OTLP log record, at most once; `none`
+    /// `otlp`: every event read becomes one OTLP log record, at most once; `none`.
     #[arg(long = "otlp.logs.exporter", env = "OTEL_LOGS_EXPORTER")]
     pub logs_exporter: Option<String>,
-    /// Where log records go, used as is (for HTTP the full URL, `.../v1/logs`)
+    /// Where log records go, used as is (for HTTP the full URL, `.../v1/logs`).
+    ///
+    /// Unset: --otlp.endpoint (for HTTP with `/v1/logs` added), else the spec's default,
+    /// `http://localhost:4318/v1/logs` (gRPC: `http://localhost:4317`).
     #[arg(long = "otlp.logs.endpoint", env = "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")]
     pub logs_endpoint: Option<String>,
-    /// `grpc` or `http/protobuf` for logs
+    /// `grpc` or `http/protobuf` for logs.
     #[arg(long = "otlp.logs.protocol", env = "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL")]
     pub logs_protocol: Option<String>,
-    /// Put message text and tool inputs in log records (off: content never leaves the exporter)
+    /// Put message and thinking text and tool inputs in log records (off: content never leaves
+    /// the exporter).
+    ///
+    /// In the record body (tool inputs as JSON), each cut to 16 KiB.
     #[arg(
         long = "otlp.logs.include-content",
         env = "QODER_OTLP_LOGS_INCLUDE_CONTENT"
     )]
     pub logs_include_content: bool,
-    /// Export only these event types (comma list, e.g. `session.error,span.model_request_end`)
+    /// Export only these event types (comma list, e.g. `session.error,span.model_request_end`).
     #[arg(
         long = "otlp.logs.event-types",
         env = "QODER_OTLP_LOGS_EVENT_TYPES",
         value_delimiter = ','
     )]
     pub logs_event_types: Vec<String>,
-    /// Log records kept for the endpoint while it is unreachable; past it the oldest are dropped
+    /// Log records kept for the endpoint while it is unreachable; past it the oldest are
+    /// dropped and counted.
     #[arg(
         long = "otlp.logs.outbox-max-records",
         env = "QODER_OTLP_LOGS_OUTBOX_MAX_RECORDS"
@@ -251,6 +278,49 @@ impl OtlpSettings {
             outbox_max_turns,
         }))
     }
+}
+
+/// `OTEL_EXPORTER_OTLP_(<SIGNAL>_)TIMEOUT` unset: the spec's default.
+const DEFAULT_SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The OTLP settings read only from the environment (see `config::env_only`): the headers and
+/// timeout of each signal, and the resource (`sinks::otlp::resource`).
+#[cfg(test)]
+pub(super) fn env_only() -> Vec<super::EnvOnly> {
+    use super::EnvOnly;
+    vec![
+        EnvOnly {
+            heading: "OpenTelemetry traces",
+            what: "headers, timeout",
+            vars: &[
+                "OTEL_EXPORTER_OTLP_(TRACES_)HEADERS",
+                "OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT",
+            ],
+            default: "—, `10s`".to_owned(),
+            meaning: "The spans' request headers and timeout, read by `opentelemetry-otlp` \
+                (the `TRACES_` variable wins)",
+        },
+        EnvOnly {
+            heading: "OpenTelemetry traces",
+            what: "resource",
+            vars: &["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"],
+            default: "`service.name=qoder-exporter`".to_owned(),
+            meaning: "The resource of the spans, and of the metrics and log records pushed over \
+                OTLP; `service.version` is set, and `service.instance.id` (stable for one state \
+                file on one host) unless `OTEL_RESOURCE_ATTRIBUTES` sets it",
+        },
+        EnvOnly {
+            heading: "OpenTelemetry metrics and logs",
+            what: "metrics and logs headers, timeout",
+            vars: &[
+                "OTEL_EXPORTER_OTLP_(METRICS_|LOGS_)HEADERS",
+                "OTEL_EXPORTER_OTLP_(METRICS_|LOGS_)TIMEOUT",
+            ],
+            default: format!("—, `{}` ms", DEFAULT_SIGNAL_TIMEOUT.as_millis()),
+            meaning: "`key=value` pairs, comma-separated, values percent-encoded; the timeout in \
+                milliseconds; the signal's own variable wins",
+        },
+    ]
 }
 
 /// Where one signal (metrics or logs) goes, and how.
@@ -434,7 +504,7 @@ impl OtlpTarget {
                 Ok(ms) if ms > 0 => Duration::from_millis(ms),
                 _ => bail!("{var} {t:?}: expected a positive number of milliseconds"),
             },
-            None => Duration::from_secs(10),
+            None => DEFAULT_SIGNAL_TIMEOUT,
         };
         Ok(OtlpTarget {
             endpoint,
