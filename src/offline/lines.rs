@@ -50,7 +50,7 @@ pub(super) enum Line {
     Session(Option<WireSession>),
     /// An event, with the session it names and, for a sub-agent thread's stream, the thread.
     Event {
-        session: Option<String>,
+        session: SessionName,
         stream: Option<String>,
         event: Event,
         /// Its id's digest, taken here on a decoder rather than on the pipeline's thread.
@@ -59,8 +59,20 @@ pub(super) enum Line {
     },
 }
 
-/// Decodes one line (a worker's job; pure).
-pub(super) fn decode_line(raw: &str) -> Line {
+/// The session an event line names.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum SessionName {
+    /// None (or an empty id).
+    Missing,
+    /// The one the chunk's previous event line named (lines of a session come together: an
+    /// id copied once per run, not once per event).
+    Same,
+    Named(String),
+}
+
+/// Decodes one line (a worker's job; pure). `previous`: the session the chunk's previous event
+/// line named.
+pub(super) fn decode_line(raw: &str, previous: Option<&str>) -> Line {
     let raw = raw.trim();
     if raw.is_empty() {
         return Line::Blank;
@@ -78,7 +90,12 @@ pub(super) fn decode_line(raw: &str) -> Line {
         Some("session") => Line::Session(wire::decode_session(raw)),
         _ => {
             let mut event = decoded.event;
-            let session = event.session_id.take().map(Str::into_owned);
+            let session = match event.session_id.take() {
+                None => SessionName::Missing,
+                Some(s) if s.is_empty() => SessionName::Missing,
+                Some(s) if previous == Some(s.as_str()) => SessionName::Same,
+                Some(s) => SessionName::Named(s.into_owned()),
+            };
             let stream = event.dump_stream.take().map(Str::into_owned);
             let event = Event::from_wire(event);
             let digest = event_ids::digest(&event.id);
@@ -147,13 +164,29 @@ fn decode_chunk(mut raw: RawChunk, pools: &Pools) -> (u64, Chunk) {
         .lines
         .take()
         .unwrap_or_else(|| Vec::with_capacity(CHUNK_LINES));
-    lines.extend(raw.lines.drain(..).map(|range| match range {
-        None => Line::TooLarge,
-        Some(r) => match std::str::from_utf8(&raw.text[r.clone()]) {
-            Ok(line) => decode_line(line),
-            // A byte that is not UTF-8 costs the string it sits in, not the line.
-            Err(_) => decode_line(&String::from_utf8_lossy(&raw.text[r])),
-        },
+    // The session of the previous event line, to send an id once per run of its lines.
+    let mut previous: Option<String> = None;
+    lines.extend(raw.lines.drain(..).map(|range| {
+        let line = match range {
+            None => Line::TooLarge,
+            Some(r) => match std::str::from_utf8(&raw.text[r.clone()]) {
+                Ok(line) => decode_line(line, previous.as_deref()),
+                // A byte that is not UTF-8 costs the string it sits in, not the line.
+                Err(_) => decode_line(&String::from_utf8_lossy(&raw.text[r]), previous.as_deref()),
+            },
+        };
+        match &line {
+            Line::Event {
+                session: SessionName::Named(s),
+                ..
+            } => previous = Some(s.clone()),
+            Line::Event {
+                session: SessionName::Missing,
+                ..
+            } => previous = None,
+            _ => {}
+        }
+        line
     }));
     raw.text.clear();
     // A buffer an overlong line grew is let go rather than kept round.
@@ -424,18 +457,22 @@ mod tests {
 
     #[test]
     fn each_kind_of_line_decodes_to_its_own_variant() {
-        assert!(matches!(decode_line("  \t"), Line::Blank));
-        assert!(matches!(decode_line("[1]"), Line::Invalid("not_object")));
+        assert!(matches!(decode_line("  \t", None), Line::Blank));
         assert!(matches!(
-            decode_line(r#"{"type":"agent","id":"ag_1","name":"coder"}"#),
+            decode_line("[1]", None),
+            Line::Invalid("not_object")
+        ));
+        assert!(matches!(
+            decode_line(r#"{"type":"agent","id":"ag_1","name":"coder"}"#, None),
             Line::Agent(Some(WireAgentObject { .. }))
         ));
         assert!(matches!(
-            decode_line(r#"{"type":"session","id":"s1","status":"idle"}"#),
+            decode_line(r#"{"type":"session","id":"s1","status":"idle"}"#, None),
             Line::Session(Some(_))
         ));
         let Line::Thread { session, .. } = decode_line(
             r#"{"type":"session_thread","id":"t1","session_id":"s1","parent_thread_id":"t0"}"#,
+            None,
         ) else {
             panic!("a thread line");
         };
@@ -447,13 +484,79 @@ mod tests {
             ..
         } = decode_line(
             r#"{"id":"e1","type":"agent.message","content":"x","session_id":"s1","qoder_exporter_stream":"t1"}"#,
+            None,
         )
         else {
             panic!("an event line");
         };
         assert_eq!(
-            (session.as_deref(), stream.as_deref(), event.id.as_str()),
-            (Some("s1"), Some("t1"), "e1")
+            (session, stream.as_deref(), event.id.as_str()),
+            (SessionName::Named("s1".to_owned()), Some("t1"), "e1")
+        );
+    }
+
+    #[test]
+    fn an_event_line_names_its_session_once_per_run() {
+        let session_of = |raw: &str, previous: Option<&str>| match decode_line(raw, previous) {
+            Line::Event { session, .. } => session,
+            other => panic!("an event line, not {other:?}"),
+        };
+        let line = r#"{"id":"e1","type":"user.message","session_id":"s1"}"#;
+        assert_eq!(session_of(line, Some("s1")), SessionName::Same);
+        assert_eq!(
+            session_of(line, Some("s2")),
+            SessionName::Named("s1".to_owned())
+        );
+        assert_eq!(session_of(line, None), SessionName::Named("s1".to_owned()));
+        let unnamed = r#"{"id":"e1","type":"user.message","session_id":""}"#;
+        assert_eq!(session_of(unnamed, Some("")), SessionName::Missing);
+        // In a chunk: the runs of one session name it once, and a line without one breaks the run.
+        let raw = [
+            r#"{"id":"a","type":"x","session_id":"s1"}"#,
+            r#"{"id":"b","type":"x","session_id":"s1"}"#,
+            r#"{"id":"c","type":"x"}"#,
+            r#"{"id":"d","type":"x","session_id":"s1"}"#,
+            r#"{"id":"e","type":"x","session_id":"s2"}"#,
+        ]
+        .join("\n");
+        let mut text = raw.clone().into_bytes();
+        text.push(b'\n');
+        let mut lines = Vec::new();
+        let mut start = 0;
+        for (i, b) in text.iter().enumerate() {
+            if *b == b'\n' {
+                lines.push(Some(start..i));
+                start = i + 1;
+            }
+        }
+        let pools = Pools {
+            raw: Pool(Mutex::new(Vec::new())),
+            lines: Pool(Mutex::new(Vec::new())),
+        };
+        let chunk = RawChunk {
+            seq: 0,
+            place: Place::default(),
+            text,
+            lines,
+        };
+        let (_, decoded) = decode_chunk(chunk, &pools);
+        let sessions: Vec<SessionName> = decoded
+            .lines
+            .into_iter()
+            .map(|l| match l {
+                Line::Event { session, .. } => session,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            sessions,
+            [
+                SessionName::Named("s1".to_owned()),
+                SessionName::Same,
+                SessionName::Missing,
+                SessionName::Named("s1".to_owned()),
+                SessionName::Named("s2".to_owned()),
+            ]
         );
     }
 

@@ -18,12 +18,15 @@ use crate::sinks::metrics::Metrics;
 use crate::source::poller::meta_of;
 use crate::source::wire;
 
-use super::lines::{self, Line};
+use super::lines::{self, Line, SessionName};
 
 /// Events buffered across all sessions before everything buffered is sent.
 const MAX_BUFFERED: usize = 200_000;
 /// Batches sent to the pipeline and not yet acknowledged.
 const IN_FLIGHT: usize = 8;
+/// A stream's run of at least this many events goes to the pipeline when the next stream's
+/// lines begin.
+const RUN_FLUSH: usize = 64;
 /// Events per state transaction: batches of many sessions are committed together, so a
 /// backfill pays for one synchronous commit per this many events, not one per session.
 const GROUP_EVENTS: usize = 20_000;
@@ -109,6 +112,10 @@ struct Feeder<'a> {
     at_end: bool,
     /// Agent names from the file's agent lines, for sessions that name their agent by id.
     agent_names: HashMap<String, String>,
+    /// The session the chunk's last event line named (what [`SessionName::Same`] means).
+    chunk_session: Option<String>,
+    /// The stream (its pending key) the last event line belonged to.
+    last_stream: String,
     /// Where the line being read is, for reports of invalid lines.
     file: String,
     line_no: u64,
@@ -198,6 +205,23 @@ impl Feeder<'_> {
             .inc();
     }
 
+    /// The lines move on to another stream: the stream before it goes to the pipeline now if
+    /// it holds a run of events (a dump writes each stream's events together), instead of
+    /// waiting for its batch to fill or for the buffer to (the pipeline idled until 200 000
+    /// events were read, then had them all left to do when the reading was done). Short runs,
+    /// as of streams written interleaved, stay buffered to be written together.
+    fn stream_changed(&mut self, key: &str) -> anyhow::Result<()> {
+        let previous = std::mem::replace(&mut self.last_stream, key.to_owned());
+        if self
+            .pending
+            .get(&previous)
+            .is_some_and(|p| p.items.len() >= RUN_FLUSH)
+        {
+            self.flush(&previous)?;
+        }
+        Ok(())
+    }
+
     /// One decoded line, in file order.
     fn line(&mut self, line: Line) -> anyhow::Result<()> {
         let (session, stream, event, bad_fields) = match line {
@@ -234,7 +258,15 @@ impl Feeder<'_> {
             } => (session, stream, Item::Event(event, digest), bad_fields),
         };
         self.summary.lines += 1;
-        self.event_line(session, stream, event, bad_fields)
+        // The session as the decoder sent it: a run of one session's lines names it once.
+        let session = match session {
+            SessionName::Named(s) => Some(s),
+            SessionName::Same => self.chunk_session.take(),
+            SessionName::Missing => None,
+        };
+        let result = self.event_line(session.as_deref(), stream, event, bad_fields);
+        self.chunk_session = session;
+        result
     }
 
     fn agent_line(&mut self, agent: Option<wire::WireAgentObject>) {
@@ -303,7 +335,7 @@ impl Feeder<'_> {
 
     fn event_line(
         &mut self,
-        session: Option<String>,
+        session: Option<&str>,
         stream: Option<String>,
         item: Item,
         bad_fields: DroppedFields,
@@ -312,11 +344,11 @@ impl Feeder<'_> {
             self.invalid("missing_session_id");
             return Ok(());
         };
-        if self.finished.contains(&session) {
+        if self.finished.contains(session) {
             self.summary.skipped += 1;
             return Ok(());
         }
-        if !self.pending.contains_key(&session) && self.seen.insert(session.clone()) {
+        if !self.pending.contains_key(session) && self.seen.insert(session.to_owned()) {
             self.summary.sessions += 1;
         }
         let thread = stream.filter(|t| !t.is_empty());
@@ -324,10 +356,10 @@ impl Feeder<'_> {
         let thread_key;
         let key: &str = match &thread {
             Some(t) => {
-                thread_key = stream_key(&session, Some(t));
+                thread_key = stream_key(session, Some(t));
                 &thread_key
             }
-            None => &session,
+            None => session,
         };
         if let Some(n) = self.skip.get_mut(key)
             && *n > 0
@@ -338,6 +370,9 @@ impl Feeder<'_> {
         }
         self.summary.events += 1;
         self.buffered += 1;
+        if self.last_stream != key {
+            self.stream_changed(key)?;
+        }
         let batch_size = self.batch_size;
         let p = match self.pending.get_mut(key) {
             Some(p) => p,
@@ -345,7 +380,7 @@ impl Feeder<'_> {
                 .pending
                 .entry(key.to_owned())
                 .or_insert_with(|| Pending {
-                    session: session.clone(),
+                    session: session.to_owned(),
                     thread: thread.clone(),
                     items: Vec::with_capacity(batch_size.min(256)),
                     ..Pending::default()
@@ -442,6 +477,8 @@ fn feed(
         waited: Duration::ZERO,
         at_end: false,
         agent_names: HashMap::new(),
+        chunk_session: None,
+        last_stream: String::new(),
         file: String::new(),
         line_no: 0,
     };
@@ -461,6 +498,7 @@ fn feed(
         f.summary.bytes += chunk.place.bytes;
         bar.inc(chunk.place.bytes);
         f.file.clone_from(&names[chunk.place.file]);
+        f.chunk_session = None;
         for (line_no, line) in (chunk.place.first_line..).zip(chunk.lines.drain(..)) {
             f.line_no = line_no;
             f.line(line)?;

@@ -670,7 +670,7 @@ impl Pipeline {
             } else {
                 let stream: StreamKey = (t.id.clone(), thread.unwrap_or_default().to_owned());
                 self.load_event_ids(&stream)?;
-                Some(self.event_ids.open(stream))
+                Some(self.event_ids.open(stream, batch.items.len()))
             };
             for item in &batch.items {
                 match item {
