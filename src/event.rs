@@ -176,7 +176,9 @@ pub struct Event {
     /// The wire `type`, verbatim (it is the `event_type` label): a known type is a static
     /// string, so an event costs no allocation for it.
     pub type_name: std::borrow::Cow<'static, str>,
-    pub turn_id: Option<String>,
+    /// Shared by the events of a turn where they were read together (one allocation per
+    /// turn, not per event).
+    pub turn_id: Option<std::sync::Arc<str>>,
     /// `session_thread_id` (SDK 0.11): the thread the event belongs to.
     pub thread_id: Option<String>,
     /// `processed_at`, else `created_at`, as Unix nanoseconds.

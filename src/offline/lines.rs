@@ -19,6 +19,7 @@ use anyhow::Context;
 use super::{AGENT_LINE, THREAD_LINE};
 use crate::event::{DroppedFields, Event};
 use crate::pipeline::event_ids;
+use crate::source::convert::TurnIds;
 use crate::source::wire::{self, Str, WireAgentObject, WireSession, WireThread};
 
 /// Longest line accepted (a hostile file must not exhaust memory).
@@ -32,6 +33,10 @@ const QUEUED_PER_WORKER: usize = 4;
 
 /// One line of a replay input, decoded.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "nearly every line is an event; a box would cost an allocation each"
+)]
 pub(super) enum Line {
     /// Empty, or only white space.
     Blank,
@@ -41,13 +46,14 @@ pub(super) enum Line {
     Invalid(&'static str),
     /// An agent object (`None`: it does not read as one).
     Agent(Option<WireAgentObject>),
-    /// A thread object of a session's thread list, and the session it names.
+    /// A thread object of a session's thread list, and the session it names. (Boxed, as a
+    /// session: rare lines, and every line would otherwise be as large as they are.)
     Thread {
-        thread: Option<WireThread>,
+        thread: Option<Box<WireThread>>,
         session: Option<String>,
     },
     /// A session object (`None`: it does not read as one).
-    Session(Option<WireSession>),
+    Session(Option<Box<WireSession>>),
     /// An event, with the session it names and, for a sub-agent thread's stream, the thread.
     Event {
         session: SessionName,
@@ -72,12 +78,12 @@ pub(super) enum SessionName {
 
 /// Decodes one line (a worker's job; pure). `previous`: the session the chunk's previous event
 /// line named.
-pub(super) fn decode_line(raw: &str, previous: Option<&str>) -> Line {
+pub(super) fn decode_line(raw: &str, previous: Option<&str>, turns: &mut TurnIds) -> Line {
     let raw = raw.trim();
     if raw.is_empty() {
         return Line::Blank;
     }
-    let decoded = match wire::decode_event(raw) {
+    let mut decoded = match wire::decode_event(raw) {
         Ok(d) => d,
         Err(reason) => return Line::Invalid(reason.as_label()),
     };
@@ -87,9 +93,9 @@ pub(super) fn decode_line(raw: &str, previous: Option<&str>) -> Line {
             thread: serde_json::from_str(raw).ok(),
             session: decoded.event.session_id.map(Str::into_owned),
         },
-        Some("session") => Line::Session(wire::decode_session(raw)),
+        Some("session") => Line::Session(wire::decode_session(raw).map(Box::new)),
         _ => {
-            let mut event = decoded.event;
+            let event = &mut decoded.event;
             let session = match event.session_id.take() {
                 None => SessionName::Missing,
                 Some(s) if s.is_empty() => SessionName::Missing,
@@ -97,7 +103,7 @@ pub(super) fn decode_line(raw: &str, previous: Option<&str>) -> Line {
                 Some(s) => SessionName::Named(s.into_owned()),
             };
             let stream = event.dump_stream.take().map(Str::into_owned);
-            let event = Event::from_wire(event);
+            let event = Event::from_wire_with(event, turns);
             let digest = event_ids::digest(&event.id);
             Line::Event {
                 session,
@@ -166,13 +172,18 @@ fn decode_chunk(mut raw: RawChunk, pools: &Pools) -> (u64, Chunk) {
         .unwrap_or_else(|| Vec::with_capacity(CHUNK_LINES));
     // The session of the previous event line, to send an id once per run of its lines.
     let mut previous: Option<String> = None;
+    let mut turns = TurnIds::default();
     lines.extend(raw.lines.drain(..).map(|range| {
         let line = match range {
             None => Line::TooLarge,
             Some(r) => match std::str::from_utf8(&raw.text[r.clone()]) {
-                Ok(line) => decode_line(line, previous.as_deref()),
+                Ok(line) => decode_line(line, previous.as_deref(), &mut turns),
                 // A byte that is not UTF-8 costs the string it sits in, not the line.
-                Err(_) => decode_line(&String::from_utf8_lossy(&raw.text[r]), previous.as_deref()),
+                Err(_) => decode_line(
+                    &String::from_utf8_lossy(&raw.text[r]),
+                    previous.as_deref(),
+                    &mut turns,
+                ),
             },
         };
         match &line {
@@ -392,6 +403,11 @@ fn read_chunks(
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A line decoded on its own (no turn ids shared with lines before it).
+    fn decode_line(raw: &str, previous: Option<&str>) -> Line {
+        super::decode_line(raw, previous, &mut TurnIds::default())
+    }
 
     fn open_file(p: &std::path::Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
         Ok(Box::new(std::io::BufReader::new(std::fs::File::open(p)?)))

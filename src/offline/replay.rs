@@ -242,12 +242,12 @@ impl Feeder<'_> {
             }
             Line::Thread { thread, session } => {
                 self.summary.lines += 1;
-                self.thread_line(thread, session);
+                self.thread_line(thread.map(|t| *t), session);
                 return Ok(());
             }
             Line::Session(session) => {
                 self.summary.lines += 1;
-                return self.session_line(session);
+                return self.session_line(session.map(|s| *s));
             }
             Line::Event {
                 session,

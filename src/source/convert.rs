@@ -4,13 +4,12 @@
 //! this module sees one shape ([`crate::event`]). Pure functions, no I/O.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::event::{
     Event, EventKind, RetryStatus, ThreadPhase, Tokens, ToolKind, UsageSnapshot, parse_time,
 };
-use crate::source::wire::{
-    MAX_ID_BYTES, Str, StrOrNum, Typed, WireError, WireEvent, WireModel, WireUsage,
-};
+use crate::source::wire::{MAX_ID_BYTES, Str, StrOrNum, Typed, WireError, WireEvent, WireUsage};
 
 /// A borrowed wire string the domain keeps: its own copy.
 fn owned(s: Option<Str<'_>>) -> Option<String> {
@@ -73,18 +72,44 @@ impl UsageSnapshot {
     }
 }
 
+/// The turn id of the event converted last: the events read after it (a page, a replay
+/// chunk) share one copy of it while it stays the same.
+#[derive(Debug, Default)]
+pub struct TurnIds(Option<Arc<str>>);
+
+impl TurnIds {
+    fn get(&mut self, id: &str) -> Arc<str> {
+        match &self.0 {
+            Some(last) if **last == *id => last.clone(),
+            _ => {
+                let id: Arc<str> = Arc::from(id);
+                self.0 = Some(id.clone());
+                id
+            }
+        }
+    }
+}
+
 impl Event {
     /// Converts a decoded wire event. The caller has checked that `id` and `type` exist.
     pub fn from_wire(mut w: WireEvent<'_>) -> Event {
+        Event::from_wire_with(&mut w, &mut TurnIds::default())
+    }
+
+    /// [`Event::from_wire`] for one of a sequence of events: its turn id is shared with the
+    /// event before it when they have the same.
+    /// The fields it keeps are taken out of `w` (converting by reference spares copying the
+    /// large wire struct: those copies were a tenth of `replay`'s decoding).
+    pub fn from_wire_with(w: &mut WireEvent<'_>, turns: &mut TurnIds) -> Event {
         let time_ns =
             parse_time(w.processed_at.as_deref()).or_else(|| parse_time(w.created_at.as_deref()));
         let id = w.id.take().map(Str::into_owned).unwrap_or_default();
         let type_name = w.kind.take().map_or(Cow::Borrowed(""), interned);
-        let turn_id = owned(
-            w.turn_id
-                .take()
-                .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES),
-        );
+        let turn_id = w
+            .turn_id
+            .take()
+            .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES)
+            .map(|t| turns.get(&t));
         let thread_id = w
             .session_thread_id
             .as_deref()
@@ -148,7 +173,7 @@ fn interned(t: Str<'_>) -> Cow<'static, str> {
     }
 }
 
-fn kind_of(type_name: &str, id: &str, w: WireEvent<'_>) -> EventKind {
+fn kind_of(type_name: &str, id: &str, w: &mut WireEvent<'_>) -> EventKind {
     match type_name {
         "user.message" => EventKind::UserMessage,
         "session.status_running" | "session.status_rescheduled" => EventKind::TurnRunning,
@@ -162,6 +187,7 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent<'_>) -> EventKind {
             EventKind::Idle {
                 stop_reason: w
                     .stop_reason
+                    .take()
                     .and_then(Typed::kind)
                     .filter(|s| !s.is_empty()),
                 // A snapshot's tokens are the session's so far, not the turn's.
@@ -191,11 +217,12 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent<'_>) -> EventKind {
         // A thread without an id (or one no API makes) names nothing that can be read.
         "session.thread_created" => match w
             .session_thread_id
+            .take()
             .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES)
         {
             Some(thread) => EventKind::ThreadCreated {
                 thread: thread.into_owned(),
-                agent: owned(w.agent_name.filter(|a| !a.is_empty())),
+                agent: owned(w.agent_name.take().filter(|a| !a.is_empty())),
             },
             None => EventKind::Other,
         },
@@ -207,36 +234,46 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent<'_>) -> EventKind {
                 "session.thread_status_idle" => ThreadPhase::Idle {
                     stop_reason: w
                         .stop_reason
+                        .take()
                         .and_then(Typed::kind)
                         .filter(|s| !s.is_empty()),
                 },
                 "session.thread_status_terminated" => ThreadPhase::Terminated,
                 _ => ThreadPhase::Running,
             };
-            match w.session_thread_id {
+            match w.session_thread_id.take() {
                 Some(thread) => EventKind::ThreadStatus {
                     thread: thread.into_owned(),
-                    agent: owned(w.agent_name.filter(|a| !a.is_empty())),
+                    agent: owned(w.agent_name.take().filter(|a| !a.is_empty())),
                     phase,
                 },
                 None => EventKind::Other,
             }
         }
         "terminated" | "session.status_terminated" | "session.deleted" => EventKind::Terminated {
-            reason: w.reason.map(StrOrNum::into_string),
+            reason: w.reason.take().map(|r| r.into_string()),
         },
         "session.error" => error_kind(w),
         "span.model_request_start" => EventKind::ModelRequestStart {
-            model: w.model.and_then(WireModel::name).filter(|m| !m.is_empty()),
-            span_id: owned(w.span_id),
+            model: w
+                .model
+                .take()
+                .and_then(|m| m.name())
+                .filter(|m| !m.is_empty()),
+            span_id: owned(w.span_id.take()),
         },
         "span.model_request_end" => {
             // G3 and Anthropic write `model_usage`; G1 wrote `usage`. Either may carry tokens,
             // credits or both.
-            let usage = w.model_usage.or(w.usage).map(|u| *u).unwrap_or_default();
+            let usage = w
+                .model_usage
+                .take()
+                .or(w.usage.take())
+                .map(|u| *u)
+                .unwrap_or_default();
             EventKind::ModelRequestEnd {
-                start_id: owned(w.model_request_start_id),
-                span_id: owned(w.span_id),
+                start_id: owned(w.model_request_start_id.take()),
+                span_id: owned(w.span_id.take()),
                 is_error: w.is_error.unwrap_or(false),
                 tokens: Tokens::from_wire(&usage),
                 credits: usage.credits.filter(|c| c.is_finite() && *c > 0.0),
@@ -249,27 +286,33 @@ fn kind_of(type_name: &str, id: &str, w: WireEvent<'_>) -> EventKind {
                 _ => ToolKind::Builtin,
             };
             // G2 documents a `tool_use_id` of its own on the use; G3 results point at the id.
-            let use_id = w.tool_use_id.map_or_else(|| id.to_owned(), Str::into_owned);
+            let use_id = w
+                .tool_use_id
+                .take()
+                .map_or_else(|| id.to_owned(), Str::into_owned);
             EventKind::ToolUse {
                 kind,
                 use_id,
                 name: w
                     .name
-                    .or(w.tool_name)
+                    .take()
+                    .or(w.tool_name.take())
                     .filter(|n| !n.is_empty())
                     .map_or_else(|| "unknown".to_owned(), Str::into_owned),
-                server: owned(w.mcp_server_name),
+                server: owned(w.mcp_server_name.take()),
             }
         }
-        "agent.tool_result" => tool_result(ToolKind::Builtin, owned(w.tool_use_id), w.is_error),
+        "agent.tool_result" => {
+            tool_result(ToolKind::Builtin, owned(w.tool_use_id.take()), w.is_error)
+        }
         "agent.mcp_tool_result" => tool_result(
             ToolKind::Mcp,
-            owned(w.mcp_tool_use_id.or(w.tool_use_id)),
+            owned(w.mcp_tool_use_id.take().or(w.tool_use_id.take())),
             w.is_error,
         ),
         "user.custom_tool_result" => tool_result(
             ToolKind::Custom,
-            owned(w.custom_tool_use_id.or(w.tool_use_id)),
+            owned(w.custom_tool_use_id.take().or(w.tool_use_id.take())),
             w.is_error,
         ),
         "agent.message" | "agent.thinking" => EventKind::AgentOutput,
@@ -285,10 +328,10 @@ fn tool_result(kind: ToolKind, use_id: Option<String>, is_error: Option<bool>) -
     }
 }
 
-fn error_kind(w: WireEvent<'_>) -> EventKind {
-    let top_retry = w.retry_status.and_then(Typed::kind);
-    let code = w.code.map(StrOrNum::into_string);
-    let (error_type, nested_retry, message, qoder_code) = match w.error.map(|e| *e) {
+fn error_kind(w: &mut WireEvent<'_>) -> EventKind {
+    let top_retry = w.retry_status.take().and_then(|t| t.kind());
+    let code = w.code.take().map(|c| c.into_string());
+    let (error_type, nested_retry, message, qoder_code) = match w.error.take().map(|e| *e) {
         Some(WireError::Obj {
             kind,
             message,

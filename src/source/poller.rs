@@ -33,6 +33,7 @@ use crate::pipeline::{Batch, Item, PipelineHandle, SendError, SessionMeta};
 use crate::secret::Pat;
 use crate::sinks::metrics::ProcessMetrics;
 use crate::source::client::{ApiError, Client, ListScope, backoff};
+use crate::source::convert::TurnIds;
 use crate::source::wire::{self, ListCursor, Page, WireAgent, WireBudget, WireModel, WireSession};
 
 #[derive(Debug, Clone)]
@@ -1307,11 +1308,12 @@ async fn read_stream(
             ..DroppedFields::default()
         };
         let mut last_id = None;
+        let mut turns = TurnIds::default();
         for raw in kept {
             match wire::decode_event(raw.get()) {
-                Ok(d) => {
+                Ok(mut d) => {
                     bad_fields += d.bad_fields;
-                    let e = Event::from_wire(d.event);
+                    let e = Event::from_wire_with(&mut d.event, &mut turns);
                     last_id = Some(e.id.clone());
                     items.push(Item::event(e));
                 }

@@ -393,15 +393,15 @@ pub struct WireEvent<'a> {
     #[serde(default)]
     pub error: Option<Box<WireError>>,
     #[serde(default)]
-    pub code: Option<StrOrNum>,
+    pub code: Option<Box<StrOrNum>>,
     #[serde(default)]
-    pub retry_status: Option<Typed>,
+    pub retry_status: Option<Box<Typed>>,
     // terminated (G1)
     #[serde(default)]
-    pub reason: Option<StrOrNum>,
+    pub reason: Option<Box<StrOrNum>>,
     // span.model_request_*
     #[serde(default)]
-    pub model: Option<WireModel>,
+    pub model: Option<Box<WireModel>>,
     #[serde(default, borrow)]
     pub span_id: Option<Str<'a>>,
     #[serde(default, borrow)]
@@ -801,7 +801,7 @@ mod tests {
             g1.event.error,
             Some(Box::new(WireError::Str("boom".into())))
         );
-        assert_eq!(g1.event.code.map(StrOrNum::into_string), Some("503".into()));
+        assert_eq!(g1.event.code.map(|c| c.into_string()), Some("503".into()));
         let g3 = decode_event(
             r#"{"id":"e","type":"session.error","error":{"type":"model_overloaded_error",
             "message":"m","retry_status":{"type":"retrying"}}}"#,

@@ -566,7 +566,7 @@ impl SessionState {
         // G1: a new turn_id closes a turn that never idled.
         if let (Some(tid), Some(turn)) = (&ev.turn_id, &self.turn)
             && turn.has_turn_id
-            && &turn.key != tid
+            && *turn.key != **tid
         {
             let end = turn.last_ns;
             self.close_turn(session_id, end, TurnEnd::Superseded, tally, closed);
@@ -679,7 +679,7 @@ impl SessionState {
         }
         self.turn_seq += 1;
         let (key, has_turn_id) = match (&ev.turn_id, &self.thread_id) {
-            (Some(t), _) => (t.clone(), true),
+            (Some(t), _) => (t.to_string(), true),
             // A thread's turns are named apart from the session's (they share its trace ids).
             (None, Some(thread)) => (format!("{thread}/seq-{}", self.turn_seq), false),
             (None, None) => (format!("seq-{}", self.turn_seq), false),
