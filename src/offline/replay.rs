@@ -428,13 +428,14 @@ fn open_input(path: &Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
         }
     }
     let whole = std::io::Cursor::new(head[..got].to_vec()).chain(raw);
+    // The reader asks for blocks larger than these buffers, which then pass them by: the
+    // input goes straight into the reader's chunks, not through a copy here.
     if head[..got] == [0x1f, 0x8b] {
-        return Ok(Box::new(BufReader::with_capacity(
-            1 << 20,
-            flate2::read::MultiGzDecoder::new(whole),
-        )));
+        return Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(
+            whole,
+        ))));
     }
-    Ok(Box::new(BufReader::with_capacity(1 << 20, whole)))
+    Ok(Box::new(BufReader::new(whole)))
 }
 
 /// Reads every file and feeds the pipeline; runs on a blocking thread.
