@@ -116,6 +116,8 @@ struct Feeder<'a> {
     chunk_session: Option<String>,
     /// The stream (its pending key) the last event line belonged to.
     last_stream: String,
+    /// The session the last event line named, counted in `seen`.
+    last_session: String,
     /// Where the line being read is, for reports of invalid lines.
     file: String,
     line_no: u64,
@@ -348,8 +350,12 @@ impl Feeder<'_> {
             self.summary.skipped += 1;
             return Ok(());
         }
-        if !self.pending.contains_key(session) && self.seen.insert(session.to_owned()) {
-            self.summary.sessions += 1;
+        // Counted once; a run of one session's lines looks it up once.
+        if self.last_session != session {
+            if !self.pending.contains_key(session) && self.seen.insert(session.to_owned()) {
+                self.summary.sessions += 1;
+            }
+            session.clone_into(&mut self.last_session);
         }
         let thread = stream.filter(|t| !t.is_empty());
         // A session's own stream is keyed by its id as it is; only a thread's needs a new key.
@@ -480,6 +486,7 @@ fn feed(
         agent_names: HashMap::new(),
         chunk_session: None,
         last_stream: String::new(),
+        last_session: String::new(),
         file: String::new(),
         line_no: 0,
     };

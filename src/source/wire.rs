@@ -495,40 +495,52 @@ impl Page<'_> {
 /// Decodes one event. The fast path is one typed parse; when it fails the event is read as a
 /// JSON object and every field that does not fit its type is dropped and counted.
 /// The event's strings borrow from `raw` where they can.
+#[inline]
 pub fn decode_event(raw: &str) -> Result<Decoded<'_>, InvalidReason> {
-    let mut bad_fields = DroppedFields::default();
-    let event = match serde_json::from_str::<WireEvent<'_>>(raw) {
-        Ok(event) => event,
-        Err(_) => match decode_leniently(raw) {
-            Some((event, bad)) => {
-                bad_fields.wrong_shape = bad;
-                event
-            }
-            // Not JSON as written: `NaN`, `Infinity` (which some encoders emit) become null.
-            None => {
-                let (fixed, repairs) =
-                    repair_json(raw.as_bytes()).ok_or(InvalidReason::NotObject)?;
-                let (event, bad) = decode_leniently(&fixed).ok_or(InvalidReason::NotObject)?;
-                bad_fields.wrong_shape = bad;
-                bad_fields.not_json = repairs;
-                event
-            }
+    // Built where it ends up and changed in place: the wire struct is large, and each move of
+    // it was a copy in `replay`'s profile.
+    let mut decoded = match serde_json::from_str::<WireEvent<'_>>(raw) {
+        Ok(event) => Decoded {
+            event,
+            bad_fields: DroppedFields::default(),
         },
+        Err(_) => decode_event_leniently(raw)?,
     };
+    let event = &mut decoded.event;
     match (&event.id, &event.kind) {
-        (None, _) => Err(InvalidReason::MissingId),
-        (Some(id), _) if id.is_empty() => Err(InvalidReason::MissingId),
-        (_, None) => Err(InvalidReason::MissingType),
-        (_, Some(kind)) if kind.is_empty() => Err(InvalidReason::MissingType),
+        (None, _) => return Err(InvalidReason::MissingId),
+        (Some(id), _) if id.is_empty() => return Err(InvalidReason::MissingId),
+        (_, None) => return Err(InvalidReason::MissingType),
+        (_, Some(kind)) if kind.is_empty() => return Err(InvalidReason::MissingType),
         (Some(id), Some(kind)) if id.len() > MAX_ID_BYTES || kind.len() > MAX_TYPE_BYTES => {
-            Err(InvalidReason::TooLong)
+            return Err(InvalidReason::TooLong);
         }
-        _ => {
-            let mut event = event;
-            bad_fields.out_of_range = drop_absurd(&mut event);
-            Ok(Decoded { event, bad_fields })
-        }
+        _ => {}
     }
+    decoded.bad_fields.out_of_range = drop_absurd(&mut decoded.event);
+    Ok(decoded)
+}
+
+/// [`decode_event`] of an event whose typed decoding failed: field by field, and repaired
+/// first when it is not quite JSON.
+#[cold]
+fn decode_event_leniently(raw: &str) -> Result<Decoded<'_>, InvalidReason> {
+    let mut bad_fields = DroppedFields::default();
+    let event = match decode_leniently(raw) {
+        Some((event, bad)) => {
+            bad_fields.wrong_shape = bad;
+            event
+        }
+        // Not JSON as written: `NaN`, `Infinity` (which some encoders emit) become null.
+        None => {
+            let (fixed, repairs) = repair_json(raw.as_bytes()).ok_or(InvalidReason::NotObject)?;
+            let (event, bad) = decode_leniently(&fixed).ok_or(InvalidReason::NotObject)?;
+            bad_fields.wrong_shape = bad;
+            bad_fields.not_json = repairs;
+            event
+        }
+    };
+    Ok(Decoded { event, bad_fields })
 }
 
 /// Drops an event's implausible quantities (counted with the fields of the wrong shape).
