@@ -22,8 +22,10 @@ use super::lines::{self, Line, SessionName};
 
 /// Events buffered across all sessions before everything buffered is sent.
 const MAX_BUFFERED: usize = 200_000;
-/// Batches sent to the pipeline and not yet acknowledged.
-const IN_FLIGHT: usize = 8;
+/// Groups sent to the pipeline and not yet acknowledged. Enough for reading to go on while a
+/// group commits; more only leaves the pipeline a longer tail to work through alone when the
+/// reading is done (8: 2-3 % slower, 40 MB more at the peak).
+const IN_FLIGHT: usize = 3;
 /// A stream's run of at least this many events goes to the pipeline when the next stream's
 /// lines begin.
 const RUN_FLUSH: usize = 64;
