@@ -1159,24 +1159,27 @@ mod tests {
         Cli::try_parse_from(all).expect("parses").flags
     }
 
+    /// The switches that turn every optional output on (traces with content, metrics and logs
+    /// over OTLP, a price), so that their defaults are resolved too.
+    pub(super) const ALL_ON: [&str; 9] = [
+        "--otlp.endpoint",
+        "http://127.0.0.1:4318",
+        "--otlp.capture-content",
+        "--otlp.metrics.exporter",
+        "otlp",
+        "--otlp.logs.exporter",
+        "otlp",
+        "--cost.credit-price",
+        "1",
+    ];
+
     #[test]
     fn the_help_says_the_defaults_the_code_uses() {
         // A default is written in the help (`[default: X]`, which the README's table and
         // deploy/config.example.toml are generated from) and in the code that applies it;
         // they must agree. Settings resolved
         // from nothing but switches (signals on, a price), then every help default compared.
-        let s = Settings::resolve(flags(&[
-            "--otlp.endpoint",
-            "http://127.0.0.1:4318",
-            "--otlp.capture-content",
-            "--otlp.metrics.exporter",
-            "otlp",
-            "--otlp.logs.exporter",
-            "otlp",
-            "--cost.credit-price",
-            "1",
-        ]))
-        .expect("resolves");
+        let s = Settings::resolve(flags(&ALL_ON)).expect("resolves");
         let otlp = s.otlp.as_ref().expect("traces on");
         let metrics = s.otlp_metrics.as_ref().expect("metrics on");
         let logs = s.otlp_logs.as_ref().expect("logs on");

@@ -605,18 +605,7 @@ mod tests {
         let path = dir.path().join("defaults.toml");
         std::fs::write(&path, &defaults).expect("write");
         let file = path.to_str().expect("utf-8");
-        let on = [
-            "--otlp.endpoint",
-            "http://127.0.0.1:4318",
-            "--otlp.capture-content",
-            "--otlp.metrics.exporter",
-            "otlp",
-            "--otlp.logs.exporter",
-            "otlp",
-            "--cost.credit-price",
-            "1",
-        ];
-        for args in [&[][..], &on[..]] {
+        for args in [&[][..], &crate::config::tests::ALL_ON[..]] {
             let without = Settings::resolve(parse(args)).expect("resolves");
             let with_file: Vec<&str> = args
                 .iter()

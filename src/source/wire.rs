@@ -255,12 +255,24 @@ pub struct MessageText(pub Option<String>);
 
 impl<'de> Deserialize<'de> for MessageText {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MessageText, D::Error> {
-        if KEEP_TEXT.load(std::sync::atomic::Ordering::Relaxed) {
-            Option::<WireContent>::deserialize(d).map(|c| MessageText(c.map(|c| c.text())))
-        } else {
-            serde::de::IgnoredAny::deserialize(d)?;
-            Ok(MessageText(None))
-        }
+        read_if(&KEEP_TEXT, d, |d| {
+            Ok(Option::<WireContent>::deserialize(d)?.map(|c| c.text()))
+        })
+        .map(MessageText)
+    }
+}
+
+/// A field read by `read` while `keep` is on, and skipped unread (`None`) while it is off.
+fn read_if<'de, D: serde::Deserializer<'de>>(
+    keep: &std::sync::atomic::AtomicBool,
+    d: D,
+    read: impl FnOnce(D) -> Result<Option<String>, D::Error>,
+) -> Result<Option<String>, D::Error> {
+    if keep.load(std::sync::atomic::Ordering::Relaxed) {
+        read(d)
+    } else {
+        serde::de::IgnoredAny::deserialize(d)?;
+        Ok(None)
     }
 }
 
@@ -281,12 +293,10 @@ pub struct ToolInput(pub Option<String>);
 
 impl<'de> Deserialize<'de> for ToolInput {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ToolInput, D::Error> {
-        if KEEP_TOOL_INPUTS.load(std::sync::atomic::Ordering::Relaxed) {
-            KeptInput::deserialize(d).map(|k| ToolInput(k.0))
-        } else {
-            serde::de::IgnoredAny::deserialize(d)?;
-            Ok(ToolInput(None))
-        }
+        read_if(&KEEP_TOOL_INPUTS, d, |d| {
+            KeptInput::deserialize(d).map(|k| k.0)
+        })
+        .map(ToolInput)
     }
 }
 
