@@ -202,8 +202,9 @@ fn decode_chunk(mut raw: RawChunk, pools: &Pools) -> (u64, Chunk) {
         line
     }));
     raw.text.clear();
-    // A buffer an overlong line grew is let go rather than kept round.
-    if raw.text.capacity() <= 2 * CHUNK_BYTES {
+    // A buffer an overlong line grew, or a line list a block of blank lines grew, is let go
+    // rather than kept round.
+    if raw.text.capacity() <= 2 * CHUNK_BYTES && raw.lines.capacity() <= 4 * CHUNK_LINES {
         pools.raw.put((raw.text, raw.lines));
     }
     let chunk = Chunk {
@@ -341,7 +342,8 @@ fn read_chunks(
         let mut overlong = false;
         loop {
             let scan_from = chunk.text.len();
-            // One read, whatever it brings: a pipe's lines go on as they come.
+            // One read, whatever it brings: a quiet pipe does not hold back the lines it gave
+            // until a whole block has come (a chunk still goes when full or at the end).
             chunk.text.resize(scan_from + BLOCK, 0);
             let read = loop {
                 match r.read(&mut chunk.text[scan_from..]) {

@@ -116,9 +116,14 @@ struct Feeder<'a> {
     agent_names: HashMap<String, String>,
     /// The session the chunk's last event line named (what [`SessionName::Same`] means).
     chunk_session: Option<String>,
+    /// Thread streams with batches sent before the input's end (key → session, thread): each
+    /// gets one more at the end, empty if need be, that says the end came. Only then are a
+    /// thread's held cross-posts (events the session's stream showed and the thread's did
+    /// not) counted, so a thread whose batches all went early would lose them.
+    threads_sent: HashMap<String, (String, String)>,
     /// The stream (its pending key) the last event line belonged to.
     last_stream: String,
-    /// The session the last event line named, counted in `seen`.
+    /// The session the last event line named (in `seen` from then on).
     last_session: String,
     /// Where the line being read is, for reports of invalid lines.
     file: String,
@@ -148,8 +153,16 @@ impl Feeder<'_> {
             let session = p.session.clone();
             self.flush(&session)?;
         }
-        if p.items.is_empty() && p.meta.is_none() && p.threads_listed.is_empty() {
+        // At the end a thread's batch goes even empty: it says its stream was read to the end.
+        let says_end = self.at_end && p.thread.is_some();
+        if p.items.is_empty() && p.meta.is_none() && p.threads_listed.is_empty() && !says_end {
             return Ok(());
+        }
+        if let Some(thread) = &p.thread
+            && !self.at_end
+        {
+            self.threads_sent
+                .insert(key.to_owned(), (p.session.clone(), thread.clone()));
         }
         self.buffered -= p.items.len();
         self.group_events += p.items.len();
@@ -302,6 +315,9 @@ impl Feeder<'_> {
         };
         if self.finished.contains(&session) {
             return;
+        }
+        if self.seen.insert(session.clone()) {
+            self.summary.sessions += 1;
         }
         let p = self.pending.entry(session.clone()).or_default();
         p.session = session;
@@ -487,6 +503,7 @@ fn feed(
         at_end: false,
         agent_names: HashMap::new(),
         chunk_session: None,
+        threads_sent: HashMap::new(),
         last_stream: String::new(),
         last_session: String::new(),
         file: String::new(),
@@ -516,6 +533,13 @@ fn feed(
         Ok(())
     })?;
     f.at_end = true;
+    for (key, (session, thread)) in std::mem::take(&mut f.threads_sent) {
+        f.pending.entry(key).or_insert_with(|| Pending {
+            session,
+            thread: Some(thread),
+            ..Pending::default()
+        });
+    }
     f.flush_all()?;
     while let Some(a) = f.acks.pop_front() {
         a.wait()?;

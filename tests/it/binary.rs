@@ -505,6 +505,42 @@ async fn a_dump_replayed_into_a_live_state_counts_nothing_twice() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// A sub-agent thread's event that only the session's stream shows is held until the thread's
+/// own stream is read to its end, then counted. A thread whose lines all went to the pipeline
+/// before the input ended (a long run, or full batches) still gets that end.
+#[test]
+fn a_thread_sent_before_the_end_still_counts_what_only_the_session_showed() {
+    let mut log = vec![
+        r#"{"id":"c1","type":"session.thread_created","session_id":"s1","session_thread_id":"t1","agent_name":"sub"}"#.to_owned(),
+        // Shown by the session's stream only: held, counted at the thread's end.
+        r#"{"id":"x1","type":"agent.tool_use","name":"Read","session_id":"s1","session_thread_id":"t1"}"#.to_owned(),
+    ];
+    log.extend((0..200).map(|i| {
+        format!(
+            r#"{{"id":"t1-{i}","type":"agent.tool_use","name":"Grep","session_id":"s1","session_thread_id":"t1","qoder_exporter_stream":"t1"}}"#
+        )
+    }));
+    // Another session after it: the thread's run is sent when these lines begin.
+    log.push(r#"{"id":"y1","type":"user.message","session_id":"s2"}"#.to_owned());
+    let input = log.join("\n") + "\n";
+    for args in [&[][..], &["--batch-size", "50"][..]] {
+        let out = replay_from_stdin(args, input.as_bytes());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let metrics = String::from_utf8_lossy(&out.stdout);
+        for line in [
+            r#"qoder_tool_calls_total{agent="sub",tool="Read"} 1"#,
+            r#"qoder_tool_calls_total{agent="sub",tool="Grep"} 200"#,
+            r#"qoder_events_total{agent="sub",event_type="agent.tool_use"} 201"#,
+        ] {
+            assert!(metrics.contains(line), "{args:?}: no {line} in\n{metrics}");
+        }
+    }
+}
+
 /// `replay - ARGS…` with `input` on its standard input.
 fn replay_from_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
     let mut child = Command::new(BIN)
