@@ -18,7 +18,7 @@ use anyhow::Context;
 
 use super::{AGENT_LINE, THREAD_LINE};
 use crate::event::{DroppedFields, Event};
-use crate::pipeline::event_ids;
+use crate::pipeline::Item;
 use crate::source::convert::TurnIds;
 use crate::source::wire::{self, Str, WireAgentObject, WireSession, WireThread};
 
@@ -60,9 +60,8 @@ pub(super) enum Line {
     Event {
         session: SessionName,
         stream: Option<String>,
-        event: Event,
-        /// Its id's digest, taken here on a decoder rather than on the pipeline's thread.
-        digest: u64,
+        /// As the pipeline takes it ([`Item::event`]: its id digested here, on a decoder).
+        item: Item,
         bad_fields: DroppedFields,
     },
 }
@@ -105,13 +104,10 @@ pub(super) fn decode_line(raw: &str, previous: Option<&str>, turns: &mut TurnIds
                 Some(s) => SessionName::Named(s.into_owned()),
             };
             let stream = event.dump_stream.take().map(Str::into_owned);
-            let event = Event::from_wire_with(event, turns);
-            let digest = event_ids::digest(&event.id);
             Line::Event {
                 session,
                 stream,
-                event,
-                digest,
+                item: Item::event(Event::from_wire_with(event, turns)),
                 bad_fields: decoded.bad_fields,
             }
         }
@@ -525,7 +521,7 @@ mod tests {
         let Line::Event {
             session,
             stream,
-            event,
+            item: Item::Event(event, _),
             ..
         } = decode_line(
             r#"{"id":"e1","type":"agent.message","content":"x","session_id":"s1","qoder_exporter_stream":"t1"}"#,
@@ -631,7 +627,10 @@ mod tests {
             bytes += chunk.place.bytes;
             for (i, line) in chunk.lines.drain(..).enumerate() {
                 let what = match line {
-                    Line::Event { event, .. } => event.id,
+                    Line::Event {
+                        item: Item::Event(event, _),
+                        ..
+                    } => event.id,
                     Line::TooLarge => "too large".to_owned(),
                     other => format!("{other:?}"),
                 };

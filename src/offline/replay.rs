@@ -269,10 +269,9 @@ impl Feeder<'_> {
             Line::Event {
                 session,
                 stream,
-                event,
-                digest,
+                item,
                 bad_fields,
-            } => (session, stream, Item::Event(event, digest), bad_fields),
+            } => (session, stream, item, bad_fields),
         };
         self.summary.lines += 1;
         // The session as the decoder sent it: a run of one session's lines names it once.
