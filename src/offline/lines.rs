@@ -3,10 +3,11 @@
 //! Decoding the JSON of each line is most of a replay's work, while the pipeline thread (turns,
 //! deltas, commits) needs a fraction of a core. So one thread reads the files into chunks of
 //! lines, a few workers decode the chunks (each line into a [`Line`], with the domain event
-//! built), and the caller gets the chunks back in the order they were read, to route them to
-//! the pipeline exactly as a single thread would. Memory stays bounded: a few chunks per
-//! worker are in flight (whatever one slow chunk does), and their buffers go round (fresh memory costs the kernel's page
-//! zeroing, which had been a fifth of a replay's cycles).
+//! built, and a stream's consecutive event lines into one run), and the caller gets the chunks
+//! back in the order they were read, to route them to the pipeline exactly as a single thread
+//! would. Memory stays bounded: a few chunks per worker are in flight (whatever one slow chunk
+//! does), and their buffers go round (fresh memory costs the kernel's page zeroing, which had
+//! been a fifth of a replay's cycles).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
@@ -33,12 +34,8 @@ const BLOCK: usize = 64 * 1024;
 /// Chunks read and not yet handed on, per worker.
 const QUEUED_PER_WORKER: usize = 4;
 
-/// One line of a replay input, decoded.
+/// One line of a replay input, decoded, or a run of event lines.
 #[derive(Debug)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "nearly every line is an event; a box would cost an allocation each"
-)]
 pub(super) enum Line {
     /// Empty, or only white space.
     Blank,
@@ -56,14 +53,48 @@ pub(super) enum Line {
     },
     /// A session object (`None`: it does not read as one).
     Session(Option<Box<WireSession>>),
-    /// An event, with the session it names and, for a sub-agent thread's stream, the thread.
+    /// Consecutive event lines of one stream.
+    Events(EventRun),
+}
+
+impl Line {
+    /// The lines of the input this stands for.
+    pub(super) fn lines(&self) -> u64 {
+        match self {
+            Line::Events(run) => run.items.len() as u64,
+            _ => 1,
+        }
+    }
+}
+
+/// Consecutive event lines of one session's stream, or of one of its threads' (a `dump` writes
+/// each stream's events together): they go to the pipeline as one vector, built here on a
+/// decoder, not moved one by one on the thread that routes them.
+#[derive(Debug)]
+pub(super) struct EventRun {
+    /// The session the lines name.
+    pub session: SessionName,
+    /// A sub-agent thread's stream (`qoder_exporter_stream`); `None`: the session's.
+    pub stream: Option<String>,
+    /// One per line, as the pipeline takes them ([`Item::event`]: ids digested here).
+    pub items: Vec<Item>,
+    pub bad_fields: DroppedFields,
+}
+
+/// One line decoded on its own: an event, or any other line.
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "nearly every line is an event, and it moves once, into its run"
+)]
+pub(super) enum Decoded {
     Event {
         session: SessionName,
         stream: Option<String>,
-        /// As the pipeline takes it ([`Item::event`]: its id digested here, on a decoder).
         item: Item,
         bad_fields: DroppedFields,
     },
+    Other(Line),
 }
 
 /// The session an event line names.
@@ -79,22 +110,22 @@ pub(super) enum SessionName {
 
 /// Decodes one line (a worker's job; pure). `previous`: the session the chunk's previous event
 /// line named.
-pub(super) fn decode_line(raw: &str, previous: Option<&str>, turns: &mut TurnIds) -> Line {
+pub(super) fn decode_line(raw: &str, previous: Option<&str>, turns: &mut TurnIds) -> Decoded {
     let raw = raw.trim();
     if raw.is_empty() {
-        return Line::Blank;
+        return Decoded::Other(Line::Blank);
     }
     let mut decoded = match wire::decode_event(raw) {
         Ok(d) => d,
-        Err(reason) => return Line::Invalid(reason.as_label()),
+        Err(reason) => return Decoded::Other(Line::Invalid(reason.as_label())),
     };
     match decoded.event.kind.as_deref() {
-        Some(AGENT_LINE) => Line::Agent(serde_json::from_str(raw).ok()),
-        Some(THREAD_LINE) => Line::Thread {
+        Some(AGENT_LINE) => Decoded::Other(Line::Agent(serde_json::from_str(raw).ok())),
+        Some(THREAD_LINE) => Decoded::Other(Line::Thread {
             thread: serde_json::from_str(raw).ok(),
             session: decoded.event.session_id.map(Str::into_owned),
-        },
-        Some("session") => Line::Session(wire::decode_session(raw).map(Box::new)),
+        }),
+        Some("session") => Decoded::Other(Line::Session(wire::decode_session(raw).map(Box::new))),
         _ => {
             let event = &mut decoded.event;
             let session = match event.session_id.take() {
@@ -104,7 +135,7 @@ pub(super) fn decode_line(raw: &str, previous: Option<&str>, turns: &mut TurnIds
                 Some(s) => SessionName::Named(s.into_owned()),
             };
             let stream = event.dump_stream.take().map(Str::into_owned);
-            Line::Event {
+            Decoded::Event {
                 session,
                 stream,
                 item: Item::event(Event::from_wire_with(event, turns)),
@@ -171,9 +202,10 @@ fn decode_chunk(mut raw: RawChunk, pools: &Pools) -> (u64, Chunk) {
     // The session of the previous event line, to send an id once per run of its lines.
     let mut previous: Option<String> = None;
     let mut turns = TurnIds::default();
-    lines.extend(raw.lines.drain(..).map(|range| {
-        let line = match range {
-            None => Line::TooLarge,
+    let count = raw.lines.len();
+    for (i, range) in raw.lines.drain(..).enumerate() {
+        let decoded = match range {
+            None => Decoded::Other(Line::TooLarge),
             Some(r) => match std::str::from_utf8(&raw.text[r.clone()]) {
                 Ok(line) => decode_line(line, previous.as_deref(), &mut turns),
                 // A byte that is not UTF-8 costs the string it sits in, not the line.
@@ -184,19 +216,47 @@ fn decode_chunk(mut raw: RawChunk, pools: &Pools) -> (u64, Chunk) {
                 ),
             },
         };
-        match &line {
-            Line::Event {
-                session: SessionName::Named(s),
-                ..
-            } => previous = Some(s.clone()),
-            Line::Event {
-                session: SessionName::Missing,
-                ..
-            } => previous = None,
-            _ => {}
+        let Decoded::Event {
+            session,
+            stream,
+            item,
+            bad_fields,
+        } = decoded
+        else {
+            if let Decoded::Other(line) = decoded {
+                end_run(&mut lines);
+                lines.push(line);
+            }
+            continue;
+        };
+        // The line goes on the run before it when that is the line just before, of the
+        // same session and stream.
+        if session == SessionName::Same
+            && let Some(Line::Events(run)) = lines.last_mut()
+            && run.stream == stream
+        {
+            run.items.push(item);
+            run.bad_fields += bad_fields;
+            continue;
         }
-        line
-    }));
+        match &session {
+            SessionName::Named(s) => previous = Some(s.clone()),
+            SessionName::Missing => previous = None,
+            SessionName::Same => {}
+        }
+        end_run(&mut lines);
+        // Room for the rest of the chunk: a run never grows (each growth copied it), and
+        // the room a shorter one leaves is given back when it ends.
+        let mut items = Vec::with_capacity(count - i);
+        items.push(item);
+        lines.push(Line::Events(EventRun {
+            session,
+            stream,
+            items,
+            bad_fields,
+        }));
+    }
+    end_run(&mut lines);
     raw.text.clear();
     // A buffer an overlong line grew, or a line list a block of blank lines grew, is let go
     // rather than kept round.
@@ -208,6 +268,16 @@ fn decode_chunk(mut raw: RawChunk, pools: &Pools) -> (u64, Chunk) {
         lines,
     };
     (raw.seq, chunk)
+}
+
+/// The last line of `lines` is done: if it is a run that filled less than half its room, the
+/// rest is given back (it is kept until the pipeline has applied the run).
+fn end_run(lines: &mut [Line]) {
+    if let Some(Line::Events(run)) = lines.last_mut()
+        && run.items.capacity() > 2 * run.items.len()
+    {
+        run.items.shrink_to_fit();
+    }
 }
 
 /// Reads `inputs` (opened by `open`, in order) and hands `each` their decoded chunks in file
@@ -430,8 +500,43 @@ mod tests {
     use std::io::Write;
 
     /// A line decoded on its own (no turn ids shared with lines before it).
-    fn decode_line(raw: &str, previous: Option<&str>) -> Line {
+    fn decode_line(raw: &str, previous: Option<&str>) -> Decoded {
         super::decode_line(raw, previous, &mut TurnIds::default())
+    }
+
+    /// A chunk of `raw`'s lines (one per `\n`-ended line), decoded as a worker does.
+    fn decode_text(raw: &str) -> Vec<Line> {
+        let text = raw.as_bytes().to_vec();
+        let mut lines = Vec::new();
+        let mut start = 0;
+        for (i, b) in text.iter().enumerate() {
+            if *b == b'\n' {
+                lines.push(Some(start..i));
+                start = i + 1;
+            }
+        }
+        let pools = Pools {
+            raw: Pool(Mutex::new(Vec::new())),
+            lines: Pool(Mutex::new(Vec::new())),
+        };
+        let chunk = RawChunk {
+            seq: 0,
+            place: Place::default(),
+            text,
+            lines,
+        };
+        decode_chunk(chunk, &pools).1.lines
+    }
+
+    /// The ids of a run's events.
+    fn ids(run: &EventRun) -> Vec<&str> {
+        run.items
+            .iter()
+            .map(|i| match i {
+                Item::Event(e, _) => e.id.as_str(),
+                Item::Invalid(_) => "invalid",
+            })
+            .collect()
     }
 
     fn open_file(p: &std::path::Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
@@ -473,7 +578,7 @@ mod tests {
     fn a_read_error_ends_the_input_after_the_lines_read_before_it() {
         let mut handed = 0;
         let err = read_decoded(vec![PathBuf::from("fail")], open_odd, 2, |chunk| {
-            handed += chunk.lines.drain(..).count();
+            handed += chunk.lines.drain(..).map(|l| l.lines()).sum::<u64>();
             Ok(())
         })
         .expect_err("the read error");
@@ -498,27 +603,30 @@ mod tests {
 
     #[test]
     fn each_kind_of_line_decodes_to_its_own_variant() {
-        assert!(matches!(decode_line("  \t", None), Line::Blank));
+        assert!(matches!(
+            decode_line("  \t", None),
+            Decoded::Other(Line::Blank)
+        ));
         assert!(matches!(
             decode_line("[1]", None),
-            Line::Invalid("not_object")
+            Decoded::Other(Line::Invalid("not_object"))
         ));
         assert!(matches!(
             decode_line(r#"{"type":"agent","id":"ag_1","name":"coder"}"#, None),
-            Line::Agent(Some(WireAgentObject { .. }))
+            Decoded::Other(Line::Agent(Some(WireAgentObject { .. })))
         ));
         assert!(matches!(
             decode_line(r#"{"type":"session","id":"s1","status":"idle"}"#, None),
-            Line::Session(Some(_))
+            Decoded::Other(Line::Session(Some(_)))
         ));
-        let Line::Thread { session, .. } = decode_line(
+        let Decoded::Other(Line::Thread { session, .. }) = decode_line(
             r#"{"type":"session_thread","id":"t1","session_id":"s1","parent_thread_id":"t0"}"#,
             None,
         ) else {
             panic!("a thread line");
         };
         assert_eq!(session.as_deref(), Some("s1"));
-        let Line::Event {
+        let Decoded::Event {
             session,
             stream,
             item: Item::Event(event, _),
@@ -539,7 +647,7 @@ mod tests {
     #[test]
     fn an_event_line_names_its_session_once_per_run() {
         let session_of = |raw: &str, previous: Option<&str>| match decode_line(raw, previous) {
-            Line::Event { session, .. } => session,
+            Decoded::Event { session, .. } => session,
             other => panic!("an event line, not {other:?}"),
         };
         let line = r#"{"id":"e1","type":"user.message","session_id":"s1"}"#;
@@ -551,53 +659,66 @@ mod tests {
         assert_eq!(session_of(line, None), SessionName::Named("s1".to_owned()));
         let unnamed = r#"{"id":"e1","type":"user.message","session_id":""}"#;
         assert_eq!(session_of(unnamed, Some("")), SessionName::Missing);
-        // In a chunk: the runs of one session name it once, and a line without one breaks the run.
+        // In a chunk: the lines of one session and stream go as one run that names the session
+        // once; a line without one, another session, or another stream begins a new run.
         let raw = [
             r#"{"id":"a","type":"x","session_id":"s1"}"#,
             r#"{"id":"b","type":"x","session_id":"s1"}"#,
             r#"{"id":"c","type":"x"}"#,
             r#"{"id":"d","type":"x","session_id":"s1"}"#,
-            r#"{"id":"e","type":"x","session_id":"s2"}"#,
+            r#"{"id":"e","type":"x","session_id":"s1","qoder_exporter_stream":"t1"}"#,
+            r#"{"id":"f","type":"x","session_id":"s1","qoder_exporter_stream":"t1"}"#,
+            r#"{"id":"g","type":"x","session_id":"s2"}"#,
+            r#"{"type":"session","id":"s2"}"#,
+            r#"{"id":"h","type":"x","session_id":"s2"}"#,
         ]
-        .join("\n");
-        let mut text = raw.clone().into_bytes();
-        text.push(b'\n');
-        let mut lines = Vec::new();
-        let mut start = 0;
-        for (i, b) in text.iter().enumerate() {
-            if *b == b'\n' {
-                lines.push(Some(start..i));
-                start = i + 1;
-            }
-        }
-        let pools = Pools {
-            raw: Pool(Mutex::new(Vec::new())),
-            lines: Pool(Mutex::new(Vec::new())),
-        };
-        let chunk = RawChunk {
-            seq: 0,
-            place: Place::default(),
-            text,
-            lines,
-        };
-        let (_, decoded) = decode_chunk(chunk, &pools);
-        let sessions: Vec<SessionName> = decoded
-            .lines
-            .into_iter()
-            .map(|l| match l {
-                Line::Event { session, .. } => session,
-                other => panic!("{other:?}"),
+        .map(|l| format!("{l}\n"))
+        .concat();
+        let lines = decode_text(&raw);
+        let runs: Vec<(&SessionName, Option<&str>, Vec<&str>)> = lines
+            .iter()
+            .filter_map(|l| match l {
+                Line::Events(run) => Some((&run.session, run.stream.as_deref(), ids(run))),
+                _ => None,
             })
             .collect();
+        let (s1, s2) = (
+            SessionName::Named("s1".to_owned()),
+            SessionName::Named("s2".to_owned()),
+        );
         assert_eq!(
-            sessions,
+            runs,
             [
-                SessionName::Named("s1".to_owned()),
-                SessionName::Same,
-                SessionName::Missing,
-                SessionName::Named("s1".to_owned()),
-                SessionName::Named("s2".to_owned()),
+                (&s1, None, vec!["a", "b"]),
+                (&SessionName::Missing, None, vec!["c"]),
+                (&s1, None, vec!["d"]),
+                (&SessionName::Same, Some("t1"), vec!["e", "f"]),
+                (&s2, None, vec!["g"]),
+                (&SessionName::Same, None, vec!["h"]),
             ]
+        );
+        assert!(
+            matches!(lines[5], Line::Session(Some(_))),
+            "the session line stays between the runs it separates"
+        );
+    }
+
+    #[test]
+    fn a_short_run_gives_back_the_room_left_for_the_rest_of_its_chunk() {
+        let raw: String = std::iter::once(event_line("s1", 0))
+            .chain((1..200).map(|i| event_line("s2", i)))
+            .map(|l| l + "\n")
+            .collect();
+        let lines = decode_text(&raw);
+        let [Line::Events(short), Line::Events(long)] = &lines[..] else {
+            panic!("two runs, not {lines:?}");
+        };
+        assert_eq!((short.items.len(), long.items.len()), (1, 199));
+        assert!(short.items.capacity() <= 2, "{}", short.items.capacity());
+        assert_eq!(
+            long.items.capacity(),
+            199,
+            "the last run had exactly its room"
         );
     }
 
@@ -625,16 +746,17 @@ mod tests {
         let mut bytes = 0;
         read_decoded(inputs, open_file, 3, |chunk| {
             bytes += chunk.place.bytes;
-            for (i, line) in chunk.lines.drain(..).enumerate() {
-                let what = match line {
-                    Line::Event {
-                        item: Item::Event(event, _),
-                        ..
-                    } => event.id,
-                    Line::TooLarge => "too large".to_owned(),
-                    other => format!("{other:?}"),
+            let mut line_no = chunk.place.first_line;
+            for line in chunk.lines.drain(..) {
+                let what: Vec<String> = match &line {
+                    Line::Events(run) => ids(run).into_iter().map(str::to_owned).collect(),
+                    Line::TooLarge => vec!["too large".to_owned()],
+                    other => vec![format!("{other:?}")],
                 };
-                seen.push((chunk.place.file, chunk.place.first_line + i as u64, what));
+                for w in what {
+                    seen.push((chunk.place.file, line_no, w));
+                    line_no += 1;
+                }
             }
             Ok(())
         })

@@ -187,6 +187,30 @@ impl Feeder<'_> {
         Ok(())
     }
 
+    /// Sends `key`'s pending events in batches of `batch_size` while it holds that many (a
+    /// run may fill several); the rest stays pending.
+    fn flush_full(&mut self, key: &str) -> anyhow::Result<()> {
+        while let Some(p) = self.pending.get_mut(key)
+            && p.items.len() >= self.batch_size
+        {
+            let rest = p.items.split_off(self.batch_size);
+            let (session, thread) = (p.session.clone(), p.thread.clone());
+            self.flush(key)?;
+            if !rest.is_empty() {
+                self.pending.insert(
+                    key.to_owned(),
+                    Pending {
+                        session,
+                        thread,
+                        items: rest,
+                        ..Pending::default()
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn send_group(&mut self) -> anyhow::Result<()> {
         if self.group.is_empty() {
             return Ok(());
@@ -239,9 +263,9 @@ impl Feeder<'_> {
         Ok(())
     }
 
-    /// One decoded line, in file order.
+    /// One decoded line, or a run of event lines, in file order.
     fn line(&mut self, line: Line) -> anyhow::Result<()> {
-        let (session, stream, event, bad_fields) = match line {
+        let run = match line {
             Line::Blank => return Ok(()),
             Line::TooLarge => {
                 self.invalid("too_large");
@@ -266,21 +290,16 @@ impl Feeder<'_> {
                 self.summary.lines += 1;
                 return self.session_line(session.map(|s| *s));
             }
-            Line::Event {
-                session,
-                stream,
-                item,
-                bad_fields,
-            } => (session, stream, item, bad_fields),
+            Line::Events(run) => run,
         };
-        self.summary.lines += 1;
+        self.summary.lines += run.items.len() as u64;
         // The session as the decoder sent it: a run of one session's lines names it once.
-        let session = match session {
+        let session = match run.session {
             SessionName::Named(s) => Some(s),
             SessionName::Same => self.chunk_session.take(),
             SessionName::Missing => None,
         };
-        let result = self.event_line(session.as_deref(), stream, event, bad_fields);
+        let result = self.event_run(session.as_deref(), run.stream, run.items, run.bad_fields);
         self.chunk_session = session;
         result
     }
@@ -352,19 +371,23 @@ impl Feeder<'_> {
         Ok(())
     }
 
-    fn event_line(
+    /// Consecutive event lines of one stream.
+    fn event_run(
         &mut self,
         session: Option<&str>,
         stream: Option<String>,
-        item: Item,
+        mut items: Vec<Item>,
         bad_fields: DroppedFields,
     ) -> anyhow::Result<()> {
         let Some(session) = session.filter(|s| !s.is_empty()) else {
-            self.invalid("missing_session_id");
+            // Lines without a session never share a run: each is reported on its own.
+            for _ in &items {
+                self.invalid("missing_session_id");
+            }
             return Ok(());
         };
         if self.finished.contains(session) {
-            self.summary.skipped += 1;
+            self.summary.skipped += items.len() as u64;
             return Ok(());
         }
         // Counted once; a run of one session's lines looks it up once.
@@ -387,16 +410,19 @@ impl Feeder<'_> {
         if let Some(n) = self.skip.get_mut(key)
             && *n > 0
         {
-            *n -= 1;
-            self.summary.skipped += 1;
-            return Ok(());
+            let head = items.len().min(usize::try_from(*n).unwrap_or(usize::MAX));
+            *n -= head as u64;
+            self.summary.skipped += head as u64;
+            items.drain(..head);
+            if items.is_empty() {
+                return Ok(());
+            }
         }
-        self.summary.events += 1;
-        self.buffered += 1;
+        self.summary.events += items.len() as u64;
+        self.buffered += items.len();
         if self.last_stream != key {
             self.stream_changed(key)?;
         }
-        let batch_size = self.batch_size;
         let p = match self.pending.get_mut(key) {
             Some(p) => p,
             None => self
@@ -405,16 +431,18 @@ impl Feeder<'_> {
                 .or_insert_with(|| Pending {
                     session: session.to_owned(),
                     thread: thread.clone(),
-                    items: Vec::with_capacity(batch_size.min(256)),
                     ..Pending::default()
                 }),
         };
         p.bad_fields += bad_fields;
-        p.items.push(item);
-        if p.items.len() >= self.batch_size {
-            let key = key.to_owned();
-            self.flush(&key)?;
-        } else if self.buffered >= MAX_BUFFERED {
+        // The decoder's vector becomes the batch's when nothing is pending before it.
+        if p.items.is_empty() {
+            p.items = items;
+        } else {
+            p.items.append(&mut items);
+        }
+        self.flush_full(key)?;
+        if self.buffered >= MAX_BUFFERED {
             self.flush_all()?;
         }
         Ok(())
@@ -525,8 +553,10 @@ fn feed(
         bar.inc(chunk.place.bytes);
         f.file.clone_from(&names[chunk.place.file]);
         f.chunk_session = None;
-        for (line_no, line) in (chunk.place.first_line..).zip(chunk.lines.drain(..)) {
+        let mut line_no = chunk.place.first_line;
+        for line in chunk.lines.drain(..) {
             f.line_no = line_no;
+            line_no += line.lines();
             f.line(line)?;
         }
         Ok(())
