@@ -221,41 +221,73 @@ pub fn parse_time(s: Option<&str>) -> Option<i64> {
     i64::try_from(t.unix_timestamp_nanos()).ok()
 }
 
-/// The form every API generation writes, `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, read without the
-/// general RFC 3339 parser (a tenth of replay's time went there). Anything else, or anything
-/// this refuses (a leap second, ten fraction digits), goes to the general parser; a test
-/// checks both agree.
+/// The forms the API writes, `YYYY-MM-DDTHH:MM:SS[.fraction]` then `Z` (every generation)
+/// or a `±HH:MM` offset (SDK 0.11's Python `isoformat()`, `+00:00`), read without the general
+/// RFC 3339 parser (a tenth of replay's time went there). Anything else, or anything this
+/// refuses (a leap second, ten fraction digits), goes to the general parser; a test checks
+/// both agree.
 fn parse_utc(s: &str) -> Option<i64> {
     let b = s.as_bytes();
-    if b.len() < 20
-        || b[b.len() - 1] != b'Z'
-        || [b[4], b[7], b[10], b[13], b[16]] != [b'-', b'-', b'T', b':', b':']
-    {
+    if b.len() < 20 || [b[4], b[7], b[10], b[13], b[16]] != [b'-', b'-', b'T', b':', b':'] {
         return None;
     }
-    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
-        b[r].iter().try_fold(0u32, |n, &c| {
-            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
-        })
-    };
-    let nanos = match &b[19..b.len() - 1] {
-        [] => 0,
-        [b'.', frac @ ..] if (1..=9).contains(&frac.len()) => {
-            let scale = 10u32.pow(9 - u32::try_from(frac.len()).ok()?);
-            digits(20..19 + 1 + frac.len())? * scale
+    let end = b.len();
+    let (fraction_end, offset_secs) = match b[end - 1] {
+        b'Z' => (end - 1, 0),
+        _ if end >= 25 && matches!(b[end - 6], b'+' | b'-') && b[end - 3] == b':' => {
+            let (hours, minutes) = (two_digits(b, end - 5)?, two_digits(b, end - 2)?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let secs = i64::from(hours * 3600 + minutes * 60);
+            (end - 6, if b[end - 6] == b'-' { -secs } else { secs })
         }
         _ => return None,
     };
-    let small = |r| digits(r).and_then(|n| u8::try_from(n).ok());
-    let month = time::Month::try_from(small(5..7)?).ok()?;
-    let date =
-        time::Date::from_calendar_date(i32::try_from(digits(0..4)?).ok()?, month, small(8..10)?)
-            .ok()?;
-    let at = date
-        .with_hms_nano(small(11..13)?, small(14..16)?, small(17..19)?, nanos)
-        .ok()?
-        .assume_utc();
-    i64::try_from(at.unix_timestamp_nanos()).ok()
+    let nanos = match &b[19..fraction_end] {
+        [] => 0,
+        [b'.', frac @ ..] if (1..=9).contains(&frac.len()) => {
+            let n = frac.iter().try_fold(0u32, |n, &c| {
+                c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+            })?;
+            n * 10u32.pow(9 - u32::try_from(frac.len()).ok()?)
+        }
+        _ => return None,
+    };
+    let year = two_digits(b, 0)? * 100 + two_digits(b, 2)?;
+    let (month, day) = (two_digits(b, 5)?, two_digits(b, 8)?);
+    let (hour, minute, second) = (two_digits(b, 11)?, two_digits(b, 14)?, two_digits(b, 17)?);
+    let month_days = time::util::days_in_month(
+        time::Month::try_from(u8::try_from(month).ok()?).ok()?,
+        i32::try_from(year).ok()?,
+    );
+    if day == 0 || day > u32::from(month_days) || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let secs = days_from_civil(i64::from(year), month, day) * 86_400
+        + i64::from(hour * 3600 + minute * 60 + second)
+        - offset_secs;
+    secs.checked_mul(1_000_000_000)?
+        .checked_add(i64::from(nanos))
+}
+
+/// The two ASCII digits at `at` as a number.
+#[inline]
+fn two_digits(b: &[u8], at: usize) -> Option<u32> {
+    let (hi, lo) = (b[at], b[at + 1]);
+    (hi.is_ascii_digit() && lo.is_ascii_digit())
+        .then(|| u32::from(hi - b'0') * 10 + u32::from(lo - b'0'))
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar (Howard Hinnant's
+/// `days_from_civil`: eras of 400 years, years starting in March).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = i64::from((153 * ((month + 9) % 12) + 2) / 5 + day - 1);
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 /// Why an event could not be read at all. The label values of
@@ -357,6 +389,17 @@ mod tests {
             "2026-10-05T10:00:17.Z",
             "2026-10-05t10:00:17z",
             "2026-10-05T10:00:17+02:00",
+            "2026-10-05T10:00:17.123456+00:00",
+            "2026-10-05T10:00:17-00:00",
+            "2026-10-05T00:30:00.5+05:30",
+            "2026-10-05T23:59:59-11:45",
+            "2026-10-05T10:00:17+24:00",
+            "2026-10-05T10:00:17+02:60",
+            "2026-10-05T10:00:17+0200",
+            "2026-10-05T10:00:17 02:00",
+            "2026-10-05T10:00:17+2:00",
+            "0000-01-01T00:00:00+01:00",
+            "9999-12-31T23:59:59-01:00",
             "1681-10-05T10:00:10Z",
             "2262-04-11T23:47:16.854775807Z",
             "2262-04-11T23:47:16.854775808Z",
@@ -371,9 +414,22 @@ mod tests {
                 0 => String::new(),
                 _ => format!(".{}", "7".repeat(rng.usize(1..11))),
             };
+            let zone = match rng.u8(0..3) {
+                0 => "Z".to_owned(),
+                _ => format!(
+                    "{}{:02}:{:02}",
+                    if rng.bool() { '+' } else { '-' },
+                    rng.u32(0..26),
+                    rng.u32(0..62)
+                ),
+            };
             cases.push(format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{frac}Z",
-                rng.u32(1600..2300),
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{frac}{zone}",
+                if rng.bool() {
+                    rng.u32(1600..2300)
+                } else {
+                    rng.u32(0..10_000)
+                },
                 rng.u32(0..14),
                 rng.u32(0..33),
                 rng.u32(0..25),
@@ -388,6 +444,9 @@ mod tests {
             }
         }
         assert!(cases.iter().filter(|c| parse_utc(c).is_some()).count() > 1000);
+        // SDK 0.11's form takes the fast path too.
+        assert!(parse_utc("2026-10-05T10:00:17.123456+00:00").is_some());
+        assert!(parse_utc("2026-10-05T00:30:00.5+05:30").is_some());
     }
 
     #[test]
