@@ -21,7 +21,7 @@ use super::{AGENT_LINE, THREAD_LINE};
 use crate::event::{DroppedFields, Event};
 use crate::pipeline::Item;
 use crate::source::convert::TurnIds;
-use crate::source::wire::{self, Str, WireAgentObject, WireSession, WireThread};
+use crate::source::wire::{self, Str, WireAgentObject, WireEvent, WireSession, WireThread};
 
 /// Longest line accepted (a hostile file must not exhaust memory).
 const MAX_LINE: usize = 16 * 1024 * 1024;
@@ -110,36 +110,40 @@ pub(super) enum SessionName {
 
 /// Decodes one line (a worker's job; pure). `previous`: the session the chunk's previous event
 /// line named.
-pub(super) fn decode_line(raw: &str, previous: Option<&str>, turns: &mut TurnIds) -> Decoded {
+pub(super) fn decode_line<'a>(
+    raw: &'a str,
+    previous: Option<&str>,
+    turns: &mut TurnIds,
+    wire: &mut WireEvent<'a>,
+) -> Decoded {
     let raw = raw.trim();
     if raw.is_empty() {
         return Decoded::Other(Line::Blank);
     }
-    let mut decoded = match wire::decode_event(raw) {
-        Ok(d) => d,
+    let bad_fields = match wire::decode_event_into(raw, wire) {
+        Ok(bad) => bad,
         Err(reason) => return Decoded::Other(Line::Invalid(reason.as_label())),
     };
-    match decoded.event.kind.as_deref() {
+    match wire.kind.as_deref() {
         Some(AGENT_LINE) => Decoded::Other(Line::Agent(serde_json::from_str(raw).ok())),
         Some(THREAD_LINE) => Decoded::Other(Line::Thread {
             thread: serde_json::from_str(raw).ok(),
-            session: decoded.event.session_id.map(Str::into_owned),
+            session: wire.session_id.take().map(Str::into_owned),
         }),
         Some("session") => Decoded::Other(Line::Session(wire::decode_session(raw).map(Box::new))),
         _ => {
-            let event = &mut decoded.event;
-            let session = match event.session_id.take() {
+            let session = match wire.session_id.take() {
                 None => SessionName::Missing,
                 Some(s) if s.is_empty() => SessionName::Missing,
                 Some(s) if previous == Some(s.as_str()) => SessionName::Same,
                 Some(s) => SessionName::Named(s.into_owned()),
             };
-            let stream = event.dump_stream.take().map(Str::into_owned);
+            let stream = wire.dump_stream.take().map(Str::into_owned);
             Decoded::Event {
                 session,
                 stream,
-                item: Item::event(Event::from_wire_with(event, turns)),
-                bad_fields: decoded.bad_fields,
+                item: Item::event(Event::from_wire_with(wire, turns)),
+                bad_fields,
             }
         }
     }
@@ -202,17 +206,20 @@ fn decode_chunk(mut raw: RawChunk, pools: &Pools) -> (u64, Chunk) {
     // The session of the previous event line, to send an id once per run of its lines.
     let mut previous: Option<String> = None;
     let mut turns = TurnIds::default();
+    // Every line of the chunk is decoded into this one (see `wire::decode_event_into`).
+    let mut wire = WireEvent::default();
     let count = raw.lines.len();
     for (i, range) in raw.lines.drain(..).enumerate() {
         let decoded = match range {
             None => Decoded::Other(Line::TooLarge),
             Some(r) => match std::str::from_utf8(&raw.text[r.clone()]) {
-                Ok(line) => decode_line(line, previous.as_deref(), &mut turns),
+                Ok(line) => decode_line(line, previous.as_deref(), &mut turns, &mut wire),
                 // A byte that is not UTF-8 costs the string it sits in, not the line.
                 Err(_) => decode_line(
                     &String::from_utf8_lossy(&raw.text[r]),
                     previous.as_deref(),
                     &mut turns,
+                    &mut WireEvent::default(),
                 ),
             },
         };
@@ -501,7 +508,12 @@ mod tests {
 
     /// A line decoded on its own (no turn ids shared with lines before it).
     fn decode_line(raw: &str, previous: Option<&str>) -> Decoded {
-        super::decode_line(raw, previous, &mut TurnIds::default())
+        super::decode_line(
+            raw,
+            previous,
+            &mut TurnIds::default(),
+            &mut WireEvent::default(),
+        )
     }
 
     /// A chunk of `raw`'s lines (one per `\n`-ended line), decoded as a worker does.
