@@ -223,18 +223,18 @@ fn decode_chunk(mut raw: RawChunk, pools: &Pools) -> (u64, Chunk) {
                 ),
             },
         };
-        let Decoded::Event {
-            session,
-            stream,
-            item,
-            bad_fields,
-        } = decoded
-        else {
-            if let Decoded::Other(line) = decoded {
+        let (session, stream, item, bad_fields) = match decoded {
+            Decoded::Event {
+                session,
+                stream,
+                item,
+                bad_fields,
+            } => (session, stream, item, bad_fields),
+            Decoded::Other(line) => {
                 end_run(&mut lines);
                 lines.push(line);
+                continue;
             }
-            continue;
         };
         // The line goes on the run before it when that is the line just before, of the
         // same session and stream.
